@@ -1,0 +1,34 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+SHARED = Path(os.environ.get("SURGEON_SHARED", ROOT.parent / "shared"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = SHARED / "data"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+def _tree_snapshot():
+    return {p for p in ROOT.iterdir() if p.name not in {".pytest_cache", ".git"}}
+
+
+@pytest.fixture(autouse=True)
+def no_writes_into_working_tree():
+    """Fail any test that creates files at the top of the working tree (tests must write to tmp_path)."""
+    before = _tree_snapshot()
+    yield
+    new = {p.name for p in _tree_snapshot() - before if not p.name.startswith("__pycache__")}
+    assert not new, f"test wrote into the working tree: {sorted(new)}"
