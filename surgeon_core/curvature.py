@@ -1,0 +1,197 @@
+"""K-FAC curvature: F ≈ G ⊗ A per prunable linear (paper §3, "independence of activations and derivatives").
+
+A = E[a aᵀ] over tokens of the layer input (with a constant-1 column where the layer has a bias), and
+G = E[g gᵀ] of the gradient of the summed next-token loss with respect to the layer output. Both are summed in
+float32 whatever the compute dtype and divided by the token count at the end.
+
+Linears that read the same tensor (q/k/v, gate/up) share one input factor: it is accumulated once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, get_submodule
+from .lm import hidden_states, sample_labels, sequence_nll
+
+__all__ = [
+    "KFACFactors",
+    "accumulate_input_factor",
+    "accumulate_output_factor",
+    "capture_kfac",
+    "estimate_kfac",
+    "damp",
+]
+
+
+def _flatten(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) activations or gradients -> (N, D) float32."""
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool) -> torch.Tensor:
+    """A += Σ_tokens a aᵀ (unnormalised); with ``bias`` the input is augmented with a 1 (bias column last)."""
+    a = _flatten(inp)  # (N, C)
+    if bias:
+        a = torch.cat([a, torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)], dim=1)  # (N, C+1)
+    S = a.T @ a
+    return S if A is None else A.add_(S)
+
+
+def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor:
+    """G += Σ_tokens g gᵀ (unnormalised)."""
+    g = _flatten(grad_out)  # (N, R)
+    S = g.T @ g
+    return S if G is None else G.add_(S)
+
+
+def damp(M: torch.Tensor, frac: float) -> torch.Tensor:
+    """Relative damping: M + frac · mean(diag M) · I (the paper's λ; SparseGPT's percdamp)."""
+    d = torch.diagonal(M).mean().clamp_min(torch.finfo(M.dtype).tiny)
+    return M + frac * d * torch.eye(M.shape[0], device=M.device, dtype=M.dtype)
+
+
+@dataclass
+class KFACFactors:
+    """Factors of every prunable linear: ``A[group]`` shared by an input group, ``G[name]`` per linear."""
+
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    G: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_of: dict[str, str] = field(default_factory=dict)  # linear name -> input-group key
+    has_bias: dict[str, bool] = field(default_factory=dict)
+    tokens: int = 0
+    collect_inputs: bool = True  # switched off while extra label samples reuse the same inputs
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, G) of one linear, normalised by the token count."""
+        return self.A[self.group_of[name]], self.G[name]
+
+
+def _input_groups(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, list[tuple[str, nn.Linear]]]]:
+    layers = get_submodule(model, adapter.layers)
+    groups = []
+    for i, layer in enumerate(layers):
+        for group in adapter.input_groups:
+            members = [(f"{adapter.layers}.{i}.{n}", get_submodule(layer, n)) for n in group]
+            groups.append((members[0][0], members))
+    return groups
+
+
+@contextmanager
+def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: bool = True,
+                 collect_G: bool = True, device: torch.device | None = None) -> Iterator[KFACFactors]:
+    """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
+
+    The yielded factors hold *sums*; :func:`estimate_kfac` normalises them.
+    """
+    stats = KFACFactors()
+    handles = []
+
+    def on_forward(group_key: str, members, bias: bool):
+        def hook(module, inputs, output):
+            if collect_A and stats.collect_inputs:
+                A = stats.A.get(group_key)
+                x = inputs[0].detach()
+                stats.A[group_key] = accumulate_input_factor(A, x.to(device) if device else x, bias=bias)
+            return None
+        return hook
+
+    def on_linear_forward(name: str):
+        def hook(module, inputs, output):
+            if collect_G and output.requires_grad:
+                def grad_hook(grad):
+                    g = grad.detach()
+                    stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(device) if device else g)
+                output.register_hook(grad_hook)
+            return None
+        return hook
+
+    try:
+        for group_key, members in _input_groups(model, adapter):
+            bias = members[0][1].bias is not None
+            handles.append(members[0][1].register_forward_hook(on_forward(group_key, members, bias)))
+            for name, linear in members:
+                stats.group_of[name] = group_key
+                stats.has_bias[name] = linear.bias is not None
+                handles.append(linear.register_forward_hook(on_linear_forward(name)))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def estimate_kfac(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    adapter: ArchitectureAdapter,
+    fisher: str = "empirical",
+    fisher_samples: int = 1,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+    factor_device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    collect_gradients: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> KFACFactors:
+    """One forward+backward pass over the calibration ``windows`` (n, L) collecting K-FAC factors.
+
+    ``fisher="empirical"`` uses the true next tokens; ``"sampled"`` draws ``fisher_samples`` label sets from
+    the model's own softmax (the "true" Fisher) and averages G over them. ``collect_gradients=False`` runs
+    forward passes only and collects A alone (L-OBD). Parameters get no gradients (only the
+    embedding output is made to require grad), and the model's requires_grad flags are restored afterwards.
+    """
+    if fisher not in ("empirical", "sampled"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    factor_device = torch.device(factor_device) if factor_device is not None else device
+    n, L = windows.shape
+    k = fisher_samples if fisher == "sampled" else 1
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    emb_handle = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    t0 = time.perf_counter()
+    try:
+        with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device) as stats:
+            for i in range(0, n, batch_size):
+                batch = windows[i : i + batch_size].to(device)
+                if not collect_gradients:
+                    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                         enabled=autocast_dtype is not None):
+                        hidden_states(model, batch)
+                    if progress is not None:
+                        progress(min(i + batch_size, n), n)
+                    continue
+                for s in range(k):
+                    stats.collect_inputs = s == 0
+                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        labels = sample_labels(model, batch, generator=generator) if fisher == "sampled" else None
+                        loss = sequence_nll(model, batch, labels=labels).sum()
+                    loss.backward()
+                if progress is not None:
+                    progress(min(i + batch_size, n), n)
+    finally:
+        emb_handle.remove()
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+    tokens = n * L
+    for key in stats.A:
+        stats.A[key].div_(tokens)
+    for key in stats.G:
+        stats.G[key].div_(tokens * k)
+    stats.tokens = tokens
+    stats.seconds["curvature"] = time.perf_counter() - t0
+    return stats

@@ -1,0 +1,434 @@
+"""One pruning shot over a whole model, and the multi-shot schedule (docs/method.md §1.6, paper Algorithm 1).
+
+A shot: estimate K-FAC factors at the current weights → per-layer removal costs → one global threshold →
+correlated OBS updates (or plain zeroing for the OBD/magnitude baselines) → removed weights exactly zero.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
+from .allocation import select_elements, select_groups, select_structures
+from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
+from .curvature import KFACFactors, estimate_kfac
+from .update import obs_update_columns, obs_update_elements, obs_update_rows
+
+__all__ = [
+    "Structure",
+    "MethodSpec",
+    "METHODS",
+    "PruneOptions",
+    "ShotReport",
+    "linear_schedule",
+    "prune_shot",
+    "prune",
+    "model_size",
+]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What is removed: ``unstructured`` elements, ``nm`` (n nonzeros in every m inputs) or ``structured``."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Structure":
+        text = text.strip().lower()
+        if text in ("unstructured", "element", "elements"):
+            return cls("unstructured")
+        if text in ("structured", "rows-columns", "row-column"):
+            return cls("structured")
+        if ":" in text:
+            a, _, b = text.partition(":")
+            if a.isdigit() and b.isdigit() and 0 < int(a) < int(b):
+                return cls("nm", int(a), int(b))
+        raise ValueError(f"unknown structure {text!r}: use 'unstructured', 'structured' or 'N:M' such as '2:4'")
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    curvature: str  # "kfac" | "activations" | "none"
+    cost_kind: str  # costs.CURVATURE_KINDS
+    update: bool
+    layerwise: bool = False  # SparseGPT/Wanda/magnitude baselines run per layer (surgeon_core.baselines)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "llm-surgeon": MethodSpec("kfac", "obs", True),
+    "kobd": MethodSpec("kfac", "kfac-diag", False),
+    "lobd": MethodSpec("activations", "activations", False),
+    "magnitude": MethodSpec("none", "identity", False),
+    "sparsegpt": MethodSpec("none", "identity", True, layerwise=True),
+    "wanda": MethodSpec("none", "identity", False, layerwise=True),
+}
+
+
+@dataclass
+class PruneOptions:
+    """Everything a shot needs besides the model and data. Defaults follow the paper's scripts."""
+
+    method: str = "llm-surgeon"
+    structure: str = "structured"
+    damping_a: float = 0.01
+    damping_g: float | None = None  # None: 0.01 structured, 0.1 unstructured / N:M (the paper's scripts)
+    fisher: str = "empirical"
+    fisher_samples: int = 1
+    max_correlate: int | None = None  # None: 0 (all) structured, 2000 unstructured / N:M
+    batch_size: int = 1
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: bf16 compute, fp32 factors
+    device: str | None = None
+    factor_device: str | None = None
+    seed: int = 0
+    # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
+    block_size: int = 128
+    baseline_damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        self.structure_spec = Structure.parse(self.structure)
+        spec = METHODS[self.method]
+        if spec.layerwise and self.structure_spec.kind == "structured":
+            raise ValueError(f"method {self.method!r} does not support structured (rows/columns) pruning; "
+                             "use llm-surgeon, kobd, lobd or magnitude")
+        if self.damping_g is None:
+            self.damping_g = 0.01 if self.structure_spec.kind == "structured" else 0.1
+        if self.max_correlate is None:
+            self.max_correlate = 0 if self.structure_spec.kind == "structured" else 2000
+        if self.damping_a < 0 or self.damping_g < 0:
+            raise ValueError("damping must be non-negative")
+        if self.fisher_samples < 1:
+            raise ValueError("fisher_samples must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def layerwise(self) -> bool:
+        """SparseGPT/Wanda always, magnitude on unstructured/N:M: per-layer uniform sparsity (as their papers)."""
+        return self.spec.layerwise or (self.method == "magnitude" and self.structure_spec.kind != "structured")
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items()}
+        d["autocast_dtype"] = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None
+        return d
+
+
+@dataclass
+class ShotReport:
+    shot: int
+    num_shots: int
+    target_size: float
+    achieved_size: float
+    estimated_loss: float
+    layer_sizes: dict[str, float]
+    type_sizes: dict[str, float]
+    seconds: dict[str, float]
+    damping_escalations: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_schedule(target_size: float, num_shots: int) -> list[float]:
+    """Target size after each shot: α_t = 1 − t(1−α)/T, t = 1..T (the paper's linear schedule)."""
+    if not 0.0 < target_size <= 1.0:
+        raise ValueError(f"target size must be in (0, 1], got {target_size}")
+    if num_shots < 1:
+        raise ValueError(f"number of shots must be at least 1, got {num_shots}")
+    return [1.0 - t * (1.0 - target_size) / num_shots for t in range(1, num_shots + 1)]
+
+
+def model_size(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> tuple[float, dict, dict]:
+    """(overall size, per-layer size, per-type size): fraction of nonzero prunable weights (biases excluded)."""
+    adapter = adapter or adapter_for(model)
+    per_layer, type_tot, type_nz = {}, {}, {}
+    total = nonzero = 0
+    for name, lin in prunable_linears(model, adapter).items():
+        nz, n = int(torch.count_nonzero(lin.weight)), lin.weight.numel()
+        per_layer[name] = nz / n
+        t = adapter.layer_type(name)
+        type_tot[t] = type_tot.get(t, 0) + n
+        type_nz[t] = type_nz.get(t, 0) + nz
+        total += n
+        nonzero += nz
+    return nonzero / total, per_layer, {t: type_nz[t] / type_tot[t] for t in type_tot}
+
+
+def _augmented(lin: nn.Linear, device) -> torch.Tensor:
+    W = lin.weight.detach().to(device=device, dtype=torch.float32)  # (R, C)
+    if lin.bias is None:
+        return W
+    return torch.cat([W, lin.bias.detach().to(device=device, dtype=torch.float32)[:, None]], dim=1)  # (R, C+1)
+
+
+@torch.no_grad()
+def _write_back(lin: nn.Linear, W_aug: torch.Tensor) -> None:
+    C = lin.in_features
+    if not torch.isfinite(W_aug).all():
+        raise FloatingPointError("pruning produced NaN/Inf weights")
+    lin.weight.copy_(W_aug[:, :C].to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_(W_aug[:, C].to(lin.bias.dtype))
+
+
+@dataclass
+class _Layer:
+    name: str
+    lin: nn.Linear
+    W: torch.Tensor  # (R, C') working weight (sub-problem for structured)
+    rows: torch.Tensor | None = None  # alive row indices (structured)
+    cols: torch.Tensor | None = None  # alive column indices incl. bias column (structured)
+    n_weight_cols: int = 0  # alive weight columns in the sub-problem
+    A_inv: torch.Tensor | None = None
+    G_inv: torch.Tensor | None = None
+    costs: torch.Tensor | None = None
+    row_cost: torch.Tensor | None = None
+    col_cost: torch.Tensor | None = None
+    nm_drop: torch.Tensor | None = None
+
+
+def _factors_for(factors: KFACFactors | None, name: str, W: torch.Tensor, device):
+    R, Cp = W.shape
+    if factors is None:
+        return None, None
+    A = factors.A[factors.group_of[name]].to(device)
+    G = factors.G.get(name)
+    G = G.to(device) if G is not None else torch.eye(R, device=device)
+    return A, G
+
+
+def _prepare_structured(name, lin, W, A, G, opts, spec, device) -> tuple[_Layer, int]:
+    C = lin.in_features
+    bias = lin.bias is not None
+    alive_r = W.abs().sum(dim=1) > 0
+    alive_c = W[:, :C].abs().sum(dim=0) > 0
+    if A is not None:
+        alive_c &= torch.diagonal(A)[:C] > 0
+    if G is not None and spec.curvature == "kfac":
+        alive_r &= torch.diagonal(G) > 0
+    rows = torch.nonzero(alive_r).flatten()
+    wcols = torch.nonzero(alive_c).flatten()
+    cols = torch.cat([wcols, torch.tensor([C], device=device)]) if bias else wcols
+    Wsub = W[rows][:, cols]
+    layer = _Layer(name, lin, Wsub, rows=rows, cols=cols, n_weight_cols=wcols.numel())
+    escalations = 0
+    Asub = A[cols][:, cols] if A is not None else None
+    Gsub = G[rows][:, rows] if G is not None else None
+    if spec.cost_kind == "obs" and rows.numel() and wcols.numel():
+        layer.G_inv, used_g = damped_inverse(Gsub, opts.damping_g)
+        layer.A_inv, used_a = damped_inverse(Asub, opts.damping_a)
+        escalations += int(used_g != opts.damping_g) + int(used_a != opts.damping_a)
+    rc = torch.full((W.shape[0],), float("-inf"), device=device)
+    cc = torch.full((C,), float("-inf"), device=device)
+    if rows.numel() and wcols.numel():
+        rc[rows] = row_costs(Wsub, kind=spec.cost_kind, A=Asub, G=Gsub, G_inv=layer.G_inv)
+        cc[wcols] = column_costs(Wsub, kind=spec.cost_kind, A=Asub, G=Gsub, A_inv=layer.A_inv)[: wcols.numel()]
+    layer.row_cost, layer.col_cost = rc, cc
+    return layer, escalations
+
+
+def _prepare_elements(name, lin, W, A, G, opts, spec, device) -> tuple[_Layer, int]:
+    C = lin.in_features
+    layer = _Layer(name, lin, W, n_weight_cols=C)
+    escalations = 0
+    if spec.cost_kind == "obs":
+        layer.G_inv, used_g = damped_inverse(G, opts.damping_g)
+        layer.A_inv, used_a = damped_inverse(A, opts.damping_a)
+        escalations += int(used_g != opts.damping_g) + int(used_a != opts.damping_a)
+    costs = element_costs(W, kind=spec.cost_kind, A=A, G=G, A_inv=layer.A_inv, G_inv=layer.G_inv)[:, :C]
+    st = opts.structure_spec
+    if st.kind == "nm":
+        layer.costs, layer.nm_drop = nm_groups(costs, st.n, st.m)
+    else:
+        layer.costs = costs
+    return layer, escalations
+
+
+def _apply_structured(layer: _Layer, row_sel: torch.Tensor, col_sel: torch.Tensor, opts, spec) -> torch.Tensor:
+    lin, C = layer.lin, layer.lin.in_features
+    R_full = lin.out_features
+    Cp = C + (1 if lin.bias is not None else 0)
+    out = torch.zeros(R_full, Cp, device=layer.W.device)
+    if layer.rows.numel() == 0 or layer.n_weight_cols == 0:
+        return out
+    Wsub = layer.W
+    # positions inside the sub-problem of the rows/columns chosen this shot
+    r_pos = torch.nonzero(row_sel[layer.rows]).flatten()
+    c_pos = torch.nonzero(col_sel[layer.cols[: layer.n_weight_cols]]).flatten()
+    if spec.update:
+        if r_pos.numel():
+            Wsub = obs_update_rows(Wsub, layer.G_inv, r_pos, max_correlate=opts.max_correlate)
+        if c_pos.numel():
+            Wsub = obs_update_columns(Wsub, layer.A_inv, c_pos, max_correlate=opts.max_correlate)
+    else:
+        Wsub = Wsub.clone()
+        Wsub[r_pos, :] = 0
+        Wsub[:, c_pos] = 0
+    out[layer.rows.unsqueeze(1), layer.cols.unsqueeze(0)] = Wsub
+    return out
+
+
+def _apply_elements(layer: _Layer, sel: torch.Tensor, opts, spec) -> torch.Tensor:
+    st = opts.structure_spec
+    if st.kind == "nm":  # sel marks groups; expand to the entries chosen inside each group
+        R, C = layer.nm_drop.shape
+        drop = layer.nm_drop & sel.repeat_interleave(st.m, dim=1)
+    else:
+        drop = sel
+    if spec.update and drop.any():
+        return obs_update_elements(layer.W, drop, layer.G_inv, layer.A_inv, max_correlate=opts.max_correlate)
+    W = layer.W.clone()
+    W[:, : drop.shape[1]][drop] = 0
+    return W
+
+
+def prune_shot(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    *,
+    options: PruneOptions,
+    target_size: float,
+    shot: int = 1,
+    num_shots: int = 1,
+    adapter: ArchitectureAdapter | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ShotReport:
+    """Prune ``model`` in place down to ``target_size`` (fraction of prunable weights kept) in one shot."""
+    adapter = adapter or adapter_for(model)
+    opts, spec = options, options.spec
+    if opts.layerwise:
+        raise ValueError(f"{opts.method} is a layer-wise baseline: call surgeon_core.prune() instead")
+    device = torch.device(opts.device) if opts.device else next(model.parameters()).device
+    linears = prunable_linears(model, adapter)
+    seconds: dict[str, float] = {}
+    factors = None
+    if spec.curvature != "none":
+        if windows is None:
+            raise ValueError(f"method {opts.method} needs calibration data")
+        factors = estimate_kfac(
+            model, windows, adapter=adapter, fisher=opts.fisher, fisher_samples=opts.fisher_samples,
+            batch_size=opts.batch_size, device=device, factor_device=opts.factor_device or device,
+            autocast_dtype=opts.autocast_dtype, seed=opts.seed + shot,
+            collect_gradients=spec.curvature == "kfac",
+            progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
+        )
+        seconds["curvature"] = factors.seconds["curvature"]
+
+    t0 = time.perf_counter()
+    structured = opts.structure_spec.kind == "structured"
+    layers: list[_Layer] = []
+    escalations = 0
+    for i, (name, lin) in enumerate(linears.items()):
+        W = _augmented(lin, device)
+        A, G = _factors_for(factors, name, W, device)
+        if spec.curvature == "activations":
+            G = None
+        prep = _prepare_structured if structured else _prepare_elements
+        layer, esc = prep(name, lin, W, A, G, opts, spec, device)
+        escalations += esc
+        layers.append(layer)
+        if progress:
+            progress("costs", i + 1, len(linears))
+    del factors
+    seconds["costs"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    total = sum(lin.weight.numel() for lin in linears.values())
+    n_remove = round((1.0 - target_size) * total)
+    estimated = 0.0
+    if structured:
+        row_sel, col_sel = select_structures([l.row_cost for l in layers], [l.col_cost for l in layers], n_remove)
+        for l, rs, cs in zip(layers, row_sel, col_sel):
+            rs, cs = rs.to(device), cs.to(device)
+            estimated += float(l.row_cost[rs & torch.isfinite(l.row_cost)].sum())
+            estimated += float(l.col_cost[cs & torch.isfinite(l.col_cost)].sum())
+        selections = list(zip(row_sel, col_sel))
+    elif opts.structure_spec.kind == "nm":
+        st = opts.structure_spec
+        groups_total = sum(l.costs.numel() for l in layers)
+        frac = (1.0 - target_size) / (1.0 - st.n / st.m)
+        if frac > 1.0 + 1e-9:
+            raise ValueError(f"{st} sparsity keeps at least {st.n / st.m:.0%}: target size {target_size} is too small")
+        sel = select_groups([l.costs for l in layers], round(min(frac, 1.0) * groups_total))
+        estimated = float(sum(l.costs[s.to(l.costs.device)].sum() for l, s in zip(layers, sel)))
+        selections = sel
+    else:
+        sel = select_elements([l.costs for l in layers], n_remove)
+        estimated = float(sum(l.costs[s.to(l.costs.device)].sum() for l, s in zip(layers, sel)))
+        selections = sel
+    seconds["allocation"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for i, (l, s) in enumerate(zip(layers, selections)):
+        if structured:
+            W_new = _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec)
+        else:
+            W_new = _apply_elements(l, s.to(device), opts, spec)
+        _write_back(l.lin, W_new)
+        l.W = l.A_inv = l.G_inv = None  # free memory as we go
+        if progress:
+            progress("update", i + 1, len(layers))
+    seconds["update"] = time.perf_counter() - t0
+
+    size, per_layer, per_type = model_size(model, adapter)
+    return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,
+                      estimated_loss=estimated, layer_sizes=per_layer, type_sizes=per_type,
+                      seconds=seconds, damping_escalations=escalations)
+
+
+def prune(
+    model: nn.Module,
+    windows: torch.Tensor | None,
+    *,
+    options: PruneOptions,
+    target_size: float,
+    num_shots: int = 1,
+    start_shot: int = 0,
+    on_shot: Callable[[ShotReport], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[ShotReport]:
+    """Multi-shot pruning: shots ``start_shot+1 .. num_shots`` of the linear schedule, curvature re-estimated at the
+    current weights each shot. ``on_shot`` is called after every shot (evaluate, checkpoint, log...)."""
+    adapter = adapter_for(model)
+    if options.layerwise:
+        from .baselines import prune_model_layerwise  # local import: optional module
+
+        st = options.structure_spec
+        t0 = time.perf_counter()
+        info = prune_model_layerwise(
+            model, windows, method=options.method, sparsity=1.0 - target_size if st.kind != "nm" else 1 - st.n / st.m,
+            n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
+            block_size=options.block_size, dampening_frac=options.baseline_damping)
+        size, per_layer, per_type = model_size(model, adapter)
+        report = ShotReport(shot=1, num_shots=1, target_size=target_size, achieved_size=size, estimated_loss=float("nan"),
+                            layer_sizes=per_layer, type_sizes=per_type,
+                            seconds={"total": time.perf_counter() - t0}, extra={"layerwise": True})
+        if on_shot:
+            on_shot(report)
+        return [report]
+    reports = []
+    schedule = linear_schedule(target_size, num_shots)
+    for t in range(start_shot, num_shots):
+        report = prune_shot(model, windows, options=options, target_size=schedule[t], shot=t + 1,
+                            num_shots=num_shots, adapter=adapter, progress=progress)
+        reports.append(report)
+        if on_shot:
+            on_shot(report)
+    return reports
