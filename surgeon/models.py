@@ -1,0 +1,385 @@
+"""Loading and saving causal LMs: local Hugging Face folders, GGUF files (de-quantized) and Hub ids.
+
+``load_model(ref)`` returns ``(model, tokenizer, ModelInfo)``. Every failure a user can cause (missing path,
+corrupt or truncated weights, unsupported architecture, Hub unreachable) raises :class:`SurgeonError` with a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from surgeon_core.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+
+from .errors import SurgeonError
+from .utils import atomic_dir, atomic_write, sha256_bytes, sha256_file
+
+__all__ = ["ModelInfo", "load_model", "save_model", "model_content_hash", "DTYPES", "parse_dtype",
+           "SUPPORTED_MODEL_TYPES"]
+
+SUPPORTED_MODEL_TYPES = tuple(sorted({t for a in ADAPTERS for t in a.model_types}))
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+HUB_TIMEOUT_S = 4.0
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise SurgeonError(f"unknown dtype '{name}' (choose from fp32, bf16, fp16)") from None
+
+
+@dataclass
+class ModelInfo:
+    ref: str  # what the user passed
+    path: str  # resolved local folder or GGUF file; the Hub id for Hub models
+    source: str  # "dir" | "gguf" | "hub"
+    model_type: str  # config.model_type, e.g. "llama"
+    family: str  # adapter family, e.g. "llama"
+    num_parameters: int  # unique parameters (tied embeddings counted once)
+    content_hash: str  # sha256 over config + weight files (GGUF: the file)
+    dtype: str
+    max_position_embeddings: int | None = None
+    num_layers: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------- hashing
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    return sorted(files, key=lambda p: p.name)
+
+
+def model_content_hash(path: str | os.PathLike) -> str:
+    """sha256 over ``config.json`` and the weight files of a folder (name + file hash), or over a GGUF file.
+
+    File hashes are streamed and cached by (path, size, mtime), so re-hashing an unchanged folder is instant.
+    """
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    parts = []
+    for f in [path / "config.json", *_weight_files(path)]:
+        if f.exists():
+            parts.append(f"{f.name}\t{sha256_file(f)}")
+    return sha256_bytes("\n".join(parts))
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _check_model_type(model_type: str | None, where: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SurgeonError(
+            f"unsupported architecture '{model_type}' in {where}: no adapter for it "
+            f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _check_safetensors(files: list[Path]) -> None:
+    from safetensors import safe_open
+
+    for f in files:
+        if f.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+                if keys:  # touching one tensor checks that the data section is really there
+                    st.get_slice(keys[-1])
+        except Exception as exc:  # safetensors raises its own error type for bad headers/short files
+            raise SurgeonError(f"corrupt or truncated safetensors file {f}: {_first_line(exc)}") from exc
+        size = f.stat().st_size
+        if size < 8:
+            raise SurgeonError(f"corrupt or truncated safetensors file {f}: only {size} bytes")
+
+
+def _read_gguf_architecture(path: Path) -> str:
+    try:
+        import gguf
+    except ImportError as exc:  # pragma: no cover - gguf is a pinned dependency
+        raise SurgeonError("loading GGUF files needs the 'gguf' package (pip install gguf)") from exc
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SurgeonError(f"not a GGUF file (bad magic bytes): {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        return bytes(field_.parts[field_.data[0]]).decode("utf-8")
+    except SurgeonError:
+        raise
+    except Exception as exc:
+        raise SurgeonError(f"corrupt or truncated GGUF file {path}: {_first_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------------------------------- Hub
+
+_HUB_ID = re.compile(r"^(hf:)?[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """True if a TCP connection to the Hub endpoint opens within ``timeout`` seconds (DNS included)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    parsed = urlparse(endpoint)
+    host, port = parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme != "http" else 80)
+
+    def probe() -> bool:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(probe).result(timeout=timeout)
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return (
+        ref.startswith((".", "/", "~"))
+        or ref.endswith(WEIGHT_SUFFIXES)
+        or ref.count("/") > 1
+        or os.sep != "/" and os.sep in ref
+        or not _HUB_ID.match(ref)
+    )
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+def _finish(model, dtype: torch.dtype, device) -> torch.nn.Module:
+    _make_serializable(model)
+    model = model.to(device=device)
+    model.eval()
+    return model
+
+
+def _make_serializable(model) -> None:
+    """Drop the GGUF quantizer state: the weights are already dense, but save_pretrained refuses otherwise."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "quantization_config"):
+        try:
+            delattr(cfg, "quantization_config")
+        except AttributeError:
+            pass
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+
+
+def _validate_adapter(model, where: str) -> str:
+    try:
+        return adapter_for(model).family
+    except UnsupportedArchitectureError as exc:
+        raise SurgeonError(f"{where}: {_first_line(exc)}") from exc
+
+
+def _info(ref, path, source, model, dtype, content_hash, **extra) -> ModelInfo:
+    cfg = model.config
+    return ModelInfo(
+        ref=str(ref),
+        path=str(path),
+        source=source,
+        model_type=cfg.model_type,
+        family=_validate_adapter(model, str(path)),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        content_hash=content_hash,
+        dtype=str(dtype).replace("torch.", ""),
+        max_position_embeddings=getattr(cfg, "max_position_embeddings", None),
+        num_layers=getattr(cfg, "num_hidden_layers", None),
+        extra=extra,
+    )
+
+
+def _load_dir(ref: str, folder: Path, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        ggufs = sorted(folder.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ref, ggufs[0], dtype, device)
+        raise SurgeonError(f"not a Hugging Face model folder (no config.json): {folder}")
+    weights = _weight_files(folder)
+    if not any(w.suffix in (".safetensors", ".bin") for w in weights):
+        raise SurgeonError(f"no weight files (*.safetensors) in model folder {folder}")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        model_type = _raw_model_type(folder / "config.json")
+        if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+            _check_model_type(model_type, str(folder))
+        raise SurgeonError(f"cannot read {folder / 'config.json'}: {_first_line(exc)}") from exc
+    _check_model_type(getattr(config, "model_type", None), str(folder))
+    _check_safetensors(weights)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except Exception as exc:
+        raise SurgeonError(f"cannot load model weights from {folder}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise SurgeonError(f"cannot load the tokenizer from {folder}: {_first_line(exc)}") from exc
+    model = _finish(model, dtype, device)
+    return model, tokenizer, _info(ref, folder, "dir", model, dtype, model_content_hash(folder))
+
+
+def _raw_model_type(config_json: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads(config_json.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_gguf(ref: str, file: Path, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = _read_gguf_architecture(file)
+    _check_model_type(arch, str(file))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype,
+                                                     local_files_only=True)
+    except Exception as exc:
+        raise SurgeonError(f"cannot convert GGUF file {file}: {_first_line(exc)}") from exc
+    model = _finish(model, dtype, device)
+    return model, tokenizer, _info(ref, file, "gguf", model, dtype, model_content_hash(file),
+                                   note="GGUF weights de-quantized to dense tensors")
+
+
+def _load_hub(ref: str, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    repo = ref[3:] if ref.startswith("hf:") else ref
+
+    def load(local_only: bool):
+        config = AutoConfig.from_pretrained(repo, local_files_only=local_only)
+        _check_model_type(getattr(config, "model_type", None), f"Hub model '{repo}'")
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=local_only)
+        return model, tokenizer
+
+    offline = hub_offline()
+    try:  # the local Hub cache works with or without network
+        model, tokenizer = load(local_only=True)
+    except SurgeonError:
+        raise
+    except Exception:
+        if offline:
+            raise SurgeonError(
+                f"'{ref}' is not a local path, and Hub model '{repo}' is not in the local cache while the "
+                "Hub is offline (HF_HUB_OFFLINE=1); pass a local folder or GGUF file "
+                "(e.g. `surgeon fetch-model smollm2-135m --output DIR`)"
+            ) from None
+        if not hub_reachable():
+            raise SurgeonError(
+                f"'{ref}' is not a local path, and the Hugging Face Hub is unreachable (no connection within "
+                f"{HUB_TIMEOUT_S:.0f} s) to fetch '{repo}'; pass a local folder or GGUF file"
+            ) from None
+        try:
+            model, tokenizer = load(local_only=False)
+        except SurgeonError:
+            raise
+        except Exception as exc:
+            raise SurgeonError(f"cannot load Hub model '{repo}': {_first_line(exc)}") from exc
+    model = _finish(model, dtype, device)
+    revision = getattr(model.config, "_commit_hash", None) or ""
+    return model, tokenizer, _info(ref, repo, "hub", model, dtype, sha256_bytes(f"hub:{repo}@{revision}"),
+                                   revision=revision)
+
+
+def load_model(ref: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+    """Load ``(model, tokenizer, ModelInfo)`` from a local HF folder, a GGUF file or a Hub id.
+
+    GGUF weights are de-quantized to dense ``dtype`` tensors; the quantizer state is removed so the model can be
+    saved with :func:`save_model`.
+    """
+    t0 = time.perf_counter()
+    dtype = parse_dtype(dtype)
+    ref_s = str(ref)
+    if not ref_s.strip():
+        raise SurgeonError("empty model reference")
+    path = Path(ref_s).expanduser()
+    if ref_s.startswith("hf:"):
+        out = _load_hub(ref_s, dtype, device)
+    elif path.is_dir():
+        out = _load_dir(ref_s, path.resolve(), dtype, device)
+    elif path.is_file():
+        if path.suffix.lower() == ".gguf":
+            out = _load_gguf(ref_s, path.resolve(), dtype, device)
+        elif path.name == "config.json":
+            out = _load_dir(ref_s, path.resolve().parent, dtype, device)
+        else:
+            raise SurgeonError(f"unsupported model file {path}: expected a model folder or a .gguf file")
+    elif path.exists():
+        raise SurgeonError(f"model path is neither a folder nor a file: {path}")
+    elif _looks_like_path(ref_s):
+        raise SurgeonError(f"model path not found: {path}")
+    else:
+        out = _load_hub(ref_s, dtype, device)
+    out[2].extra.setdefault("load_seconds", round(time.perf_counter() - t0, 3))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- saving
+
+def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, bytes | str] | None = None,
+               overwrite: bool = True) -> Path:
+    """Write ``model`` (safetensors), ``tokenizer`` and ``extra_files`` to a Hugging Face folder, atomically.
+
+    Everything is written to a temporary folder next to ``out_dir`` which is renamed into place at the end, so
+    an interrupted save never leaves a folder that looks complete. Returns the final path.
+    """
+    out_dir = Path(out_dir).expanduser()
+    _make_serializable(model)
+    try:
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, data in (extra_files or {}).items():
+                rel = Path(name)
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise SurgeonError(f"extra file name must be relative inside the model folder: {name}")
+                atomic_write(tmp / rel, data)
+    except FileExistsError as exc:
+        raise SurgeonError(f"cannot write model folder: {exc}") from exc
+    except OSError as exc:
+        raise SurgeonError(f"cannot write model folder {out_dir}: {_first_line(exc)}") from exc
+    return out_dir.resolve()

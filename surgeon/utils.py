@@ -1,0 +1,133 @@
+"""Small I/O helpers shared by the ``surgeon`` package: cache dir, cached file hashing, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "cache_dir",
+    "sha256_file",
+    "sha256_bytes",
+    "atomic_write",
+    "atomic_dir",
+]
+
+_CHUNK = 1 << 20
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$SURGEON_CACHE`` (default ``~/.cache/llm-surgeon``), joined with ``parts``, created on demand."""
+    root = Path(os.environ.get("SURGEON_CACHE") or Path.home() / ".cache" / "llm-surgeon").expanduser()
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_bytes(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_stream(path: Path, progress=None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, *, use_cache: bool = True) -> str:
+    """Streamed sha256 of a file, cached in a small sidecar entry keyed by (absolute path, size, mtime_ns).
+
+    The sidecar lives in the cache dir (``hashes/``), so read-only model folders work too; a changed size or
+    modification time invalidates it.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    entry = None
+    if use_cache:
+        try:
+            entry = cache_dir("hashes") / (sha256_bytes(str(path))[:32] + ".json")
+            cached = json.loads(entry.read_text())
+            if all(cached.get(k) == v for k, v in key.items()) and isinstance(cached.get("sha256"), str):
+                return cached["sha256"]
+        except (OSError, ValueError):
+            pass
+    digest = _hash_stream(path)
+    if entry is not None:
+        with contextlib.suppress(OSError):
+            atomic_write(entry, json.dumps({**key, "sha256": digest}))
+    return digest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it is renamed to ``target``.
+
+    On any error the temporary folder is removed, so a half-written ``target`` never exists. An existing
+    ``target`` is replaced only after the new one is complete (moved aside, then deleted).
+    """
+    target = Path(target).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    umask = _umask()
+    try:
+        yield tmp
+        # mkdtemp/mkstemp create private 0700/0600 entries; give the final folder ordinary permissions
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rmdir(old)
+            os.rename(target, old)
+        os.rename(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
