@@ -158,10 +158,10 @@ def check_data_ref(data: str) -> None:
 
 def check_model_ref(ref: str) -> None:
     """Cheap early check of a model reference: a local-looking path must exist."""
-    from .models import _looks_like_path
+    from .models import looks_like_path
 
     path = Path(ref).expanduser()
-    if not ref.startswith("hf:") and not path.exists() and _looks_like_path(ref):
+    if not ref.startswith("hf:") and not path.exists() and looks_like_path(ref):
         raise SurgeonError(f"model path not found: {path}")
 
 

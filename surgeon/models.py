@@ -166,7 +166,7 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     return (
         ref.startswith((".", "/", "~"))
         or ref.endswith(WEIGHT_SUFFIXES)
@@ -349,7 +349,7 @@ def load_model(ref: str | os.PathLike, *, dtype: torch.dtype | str = torch.float
             raise SurgeonError(f"unsupported model file {path}: expected a model folder or a .gguf file")
     elif path.exists():
         raise SurgeonError(f"model path is neither a folder nor a file: {path}")
-    elif _looks_like_path(ref_s):
+    elif looks_like_path(ref_s):
         raise SurgeonError(f"model path not found: {path}")
     else:
         out = _load_hub(ref_s, dtype, device)
