@@ -274,7 +274,11 @@ def sparsegpt_prune(
 def _apply_rule(
     linears: dict[str, nn.Linear], rule: Callable[[str, nn.Linear], tuple[torch.Tensor, torch.Tensor | None]]
 ) -> dict:
-    """Run ``rule`` on each linear, assign the new weight in place, and report sparsity/loss/timing."""
+    """Run ``rule`` on each linear, assign the new weight in place, and report sparsity/loss/timing.
+
+    The reported sparsity is the fraction of exactly-zero weights after pruning, so zeros the weight already had
+    outside the mask (de-quantized 4-bit weights have a few) count too.
+    """
     report, zeros, total = {}, 0, 0
     for name, linear in linears.items():
         start = time.perf_counter()
