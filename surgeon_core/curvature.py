@@ -35,19 +35,25 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx in float32, also when called from a hook inside an autocast region."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return x.T @ x
+
+
 def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool) -> torch.Tensor:
     """A += Σ_tokens a aᵀ (unnormalised); with ``bias`` the input is augmented with a 1 (bias column last)."""
     a = _flatten(inp)  # (N, C)
     if bias:
         a = torch.cat([a, torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)], dim=1)  # (N, C+1)
-    S = a.T @ a
+    S = _gram(a)
     return S if A is None else A.add_(S)
 
 
 def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor:
     """G += Σ_tokens g gᵀ (unnormalised)."""
     g = _flatten(grad_out)  # (N, R)
-    S = g.T @ g
+    S = _gram(g)
     return S if G is None else G.add_(S)
 
 

@@ -17,7 +17,7 @@ from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
 from .curvature import KFACFactors, estimate_kfac
-from .update import obs_update_columns, obs_update_elements, obs_update_rows
+from .update import obs_update_columns, obs_update_elements_batched, obs_update_rows
 
 __all__ = [
     "Structure",
@@ -91,6 +91,7 @@ class PruneOptions:
     device: str | None = None
     factor_device: str | None = None
     seed: int = 0
+    update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
     baseline_damping: float = 0.01
@@ -285,18 +286,36 @@ def _apply_structured(layer: _Layer, row_sel: torch.Tensor, col_sel: torch.Tenso
     return out
 
 
-def _apply_elements(layer: _Layer, sel: torch.Tensor, opts, spec) -> torch.Tensor:
+def _element_drop(layer: _Layer, sel: torch.Tensor, opts) -> torch.Tensor:
     st = opts.structure_spec
     if st.kind == "nm":  # sel marks groups; expand to the entries chosen inside each group
-        R, C = layer.nm_drop.shape
-        drop = layer.nm_drop & sel.repeat_interleave(st.m, dim=1)
-    else:
-        drop = sel
-    if spec.update and drop.any():
-        return obs_update_elements(layer.W, drop, layer.G_inv, layer.A_inv, max_correlate=opts.max_correlate)
-    W = layer.W.clone()
-    W[:, : drop.shape[1]][drop] = 0
-    return W
+        return layer.nm_drop & sel.repeat_interleave(st.m, dim=1)
+    return sel
+
+
+def _apply_elements_grouped(layers: list[_Layer], drops: list[torch.Tensor], opts, spec,
+                            batch_layers: int) -> list[torch.Tensor]:
+    """New weights for element removal; OBS updates of same-shaped layers are solved as one batch."""
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    if not spec.update:
+        for i, (l, d) in enumerate(zip(layers, drops)):
+            W = l.W.clone()
+            W[:, : d.shape[1]][d] = 0
+            out[i] = W
+        return out
+    by_shape: dict[tuple, list[int]] = {}
+    for i, l in enumerate(layers):
+        by_shape.setdefault((l.name.rsplit(".", 1)[-1], tuple(l.W.shape)), []).append(i)
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch_layers):
+            part = idx[s : s + batch_layers]
+            W = obs_update_elements_batched(
+                torch.stack([layers[i].W for i in part]), torch.stack([drops[i] for i in part]),
+                torch.stack([layers[i].G_inv for i in part]), torch.stack([layers[i].A_inv for i in part]),
+                max_correlate=opts.max_correlate)
+            for k, i in enumerate(part):
+                out[i] = W[k]
+    return out
 
 
 def prune_shot(
@@ -376,15 +395,17 @@ def prune_shot(
     seconds["allocation"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    for i, (l, s) in enumerate(zip(layers, selections)):
-        if structured:
-            W_new = _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec)
-        else:
-            W_new = _apply_elements(l, s.to(device), opts, spec)
-        _write_back(l.lin, W_new)
-        l.W = l.A_inv = l.G_inv = None  # free memory as we go
-        if progress:
-            progress("update", i + 1, len(layers))
+    if structured:
+        for i, (l, s) in enumerate(zip(layers, selections)):
+            _write_back(l.lin, _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec))
+            l.W = l.A_inv = l.G_inv = None  # free memory as we go
+            if progress:
+                progress("update", i + 1, len(layers))
+    else:
+        drops = [_element_drop(l, s.to(device), opts) for l, s in zip(layers, selections)]
+        batch = opts.update_batch_layers or (len(layers) if device.type == "cuda" else 1)
+        for l, W_new in zip(layers, _apply_elements_grouped(layers, drops, opts, spec, batch)):
+            _write_back(l.lin, W_new)
     seconds["update"] = time.perf_counter() - t0
 
     size, per_layer, per_type = model_size(model, adapter)

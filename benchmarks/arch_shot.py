@@ -1,0 +1,76 @@
+"""Time one pruning shot on a randomly initialised architecture (speed/memory only; quality is not the point).
+
+    python benchmarks/arch_shot.py --arch smollm2-135m --structure unstructured --target-size 0.5 \
+        --nsamples 16 --seqlen 2048 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgeon_core.shot import PruneOptions, prune_shot  # noqa: E402
+
+ARCHS = {
+    # Llama family shapes (GQA where the real model has it)
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="smollm2-135m", choices=ARCHS)
+    p.add_argument("--structure", default="structured")
+    p.add_argument("--method", default="llm-surgeon")
+    p.add_argument("--target-size", type=float, default=0.9)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--autocast", default="bf16", choices=["none", "bf16"])
+    p.add_argument("--max-correlate", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=4096, **ARCHS[args.arch])).to(dtype).eval()
+    windows = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
+    opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
+                        autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None, device=str(device),
+                        max_correlate=args.max_correlate)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rep = prune_shot(model, windows, options=opts, target_size=args.target_size)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out = {"arch": args.arch, "structure": args.structure, "method": args.method, "target_size": args.target_size,
+           "tokens": args.nsamples * args.seqlen, "seconds": rep.seconds, "total_seconds": time.perf_counter() - t0,
+           "achieved_size": rep.achieved_size,
+           "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None,
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    print(json.dumps(out), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""Run one pruning configuration on exact token files (protocols A1 / P) and print what was measured.
+
+Calls surgeon_core directly (no prefect/mlflow), so it also runs on the GPU machine's image.
+
+    python benchmarks/protocol.py --model models/smollm2-135m --calibration ../shared/data/a1/calibration_windows.npy \
+        --eval ../shared/data/a1/eval_windows.npy --method llm-surgeon --structure structured \
+        --target-size 0.7 --shots 12 --eval-at 0.9,0.8,0.7 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from surgeon_core.evaluate import perplexity, windows_from_ids  # noqa: E402
+from surgeon_core.shot import PruneOptions, linear_schedule, prune  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return out
+
+
+def load_windows(path: str, seqlen: int | None, max_windows: int | None) -> torch.Tensor:
+    arr = torch.from_numpy(np.load(path).astype(np.int64))
+    if arr.dim() == 2 and seqlen is None:
+        seqlen = arr.shape[1]
+    return windows_from_ids(arr, seqlen, max_windows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--calibration")
+    p.add_argument("--nsamples", type=int)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--eval-seqlen", type=int)
+    p.add_argument("--eval-max-windows", type=int)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--method", default="llm-surgeon")
+    p.add_argument("--structure", default="structured")
+    p.add_argument("--target-size", type=float, required=True)
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--eval-at", default="", help="comma-separated target sizes (or 'all') to evaluate at")
+    p.add_argument("--no-dense-eval", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
+                   help="compute dtype of the calibration forward/backward (factors stay fp32)")
+    p.add_argument("--eval-autocast", default="none", choices=["none", "bf16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-correlate", type=int)
+    p.add_argument("--damping-a", type=float, default=0.01)
+    p.add_argument("--damping-g", type=float)
+    p.add_argument("--fisher", default="empirical")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(args.device)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(device).eval()
+    load_s = time.perf_counter() - t0
+    calib = load_windows(args.calibration, None, args.nsamples) if args.calibration else None
+    evalw = load_windows(args.eval, args.eval_seqlen, args.eval_max_windows)
+    autocast = None if args.autocast == "none" else DTYPES[args.autocast]
+    opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
+                        autocast_dtype=autocast, device=str(device), max_correlate=args.max_correlate,
+                        damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed)
+    schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
+    if args.eval_at == "all":
+        eval_sizes = set(range(len(schedule)))
+    else:
+        wanted = [float(x) for x in args.eval_at.split(",") if x]
+        eval_sizes = {min(range(len(schedule)), key=lambda i: abs(schedule[i] - w)) for w in wanted}
+        eval_sizes.add(len(schedule) - 1)
+
+    def ev():
+        return perplexity(model, evalw, batch_size=args.eval_batch_size, device=device,
+                          autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+
+    result = {
+        "tag": args.tag, "model": args.model, "method": args.method, "structure": args.structure,
+        "target_size": args.target_size, "shots": args.shots, "options": opts.to_dict(),
+        "calibration": args.calibration, "calibration_shape": list(calib.shape) if calib is not None else None,
+        "eval": args.eval, "eval_shape": list(evalw.shape), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_seconds": load_s,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", ""),
+        "shots_report": [],
+    }
+    if not args.no_dense_eval:
+        d = ev()
+        result["dense_ppl"] = d["ppl"]
+        result["eval_seconds"] = d["seconds"]
+        print(f"dense ppl {d['ppl']:.3f} ({d['seconds']:.1f}s)", flush=True)
+
+    def on_shot(rep):
+        row = {"shot": rep.shot, "target_size": rep.target_size, "achieved_size": rep.achieved_size,
+               "estimated_loss": rep.estimated_loss, "seconds": rep.seconds, "type_sizes": rep.type_sizes,
+               "damping_escalations": rep.damping_escalations, **peak_memory(device)}
+        if rep.shot - 1 in eval_sizes or opts.layerwise:
+            e = ev()
+            row["ppl"] = e["ppl"]
+            row["eval_seconds"] = e["seconds"]
+        result["shots_report"].append(row)
+        secs = " ".join(f"{k}={v:.1f}s" for k, v in rep.seconds.items())
+        print(f"shot {rep.shot}/{rep.num_shots} size {rep.achieved_size:.4f} (target {rep.target_size:.4f}) "
+              f"{secs} ppl {row.get('ppl', float('nan')):.3f}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+    t0 = time.perf_counter()
+    prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot)
+    result["total_seconds"] = time.perf_counter() - t0
+    prune_s = [sum(v for k, v in r["seconds"].items()) for r in result["shots_report"]]
+    result["seconds_per_shot"] = sum(prune_s) / max(1, len(prune_s))
+    result.update(peak_memory(device))
+    print(json.dumps({k: result[k] for k in ("method", "structure", "seconds_per_shot", "total_seconds",
+                                              "peak_rss_gb")}), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
