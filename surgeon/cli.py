@@ -281,6 +281,75 @@ def eval_cmd(
 # above (ModelOpt, DataOpt, SeqlenOpt, load_model_cli, check_output_file, write_json, tqdm_progress).
 
 
+@app.command("prune", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def prune_cmd(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe; key=value arguments "
+                                                   "after the options override its keys.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder, .gguf, Hub id or "
+                                                 "smollm2-135m.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="llm-surgeon, sparsegpt, wanda, magnitude, kobd, lobd.")] = None,
+    structure: Annotated[Optional[str], typer.Option(help="structured, unstructured or N:M (e.g. 2:4).")] = None,
+    target_size: Annotated[Optional[float], typer.Option(help="Fraction of prunable weights kept (0.7 = 70% size).")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Calibration text or .npy token windows.")] = None,
+    nsamples: Annotated[Optional[int], typer.Option(help="Calibration windows.")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="Tokens per calibration window.")] = None,
+    shots: Annotated[Optional[int], typer.Option(help="Number of shots (linear schedule).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output model folder.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="Evaluation text or .npy token ids/windows.")] = None,
+    eval_seqlen: Annotated[Optional[int], typer.Option(help="Evaluation window length (default: --seqlen).")] = None,
+    eval_max_windows: Annotated[Optional[int], typer.Option(help="Evaluate on the first N windows only.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (sampled Fisher labels).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward/backward pass.")] = None,
+    max_correlate: Annotated[Optional[int], typer.Option(help="Removed entries solved jointly (0 = all).")] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(help="fp32 or bf16 (curvature forward/backward).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
+    threads: ThreadsOpt = None,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Prune a model with LLM Surgeon or a baseline; evaluate; write a Hugging Face folder."""
+    from .config import load_recipe
+    from .pruning import prune_run
+
+    json_out = check_output_file(json_out)
+    cfg = load_recipe(config, list(ctx.args), model=model, method=method, structure=structure,
+                      target_size=target_size, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
+                      shots=shots, output=output, eval_data=eval_data, eval_seqlen=eval_seqlen,
+                      eval_max_windows=eval_max_windows, seed=seed, batch_size=batch_size,
+                      max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads)
+    if cfg.output:
+        out_dir = Path(cfg.output).expanduser()
+        if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and
+                                                          not (out_dir / "manifest.json").exists())):
+            raise SurgeonError(f"output {out_dir} exists and is not an earlier surgeon output; choose another")
+    set_threads(cfg.threads)
+    stage(f"pruning {cfg.model}: {cfg.method}, {cfg.structure}, target size {cfg.final_target:g}, "
+          f"{cfg.shots} shot(s)")
+
+    def on_shot(row: dict) -> None:
+        ppl = f" ppl {row['eval']['ppl']:.3f}" if "eval" in row else ""
+        secs = " ".join(f"{k} {v:.1f}s" for k, v in row["seconds"].items())
+        stage(f"shot {row['shot']}/{row['num_shots']}: size {row['achieved_size']:.4f} "
+              f"(target {row['target_size']:.4f}){ppl}  [{secs}]")
+
+    result = prune_run(cfg, on_shot=on_shot)
+    out = {"ppl": result.get("ppl"), "dense_ppl": result.get("dense", {}).get("ppl"),
+           "target_size": cfg.final_target, "achieved_size": result["achieved_size"], "seconds": result["seconds"],
+           "seconds_per_shot": result["seconds_per_shot"], "output": result.get("output"),
+           "config": result["config"], "shots": result["shots"], "source_model_hash": result["source_model_hash"],
+           "calibration_id": result["calibration_id"]}
+    if out["ppl"] is not None:
+        dense = f" (dense {out['dense_ppl']:.3f})" if out["dense_ppl"] else ""
+        print(f"ppl {out['ppl']:.3f}{dense} at size {out['achieved_size']:.4f}")
+    else:
+        print(f"size {out['achieved_size']:.4f} (no --eval-data given)")
+    if out["output"]:
+        print(f"wrote {out['output']}")
+    if json_out is not None:
+        write_json(json_out, out)
+
+
 # ----------------------------------------------------------------------------------------- entry point
 
 _USER_ERRORS = (SurgeonError, ValueError, OSError, FloatingPointError, KeyError)

@@ -1,0 +1,179 @@
+"""One validated configuration (a "recipe") for a pruning run: YAML file + ``key=value`` overrides + CLI flags."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from surgeon_core.shot import METHODS, Structure
+
+from .errors import SurgeonError
+
+__all__ = ["PruneConfig", "load_recipe", "parse_overrides", "WEIGHT_FIELDS"]
+
+# fields that change the pruned weights (the cache key); output/tracking/evaluation fields are not in it
+WEIGHT_FIELDS = (
+    "model", "method", "structure", "target_size", "shots", "calibration", "calibration_column",
+    "calibration_split", "nsamples", "seqlen", "calibration_seed", "seed", "damping_a", "damping_g", "fisher",
+    "fisher_samples", "max_correlate", "batch_size", "compute_dtype", "finetune_steps", "final_finetune_steps",
+    "finetune_lr",
+)
+
+
+class PruneConfig(BaseModel):
+    """A pruning recipe. ``target_size`` is the fraction of prunable linear weights kept (0.7 = "70% size")."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(description="local HF folder, .gguf file, Hub id, or a fetchable name such as smollm2-135m")
+    output: str | None = None
+    method: Literal["llm-surgeon", "sparsegpt", "wanda", "magnitude", "kobd", "lobd"] = "llm-surgeon"
+    structure: str = "structured"
+    target_size: float | None = None  # None: 0.7, or N/M for N:M structures
+    shots: int = 1
+    # calibration
+    calibration: str = "builtin:stdlib-docs"
+    calibration_split: str | None = None
+    calibration_column: str = "text"
+    nsamples: int = 32
+    seqlen: int = 512
+    calibration_seed: int = 0
+    # evaluation
+    eval_data: str | None = None
+    eval_split: str | None = None
+    eval_column: str = "text"
+    eval_seqlen: int | None = None
+    eval_max_windows: int | None = None
+    eval_at: list[float] = Field(default_factory=list, description="target sizes to evaluate at (final always)")
+    eval_batch_size: int = 1
+    # method knobs (None = the paper's defaults for the structure)
+    seed: int = 0
+    damping_a: float = 0.01
+    damping_g: float | None = None
+    fisher: Literal["empirical", "sampled"] = "empirical"
+    fisher_samples: int = 1
+    max_correlate: int | None = None
+    batch_size: int = 1
+    compute_dtype: Literal["fp32", "bf16"] = "fp32"
+    device: str = "cpu"
+    threads: int | None = None
+    # fine-tuning (a later issue; 0 = off)
+    finetune_steps: int = 0
+    final_finetune_steps: int = 0
+    finetune_lr: float = 1e-5
+    # tracking / registry
+    register_model: bool = True
+    model_name: str | None = None
+    experiment: str = "llm-surgeon"
+    promote_max_ppl_ratio: float = 1.15
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        return str(Structure.parse(v))
+
+    @field_validator("target_size")
+    @classmethod
+    def _target(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 < v <= 1.0:
+            raise ValueError(f"target_size must be in (0, 1] (fraction of weights kept), got {v}")
+        return v
+
+    @field_validator("shots", "nsamples", "batch_size", "fisher_samples", "eval_batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @field_validator("seqlen", "eval_seqlen")
+    @classmethod
+    def _seqlen(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"seqlen must be at least 2, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "PruneConfig":
+        st = Structure.parse(self.structure)
+        if METHODS[self.method].layerwise and st.kind == "structured":
+            raise ValueError(f"method {self.method} does not support structured pruning")
+        if st.kind == "nm" and self.target_size is not None and abs(self.target_size - st.n / st.m) > 1e-9:
+            raise ValueError(f"{st} sparsity keeps exactly {st.n / st.m:g} of the weights; "
+                             f"target_size {self.target_size} does not match")
+        for s in self.eval_at:
+            if not 0.0 < s <= 1.0:
+                raise ValueError(f"eval_at sizes must be in (0, 1], got {s}")
+        if self.damping_a < 0 or (self.damping_g is not None and self.damping_g < 0):
+            raise ValueError("damping must be non-negative")
+        return self
+
+    @property
+    def final_target(self) -> float:
+        st = Structure.parse(self.structure)
+        if st.kind == "nm":
+            return st.n / st.m
+        return 0.7 if self.target_size is None else self.target_size
+
+    def config_hash(self) -> str:
+        """Hash of the fields that determine the pruned weights (not output, tracking or evaluation)."""
+        d = self.model_dump()
+        payload = {k: d[k] for k in WEIGHT_FIELDS}
+        payload["target_size"] = self.final_target
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["shots=4", "eval_at=[0.9,0.8]"]`` -> dict; values are parsed as YAML scalars/lists."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SurgeonError(f"override must look like key=value, got '{item}'")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def _friendly(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "recipe"
+    if err.get("type") == "extra_forbidden":
+        return f"unknown recipe key '{loc}'"
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    return f"invalid recipe value for '{loc}': {msg}" if loc != "recipe" else f"invalid recipe: {msg}"
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, **flags) -> PruneConfig:
+    """Build a validated config: YAML recipe (optional) < ``key=value`` overrides < explicit flags (not None)."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise SurgeonError(f"recipe not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise SurgeonError(f"malformed recipe YAML {p}{where}: {getattr(exc, 'problem', exc)}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise SurgeonError(f"recipe {p} must be a mapping of keys to values")
+        data.update(loaded)
+    data.update(parse_overrides(overrides or []))
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if "model" not in data:
+        raise SurgeonError("no model given (recipe key 'model' or --model)")
+    try:
+        return PruneConfig(**data)
+    except ValidationError as exc:
+        raise SurgeonError(_friendly(exc)) from exc
