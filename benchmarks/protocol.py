@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--damping-a", type=float, default=0.01)
     p.add_argument("--damping-g", type=float)
     p.add_argument("--fisher", default="empirical")
+    p.add_argument("--structured-update", default="sequential", choices=["sequential", "sum"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--json")
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     autocast = None if args.autocast == "none" else DTYPES[args.autocast]
     opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
                         autocast_dtype=autocast, device=str(device), max_correlate=args.max_correlate,
-                        damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed)
+                        damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed,
+                        structured_update=args.structured_update)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))

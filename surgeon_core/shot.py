@@ -91,6 +91,7 @@ class PruneOptions:
     device: str | None = None
     factor_device: str | None = None
     seed: int = 0
+    structured_update: str = "sequential"  # "sequential" (rows, then columns of the updated W) or "sum"
     update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
@@ -110,6 +111,8 @@ class PruneOptions:
             self.max_correlate = 0 if self.structure_spec.kind == "structured" else 2000
         if self.damping_a < 0 or self.damping_g < 0:
             raise ValueError("damping must be non-negative")
+        if self.structured_update not in ("sequential", "sum"):
+            raise ValueError("structured_update must be 'sequential' or 'sum'")
         if self.fisher_samples < 1:
             raise ValueError("fisher_samples must be at least 1")
         if self.batch_size < 1:
@@ -273,7 +276,18 @@ def _apply_structured(layer: _Layer, row_sel: torch.Tensor, col_sel: torch.Tenso
     # positions inside the sub-problem of the rows/columns chosen this shot
     r_pos = torch.nonzero(row_sel[layer.rows]).flatten()
     c_pos = torch.nonzero(col_sel[layer.cols[: layer.n_weight_cols]]).flatten()
-    if spec.update:
+    if spec.update and opts.structured_update == "sum":
+        # the reference code's form: row and column updates both computed from the current W, then summed
+        dW = torch.zeros_like(Wsub)
+        if r_pos.numel():
+            dW += obs_update_rows(Wsub, layer.G_inv, r_pos, max_correlate=opts.max_correlate) - Wsub
+        if c_pos.numel():
+            dW += obs_update_columns(Wsub, layer.A_inv, c_pos, max_correlate=opts.max_correlate) - Wsub
+        Wsub = Wsub + dW
+        Wsub[r_pos, :] = 0
+        Wsub[:, c_pos] = 0
+    elif spec.update:
+        # rows first, then the columns of the row-updated W (every removal is compensated)
         if r_pos.numel():
             Wsub = obs_update_rows(Wsub, layer.G_inv, r_pos, max_correlate=opts.max_correlate)
         if c_pos.numel():
