@@ -1,1 +1,15 @@
+"""surgeon_core: The LLM Surgeon (van der Ouderaa et al., ICLR 2024) in pure torch.
+
+K-FAC curvature, OBS removal costs and correlated updates for unstructured, N:M and structured (rows/columns)
+pruning, one global threshold per shot, a multi-shot driver, and the baselines (magnitude, Wanda, SparseGPT,
+K-OBD, L-OBD). No transformers / datasets / prefect / mlflow imports and no file or network I/O.
+"""
+
 __version__ = "0.1.0"
+
+from .adapters import adapter_for, prunable_linears  # noqa: E402
+from .evaluate import perplexity  # noqa: E402
+from .shot import PruneOptions, ShotReport, prune, prune_shot  # noqa: E402
+
+__all__ = ["__version__", "PruneOptions", "ShotReport", "prune", "prune_shot", "perplexity", "adapter_for",
+           "prunable_linears"]
