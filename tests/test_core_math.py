@@ -143,3 +143,16 @@ def test_damped_inverse_escalates_on_indefinite_factor():
     assert used > 0 and torch.isfinite(inv).all()
     with pytest.raises(FloatingPointError):
         damped_inverse(torch.full((3, 3), float("nan")), 0.01)
+
+
+def test_batched_element_update_equals_one_layer_at_a_time():
+    from surgeon_core.update import obs_update_elements_batched
+
+    layers = [_obs_setup(R=6, C=8, seed=s) for s in range(3)]
+    drops = [torch.rand(6, 8, generator=torch.Generator().manual_seed(10 + s)) < 0.5 for s in range(3)]
+    batched = obs_update_elements_batched(torch.stack([l[0] for l in layers]), torch.stack(drops),
+                                          torch.stack([l[4] for l in layers]), torch.stack([l[3] for l in layers]),
+                                          max_correlate=7)
+    for (W, A, G, Ainv, Ginv), d, Wb in zip(layers, drops, batched):
+        torch.testing.assert_close(Wb, obs_update_elements(W, d, Ginv, Ainv, max_correlate=7))
+        assert (Wb[d] == 0).all()
