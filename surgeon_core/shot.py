@@ -218,7 +218,14 @@ def _factors_for(factors: KFACFactors | None, name: str, W: torch.Tensor, device
     return A, G
 
 
-def _prepare_structured(name, lin, W, A, G, opts, spec, device) -> tuple[_Layer, int]:
+def _cached_inverse(cache: dict, key, M: torch.Tensor, frac: float) -> tuple[torch.Tensor, float]:
+    """Damped inverse of an input factor shared by q/k/v or gate/up: computed once per shot."""
+    if key not in cache:
+        cache[key] = damped_inverse(M, frac)
+    return cache[key]
+
+
+def _prepare_structured(name, lin, W, A, G, opts, spec, device, a_key, cache) -> tuple[_Layer, int]:
     C = lin.in_features
     bias = lin.bias is not None
     alive_r = W.abs().sum(dim=1) > 0
@@ -237,7 +244,8 @@ def _prepare_structured(name, lin, W, A, G, opts, spec, device) -> tuple[_Layer,
     Gsub = G[rows][:, rows] if G is not None else None
     if spec.cost_kind == "obs" and rows.numel() and wcols.numel():
         layer.G_inv, used_g = damped_inverse(Gsub, opts.damping_g)
-        layer.A_inv, used_a = damped_inverse(Asub, opts.damping_a)
+        key = (a_key, cols.numel(), hash(tuple(cols.tolist())))
+        layer.A_inv, used_a = _cached_inverse(cache, key, Asub, opts.damping_a)
         escalations += int(used_g != opts.damping_g) + int(used_a != opts.damping_a)
     rc = torch.full((W.shape[0],), float("-inf"), device=device)
     cc = torch.full((C,), float("-inf"), device=device)
@@ -248,13 +256,13 @@ def _prepare_structured(name, lin, W, A, G, opts, spec, device) -> tuple[_Layer,
     return layer, escalations
 
 
-def _prepare_elements(name, lin, W, A, G, opts, spec, device) -> tuple[_Layer, int]:
+def _prepare_elements(name, lin, W, A, G, opts, spec, device, a_key, cache) -> tuple[_Layer, int]:
     C = lin.in_features
     layer = _Layer(name, lin, W, n_weight_cols=C)
     escalations = 0
     if spec.cost_kind == "obs":
         layer.G_inv, used_g = damped_inverse(G, opts.damping_g)
-        layer.A_inv, used_a = damped_inverse(A, opts.damping_a)
+        layer.A_inv, used_a = _cached_inverse(cache, a_key, A, opts.damping_a)
         escalations += int(used_g != opts.damping_g) + int(used_a != opts.damping_a)
     costs = element_costs(W, kind=spec.cost_kind, A=A, G=G, A_inv=layer.A_inv, G_inv=layer.G_inv)[:, :C]
     st = opts.structure_spec
@@ -368,13 +376,17 @@ def prune_shot(
     structured = opts.structure_spec.kind == "structured"
     layers: list[_Layer] = []
     escalations = 0
+    inverse_cache: dict = {}
     for i, (name, lin) in enumerate(linears.items()):
         W = _augmented(lin, device)
         A, G = _factors_for(factors, name, W, device)
         if spec.curvature == "activations":
             G = None
         prep = _prepare_structured if structured else _prepare_elements
-        layer, esc = prep(name, lin, W, A, G, opts, spec, device)
+        a_key = factors.group_of[name] if factors is not None else name
+        layer, esc = prep(name, lin, W, A, G, opts, spec, device, a_key, inverse_cache)
+        if i + 1 < len(linears) and a_key != (factors.group_of[list(linears)[i + 1]] if factors else None):
+            inverse_cache.clear()  # the next linear reads another input: drop this group's inverse
         escalations += esc
         layers.append(layer)
         if progress:
