@@ -1,6 +1,7 @@
 """The ``surgeon`` command line.
 
-Commands: ``fetch-model`` (download + convert a known model), ``eval`` (paper-protocol perplexity).
+Commands: ``fetch-model`` (download + convert a known model), ``eval`` (paper-protocol perplexity), ``prune``,
+``sweep`` and ``promote`` (the Prefect flows in ``flows/``, tracked in MLflow).
 
 Errors a user can cause print one line ``error: ...`` on stderr and exit with status 2 (no traceback unless
 ``--debug``); files (``--json``) are written atomically at the very end, so a failed command writes nothing.
@@ -305,49 +306,137 @@ def prune_cmd(
     compute_dtype: Annotated[Optional[str], typer.Option(help="fp32 or bf16 (curvature forward/backward).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
     threads: ThreadsOpt = None,
+    register: Annotated[Optional[bool], typer.Option(
+        "--register/--no-register", help="Register the pruned model in MLflow (default: the recipe's "
+                                         "register_model, true).")] = None,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Prune a model with LLM Surgeon or a baseline; evaluate; write a Hugging Face folder."""
+    """Prune a model with LLM Surgeon or a baseline as the Prefect `prune` flow: cached, resumable shots,
+    evaluation, export, MLflow tracking and registration (see deployments/recipes/ for recipes)."""
     from .config import load_recipe
-    from .pruning import prune_run
 
     json_out = check_output_file(json_out)
     cfg = load_recipe(config, list(ctx.args), model=model, method=method, structure=structure,
                       target_size=target_size, calibration=calibration, nsamples=nsamples, seqlen=seqlen,
                       shots=shots, output=output, eval_data=eval_data, eval_seqlen=eval_seqlen,
                       eval_max_windows=eval_max_windows, seed=seed, batch_size=batch_size,
-                      max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads)
+                      max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads,
+                      register_model=register)
     if cfg.output:
         out_dir = Path(cfg.output).expanduser()
         if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and
                                                           not (out_dir / "manifest.json").exists())):
             raise SurgeonError(f"output {out_dir} exists and is not an earlier surgeon output; choose another")
+    check_model_ref(cfg.model)
+    for ref in (cfg.calibration, cfg.eval_data):
+        if ref is not None:
+            check_data_ref(ref)
     set_threads(cfg.threads)
     stage(f"pruning {cfg.model}: {cfg.method}, {cfg.structure}, target size {cfg.final_target:g}, "
-          f"{cfg.shots} shot(s)")
+          f"{cfg.shots} shot(s) (Prefect flow 'prune'; MLflow {_pipeline_env()})")
+    from flows.prune import prune_flow
 
-    def on_shot(row: dict) -> None:
-        ppl = f" ppl {row['eval']['ppl']:.3f}" if "eval" in row else ""
-        secs = " ".join(f"{k} {v:.1f}s" for k, v in row["seconds"].items())
-        stage(f"shot {row['shot']}/{row['num_shots']}: size {row['achieved_size']:.4f} "
-              f"(target {row['target_size']:.4f}){ppl}  [{secs}]")
+    result = prune_flow(cfg)
+    secs = [r["seconds"] for r in result["rows"] if not r["cached"]]
+    out = {"ppl": result["ppl"], "dense_ppl": result["dense_ppl"], "target_size": cfg.final_target,
+           "achieved_size": result["achieved_size"], "seconds": result["seconds"],
+           "seconds_per_shot": sum(secs) / len(secs) if secs else 0.0, "output": result["output"],
+           "config": cfg.model_dump(), "shots": result["rows"], "cached_shots": result["cached_shots"],
+           "source_model_hash": result["source_model_hash"], "calibration_id": result["calibration_id"],
+           "config_hash": result["config_hash"], "mlflow_run_id": result["run_id"], "mlflow_run": result["run_url"],
+           "model_name": result["model_name"], "registered_version": result["registered_version"]}
+    _print_prune_result(out)
+    if json_out is not None:
+        write_json(json_out, out)
 
-    result = prune_run(cfg, on_shot=on_shot)
-    out = {"ppl": result.get("ppl"), "dense_ppl": result.get("dense", {}).get("ppl"),
-           "target_size": cfg.final_target, "achieved_size": result["achieved_size"], "seconds": result["seconds"],
-           "seconds_per_shot": result["seconds_per_shot"], "output": result.get("output"),
-           "config": result["config"], "shots": result["shots"], "source_model_hash": result["source_model_hash"],
-           "calibration_id": result["calibration_id"]}
+
+def _pipeline_env() -> str:
+    """Defaults for Prefect (set before it is first imported) and the MLflow tracking URI in use."""
+    import os
+
+    home = Path(os.environ.get("SURGEON_HOME") or "~/.llm-surgeon").expanduser()
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shot weight-loading bars are noise in logs
+    from tasks.tracking import tracking_uri
+
+    return tracking_uri()
+
+
+def _print_prune_result(out: dict) -> None:
     if out["ppl"] is not None:
         dense = f" (dense {out['dense_ppl']:.3f})" if out["dense_ppl"] else ""
         print(f"ppl {out['ppl']:.3f}{dense} at size {out['achieved_size']:.4f}")
     else:
-        print(f"size {out['achieved_size']:.4f} (no --eval-data given)")
-    if out["output"]:
-        print(f"wrote {out['output']}")
+        print(f"size {out['achieved_size']:.4f} (no eval_data given)")
+    if out["cached_shots"]:
+        print(f"shots from the cache: {', '.join(map(str, out['cached_shots']))}")
+    print(f"wrote {out['output']}")
+    print(f"MLflow run {out['mlflow_run']}")
+    _print_ui_hint()
+    if out["registered_version"]:
+        print(f"registered {out['model_name']} version {out['registered_version']} (promote: surgeon promote "
+              f"--model-name {out['model_name']} --version {out['registered_version']})")
+
+
+def _print_ui_hint() -> None:
+    from tasks.tracking import ui_command
+
+    if ui_command():
+        print(f"  (serve the MLflow UI with: {ui_command()})")
+
+
+@app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def sweep_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML recipe with a 'sweep:' list of variants; "
+                                         "key=value arguments override the base recipe.")],
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run several methods / structures / targets from one recipe (the Prefect `sweep` flow) and compare them."""
+    json_out = check_output_file(json_out)
+    uri = _pipeline_env()
+    from flows.sweep import sweep_configs, sweep_flow
+
+    _, configs = sweep_configs(str(config), list(ctx.args))  # validate every variant before anything runs
+    stage(f"sweep of {len(configs)} variants (Prefect flow 'sweep'; MLflow {uri})")
+    result = sweep_flow(str(config), list(ctx.args))
+    from tasks.plots import markdown_table
+
+    print(markdown_table(result["rows"]), end="")
+    print(f"comparison: {result['comparison_dir']}")
+    print(f"MLflow run {result['run_url']}")
+    _print_ui_hint()
     if json_out is not None:
-        write_json(json_out, out)
+        write_json(json_out, {k: v for k, v in result.items() if k != "results"})
+
+
+@app.command("promote")
+def promote_cmd(
+    model_name: Annotated[str, typer.Option("--model-name", help="Registered model name.")],
+    version: Annotated[str, typer.Option("--version", help="Model version to promote.")],
+    max_ppl_ratio: Annotated[Optional[float], typer.Option(
+        help="Gate: pruned ppl <= RATIO x dense ppl (default: the version's recipe, promote_max_ppl_ratio).")] = None,
+    alias: Annotated[str, typer.Option(help="Registry alias to move.")] = "champion",
+    debug: DebugOpt = False,
+) -> None:
+    """Move the registry alias (champion) to a model version if it passes the perplexity gate (exit 1 if not)."""
+    _pipeline_env()
+    from flows.promote import promote_flow
+    from tasks.tracking import model_version
+
+    model_version(model_name, version)  # a missing version: one line, before a flow run starts
+
+    result = promote_flow(model_name, version, max_ppl_ratio=max_ppl_ratio, alias=alias)
+    if result["passed"]:
+        print(f"promoted {model_name} version {version} to '{alias}': {result['reason']}")
+        return
+    print(f"not promoted: {result['reason']}; '{alias}' stays at "
+          f"{'version ' + result['previous'] if result['previous'] else 'no version'}", file=sys.stderr)
+    raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------------------- entry point

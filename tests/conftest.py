@@ -47,6 +47,19 @@ def surgeon_cache(tmp_path_factory):
         os.environ["SURGEON_CACHE"] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def surgeon_home(tmp_path_factory):
+    """Point SURGEON_HOME (the pipeline's default MLflow SQLite file, Prefect home and outputs) at a temp folder."""
+    path = tmp_path_factory.mktemp("surgeon-home")
+    old = os.environ.get("SURGEON_HOME")
+    os.environ["SURGEON_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SURGEON_HOME", None)
+    else:
+        os.environ["SURGEON_HOME"] = old
+
+
 def smollm2_dir() -> Path | None:
     """The converted SmolLM2 folder ($SURGEON_SMOLLM2_DIR or models/smollm2-135m), or None if absent."""
     path = Path(os.environ.get("SURGEON_SMOLLM2_DIR", ROOT / "models" / "smollm2-135m"))

@@ -1,0 +1,50 @@
+"""The ``promote`` flow: move the registry alias ``champion`` to a model version only if it passes the gate.
+
+Gate: ``pruned_ppl <= max_ppl_ratio x dense_ppl``, both read from the version's tags (written at registration).
+``max_ppl_ratio`` defaults to the ``promote_max_ppl_ratio`` of the recipe that produced the version (its tag).
+A refused promotion leaves the alias where it was; the flow still completes and says why.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from tasks import reporting, tracking
+
+__all__ = ["promote_flow", "gate"]
+
+DEFAULT_MAX_PPL_RATIO = 1.15
+
+
+def gate(tags: dict, max_ppl_ratio: float) -> tuple[bool, str]:
+    """(passed, reason) for a version's tags."""
+    try:
+        dense, pruned = float(tags["dense_ppl"]), float(tags["pruned_ppl"])
+    except (KeyError, TypeError, ValueError):
+        return False, "the version has no dense_ppl/pruned_ppl tags (prune with eval_data set to measure them)"
+    limit = max_ppl_ratio * dense
+    verdict = "<=" if pruned <= limit else ">"
+    return pruned <= limit, (f"pruned ppl {pruned:.3f} {verdict} {max_ppl_ratio:g} x dense ppl {dense:.3f} = "
+                             f"{limit:.3f} (ratio {pruned / dense:.3f})")
+
+
+@flow(name="promote")
+def promote_flow(model_name: str, version: str, max_ppl_ratio: float | None = None,
+                 alias: str = tracking.ALIAS) -> dict:
+    """Point ``alias`` at ``model_name`` version ``version`` if its perplexity passes the gate."""
+    log = get_run_logger()
+    mv = tracking.model_version(model_name, str(version))
+    ratio = max_ppl_ratio if max_ppl_ratio is not None else \
+        float(mv["tags"].get("promote_max_ppl_ratio", DEFAULT_MAX_PPL_RATIO))
+    passed, reason = gate(mv["tags"], ratio)
+    previous = tracking.alias_version(model_name, alias)
+    if passed:
+        tracking.set_alias(model_name, str(version), alias)
+    tracking.set_version_tags(model_name, str(version), {"promotion_gate": "passed" if passed else "refused",
+                                                         "promotion_reason": reason})
+    log.info("%s v%s: %s; %s", model_name, version, "passed" if passed else "refused", reason)
+    reporting.promotion_summary(reporting.artifact_key("promote", model_name), name=model_name, version=str(version),
+                                passed=passed, reason=reason, alias=alias)
+    return {"model_name": model_name, "version": str(version), "passed": passed, "reason": reason,
+            "max_ppl_ratio": ratio, "alias": alias, "previous": previous,
+            "current": str(version) if passed else previous}

@@ -1,0 +1,135 @@
+"""The ``prune`` flow: one recipe in, a pruned, evaluated, tracked and registered model out.
+
+    load model -> calibration windows -> evaluate dense
+    for each shot t of the schedule:  prune shot t -> fine-tune (no-op for now) -> evaluate (chosen shots)
+    export -> register
+
+Each shot is its own cached task whose checkpoint is the resume point; see ``tasks/steps.py``.
+
+Run it: ``surgeon prune --config deployments/recipes/tiny-test.yaml`` or, from Python,
+``prune_flow("deployments/recipes/small-cpu.yaml", overrides=["shots=3"])``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from surgeon.config import PruneConfig, load_recipe, parse_overrides
+from surgeon.pruning import options_from_config
+from surgeon_core.shot import linear_schedule
+from tasks import reporting, steps, tracking
+
+__all__ = ["prune_flow", "resolve_config", "schedule", "eval_shots"]
+
+
+def resolve_config(config: PruneConfig | dict | str, overrides: list[str] | None = None) -> PruneConfig:
+    """A recipe path, a dict or a config, with ``key=value`` overrides on top, validated into one config."""
+    if isinstance(config, (str, Path)):
+        return load_recipe(config, overrides or [])
+    data = config.model_dump() if isinstance(config, PruneConfig) else dict(config)
+    data.update(parse_overrides(overrides or []))
+    return load_recipe(None, [], **data)
+
+
+def schedule(cfg: PruneConfig) -> list[float]:
+    """Target size after each shot (layer-wise baselines prune in one shot)."""
+    if options_from_config(cfg).layerwise:
+        return [cfg.final_target]
+    return linear_schedule(cfg.final_target, cfg.shots)
+
+
+def eval_shots(cfg: PruneConfig, targets: list[float]) -> set[int]:
+    """Shots (1-based) to evaluate at: the one nearest to each ``eval_at`` size, and always the last."""
+    nearest = {min(range(len(targets)), key=lambda i: abs(targets[i] - s)) + 1 for s in cfg.eval_at}
+    return nearest | {len(targets)}
+
+
+def default_output(cfg: PruneConfig, name: str) -> str:
+    tag = f"{name}-{cfg.method}-{cfg.structure.replace(':', 'of')}-{cfg.final_target:g}-{cfg.config_hash()[:8]}"
+    return str(tracking.surgeon_home() / "outputs" / tag)
+
+
+def _prune_shot(task, *args) -> tuple[dict, bool]:
+    """Run one shot task; a cache entry whose checkpoint was deleted since is recomputed."""
+    state = task(*args, return_state=True)
+    out = state.result()
+    if not Path(out["weights"].path, "state.json").is_file():
+        state = task.with_options(refresh_cache=True)(*args, return_state=True)
+        out = state.result()
+    return out, state.name == "Cached"
+
+
+def _row(shot: int, report: dict, evaluation: dict | None, cached: bool) -> dict:
+    return {"shot": shot, "target_size": round(report["target_size"], 6), "size": round(report["achieved_size"], 6),
+            "ppl": evaluation["ppl"] if evaluation else None, "estimated_loss": report["estimated_loss"],
+            "seconds": round(sum(report["seconds"].values()), 2), "cached": cached}
+
+
+@flow(name="prune")
+def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = None,
+               parent_run_id: str | None = None) -> dict:
+    """Prune one model with one recipe (a recipe file path, a dict or a ``PruneConfig``; ``key=value`` overrides)."""
+    t0 = time.perf_counter()
+    log = get_run_logger()
+    cfg = resolve_config(config, overrides)
+    prune_shot, finetune, evaluate = steps.persisted(steps.prune_shot, steps.finetune, steps.evaluate)
+    name = tracking.registered_name(cfg.model, cfg.model_name)
+    key = reporting.artifact_key("prune", name)
+    targets = schedule(cfg)
+    log.info("%s: %s %s to size %.4g in %d shot(s): %s", name, cfg.method, cfg.structure, cfg.final_target,
+             len(targets), ", ".join(f"{s:.4f}" for s in targets))
+
+    with tracking.start_run(f"{name} {cfg.method} {cfg.structure} {cfg.final_target:g}", experiment=cfg.experiment,
+                            params=cfg.model_dump(), parent_run_id=parent_run_id,
+                            tags={**reporting.flow_run_tags(), "config_hash": cfg.config_hash()}) as run:
+        log.info("MLflow run %s", run.url)
+        model = steps.load_model(cfg)
+        calibration = steps.build_calibration(cfg, model)
+        eval_data = steps.build_eval(cfg, model)
+        weights = steps.Weights(model.path, model.content_hash)
+        dense = evaluate(cfg, weights, eval_data) if eval_data else None
+        tracking.log_shot(run.run_id, 0, evaluation=dense)
+
+        progress = reporting.Progress(f"{key}-progress", len(targets), "shots")
+        rows, reports = [], []
+        for shot in range(1, len(targets) + 1):
+            out, cached = _prune_shot(prune_shot, cfg, weights, calibration, shot, model.content_hash)
+            last = shot == len(targets)
+            weights = finetune(cfg, out["weights"], cfg.finetune_steps + (cfg.final_finetune_steps if last else 0))
+            evaluation = evaluate(cfg, weights, eval_data) if eval_data and shot in eval_shots(cfg, targets) else None
+            tracking.log_shot(run.run_id, shot, out["report"], evaluation)
+            reports.append(out["report"])
+            rows.append(_row(shot, out["report"], evaluation, cached))
+            progress.update(shot)
+
+        final_ppl = rows[-1]["ppl"]
+        dense_ppl = dense["ppl"] if dense else None
+        summary = {
+            "model": cfg.model, "model_name": name, "source_model_hash": model.content_hash,
+            "config_hash": cfg.config_hash(), "calibration_id": calibration.data_id,
+            "eval_data_id": eval_data.data_id if eval_data else None, "method": cfg.method,
+            "structure": cfg.structure, "target_size": cfg.final_target, "shots": len(targets),
+            "achieved_size": reports[-1]["achieved_size"], "dense_ppl": dense_ppl, "ppl": final_ppl,
+            "ppl_ratio": final_ppl / dense_ppl if final_ppl and dense_ppl else None,
+            "cached_shots": [r["shot"] for r in rows if r["cached"]], "rows": rows,
+            "run_id": run.run_id, "run_url": run.url,
+        }
+        metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
+        summary["output"] = steps.export(cfg, weights, cfg.output or default_output(cfg, name), metrics, model)
+        tracking.log_outcome(run.run_id, recipe_yaml=cfg.to_yaml(), shot_reports=reports,
+                             ppl_points=[(r["size"], r["ppl"]) for r in rows if r["ppl"] is not None]
+                             + ([(1.0, dense_ppl)] if dense_ppl else []),
+                             dense_ppl=dense_ppl, summary=summary)
+        summary["registered_version"] = None
+        if cfg.register_model:
+            tags = {"method": cfg.method, "structure": cfg.structure, "target_size": cfg.final_target,
+                    "achieved_size": summary["achieved_size"], "dense_ppl": dense_ppl, "pruned_ppl": final_ppl,
+                    "source_model_hash": model.content_hash, "config_hash": cfg.config_hash(),
+                    "promote_max_ppl_ratio": cfg.promote_max_ppl_ratio, "eval_data_id": summary["eval_data_id"]}
+            summary["registered_version"] = steps.register(run.run_id, summary["output"], name, tags)
+        summary["seconds"] = time.perf_counter() - t0
+        reporting.prune_summary(key, title=f"Prune {name}", rows=rows, summary=summary, run_url=run.url)
+    return summary

@@ -1,0 +1,143 @@
+"""Prefect tasks: thin adapters over :mod:`surgeon.pruning`. References (paths, hashes) in, references and small
+dicts out; a model never crosses a task boundary.
+
+Caching. The expensive tasks (one per shot, fine-tuning, evaluation) carry an explicit ``cache_key_fn`` built from
+what determines their result: the source model's content hash, the calibration data id, the resolved config hash
+(``PruneConfig.config_hash()``: weight-relevant fields only, so not the output folder), the shot index and
+``surgeon_core.__version__`` (Prefect's ``TASK_SOURCE`` would miss changes in the code a task calls). Results are
+persisted under ``$SURGEON_CACHE/pipeline/results`` and each shot's checkpoint lives in
+``$SURGEON_CACHE/pipeline/shots/<key>``, written atomically, so a rerun after a crash resumes after the last
+completed shot, and a rerun to another output folder only exports again. Model loading and calibration are not
+cached here: their outputs *are* the content ids, and ``surgeon.data`` already caches tokenization on disk.
+
+Retries only where they can help: fetching/loading (I/O), export and registration (disk, tracking server).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+import surgeon_core
+from surgeon import pruning
+from surgeon.config import PruneConfig
+from surgeon.errors import SurgeonError
+from surgeon.pruning import DataRef, ModelRef
+from surgeon.utils import cache_dir, sha256_bytes
+
+from . import tracking
+
+__all__ = ["Weights", "cache_root", "persisted", "load_model", "build_calibration", "build_eval", "prune_shot",
+           "finetune", "evaluate", "export", "register"]
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A set of weights on disk: a Hugging Face folder and the key that identifies its content."""
+
+    path: str
+    key: str
+
+
+def cache_root() -> Path:
+    return cache_dir("pipeline")
+
+
+def persisted(*tasks):
+    """The given tasks with results stored under the cache root (resolved when the flow runs, not at import)."""
+    out = tuple(t.with_options(result_storage=cache_root() / "results") for t in tasks)
+    return out if len(out) > 1 else out[0]
+
+
+def _key(kind: str, *parts) -> str:
+    return f"{kind}-" + sha256_bytes(json.dumps([*parts, surgeon_core.__version__], default=str))[:32]
+
+
+def shot_key(cfg: PruneConfig, source: Weights, calibration: DataRef, shot: int, model_hash: str) -> str:
+    return _key("shot", model_hash, source.key, calibration.data_id, cfg.config_hash(), shot)
+
+
+def _shot_cache_key(ctx, p) -> str:
+    return shot_key(p["config"], p["source"], p["calibration"], p["shot"], p["model_hash"])
+
+
+def _finetune_cache_key(ctx, p) -> str:
+    return _key("finetune", p["weights"].key, p["steps"], p["config"].finetune_lr, p["config"].config_hash())
+
+
+def _eval_cache_key(ctx, p) -> str:
+    return _key("eval", p["weights"].key, p["data"].data_id)
+
+
+@task(name="load-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def load_model(config: PruneConfig) -> ModelRef:
+    """Resolve the recipe's model (fetching/converting it once) to a local folder and its content hash."""
+    ref = pruning.prepare_model(config)
+    get_run_logger().info("model %s: %s (content %s)", config.model, ref.path, ref.content_hash[:12])
+    return ref
+
+
+@task(name="build-calibration", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def build_calibration(config: PruneConfig, model: ModelRef) -> DataRef:
+    data = pruning.build_calibration(config, model.path)
+    get_run_logger().info("calibration %s: %s windows (id %s)", config.calibration, data.shape, data.data_id[:12])
+    return data
+
+
+@task(name="build-eval", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
+    return pruning.build_eval(config, model.path)
+
+
+@task(name="prune-shot", cache_key_fn=_shot_cache_key, persist_result=True)
+def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot: int, model_hash: str) -> dict:
+    """Prune shot ``shot`` (1-based) starting from ``source``; the checkpoint is the cache entry."""
+    key = shot_key(config, source, calibration, shot, model_hash)
+    ckpt = cache_root() / "shots" / key
+    log = get_run_logger()
+    if (ckpt / "state.json").is_file():  # finished earlier, but its Prefect result was never recorded
+        log.info("shot %d: reusing checkpoint %s", shot, ckpt)
+        report = json.loads((ckpt / "state.json").read_text())["report"]
+    else:
+        log.info("shot %d/%d: curvature, costs, global threshold, updates (from %s)", shot, config.shots,
+                 source.path)
+        report = pruning.run_shot(config, source.path, calibration.path, shot, str(ckpt))
+    log.info("shot %d: size %.4f (target %.4f), %s", shot, report["achieved_size"], report["target_size"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
+    return {"weights": Weights(str(ckpt), key), "report": report}
+
+
+@task(name="finetune", cache_key_fn=_finetune_cache_key, persist_result=True)
+def finetune(config: PruneConfig, weights: Weights, steps: int) -> Weights:
+    """Mask-preserving fine-tuning: a no-op until the fine-tuning issue lands (``steps`` must be 0)."""
+    if steps:
+        raise SurgeonError(f"fine-tuning ({steps} steps) is not implemented yet; set finetune_steps=0")
+    return weights
+
+
+@task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True)
+def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
+    """Paper-protocol perplexity of the weights over the evaluation windows."""
+    result = pruning.evaluate_dir(weights.path, data.path, config)
+    get_run_logger().info("ppl %.3f over %d windows x %d tokens (%.1f s)", result["ppl"], result["windows"],
+                          result["seqlen"], result["seconds"])
+    return result
+
+
+@task(name="export", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, model: ModelRef) -> str:
+    path = pruning.export(weights.path, output, config, metrics, model)
+    get_run_logger().info("wrote %s", path)
+    return path
+
+
+@task(name="register", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def register(run_id: str, model_dir: str, name: str, tags: dict) -> str:
+    """Log the exported folder to the run and register it as a new version of model ``name``."""
+    version = tracking.register_model(run_id, model_dir, name, tags)
+    get_run_logger().info("registered %s version %s", name, version)
+    return version

@@ -1,0 +1,270 @@
+"""All MLflow calls of the project: tracking URI, one parent run per flow, per-shot metrics, artifacts, registry.
+
+Tracking URI: ``$MLFLOW_TRACKING_URI`` when set (any tracking server), else an explicit local SQLite file
+``sqlite:///$SURGEON_HOME/mlflow.db`` (``SURGEON_HOME`` defaults to ``~/.llm-surgeon``), whose artifacts go to
+``mlartifacts/`` next to the database file -- never a CWD-relative default, which bites workers started elsewhere.
+
+Everything goes through an explicit ``MlflowClient`` and run id (no fluent "active run"): Prefect may run tasks in
+other threads, and an explicit id cannot leak between runs. Metrics use ``step = shot`` (step 0 is the dense model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from . import plots
+
+__all__ = ["TrackedRun", "surgeon_home", "tracking_uri", "ui_url", "ui_command", "start_run", "log_shot", "log_outcome",
+           "log_directory", "register_model", "model_version", "set_alias", "alias_version", "set_version_tags",
+           "registered_name"]
+
+ALIAS = "champion"
+
+
+def surgeon_home() -> Path:
+    return Path(os.environ.get("SURGEON_HOME") or "~/.llm-surgeon").expanduser()
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = surgeon_home().resolve()
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def ui_url() -> str:
+    """Base URL of the MLflow UI: the tracking server itself, else ``$SURGEON_MLFLOW_UI`` (``mlflow ui``'s default)."""
+    uri = tracking_uri()
+    if urlparse(uri).scheme in ("http", "https"):
+        return uri.rstrip("/")
+    return os.environ.get("SURGEON_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+
+
+def ui_command() -> str | None:
+    """The command that serves the UI for a local SQLite store (None when tracking goes to a server)."""
+    db = _sqlite_file(tracking_uri())
+    if db is None:
+        return None
+    port = urlparse(ui_url()).port or 5000
+    return f"mlflow ui --backend-store-uri sqlite:///{db} --host 127.0.0.1 --port {port}"
+
+
+def _client():
+    # before the first mlflow import: no telemetry calls (offline machines; one project reports hangs)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    db = _sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiment_id(client, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    db = _sqlite_file(tracking_uri())
+    location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _provenance() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import surgeon_core
+
+    tags = {"surgeon_core": surgeon_core.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        repo = Path(__file__).resolve().parents[1]
+        sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if sha:
+            tags["git_sha"] = sha
+    return tags
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    run_id: str
+    experiment_id: str
+
+    @property
+    def url(self) -> str:
+        return f"{ui_url()}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+def _params(params: dict) -> list:
+    from mlflow.entities import Param
+
+    def text(v) -> str:
+        return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+    return [Param(k, text(v)[:6000]) for k, v in params.items()]
+
+
+@contextlib.contextmanager
+def start_run(name: str, *, experiment: str, params: dict | None = None, tags: dict | None = None,
+              parent_run_id: str | None = None) -> Iterator[TrackedRun]:
+    """A run that ends FINISHED when the block succeeds, FAILED (KILLED on Ctrl-C) when it raises."""
+    client = _client()
+    all_tags = {**_provenance(), **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(_experiment_id(client, experiment), run_name=name, tags=all_tags)
+    tracked = TrackedRun(run.info.run_id, run.info.experiment_id)
+    try:
+        if params:
+            client.log_batch(tracked.run_id, params=_params(params))
+        yield tracked
+    except KeyboardInterrupt:
+        client.set_terminated(tracked.run_id, "KILLED")
+        raise
+    except BaseException:
+        client.set_terminated(tracked.run_id, "FAILED")
+        raise
+    client.set_terminated(tracked.run_id, "FINISHED")
+
+
+def _metrics(values: dict[str, float], step: int) -> list:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items() if v is not None]
+
+
+def log_shot(run_id: str, step: int, report: dict | None = None, evaluation: dict | None = None) -> None:
+    """Metrics of one shot (step = shot; step 0 = dense): size overall and per type, estimated loss, seconds per
+    phase, peak RSS, and ppl where evaluated."""
+    values: dict[str, float] = {}
+    if report is not None:
+        values.update({"size": report["achieved_size"], "target_size": report["target_size"],
+                       "estimated_loss": report["estimated_loss"],
+                       "damping_escalations": report.get("damping_escalations", 0),
+                       "peak_rss_gb": report.get("peak_rss_gb")})
+        values.update({f"size/{t}": v for t, v in report["type_sizes"].items()})
+        values.update({f"seconds/{k}": v for k, v in report["seconds"].items()})
+    elif step == 0:
+        values["size"] = 1.0
+    if evaluation is not None:
+        values.update({"ppl": evaluation["ppl"], "nll": evaluation["nll"],
+                       "seconds/eval": evaluation.get("seconds")})
+    values = {k: v for k, v in values.items() if v is not None and v == v}  # drop NaN (layer-wise baselines)
+    _client().log_batch(run_id, metrics=_metrics(values, step))
+
+
+def log_outcome(run_id: str, *, recipe_yaml: str, shot_reports: list[dict], ppl_points: list[tuple[float, float]],
+                dense_ppl: float | None, summary: dict) -> None:
+    """Artifacts of a finished prune run: recipe, per-layer allocation table, heatmap, ppl-vs-size plot, summary."""
+    client = _client()
+    with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
+        d = Path(tmp)
+        (d / "recipe.yaml").write_text(recipe_yaml)
+        (d / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        if shot_reports:
+            (d / "allocation.csv").write_text(plots.allocation_csv(shot_reports))
+            (d / "plots").mkdir()
+            last = shot_reports[-1]
+            plots.allocation_heatmap(last["layer_sizes"], d / "plots" / "allocation_heatmap.png",
+                                     title=f"fraction kept per layer (size {last['achieved_size']:.3f})")
+            if ppl_points:
+                plots.ppl_vs_size({"pruned": ppl_points}, d / "plots" / "ppl_vs_size.png", dense_ppl=dense_ppl)
+        client.log_artifacts(run_id, str(d))
+    final = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size", "ppl_ratio") if summary.get(k) is not None}
+    client.log_batch(run_id, metrics=_metrics({f"final/{k}": v for k, v in final.items()}, step=0))
+
+
+def log_directory(run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+    """Log the files of ``directory`` (e.g. a sweep's comparison table and plot) to the run."""
+    _client().log_artifacts(run_id, str(directory), artifact_path)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+def registered_name(model_ref: str, explicit: str | None = None) -> str:
+    """The registry name: ``explicit``, else named after the source model (folder/file name or Hub id tail)."""
+    if explicit:
+        return explicit
+    tail = Path(model_ref.rstrip("/")).name
+    return tail[: -len(".gguf")] if tail.lower().endswith(".gguf") else tail
+
+
+def register_model(run_id: str, model_dir: str, name: str, tags: dict) -> str:
+    """Log ``model_dir`` under the run's ``model/`` artifacts and register it as a new version of ``name``.
+
+    Plain artifacts, not ``mlflow.transformers.log_model``: that fails on transformers 5.24 with a directory and
+    does not fit structurally pruned shapes anyway.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    client.log_artifacts(run_id, model_dir, "model")
+    try:
+        client.create_registered_model(name, description="LLM Surgeon pruned models of this source model")
+    except MlflowException as exc:
+        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    mv = client.create_model_version(name, source=source, run_id=run_id,
+                                     tags={k: str(v) for k, v in tags.items() if v is not None})
+    return str(mv.version)
+
+
+def model_version(name: str, version: str) -> dict:
+    """``{"name", "version", "run_id", "source", "tags", "aliases"}`` of a registered version."""
+    from mlflow.exceptions import MlflowException
+
+    from surgeon.errors import SurgeonError
+
+    try:
+        mv = _client().get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise SurgeonError(f"model '{name}' version {version} not found in the registry at {tracking_uri()}: "
+                           f"{exc.message}") from exc
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id, "source": mv.source,
+            "tags": dict(mv.tags), "aliases": list(getattr(mv, "aliases", []) or [])}
+
+
+def set_version_tags(name: str, version: str, tags: dict) -> None:
+    client = _client()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def set_alias(name: str, version: str, alias: str = ALIAS) -> None:
+    """Point ``alias`` at ``version`` (moving it from any other version)."""
+    _client().set_registered_model_alias(name, alias, str(version))
+
+
+def alias_version(name: str, alias: str = ALIAS) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None

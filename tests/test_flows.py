@@ -1,0 +1,251 @@
+"""The prune / sweep / promote flows on a tiny random model, under one Prefect test harness, MLflow in tmp SQLite.
+
+Checks: tracking (params, per-shot metrics with steps, artifacts), registration with tags, the promotion gate
+(passes and refuses), resume after a failure between shots (completed shots are not redone and the final weights
+equal an uninterrupted run's), and a rerun to another output folder served from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tiny_io import TEXT, save_tiny
+
+pytestmark = pytest.mark.flows
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(tmp_path_factory):
+    """Prefect (test harness, temp home), MLflow (temp SQLite) and SURGEON_HOME, all under one temp folder.
+
+    Prefect reads its settings when first imported, so the environment is set before any prefect import.
+    """
+    root = tmp_path_factory.mktemp("pipeline")
+    env = {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "SURGEON_HOME": str(root / "home"),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(pipeline_env) -> dict:
+    model = save_tiny(pipeline_env / "tiny-llama")
+    text = pipeline_env / "text.txt"
+    text.write_text(TEXT)
+    return {"model": str(model), "model_name": "tiny-llama", "calibration": str(text), "nsamples": 4, "seqlen": 16,
+            "shots": 2, "target_size": 0.7, "eval_data": str(text), "eval_seqlen": 16, "eval_max_windows": 4,
+            "threads": 1, "experiment": "tests"}
+
+
+@pytest.fixture
+def shot_calls(monkeypatch):
+    """Records the shots that really run (a cache hit does not call ``run_shot``); ``fail_at`` injects a crash."""
+    from tasks import steps
+
+    real = steps.pruning.run_shot
+    calls = {"shots": [], "fail_at": None}
+
+    def spy(cfg, source_dir, calib_path, shot, ckpt_dir):
+        calls["shots"].append(shot)
+        if shot == calls["fail_at"]:
+            raise RuntimeError(f"injected failure in shot {shot}")
+        return real(cfg, source_dir, calib_path, shot, ckpt_dir)
+
+    monkeypatch.setattr(steps.pruning, "run_shot", spy)
+    return calls
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_TRACKING_URI"])
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def first_run(tiny_recipe, tmp_path_factory):
+    from flows.prune import prune_flow
+
+    out = tmp_path_factory.mktemp("first") / "pruned"
+    return prune_flow({**tiny_recipe, "output": str(out), "eval_at": [0.85]})
+
+
+def test_prune_flow_tracks_exports_and_registers(first_run):
+    r = first_run
+    assert r["registered_version"] and r["shots"] == 2 and r["cached_shots"] == []
+    assert abs(r["achieved_size"] - 0.7) < 0.01 and r["ppl"] > 1 and r["dense_ppl"] > 1
+    assert [row["ppl"] is not None for row in r["rows"]] == [True, True]  # eval_at 0.85 -> shot 1, final shot 2
+    out = r["output"]
+    recipe = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
+    assert recipe["method"] == "llm-surgeon" and recipe["shots"] == 2
+    assert os.path.isfile(os.path.join(out, "manifest.json"))
+
+    c = client()
+    run = c.get_run(r["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "llm-surgeon" and run.data.params["target_size"] == "0.7"
+    assert [m.step for m in c.get_metric_history(r["run_id"], "size")] == [0, 1, 2]
+    assert [m.step for m in c.get_metric_history(r["run_id"], "ppl")] == [0, 1, 2]
+    for name in ("size/q_proj", "size/down_proj", "estimated_loss", "seconds/curvature", "peak_rss_gb"):
+        assert [m.step for m in c.get_metric_history(r["run_id"], name)] == [1, 2], name
+    files = {f.path for f in c.list_artifacts(r["run_id"])} | {f.path for f in c.list_artifacts(r["run_id"], "plots")}
+    assert {"recipe.yaml", "allocation.csv", "summary.json", "model", "plots/allocation_heatmap.png",
+            "plots/ppl_vs_size.png"} <= files
+    header = open(c.download_artifacts(r["run_id"], "allocation.csv")).readline().strip().split(",")
+    assert header == ["layer", "block", "type", "size_shot_1", "size_shot_2"]
+
+    mv = c.get_model_version("tiny-llama", r["registered_version"])
+    assert mv.run_id == r["run_id"]
+    assert {"method", "structure", "target_size", "dense_ppl", "pruned_ppl", "source_model_hash"} <= set(mv.tags)
+    assert mv.tags["structure"] == "structured" and mv.tags["source_model_hash"] == r["source_model_hash"]
+    assert float(mv.tags["pruned_ppl"]) == pytest.approx(r["ppl"])
+    assert os.path.isfile(c.download_artifacts(r["run_id"], "model/model.safetensors"))
+
+
+def test_rerun_to_another_output_reuses_cached_shots(first_run, tiny_recipe, shot_calls, tmp_path):
+    from flows.prune import prune_flow
+
+    r = prune_flow({**tiny_recipe, "output": str(tmp_path / "again"), "eval_at": [0.85]})
+    assert shot_calls["shots"] == [] and r["cached_shots"] == [1, 2]
+    assert r["ppl"] == first_run["ppl"] and r["registered_version"] != first_run["registered_version"]
+    a, b = weights(tmp_path / "again"), weights(__import__("pathlib").Path(first_run["output"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_failure_between_shots(tiny_recipe, shot_calls, tmp_path, monkeypatch):
+    from flows.prune import prune_flow
+
+    recipe = {**tiny_recipe, "shots": 3, "target_size": 0.6, "register_model": False}
+    shot_calls["fail_at"] = 2
+    with pytest.raises(RuntimeError, match="injected failure in shot 2"):
+        prune_flow({**recipe, "output": str(tmp_path / "crashed")})
+    assert shot_calls["shots"] == [1, 2] and not (tmp_path / "crashed").exists()
+    failed = client().search_runs([client().get_experiment_by_name("tests").experiment_id],
+                                  order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert failed.info.status == "FAILED"
+
+    shot_calls["fail_at"] = None
+    resumed = prune_flow({**recipe, "output": str(tmp_path / "resumed")})
+    assert shot_calls["shots"] == [1, 2, 2, 3]  # shot 1 not redone
+    assert resumed["cached_shots"] == [1] and resumed["registered_version"] is None
+
+    # the same recipe, uninterrupted, with an empty cache: identical weights
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "fresh-cache"))
+    clean = prune_flow({**recipe, "output": str(tmp_path / "clean")})
+    assert clean["cached_shots"] == [] and shot_calls["shots"][4:] == [1, 2, 3]
+    a, b = weights(tmp_path / "resumed"), weights(tmp_path / "clean")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_promote_moves_champion_only_through_the_gate(first_run, tiny_recipe, tmp_path):
+    from flows.promote import promote_flow
+    from flows.prune import prune_flow
+    from tasks import tracking
+
+    v1 = first_run["registered_version"]
+    ok = promote_flow("tiny-llama", v1, max_ppl_ratio=100.0)
+    assert ok["passed"] and tracking.alias_version("tiny-llama") == v1
+    # a stricter recipe gate (from the version's tags) refuses the next version; the alias stays
+    strict = prune_flow({**tiny_recipe, "output": str(tmp_path / "strict"), "promote_max_ppl_ratio": 0.5})
+    refused = promote_flow("tiny-llama", strict["registered_version"])
+    assert not refused["passed"] and refused["max_ppl_ratio"] == 0.5 and "ratio" in refused["reason"]
+    assert tracking.alias_version("tiny-llama") == v1
+    assert client().get_model_version("tiny-llama", strict["registered_version"]).tags["promotion_gate"] == "refused"
+
+
+def test_sweep_compares_variants(tiny_recipe, tmp_path):
+    from flows.sweep import sweep_flow
+
+    recipe = {**tiny_recipe, "shots": 1, "register_model": False, "output": str(tmp_path / "sweep"),
+              "sweep": [{"method": "llm-surgeon", "target_size": 0.8}, {"method": "magnitude", "target_size": 0.8}]}
+    r = sweep_flow(recipe)
+    assert [row["variant"] for row in r["rows"]] == ["llm-surgeon-structured-0.8", "magnitude-structured-0.8"]
+    assert all(row["ppl"] > 1 for row in r["rows"])
+    comparison = (tmp_path / "sweep" / "comparison.md").read_text()
+    assert "llm-surgeon-structured-0.8" in comparison and "magnitude-structured-0.8" in comparison
+    assert (tmp_path / "sweep" / "ppl_vs_size.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "magnitude-structured-0.8" / "model.safetensors").is_file()
+    c = client()
+    assert {"comparison.md", "ppl_vs_size.png"} <= {f.path for f in c.list_artifacts(r["run_id"])}
+    for child in r["results"]:
+        assert c.get_run(child["run_id"]).data.tags["mlflow.parentRunId"] == r["run_id"]
+
+
+def test_sweep_recipe_errors_name_the_variant_and_key(tiny_recipe):
+    from flows.sweep import sweep_configs
+    from surgeon.errors import SurgeonError
+
+    with pytest.raises(SurgeonError, match=r"sweep\[1\]: unknown recipe key 'targte_size'"):
+        sweep_configs({**tiny_recipe, "sweep": [{"target_size": 0.8}, {"targte_size": 0.8}]})
+    with pytest.raises(SurgeonError, match="non-empty list"):
+        sweep_configs(tiny_recipe)
+
+
+def test_gate():
+    from flows.promote import gate
+
+    assert gate({"dense_ppl": "10", "pruned_ppl": "11.5"}, 1.15)[0]
+    assert not gate({"dense_ppl": "10", "pruned_ppl": "11.6"}, 1.15)[0]
+    assert not gate({"dense_ppl": "10"}, 1.15)[0]
+
+
+def _cli(capsys, *args):
+    from surgeon.cli import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_prune_recipe_overrides_no_register(tiny_recipe, tmp_path, capsys):
+    import json
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe, "shots": 1}))
+    js = tmp_path / "r.json"
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "target_size=0.8", "--output", tmp_path / "o",
+                        "--no-register", "--json", js)
+    assert rc == 0, err
+    res = json.loads(js.read_text())
+    assert res["registered_version"] is None and res["config"]["target_size"] == 0.8
+    assert abs(res["achieved_size"] - 0.8) < 0.01 and f"ppl {res['ppl']:.3f}" in out
+    saved = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
+    assert saved["target_size"] == 0.8 and saved["register_model"] is False
+    # a bad key is one line naming it, before any flow run
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "shotz=2")
+    assert rc == 2 and err.strip() == "error: unknown recipe key 'shotz'"
+
+
+def test_cli_promote_gate_exit_codes(first_run, capsys):
+    v = first_run["registered_version"]
+    rc, out, err = _cli(capsys, "promote", "--model-name", "tiny-llama", "--version", v, "--max-ppl-ratio", "0.5")
+    assert rc == 1 and "not promoted" in err
+    rc, out, err = _cli(capsys, "promote", "--model-name", "tiny-llama", "--version", v, "--max-ppl-ratio", "50")
+    assert rc == 0 and f"promoted tiny-llama version {v} to 'champion'" in out
+    rc, out, err = _cli(capsys, "promote", "--model-name", "tiny-llama", "--version", "999")
+    assert rc == 2 and "version 999 not found" in err.strip().splitlines()[-1]
+
+
+def test_cli_sweep_bad_variant_is_one_line(tiny_recipe, tmp_path, capsys):
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe, "sweep": [{"method": "magnitude"}, {"methd": "kobd"}]}))
+    rc, out, err = _cli(capsys, "sweep", "--config", recipe)
+    assert rc == 2 and err.strip() == "error: sweep[1]: unknown recipe key 'methd'"
