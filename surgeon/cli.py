@@ -366,6 +366,10 @@ def _pipeline_env() -> str:
 
 
 def _print_prune_result(out: dict) -> None:
+    from tasks.plots import markdown_table
+
+    dense = [{"shot": 0, "target_size": 1.0, "size": 1.0, "ppl": out["dense_ppl"]}] if out["dense_ppl"] else []
+    print(markdown_table(dense + out["shots"], ["shot", "target_size", "size", "ppl", "seconds", "cached"]), end="")
     if out["ppl"] is not None:
         dense = f" (dense {out['dense_ppl']:.3f})" if out["dense_ppl"] else ""
         print(f"ppl {out['ppl']:.3f}{dense} at size {out['achieved_size']:.4f}")

@@ -10,7 +10,9 @@ persisted under ``$SURGEON_CACHE/pipeline/results`` and each shot's checkpoint l
 completed shot, and a rerun to another output folder only exports again. Model loading and calibration are not
 cached here: their outputs *are* the content ids, and ``surgeon.data`` already caches tokenization on disk.
 
-Retries only where they can help: fetching/loading (I/O), export and registration (disk, tracking server).
+Retries only where they can help: fetching/loading, export and registration retry I/O errors (disk, network,
+tracking server) but not bad input; shots, fine-tuning and evaluation never retry (compute: same input, same
+failure).
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ def persisted(*tasks):
     return out if len(out) > 1 else out[0]
 
 
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O failures (disk, network, tracking server), not errors a retry cannot fix (bad input, bugs)."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (SurgeonError, ValueError, TypeError, KeyError, AttributeError))
+
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
+
+
 def _key(kind: str, *parts) -> str:
     return f"{kind}-" + sha256_bytes(json.dumps([*parts, surgeon_core.__version__], default=str))[:32]
 
@@ -73,7 +84,7 @@ def _eval_cache_key(ctx, p) -> str:
     return _key("eval", p["weights"].key, p["data"].data_id)
 
 
-@task(name="load-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="load-model", cache_policy=NO_CACHE, **IO_RETRIES)
 def load_model(config: PruneConfig) -> ModelRef:
     """Resolve the recipe's model (fetching/converting it once) to a local folder and its content hash."""
     ref = pruning.prepare_model(config)
@@ -81,14 +92,14 @@ def load_model(config: PruneConfig) -> ModelRef:
     return ref
 
 
-@task(name="build-calibration", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="build-calibration", cache_policy=NO_CACHE, **IO_RETRIES)
 def build_calibration(config: PruneConfig, model: ModelRef) -> DataRef:
     data = pruning.build_calibration(config, model.path)
     get_run_logger().info("calibration %s: %s windows (id %s)", config.calibration, data.shape, data.data_id[:12])
     return data
 
 
-@task(name="build-eval", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="build-eval", cache_policy=NO_CACHE, **IO_RETRIES)
 def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
     return pruning.build_eval(config, model.path)
 
@@ -128,14 +139,14 @@ def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
     return result
 
 
-@task(name="export", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
 def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, model: ModelRef) -> str:
     path = pruning.export(weights.path, output, config, metrics, model)
     get_run_logger().info("wrote %s", path)
     return path
 
 
-@task(name="register", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
 def register(run_id: str, model_dir: str, name: str, tags: dict) -> str:
     """Log the exported folder to the run and register it as a new version of model ``name``."""
     version = tracking.register_model(run_id, model_dir, name, tags)

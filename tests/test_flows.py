@@ -249,3 +249,15 @@ def test_cli_sweep_bad_variant_is_one_line(tiny_recipe, tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({**tiny_recipe, "sweep": [{"method": "magnitude"}, {"methd": "kobd"}]}))
     rc, out, err = _cli(capsys, "sweep", "--config", recipe)
     assert rc == 2 and err.strip() == "error: sweep[1]: unknown recipe key 'methd'"
+
+
+def test_io_tasks_retry_transient_errors_only(pipeline_env):
+    from prefect.states import Failed
+
+    from surgeon.errors import SurgeonError
+    from tasks import steps
+
+    assert steps._transient(None, None, Failed(data=OSError("connection reset")))
+    assert not steps._transient(None, None, Failed(data=SurgeonError("model path not found: x")))
+    assert steps.load_model.retries == 2 and steps.register.retries == 2
+    assert steps.prune_shot.retries == 0 and steps.evaluate.retries == 0
