@@ -290,7 +290,7 @@ def prune_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder, .gguf, Hub id or "
                                                  "smollm2-135m.")] = None,
     method: Annotated[Optional[str], typer.Option(help="llm-surgeon, sparsegpt, wanda, magnitude, kobd, lobd.")] = None,
-    structure: Annotated[Optional[str], typer.Option(help="structured, unstructured or N:M (e.g. 2:4).")] = None,
+    structure: Annotated[Optional[str], typer.Option(help="structured, coupled, unstructured, N:M.")] = None,
     target_size: Annotated[Optional[float], typer.Option(help="Fraction of prunable weights kept (0.7 = 70% size).")] = None,
     calibration: Annotated[Optional[str], typer.Option(help="Calibration text or .npy token windows.")] = None,
     nsamples: Annotated[Optional[int], typer.Option(help="Calibration windows.")] = None,
@@ -309,6 +309,9 @@ def prune_cmd(
     register: Annotated[Optional[bool], typer.Option(
         "--register/--no-register", help="Register the pruned model in MLflow (default: the recipe's "
                                          "register_model, true).")] = None,
+    materialize: Annotated[bool, typer.Option(
+        "--materialize", help="Also write the really smaller model (all-zero FFN units / heads dropped) to "
+                              "OUTPUT-materialized (see `surgeon materialize`).")] = False,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -346,9 +349,52 @@ def prune_cmd(
            "source_model_hash": result["source_model_hash"], "calibration_id": result["calibration_id"],
            "config_hash": result["config_hash"], "mlflow_run_id": result["run_id"], "mlflow_run": result["run_url"],
            "model_name": result["model_name"], "registered_version": result["registered_version"]}
+    if materialize:
+        out["materialized"] = _materialize_output(result["output"])
     _print_prune_result(out)
     if json_out is not None:
         write_json(json_out, out)
+
+
+def _materialize_output(output: str) -> dict:
+    """``--materialize``: the exported folder -> OUTPUT-materialized (an earlier one is replaced)."""
+    import shutil
+
+    from .materialize import materialize_dir
+
+    dest = Path(f"{str(output).rstrip('/')}-materialized")
+    if dest.exists() and (dest / "materialize.json").exists():
+        shutil.rmtree(dest)
+    stage(f"materializing {output} -> {dest}")
+    report = materialize_dir(output, dest)
+    _print_materialize(report)
+    return report
+
+
+def _print_materialize(report: dict) -> None:
+    b, a = report["parameters_before"], report["parameters_after"]
+    fb = report["file_bytes"]
+    print(f"materialized {report['output']}: parameters {b['total']:,} -> {a['total']:,} "
+          f"(prunable {b['prunable']:,} -> {a['prunable']:,}); weights {fb['source'] / 2**20:.1f} -> "
+          f"{fb['materialized'] / 2**20:.1f} MiB")
+
+
+@app.command("materialize")
+def materialize_cmd(
+    source: Annotated[Path, typer.Argument(help="Pruned (zeroed) model folder, e.g. a `surgeon prune` output.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the smaller model.")],
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Drop all-zero FFN units and attention heads and write a per-layer smaller model (safetensors + its
+    modelling code; loads with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True))."""
+    from .materialize import materialize_dir
+
+    json_out = check_output_file(json_out)
+    report = materialize_dir(source, output)
+    _print_materialize(report)
+    if json_out is not None:
+        write_json(json_out, report)
 
 
 def _pipeline_env() -> str:

@@ -101,7 +101,7 @@ class PruneConfig(BaseModel):
     @model_validator(mode="after")
     def _cross(self) -> "PruneConfig":
         st = Structure.parse(self.structure)
-        if METHODS[self.method].layerwise and st.kind == "structured":
+        if METHODS[self.method].layerwise and st.kind in ("structured", "coupled"):
             raise ValueError(f"method {self.method} does not support structured pruning")
         if st.kind == "nm" and self.target_size is not None and abs(self.target_size - st.n / st.m) > 1e-9:
             raise ValueError(f"{st} sparsity keeps exactly {st.n / st.m:g} of the weights; "

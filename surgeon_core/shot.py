@@ -34,7 +34,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Structure:
-    """What is removed: ``unstructured`` elements, ``nm`` (n nonzeros in every m inputs) or ``structured``."""
+    """What is removed: ``unstructured`` elements, ``nm`` (n nonzeros in every m inputs), ``structured`` (rows and
+    columns of each linear independently) or ``coupled`` (FFN units, heads, kv groups: surgeon_core.coupled)."""
 
     kind: str
     n: int = 0
@@ -47,11 +48,14 @@ class Structure:
             return cls("unstructured")
         if text in ("structured", "rows-columns", "row-column"):
             return cls("structured")
+        if text in ("coupled", "units"):
+            return cls("coupled")
         if ":" in text:
             a, _, b = text.partition(":")
             if a.isdigit() and b.isdigit() and 0 < int(a) < int(b):
                 return cls("nm", int(a), int(b))
-        raise ValueError(f"unknown structure {text!r}: use 'unstructured', 'structured' or 'N:M' such as '2:4'")
+        raise ValueError(f"unknown structure {text!r}: use 'unstructured', 'structured', 'coupled' "
+                         "or 'N:M' such as '2:4'")
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
@@ -96,19 +100,21 @@ class PruneOptions:
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
     baseline_damping: float = 0.01
+    # coupled structures: (num_heads, num_kv_heads, head_dim) from the model config (None: read model.config)
+    head_layout: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         self.structure_spec = Structure.parse(self.structure)
         spec = METHODS[self.method]
-        if spec.layerwise and self.structure_spec.kind == "structured":
+        if spec.layerwise and self.structure_spec.kind in ("structured", "coupled"):
             raise ValueError(f"method {self.method!r} does not support structured (rows/columns) pruning; "
                              "use llm-surgeon, kobd, lobd or magnitude")
         if self.damping_g is None:
-            self.damping_g = 0.01 if self.structure_spec.kind == "structured" else 0.1
+            self.damping_g = 0.01 if self.structure_spec.kind in ("structured", "coupled") else 0.1
         if self.max_correlate is None:
-            self.max_correlate = 0 if self.structure_spec.kind == "structured" else 2000
+            self.max_correlate = 0 if self.structure_spec.kind in ("structured", "coupled") else 2000
         if self.damping_a < 0 or self.damping_g < 0:
             raise ValueError("damping must be non-negative")
         if self.structured_update not in ("sequential", "sum"):
@@ -125,7 +131,8 @@ class PruneOptions:
     @property
     def layerwise(self) -> bool:
         """SparseGPT/Wanda always, magnitude on unstructured/N:M: per-layer uniform sparsity (as their papers)."""
-        return self.spec.layerwise or (self.method == "magnitude" and self.structure_spec.kind != "structured")
+        return self.spec.layerwise or (self.method == "magnitude"
+                                       and self.structure_spec.kind not in ("structured", "coupled"))
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
@@ -372,6 +379,9 @@ def prune_shot(
         )
         seconds["curvature"] = factors.seconds["curvature"]
 
+    if opts.structure_spec.kind == "coupled":
+        return _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_size, shot, num_shots,
+                             seconds)
     t0 = time.perf_counter()
     structured = opts.structure_spec.kind == "structured"
     layers: list[_Layer] = []
@@ -438,6 +448,33 @@ def prune_shot(
     return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,
                       estimated_loss=estimated, layer_sizes=per_layer, type_sizes=per_type,
                       seconds=seconds, damping_escalations=escalations)
+
+
+def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_size, shot, num_shots,
+                  seconds) -> ShotReport:
+    """The coupled-structure shot (surgeon_core.coupled): costs, global greedy selection and updates per unit."""
+    from .adapters import get_submodule
+    from .coupled import coupled_shot
+
+    t0 = time.perf_counter()
+    layers = list(get_submodule(model, adapter.layers))
+    layout = tuple(opts.head_layout) if opts.head_layout else adapter.head_layout(model.config)
+
+    def get_factors(i, name):
+        full = f"{adapter.layers}.{i}.{name}"
+        A, G = _factors_for(factors, full, linears[full].weight, device)
+        return A, (None if spec.curvature == "activations" else G)
+
+    total = sum(lin.weight.numel() for lin in linears.values())
+    estimated, escalations = coupled_shot(
+        layers, adapter, layout, get_factors=get_factors, augmented=lambda lin: _augmented(lin, device),
+        write_back=_write_back, n_remove=round((1.0 - target_size) * total), kind=spec.cost_kind,
+        update=spec.update, damping_a=opts.damping_a, damping_g=opts.damping_g, max_correlate=opts.max_correlate)
+    seconds["coupled"] = time.perf_counter() - t0
+    size, per_layer, per_type = model_size(model, adapter)
+    return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,
+                      estimated_loss=estimated, layer_sizes=per_layer, type_sizes=per_type, seconds=seconds,
+                      damping_escalations=escalations)
 
 
 def prune(

@@ -1,0 +1,112 @@
+"""Write a pruned (zeroed) model as a really smaller one: per-layer sliced matrices in safetensors.
+
+The in-memory slicing is ``surgeon_core.materialize``; this module converts the config to the per-layer-size
+families of ``modeling_surgeon_pruned.py``, saves, copies that file next to the weights (``auto_map``), and
+registers the classes with the Auto* factories when imported. Loading the output:
+
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # anywhere, offline
+    import surgeon.materialize; AutoModelForCausalLM.from_pretrained(DIR)  # no remote code needed
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from surgeon_core.adapters import adapter_for
+from surgeon_core.materialize import count_parameters, materialize_
+
+from . import modeling_surgeon_pruned as mp
+from .errors import SurgeonError
+
+__all__ = ["materialize_model", "save_materialized", "materialize_dir", "MODELING_FILE"]
+
+MODELING_FILE = "modeling_surgeon_pruned.py"
+_FAMILIES = {  # source model_type -> (config class, model class)
+    "llama": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
+    "mistral": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
+    "opt": (mp.SurgeonPrunedOPTConfig, mp.SurgeonPrunedOPTForCausalLM),
+}
+
+for _cfg, _model in {v[0]: v[1] for v in _FAMILIES.values()}.items():
+    try:
+        AutoConfig.register(_cfg.model_type, _cfg)
+        AutoModelForCausalLM.register(_cfg, _model)
+    except ValueError:  # already registered (module reloaded)
+        pass
+
+
+def _check_family(config) -> None:
+    mt = config.model_type
+    if mt not in _FAMILIES:
+        raise SurgeonError(f"materialize supports {', '.join(sorted(_FAMILIES))}; got model type '{mt}'")
+    if mt == "mistral" and getattr(config, "sliding_window", None):
+        raise SurgeonError("materialize: Mistral with a sliding window is not supported (set sliding_window=None)")
+
+
+@torch.no_grad()
+def materialize_model(model) -> tuple[object, dict]:
+    """Slice ``model`` in place and give it the per-layer-size config. Returns (model, report) where the report
+    holds the per-layer sizes and the parameter counts dense (zeros included) vs materialized."""
+    _check_family(model.config)
+    adapter = adapter_for(model)
+    before = count_parameters(model, adapter)
+    sizes = materialize_(model, adapter, adapter.head_layout(model.config))
+    cfg_cls, model_cls = _FAMILIES[model.config.model_type]
+    d = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        d.pop(key, None)
+    cfg = cfg_cls(intermediate_sizes=[s["intermediate_size"] for s in sizes],
+                  layer_num_heads=[s["num_heads"] for s in sizes],
+                  layer_num_kv_heads=[s["num_kv_heads"] for s in sizes], **d)
+    cfg.architectures = [model_cls.__name__]
+    cfg.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.{cfg_cls.__name__}",
+                    "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
+    model.config = cfg
+    after = count_parameters(model, adapter)
+    return model, {"layers": sizes, "parameters_before": before, "parameters_after": after}
+
+
+def save_materialized(model, out_dir: str | Path, *, tokenizer=None, report: dict | None = None) -> Path:
+    """save_pretrained (safetensors) + the modelling file + materialize.json (sizes and parameter counts)."""
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    shutil.copy(Path(mp.__file__), out / MODELING_FILE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if report is not None:
+        (out / "materialize.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def materialize_dir(src: str | Path, out_dir: str | Path) -> dict:
+    """Load a pruned model folder, drop its all-zero units, write the smaller model; returns the report."""
+    src = Path(src).expanduser()
+    if not (src / "config.json").is_file():
+        raise SurgeonError(f"not a model folder (no config.json): {src}")
+    out = Path(out_dir).expanduser()
+    if out.resolve() == src.resolve():
+        raise SurgeonError("materialize: --output must differ from the source folder")
+    if out.exists() and any(out.iterdir()):
+        raise SurgeonError(f"output {out} exists and is not empty")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+    except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
+        tokenizer = None
+    model, report = materialize_model(model.eval())
+    save_materialized(model, out, tokenizer=tokenizer, report=report)
+    report["output"] = str(out)
+    report["file_bytes"] = {"source": _weights_bytes(src), "materialized": _weights_bytes(out)}
+    return report
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))

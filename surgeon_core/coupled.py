@@ -1,0 +1,254 @@
+"""Coupled structures: FFN units, attention heads and key/value groups removed as one (docs/method.md, issue 5).
+
+A unit spans several linears of one decoder layer:
+
+- FFN unit j: row j of every ``adapter.mlp_in`` linear (gate/up, or fc1 with its bias) + column j of ``mlp_out``;
+- head h (GQA only): the q rows of head h + the matching o columns;
+- key/value group g: k and v rows of kv head g + q rows and o columns of all its query heads (without GQA a group
+  is one head with its q, k, v rows and o columns).
+
+Under the block-diagonal K-FAC (each linear its own G ⊗ A) the joint OBS cost of a unit is the sum over its member
+linears of the multi-row cost ½ tr(W_R A W_Rᵀ (G⁻¹[R,R])⁻¹) (producers) or multi-column cost
+½ tr(W_Cᵀ G W_C (A⁻¹[C,C])⁻¹) (consumer); the update is ``obs_update_rows`` / ``obs_update_columns`` per
+member.
+One global greedy selection over all units of all layers, cheapest first, with exact parameter accounting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, get_submodule
+from .costs import damped_inverse
+from .update import obs_update_columns, obs_update_rows
+
+__all__ = ["UnitFamily", "layer_units", "multi_row_costs", "unit_costs", "select_units", "apply_units",
+           "coupled_shot"]
+
+
+@dataclass
+class UnitFamily:
+    """Units of one kind in one decoder layer. ``members``: (linear name, "rows"|"cols", idx (U, k)).
+    ``parts[u]``: atomic part keys removed by unit u (a kv group contains its heads' parts)."""
+
+    layer: int
+    kind: str  # "ffn" | "head" | "kv"
+    members: list[tuple[str, str, torch.Tensor]]
+    parts: list[tuple]
+    costs: torch.Tensor | None = None
+
+
+def _span(idx: torch.Tensor, width: int) -> torch.Tensor:
+    """(U,) block indices -> (U, width) rows of each block."""
+    return idx[:, None] * width + torch.arange(width)[None, :]
+
+
+def layer_units(layer: nn.Module, adapter: ArchitectureAdapter, layout: tuple[int, int, int], i: int
+                ) -> tuple[list[UnitFamily], dict[tuple, int]]:
+    """Unit families of decoder layer ``i`` and the parameter count of every atomic part."""
+    n_heads, n_kv, hd = layout
+    lin = {n: get_submodule(layer, n) for n in adapter.linears}
+    part_params: dict[tuple, int] = {}
+    fams = []
+    # FFN
+    inter = lin[adapter.mlp_out].in_features
+    j = torch.arange(inter)[:, None]
+    per_unit = sum(lin[n].in_features for n in adapter.mlp_in) + lin[adapter.mlp_out].out_features
+    fams.append(UnitFamily(i, "ffn", [(n, "rows", j) for n in adapter.mlp_in] + [(adapter.mlp_out, "cols", j)],
+                           [((i, "ffn", u),) for u in range(inter)]))
+    part_params.update({(i, "ffn", u): per_unit for u in range(inter)})
+    # attention
+    q, k, v = adapter.attention_in
+    o = adapter.attention_out
+    group = n_heads // n_kv
+    head_params = hd * (lin[q].in_features + lin[o].out_features)
+    kv_params = hd * (lin[k].in_features + lin[v].in_features)
+    part_params.update({(i, "head", h): head_params for h in range(n_heads)})
+    part_params.update({(i, "kv", g): kv_params for g in range(n_kv)})
+    if group > 1:
+        h = torch.arange(n_heads)
+        fams.append(UnitFamily(i, "head", [(q, "rows", _span(h, hd)), (o, "cols", _span(h, hd))],
+                               [((i, "head", u),) for u in range(n_heads)]))
+    g = torch.arange(n_kv)
+    qh = _span(g, group)  # (n_kv, group) query heads of each group
+    q_rows = (qh[:, :, None] * hd + torch.arange(hd)).reshape(n_kv, group * hd)
+    fams.append(UnitFamily(i, "kv", [(q, "rows", q_rows), (k, "rows", _span(g, hd)), (v, "rows", _span(g, hd)),
+                                     (o, "cols", q_rows)],
+                           [((i, "kv", u),) + tuple((i, "head", int(x)) for x in qh[u]) for u in range(n_kv)]))
+    return fams, part_params
+
+
+def multi_row_costs(W: torch.Tensor, A: torch.Tensor | None, G_inv: torch.Tensor | None, groups: torch.Tensor,
+                    *, kind: str = "obs", G: torch.Tensor | None = None) -> torch.Tensor:
+    """Cost of removing each row set ``groups[u]`` (U, k) of W (R, C'): "obs" ½ tr(W_R A W_Rᵀ (G⁻¹[R,R])⁻¹).
+
+    Columns of a consumer: call with Wᵀ, G for A and A⁻¹ for G⁻¹. Other kinds use the diagonals (K-OBD:
+    ½ Σ_r G_rr w_rᵀ diag(A) w_r; L-OBD: G = I; identity: ½‖W_R‖²). A/G None = identity.
+    """
+    WR = W[groups].double()  # (U, k, C')
+    if kind == "identity":
+        return 0.5 * WR.square().sum(dim=(1, 2))
+    if kind in ("kfac-diag", "activations"):
+        a = torch.diagonal(A).double() if A is not None else torch.ones(W.shape[1], dtype=torch.float64)
+        g = torch.diagonal(G).double()[groups] if (kind == "kfac-diag" and G is not None) else 1.0
+        return (0.5 * (WR.square() * a).sum(dim=2) * g).sum(dim=1)
+    M = WR @ A.double() @ WR.transpose(1, 2) if A is not None else WR @ WR.transpose(1, 2)  # (U, k, k)
+    if G_inv is None:
+        return 0.5 * torch.diagonal(M, dim1=1, dim2=2).sum(dim=1)
+    B = G_inv.double()[groups[:, :, None], groups[:, None, :]]  # (U, k, k)
+    X = torch.linalg.solve(B, M)  # B⁻¹ M; tr(M B⁻¹) = tr(B⁻¹ M)
+    return 0.5 * torch.diagonal(X, dim1=1, dim2=2).sum(dim=1)
+
+
+def unit_costs(fam: UnitFamily, W: dict[str, torch.Tensor], A: dict, G: dict, A_inv: dict, G_inv: dict,
+               kind: str = "obs") -> torch.Tensor:
+    """Joint cost of every unit of a family: sum over its member linears (independent K-FAC blocks)."""
+    total = 0.0
+    for name, axis, idx in fam.members:
+        idx = idx.to(W[name].device)
+        if axis == "rows":
+            total = total + multi_row_costs(W[name], A.get(name), G_inv.get(name), idx, kind=kind, G=G.get(name))
+        else:
+            total = total + multi_row_costs(W[name].T, G.get(name), A_inv.get(name), idx, kind=kind, G=A.get(name))
+    return total
+
+
+def _dead(fam: UnitFamily, W: dict[str, torch.Tensor]) -> torch.Tensor:
+    alive = 0
+    for name, axis, idx in fam.members:
+        Wm = W[name] if axis == "rows" else W[name][:, : W[name].shape[1]].T
+        alive = alive + Wm.abs()[idx.to(Wm.device)].sum(dim=(1, 2))
+    return alive == 0
+
+
+def select_units(costs: list[torch.Tensor], parts: list[list[tuple]], part_params: dict[tuple, int],
+                 n_remove: int) -> list[torch.Tensor]:
+    """Greedy cheapest-first over all units until ``n_remove`` parameters are removed (never more).
+
+    A unit's price is the parameters of its parts not yet taken (a kv group after some of its heads); dead units
+    come with cost −inf and are always taken. Taking the last query head of a kv group takes the group's k/v rows
+    too (they then feed nothing). Returns a boolean mask per family.
+    """
+    flat = torch.cat([c.double().cpu() for c in costs])
+    owner = [(f, u) for f, c in enumerate(costs) for u in range(c.numel())]
+    order = torch.argsort(flat, stable=True).tolist()
+    kv_heads: dict[tuple, list[tuple]] = {}
+    head_kv: dict[tuple, tuple] = {}
+    for fp in parts:
+        for p in fp:
+            if p[0][1] == "kv":
+                kv_heads[p[0]] = list(p[1:])
+                for h in p[1:]:
+                    head_kv[h] = p[0]
+    taken: set = set()
+    removed = 0
+    masks = [torch.zeros(c.numel(), dtype=torch.bool) for c in costs]
+    for pos in order:
+        f, u = owner[pos]
+        new = [p for p in parts[f][u] if p not in taken]
+        dead = flat[pos] == float("-inf")
+        extra = []
+        for p in new:  # completing a group's heads takes its k/v rows
+            g = head_kv.get(p)
+            if g is not None and g not in taken and g not in new and \
+                    all(h in taken or h in new for h in kv_heads[g]):
+                extra.append(g)
+        price = sum(part_params[p] for p in new + extra)
+        if not dead and removed + price > n_remove:
+            continue
+        taken.update(new + extra)
+        removed += price
+        masks[f][u] = True
+    # units whose parts were all taken through other units count as removed too
+    for f, fp in enumerate(parts):
+        for u, pu in enumerate(fp):
+            if not masks[f][u] and all(p in taken for p in pu):
+                masks[f][u] = True
+    return masks
+
+
+@torch.no_grad()
+def apply_units(fams: list[UnitFamily], masks: list[torch.Tensor], W: dict[str, torch.Tensor],
+                A_inv: dict, G_inv: dict, *, update: bool, max_correlate: int = 0) -> dict[str, torch.Tensor]:
+    """New augmented weights of one layer: the selected units' rows/columns, plus rows/columns already all-zero
+    (kept zero by the joint OBS solve), removed with the optimal update (or zeroed when ``update`` is False)."""
+    rows: dict[str, list] = {}
+    cols: dict[str, list] = {}
+    for fam, mask in zip(fams, masks):
+        for name, axis, idx in fam.members:
+            (rows if axis == "rows" else cols).setdefault(name, []).append(idx[mask.cpu()].reshape(-1))
+    out = {}
+    for name, Wn in W.items():
+        if name in rows:
+            sel = torch.cat(rows[name] + [torch.nonzero(Wn.abs().sum(dim=1) == 0).flatten().cpu()]).unique()
+            sel = sel.to(Wn.device)
+            if update and G_inv.get(name) is not None and sel.numel():
+                out[name] = obs_update_rows(Wn, G_inv[name], sel, max_correlate=max_correlate)
+            else:
+                out[name] = Wn.clone()
+                out[name][sel] = 0
+        elif name in cols:
+            n_in = A_inv[name].shape[0] if A_inv.get(name) is not None else Wn.shape[1]
+            dead = torch.nonzero(Wn.abs().sum(dim=0) == 0).flatten().cpu()
+            dead = dead[dead < min(n_in, Wn.shape[1])]
+            sel = torch.cat(cols[name] + [dead]).unique().to(Wn.device)
+            if update and A_inv.get(name) is not None and sel.numel():
+                out[name] = obs_update_columns(Wn, A_inv[name], sel, max_correlate=max_correlate)
+            else:
+                out[name] = Wn.clone()
+                out[name][:, sel] = 0
+    return out
+
+
+@dataclass
+class _LayerState:
+    fams: list[UnitFamily]
+    W: dict[str, torch.Tensor]
+    A_inv: dict = field(default_factory=dict)
+    G_inv: dict = field(default_factory=dict)
+
+
+def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: tuple[int, int, int], *,
+                 get_factors: Callable[[int, str], tuple[torch.Tensor | None, torch.Tensor | None]],
+                 augmented: Callable[[nn.Linear], torch.Tensor], write_back: Callable[[nn.Linear, torch.Tensor], None],
+                 n_remove: int, kind: str, update: bool, damping_a: float, damping_g: float,
+                 max_correlate: int = 0) -> tuple[float, int]:
+    """One coupled shot over all decoder layers: costs → global greedy selection → per-member updates.
+    Returns (estimated loss increase, damping escalations)."""
+    states, part_params, escalations = [], {}, 0
+    for i, layer in enumerate(layers):
+        fams, pp = layer_units(layer, adapter, layout, i)
+        part_params.update(pp)
+        lins = {n: get_submodule(layer, n) for n in adapter.linears}
+        st = _LayerState(fams, {n: augmented(l) for n, l in lins.items()})
+        A, G, a_inv_cache = {}, {}, {}
+        for n in adapter.linears:
+            A[n], G[n] = get_factors(i, n)
+            if kind == "obs" and A[n] is not None:
+                key = id(A[n])
+                if key not in a_inv_cache:
+                    a_inv_cache[key] = damped_inverse(A[n], damping_a)
+                st.A_inv[n], used_a = a_inv_cache[key]
+                st.G_inv[n], used_g = damped_inverse(G[n], damping_g)
+                escalations += int(used_a != damping_a) + int(used_g != damping_g)
+        for fam in fams:
+            c = unit_costs(fam, st.W, A, G, st.A_inv, st.G_inv, kind=kind).float().cpu()
+            c[_dead(fam, st.W).cpu()] = float("-inf")
+            fam.costs = c
+        states.append(st)
+    all_fams = [f for s in states for f in s.fams]
+    masks = select_units([f.costs for f in all_fams], [f.parts for f in all_fams], part_params, n_remove)
+    estimated = float(sum(f.costs[m & torch.isfinite(f.costs)].sum() for f, m in zip(all_fams, masks)))
+    k = 0
+    for layer, st in zip(layers, states):
+        m = masks[k: k + len(st.fams)]
+        k += len(st.fams)
+        new = apply_units(st.fams, m, st.W, st.A_inv, st.G_inv, update=update, max_correlate=max_correlate)
+        for n, Wn in new.items():
+            write_back(get_submodule(layer, n), Wn)
+        st.W = st.A_inv = st.G_inv = None
+    return estimated, escalations

@@ -1,0 +1,118 @@
+"""Materialization: drop FFN units and attention heads that are entirely zero, slicing the linears in place.
+
+Removable (exact, the logits do not change):
+- FFN unit j: column j of the consumer (down / fc2) is zero, or every producer row j (gate/up, fc1 + bias) is zero
+  (the activations used here all map 0 to 0);
+- query head h: its o columns are zero (q rows alone are not enough: zero scores still average v);
+- kv group g: all its query heads are removable (then k/v rows feed nothing).
+GQA needs the same number of query heads per kept kv group, so each kept group keeps max-over-groups heads, padded
+with removable (zero-output) heads. Every layer keeps at least one FFN unit and one head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import ArchitectureAdapter, get_submodule
+
+__all__ = ["find_kept", "slice_linear", "materialize_", "count_parameters"]
+
+
+def _zero_rows(lin: nn.Linear) -> torch.Tensor:
+    z = lin.weight.abs().sum(dim=1) == 0
+    return z & (lin.bias == 0) if lin.bias is not None else z
+
+
+@torch.no_grad()
+def find_kept(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[int, int, int]) -> list[dict]:
+    """Per layer {"ffn": kept units, "heads": kept query heads (grouped by kv group), "kv": kept kv groups}."""
+    n_heads, n_kv, hd = layout
+    group = n_heads // n_kv
+    out = []
+    for layer in get_submodule(model, adapter.layers):
+        down = get_submodule(layer, adapter.mlp_out)
+        dead = down.weight.abs().sum(dim=0) == 0
+        prod = torch.stack([_zero_rows(get_submodule(layer, n)) for n in adapter.mlp_in]).all(dim=0)
+        ffn = torch.nonzero(~(dead | prod)).flatten()
+        if ffn.numel() == 0:
+            ffn = torch.tensor([0])
+        o = get_submodule(layer, adapter.attention_out)
+        head_alive = o.weight.abs().reshape(o.out_features, n_heads, hd).sum(dim=(0, 2)) > 0  # (n_heads,)
+        per_group = head_alive.reshape(n_kv, group)
+        kv = torch.nonzero(per_group.any(dim=1)).flatten()
+        if kv.numel() == 0:
+            kv = torch.tensor([0])
+        m = max(1, int(per_group.sum(dim=1).max()))
+        heads = []
+        for g in kv.tolist():
+            order = sorted(range(group), key=lambda x: (not bool(per_group[g, x]), x))[:m]
+            heads += [g * group + x for x in sorted(order)]
+        out.append({"ffn": ffn, "heads": torch.tensor(heads), "kv": kv})
+    return out
+
+
+@torch.no_grad()
+def slice_linear(lin: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear with the given output rows (and their biases) and input columns."""
+    W = lin.weight
+    if rows is not None:
+        W = W[rows]
+    if cols is not None:
+        W = W[:, cols]
+    new = nn.Linear(W.shape[1], W.shape[0], bias=lin.bias is not None, device=W.device, dtype=W.dtype)
+    new.weight.copy_(W)
+    if lin.bias is not None:
+        new.bias.copy_(lin.bias[rows] if rows is not None else lin.bias)
+    return new
+
+
+def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_submodule(layer, parent) if parent else layer, name, module)
+
+
+def _head_rows(heads: torch.Tensor, hd: int) -> torch.Tensor:
+    return (heads[:, None] * hd + torch.arange(hd)).reshape(-1)
+
+
+@torch.no_grad()
+def materialize_(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[int, int, int],
+                 kept: list[dict] | None = None) -> list[dict]:
+    """Slice every decoder layer to its kept units in place; returns per-layer sizes
+    {"intermediate_size", "num_heads", "num_kv_heads"} (attention modules get per-layer head counts)."""
+    n_heads, n_kv, hd = layout
+    kept = kept or find_kept(model, adapter, layout)
+    sizes = []
+    q, k, v = adapter.attention_in
+    for layer, kp in zip(get_submodule(model, adapter.layers), kept):
+        for n in adapter.mlp_in:
+            _set(layer, n, slice_linear(get_submodule(layer, n), rows=kp["ffn"]))
+        _set(layer, adapter.mlp_out, slice_linear(get_submodule(layer, adapter.mlp_out), cols=kp["ffn"]))
+        qr, kvr = _head_rows(kp["heads"], hd), _head_rows(kp["kv"], hd)
+        _set(layer, q, slice_linear(get_submodule(layer, q), rows=qr))
+        _set(layer, k, slice_linear(get_submodule(layer, k), rows=kvr))
+        _set(layer, v, slice_linear(get_submodule(layer, v), rows=kvr))
+        _set(layer, adapter.attention_out, slice_linear(get_submodule(layer, adapter.attention_out), cols=qr))
+        nh, nkv = int(kp["heads"].numel()), int(kp["kv"].numel())
+        attn = get_submodule(layer, q.rpartition(".")[0])
+        set_head_counts(attn, nh, nkv)
+        sizes.append({"intermediate_size": int(kp["ffn"].numel()), "num_heads": nh, "num_kv_heads": nkv})
+    return sizes
+
+
+def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
+    """Per-layer head counts on an attention module (the attribute names Llama-like and OPT attention read)."""
+    attn.num_heads = num_heads
+    attn.num_key_value_heads = num_kv_heads
+    attn.num_key_value_groups = num_heads // num_kv_heads
+
+
+def count_parameters(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> dict[str, int]:
+    """{"total": all parameters, "prunable": weights of the decoder linears, "nonzero_prunable": their nonzeros}."""
+    from .adapters import prunable_linears
+
+    lins = prunable_linears(model, adapter)
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "prunable": sum(lin.weight.numel() for lin in lins.values()),
+            "nonzero_prunable": sum(int(torch.count_nonzero(lin.weight)) for lin in lins.values())}

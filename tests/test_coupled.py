@@ -1,0 +1,113 @@
+"""Coupled structures (FFN units, heads, kv groups): target size, whole-unit zeros, joint cost, allocation."""
+
+import pytest
+import torch
+
+from surgeon_core import PruneOptions, adapter_for, prune
+from surgeon_core.adapters import get_submodule
+from surgeon_core.coupled import layer_units, multi_row_costs, select_units, unit_costs
+from surgeon_core.shot import Structure
+from tiny_models import tiny_model, tiny_windows
+
+pytestmark = pytest.mark.unit
+
+
+def _check_whole_units(model):
+    ad = adapter_for(model)
+    nh, nkv, hd = ad.head_layout(model.config)
+    for layer in get_submodule(model, ad.layers):
+        ins = [get_submodule(layer, n).weight for n in ad.mlp_in]
+        out = get_submodule(layer, ad.mlp_out).weight
+        zero_rows = [w.abs().sum(1) == 0 for w in ins]
+        zero_col = out.abs().sum(0) == 0
+        for z in zero_rows:
+            assert torch.equal(z, zero_col)  # gate row j zero <=> up row j zero <=> down col j zero
+        q = get_submodule(layer, ad.attention_in[0]).weight.reshape(nh, hd, -1)
+        o = get_submodule(layer, ad.attention_out).weight.reshape(-1, nh, hd)
+        assert torch.equal(q.abs().sum((1, 2)) == 0, o.abs().sum((0, 2)) == 0)  # q rows of a head <=> o columns
+        k = get_submodule(layer, ad.attention_in[1]).weight.reshape(nkv, hd, -1)
+        heads_dead = (o.abs().sum((0, 2)) == 0).reshape(nkv, -1).all(1)
+        assert torch.equal(k.abs().sum((1, 2)) == 0, heads_dead)  # kv rows gone <=> all its heads gone
+        # no stray zeros outside whole units
+        zero_w = sum(int((w == 0).sum()) for w in ins) + int((out == 0).sum())
+        assert zero_w == int(zero_col.sum()) * (sum(w.shape[1] for w in ins) + out.shape[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "mistral"])
+def test_coupled_reaches_target_in_whole_units(family):
+    model = tiny_model(family)
+    reports = prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled"), target_size=0.7,
+                    num_shots=2)
+    assert abs(reports[-1].achieved_size - 0.7) < 0.01
+    assert reports[-1].estimated_loss >= 0
+    _check_whole_units(model)
+
+
+def test_heads_and_kv_groups_removed_whole():
+    model = tiny_model("llama")  # magnitude costs at a small target remove heads and kv groups too
+    r = prune(model, None, options=PruneOptions(method="magnitude", structure="coupled"), target_size=0.25)
+    assert r[-1].type_sizes["k_proj"] < 1 and r[-1].type_sizes["q_proj"] < 1
+    _check_whole_units(model)
+
+
+def test_structure_parse_and_config():
+    assert Structure.parse("coupled").kind == "coupled"
+    from surgeon.config import load_recipe
+
+    assert load_recipe(None, [], model="x", structure="coupled").structure == "coupled"
+    with pytest.raises(Exception):
+        load_recipe(None, [], model="x", structure="coupled", method="wanda")
+
+
+def test_joint_cost_identity_factors_is_half_squared_norm():
+    model = tiny_model("opt")
+    ad = adapter_for(model)
+    layer = get_submodule(model, ad.layers)[0]
+    fams, part_params = layer_units(layer, ad, ad.head_layout(model.config), 0)
+    W, A, G, A_inv, G_inv = {}, {}, {}, {}, {}
+    for n in ad.linears:
+        lin = get_submodule(layer, n)
+        W[n] = torch.cat([lin.weight, lin.bias[:, None]], 1).detach()
+        A[n] = A_inv[n] = torch.eye(W[n].shape[1])
+        G[n] = G_inv[n] = torch.eye(W[n].shape[0])
+    for fam in fams:
+        c = unit_costs(fam, W, A, G, A_inv, G_inv)
+        ref = torch.zeros(c.shape, dtype=torch.float64)
+        for name, axis, idx in fam.members:
+            Wm = W[name] if axis == "rows" else W[name].T
+            ref += 0.5 * Wm[idx].double().square().sum((1, 2))
+        torch.testing.assert_close(c, ref)
+    # exact parameter accounting: FFN unit 2*hidden (fc1 row + fc2 col); head incl. k, v rows 4*hidden*head_dim
+    h = model.config.hidden_size
+    assert part_params[(0, "ffn", 0)] == 2 * h
+    hd = h // model.config.num_attention_heads
+    assert part_params[(0, "head", 0)] + part_params[(0, "kv", 0)] == 4 * h * hd
+
+
+def test_multi_row_cost_matches_obs_update_loss():
+    from surgeon_core.update import obs_update_rows, quadratic_loss
+
+    torch.manual_seed(0)
+    W = torch.randn(6, 5)
+    X = torch.randn(40, 5)
+    A = X.T @ X / 40
+    Y = torch.randn(40, 6)
+    G = Y.T @ Y / 40
+    R = torch.tensor([[1, 4]])
+    c = multi_row_costs(W, A, torch.linalg.inv(G), R)
+    dW = obs_update_rows(W, torch.linalg.inv(G), R[0]) - W
+    torch.testing.assert_close(c.float()[0], quadratic_loss(dW, A, G), rtol=1e-4, atol=1e-5)
+
+
+def test_select_units_budget_and_overlap():
+    # one layer: 2 kv groups of 2 heads; heads cost 1 param part each, kv parts 1
+    parts_h = [((0, "head", 0),), ((0, "head", 1),), ((0, "head", 2),), ((0, "head", 3),)]
+    parts_kv = [((0, "kv", 0), (0, "head", 0), (0, "head", 1)), ((0, "kv", 1), (0, "head", 2), (0, "head", 3))]
+    pp = {p: 10 for u in parts_h + parts_kv for p in u}
+    costs = [torch.tensor([0.1, 0.2, 5.0, 6.0]), torch.tensor([0.5, 9.0])]
+    m = select_units(costs, [parts_h, parts_kv], pp, 30)
+    # heads 0, 1 (completing group 0 takes its kv part) = 30 params
+    assert m[0].tolist() == [True, True, False, False] and m[1].tolist() == [True, False]
+    dead = [torch.tensor([float("-inf"), 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])]
+    m = select_units(dead, [parts_h, parts_kv], pp, 0)
+    assert m[0].tolist() == [True, False, False, False]  # dead units always taken
