@@ -229,6 +229,8 @@ def _info(ref, path, source, model, dtype, content_hash, **extra) -> ModelInfo:
 def _load_dir(ref: str, folder: Path, dtype, device):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from . import materialize  # noqa: F401 - registers the per-layer-size (materialized) model classes
+
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         if len(ggufs) == 1:

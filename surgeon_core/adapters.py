@@ -88,10 +88,11 @@ _LLAMA_LIKE = dict(
 )
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
-    ArchitectureAdapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), **_LLAMA_LIKE),
+    ArchitectureAdapter(family="llama", model_types=("llama", "mistral", "qwen2", "qwen3",
+                                                     "surgeon_pruned_llama"), **_LLAMA_LIKE),
     ArchitectureAdapter(
         family="opt",
-        model_types=("opt",),
+        model_types=("opt", "surgeon_pruned_opt"),
         layers="model.decoder.layers",
         linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
         input_groups=(

@@ -458,6 +458,9 @@ def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_s
 
     t0 = time.perf_counter()
     layers = list(get_submodule(model, adapter.layers))
+    if getattr(model.config, "layer_num_heads", None) is not None:
+        raise ValueError("coupled pruning of a materialized model (per-layer head counts) is not supported; "
+                         "prune the zeroed model, then materialize")
     layout = tuple(opts.head_layout) if opts.head_layout else adapter.head_layout(model.config)
 
     def get_factors(i, name):

@@ -98,3 +98,25 @@ def test_cli_materialize_opt(tmp_path, capsys):
     assert (_logits(loaded, x) - ref).abs().max() <= 1e-4
     rc = main(["materialize", str(tmp_path / "src"), "--output", str(tmp_path / "out")])  # not empty: error
     assert rc == 2
+
+
+def test_prune_materialize_step_and_eval(tmp_path, capsys):
+    """The `prune --materialize` step on an exported folder; `surgeon eval` loads the result (same ppl)."""
+    import json
+
+    from surgeon.cli import _materialize_output, main
+    from surgeon.models import save_model
+    from tiny_io import TEXT, tiny_tokenizer
+
+    save_model(_pruned("llama"), tiny_tokenizer(), tmp_path / "pruned")
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    for _ in range(2):  # a re-run replaces the earlier materialized folder
+        report = _materialize_output(str(tmp_path / "pruned"))
+    assert report["output"] == str(tmp_path / "pruned-materialized")
+    ppl = []
+    for d in ("pruned", "pruned-materialized"):
+        rc = main(["eval", "-m", str(tmp_path / d), "-d", str(tmp_path / "corpus.txt"), "-L", "32",
+                   "--json", str(tmp_path / f"{d}.json")])
+        assert rc == 0, capsys.readouterr().err
+        ppl.append(json.loads((tmp_path / f"{d}.json").read_text())["ppl"])
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
