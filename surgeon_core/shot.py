@@ -463,9 +463,13 @@ def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_s
                          "prune the zeroed model, then materialize")
     layout = tuple(opts.head_layout) if opts.head_layout else adapter.head_layout(model.config)
 
+    a_moved: dict = {}  # one device copy of an input factor shared by q/k/v or gate/up (its inverse is cached by id)
+
     def get_factors(i, name):
         full = f"{adapter.layers}.{i}.{name}"
         A, G = _factors_for(factors, full, linears[full].weight, device)
+        if A is not None:
+            A = a_moved.setdefault(factors.group_of[full], A)
         return A, (None if spec.curvature == "activations" else G)
 
     total = sum(lin.weight.numel() for lin in linears.values())
