@@ -58,7 +58,7 @@ demo: venv
 	@echo "Prefect UI (the flow run, its task runs, summary/table/link artifacts):"
 	@echo "  PREFECT_HOME=$(SURGEON_HOME)/prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200"
 	@echo "  then open http://127.0.0.1:4200"
-	@echo "Promote it if it passes the recipe's gate (ppl <= 1.15 x dense):"
+	@echo "Promotion: moves the alias champion only if ppl <= 1.15 x dense (this 2-shot demo result, ~1.19, is refused):"
 	@echo "  $(SURGEON) promote --model-name smollm2-135m --version <VERSION printed above>"
 
 services: venv

@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -133,6 +134,8 @@ def finetune(config: PruneConfig, weights: Weights, steps: int) -> Weights:
 @task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True)
 def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
     """Paper-protocol perplexity of the weights over the evaluation windows."""
+    if config.threads:  # the dense evaluation runs before any shot has applied the recipe's thread count
+        torch.set_num_threads(config.threads)
     result = pruning.evaluate_dir(weights.path, data.path, config)
     get_run_logger().info("ppl %.3f over %d windows x %d tokens (%.1f s)", result["ppl"], result["windows"],
                           result["seqlen"], result["seconds"])
