@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--damping-a", type=float, default=0.01)
     p.add_argument("--damping-g", type=float)
     p.add_argument("--fisher", default="empirical")
-    p.add_argument("--structured-update", default="sequential", choices=["sequential", "sum"])
+    p.add_argument("--structured-update", default="sum", choices=["sequential", "sum"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--json")

@@ -20,7 +20,7 @@ __all__ = ["PruneConfig", "load_recipe", "parse_overrides", "WEIGHT_FIELDS"]
 WEIGHT_FIELDS = (
     "model", "method", "structure", "target_size", "shots", "calibration", "calibration_column",
     "calibration_split", "nsamples", "seqlen", "calibration_seed", "seed", "damping_a", "damping_g", "fisher",
-    "fisher_samples", "max_correlate", "batch_size", "compute_dtype", "finetune_steps", "final_finetune_steps",
+    "fisher_samples", "max_correlate", "structured_update", "batch_size", "compute_dtype", "finetune_steps", "final_finetune_steps",
     "finetune_lr",
 )
 
@@ -58,6 +58,7 @@ class PruneConfig(BaseModel):
     fisher: Literal["empirical", "sampled"] = "empirical"
     fisher_samples: int = 1
     max_correlate: int | None = None
+    structured_update: Literal["sum", "sequential"] = "sum"
     batch_size: int = 1
     compute_dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "cpu"

@@ -5,7 +5,7 @@ pruning, one global threshold per shot, a multi-shot driver, and the baselines (
 K-OBD, L-OBD). No transformers / datasets / prefect / mlflow imports and no file or network I/O.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 from .adapters import adapter_for, prunable_linears  # noqa: E402
 from .evaluate import perplexity  # noqa: E402

@@ -95,7 +95,9 @@ class PruneOptions:
     device: str | None = None
     factor_device: str | None = None
     seed: int = 0
-    structured_update: str = "sequential"  # "sequential" (rows, then columns of the updated W) or "sum"
+    # "sum": row and column updates from the same W, summed (the reference's form; measured better on A1 at 90%);
+    # "sequential": rows, then the columns of the row-updated W
+    structured_update: str = "sum"
     update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
