@@ -81,11 +81,11 @@ def sweep_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
                  "dense_ppl": r["dense_ppl"], "ppl_ratio": r["ppl_ratio"], "cached_shots": len(r["cached_shots"]),
                  "seconds": round(r["seconds"], 1), "version": r["registered_version"]}
                 for c, r in zip(configs, results)]
-        series: dict[str, list[tuple[float, float]]] = {}
-        for c, r in zip(configs, results):
-            series.setdefault(f"{c.method} {c.structure}", []).extend(
-                (s["size"], s["ppl"]) for s in r["rows"] if s["ppl"] is not None)
         dense_ppl = next((r["dense_ppl"] for r in results if r["dense_ppl"]), None)
+        series: dict[str, list[tuple[float, float]]] = {}
+        for c, r in zip(configs, results):  # each line starts at the dense model (size 1.0)
+            points = series.setdefault(f"{c.method} {c.structure}", [(1.0, dense_ppl)] if dense_ppl else [])
+            points.extend((s["size"], s["ppl"]) for s in r["rows"] if s["ppl"] is not None)
         plots.write_comparison(out_dir, rows, series, dense_ppl)
         tracking.log_directory(run.run_id, out_dir)
         reporting.sweep_summary(reporting.artifact_key("sweep", name), rows=rows, run_url=run.url)
