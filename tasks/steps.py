@@ -18,6 +18,7 @@ failure).
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot:
         log.info("shot %d: reusing checkpoint %s", shot, ckpt)
         report = json.loads((ckpt / "state.json").read_text())["report"]
     else:
+        for stale in ckpt.parent.glob(f".{key}.*.partial"):  # left by a run killed while writing this shot
+            shutil.rmtree(stale, ignore_errors=True)
         log.info("shot %d/%d: curvature, costs, global threshold, updates (from %s)", shot, config.shots,
                  source.path)
         report = pruning.run_shot(config, source.path, calibration.path, shot, str(ckpt))
