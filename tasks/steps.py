@@ -4,7 +4,8 @@ dicts out; a model never crosses a task boundary.
 Caching. The expensive tasks (one per shot, fine-tuning, evaluation) carry an explicit ``cache_key_fn`` built from
 what determines their result: the source model's content hash, the calibration data id, the resolved config hash
 (``PruneConfig.config_hash()``: weight-relevant fields only, so not the output folder), the shot index and
-``surgeon_core.__version__`` (Prefect's ``TASK_SOURCE`` would miss changes in the code a task calls). Results are
+``code_version()``: ``surgeon_core.__version__`` plus a hash of the library's source (Prefect's ``TASK_SOURCE``
+would miss changes in the code a task calls). Results are
 persisted under ``$SURGEON_CACHE/pipeline/results`` and each shot's checkpoint lives in
 ``$SURGEON_CACHE/pipeline/shots/<key>``, written atomically, so a rerun after a crash resumes after the last
 completed shot, and a rerun to another output folder only exports again. Model loading and calibration are not
@@ -17,6 +18,7 @@ failure).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from dataclasses import dataclass
@@ -66,8 +68,17 @@ def _transient(task, task_run, state) -> bool:
 IO_RETRIES = dict(retries=2, retry_delay_seconds=5, retry_condition_fn=_transient)
 
 
+@functools.cache
+def code_version() -> str:
+    """``surgeon_core.__version__`` plus a hash of the code that computes weights and metrics, so an algorithm
+    change invalidates cached shots even when nobody bumps the version."""
+    files = sorted(Path(surgeon_core.__file__).parent.glob("*.py"))
+    files += [Path(pruning.__file__).with_name(n) for n in ("pruning.py", "models.py", "data.py")]
+    return f"{surgeon_core.__version__}+{sha256_bytes(b''.join(f.read_bytes() for f in files))[:12]}"
+
+
 def _key(kind: str, *parts) -> str:
-    return f"{kind}-" + sha256_bytes(json.dumps([*parts, surgeon_core.__version__], default=str))[:32]
+    return f"{kind}-" + sha256_bytes(json.dumps([*parts, code_version()], default=str))[:32]
 
 
 def shot_key(cfg: PruneConfig, source: Weights, calibration: DataRef, shot: int, model_hash: str) -> str:

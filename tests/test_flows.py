@@ -261,3 +261,21 @@ def test_io_tasks_retry_transient_errors_only(pipeline_env):
     assert not steps._transient(None, None, Failed(data=SurgeonError("model path not found: x")))
     assert steps.load_model.retries == 2 and steps.register.retries == 2
     assert steps.prune_shot.retries == 0 and steps.evaluate.retries == 0
+
+
+def test_shot_cache_key_covers_code_config_and_data_not_output(tiny_recipe, monkeypatch):
+    import surgeon_core
+    from surgeon.config import PruneConfig
+    from surgeon.pruning import DataRef
+    from tasks import steps
+
+    cfg = PruneConfig(**tiny_recipe)
+    src, data = steps.Weights("/m", "model-hash"), DataRef("/c.npy", "data-id", (4, 16))
+    key = steps.shot_key(cfg, src, data, 1, "model-hash")
+    assert steps.code_version().startswith(surgeon_core.__version__ + "+")
+    assert key == steps.shot_key(cfg.model_copy(update={"output": "/elsewhere"}), src, data, 1, "model-hash")
+    assert key != steps.shot_key(cfg, src, data, 2, "model-hash")
+    assert key != steps.shot_key(cfg, src, DataRef("/c.npy", "other-data", (4, 16)), 1, "model-hash")
+    assert key != steps.shot_key(PruneConfig(**{**tiny_recipe, "seed": 1}), src, data, 1, "model-hash")
+    monkeypatch.setattr(steps, "code_version", lambda: "0.0.0+changed")
+    assert key != steps.shot_key(cfg, src, data, 1, "model-hash")
