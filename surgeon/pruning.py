@@ -23,7 +23,7 @@ from .errors import SurgeonError
 from .models import load_model, model_content_hash, save_model
 from .utils import atomic_write, cache_dir, sha256_file
 
-__all__ = ["ModelRef", "DataRef", "prepare_model", "build_calibration", "build_eval", "run_shot", "evaluate_dir",
+__all__ = ["ModelRef", "DataRef", "phase_logger", "prepare_model", "build_calibration", "build_eval", "run_shot", "evaluate_dir",
            "export", "prune_run", "options_from_config", "peak_rss_gb"]
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -135,9 +135,24 @@ def _load_for_pruning(source_dir: str, cfg: PruneConfig):
     return model, tok
 
 
-def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt_dir: str) -> dict:
+def phase_logger(log, every: float = 0.1):
+    """A ``progress(phase, done, total)`` callback that logs each phase about every ``every`` of its way."""
+    last: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        step = max(1, int(total * every))
+        if done == total or done - last.get(phase, 0) >= step:
+            last[phase] = done
+            log.info("%s %d/%d (%.0f%%)", phase, done, total, 100.0 * done / total)
+
+    return progress
+
+
+def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt_dir: str,
+             progress=None) -> dict:
     """Load ``source_dir`` (the model or the previous shot's checkpoint), prune shot ``shot`` (1-based) of the
-    schedule, and write an HF-loadable checkpoint with ``state.json`` atomically. Returns the shot report."""
+    schedule, and write an HF-loadable checkpoint with ``state.json`` atomically. Returns the shot report.
+    ``progress(phase, done, total)`` is called during curvature, costs and updates (see :func:`phase_logger`)."""
     model, tok = _load_for_pruning(source_dir, cfg)
     opts = options_from_config(cfg)
     windows = _load_windows(calib_path)
@@ -147,7 +162,8 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
         rep = prune(model, windows, options=opts, target_size=cfg.final_target, num_shots=1)[0]
     else:
         target = linear_schedule(cfg.final_target, cfg.shots)[shot - 1]
-        rep = prune_shot(model, windows, options=opts, target_size=target, shot=shot, num_shots=cfg.shots)
+        rep = prune_shot(model, windows, options=opts, target_size=target, shot=shot, num_shots=cfg.shots,
+                         progress=progress)
     report = rep.to_dict()
     report["peak_rss_gb"] = peak_rss_gb()
     state = {"shot": shot, "num_shots": cfg.shots, "config_hash": cfg.config_hash(), "report": report}

@@ -131,7 +131,8 @@ def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot:
             shutil.rmtree(stale, ignore_errors=True)
         log.info("shot %d/%d: curvature, costs, global threshold, updates (from %s)", shot, config.shots,
                  source.path)
-        report = pruning.run_shot(config, source.path, calibration.path, shot, str(ckpt))
+        report = pruning.run_shot(config, source.path, calibration.path, shot, str(ckpt),
+                                  progress=pruning.phase_logger(log))
     log.info("shot %d: size %.4f (target %.4f), %s", shot, report["achieved_size"], report["target_size"],
              ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
     return {"weights": Weights(str(ckpt), key), "report": report}

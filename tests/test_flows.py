@@ -60,11 +60,11 @@ def shot_calls(monkeypatch):
     real = steps.pruning.run_shot
     calls = {"shots": [], "fail_at": None}
 
-    def spy(cfg, source_dir, calib_path, shot, ckpt_dir):
+    def spy(cfg, source_dir, calib_path, shot, ckpt_dir, progress=None):
         calls["shots"].append(shot)
         if shot == calls["fail_at"]:
             raise RuntimeError(f"injected failure in shot {shot}")
-        return real(cfg, source_dir, calib_path, shot, ckpt_dir)
+        return real(cfg, source_dir, calib_path, shot, ckpt_dir, progress=progress)
 
     monkeypatch.setattr(steps.pruning, "run_shot", spy)
     return calls
