@@ -63,11 +63,8 @@ def sample_labels(model: nn.Module, input_ids: torch.Tensor, *, generator: torch
     for s in range(0, h.shape[1], step):
         probs = torch.softmax(head(h[:, s : s + step]).float(), dim=-1)
         B, l, V = probs.shape
-        draws = torch.multinomial(probs.view(-1, V).cpu() if probs.device.type != generator_device(generator)
-                                  else probs.view(-1, V), 1, generator=generator)
+        gen_device = generator.device if generator is not None else probs.device
+        draws = torch.multinomial(probs.view(-1, V).to(gen_device), 1, generator=generator)
         out.append(draws.view(B, l).to(input_ids.device))
     return torch.cat(out, dim=1)
 
-
-def generator_device(generator: torch.Generator | None) -> str:
-    return generator.device.type if generator is not None else "cpu"
