@@ -30,6 +30,10 @@ from surgeon_core.shot import PruneOptions, linear_schedule, prune  # noqa: E402
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _Stop(Exception):
+    """Raised from the shot callback to end a timing run after --max-shots shots."""
+
+
 def peak_memory(device: torch.device) -> dict:
     out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
     if device.type == "cuda":
@@ -63,6 +67,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="compute dtype of the calibration forward/backward (factors stay fp32)")
+    p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype of the K-FAC factor matmuls (sums stay fp32)")
+    p.add_argument("--max-shots", type=int, help="stop after this many shots (timing runs)")
     p.add_argument("--eval-autocast", default="none", choices=["none", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-correlate", type=int)
@@ -87,7 +94,8 @@ def main(argv=None) -> int:
     evalw = load_windows(args.eval, args.eval_seqlen, args.eval_max_windows)
     autocast = None if args.autocast == "none" else DTYPES[args.autocast]
     opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
-                        autocast_dtype=autocast, device=str(device), max_correlate=args.max_correlate,
+                        autocast_dtype=autocast, gram_dtype=DTYPES[args.gram] if args.gram != "fp32" else None,
+                        device=str(device), max_correlate=args.max_correlate,
                         damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed,
                         structured_update=args.structured_update)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
@@ -133,9 +141,14 @@ def main(argv=None) -> int:
               f"{secs} ppl {row.get('ppl', float('nan')):.3f}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
+        if args.max_shots and rep.shot >= args.max_shots:
+            raise _Stop
 
     t0 = time.perf_counter()
-    prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot)
+    try:
+        prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot)
+    except _Stop:
+        result["stopped_after_shots"] = args.max_shots
     result["total_seconds"] = time.perf_counter() - t0
     prune_s = [sum(v for k, v in r["seconds"].items()) for r in result["shots_report"]]
     result["seconds_per_shot"] = sum(prune_s) / max(1, len(prune_s))

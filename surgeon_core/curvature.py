@@ -35,25 +35,35 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx in float32, also when called from a hook inside an autocast region."""
+def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """xᵀx returned in float32, also when called from a hook inside an autocast region.
+
+    ``dtype`` (e.g. bfloat16) runs the matmul in that dtype (products accumulated in fp32 inside the kernel,
+    the per-batch result rounded once to ``dtype`` before it is added to the fp32 running sum): 4x faster on
+    CPUs with bf16 instructions. None keeps fp32 throughout.
+    """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return x.T @ x
+        if dtype is None or dtype == torch.float32:
+            return x.T @ x
+        y = x.to(dtype)
+        return (y.T @ y).float()
 
 
-def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool) -> torch.Tensor:
+def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool,
+                            dtype: torch.dtype | None = None) -> torch.Tensor:
     """A += Σ_tokens a aᵀ (unnormalised); with ``bias`` the input is augmented with a 1 (bias column last)."""
     a = _flatten(inp)  # (N, C)
     if bias:
         a = torch.cat([a, torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)], dim=1)  # (N, C+1)
-    S = _gram(a)
+    S = _gram(a, dtype)
     return S if A is None else A.add_(S)
 
 
-def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor:
+def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor,
+                             dtype: torch.dtype | None = None) -> torch.Tensor:
     """G += Σ_tokens g gᵀ (unnormalised)."""
     g = _flatten(grad_out)  # (N, R)
-    S = _gram(g)
+    S = _gram(g, dtype)
     return S if G is None else G.add_(S)
 
 
@@ -92,10 +102,11 @@ def _input_groups(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[
 
 @contextmanager
 def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: bool = True,
-                 collect_G: bool = True, device: torch.device | None = None) -> Iterator[KFACFactors]:
+                 collect_G: bool = True, device: torch.device | None = None,
+                 gram_dtype: torch.dtype | None = None) -> Iterator[KFACFactors]:
     """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
 
-    The yielded factors hold *sums*; :func:`estimate_kfac` normalises them.
+    The yielded factors hold *sums*; :func:`estimate_kfac` normalises them. ``gram_dtype``: see :func:`_gram`.
     """
     stats = KFACFactors()
     handles = []
@@ -105,7 +116,8 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
             if collect_A and stats.collect_inputs:
                 A = stats.A.get(group_key)
                 x = inputs[0].detach()
-                stats.A[group_key] = accumulate_input_factor(A, x.to(device) if device else x, bias=bias)
+                stats.A[group_key] = accumulate_input_factor(A, x.to(device) if device else x, bias=bias,
+                                                             dtype=gram_dtype)
             return None
         return hook
 
@@ -114,7 +126,8 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
             if collect_G and output.requires_grad:
                 def grad_hook(grad):
                     g = grad.detach()
-                    stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(device) if device else g)
+                    stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(device) if device else g,
+                                                             gram_dtype)
                 output.register_hook(grad_hook)
             return None
         return hook
@@ -144,6 +157,7 @@ def estimate_kfac(
     device: torch.device | str | None = None,
     factor_device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    gram_dtype: torch.dtype | None = None,
     seed: int = 0,
     collect_gradients: bool = True,
     progress: Callable[[int, int], None] | None = None,
@@ -152,7 +166,8 @@ def estimate_kfac(
 
     ``fisher="empirical"`` uses the true next tokens; ``"sampled"`` draws ``fisher_samples`` label sets from
     the model's own softmax (the "true" Fisher) and averages G over them. ``collect_gradients=False`` runs
-    forward passes only and collects A alone (L-OBD). Parameters get no gradients (only the
+    forward passes only and collects A alone (L-OBD). ``gram_dtype`` (None = fp32) is the dtype of the factor
+    matmuls (see :func:`_gram`); the sums are always fp32. Parameters get no gradients (only the
     embedding output is made to require grad), and the model's requires_grad flags are restored afterwards.
     """
     if fisher not in ("empirical", "sampled"):
@@ -170,7 +185,8 @@ def estimate_kfac(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
     try:
-        with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device) as stats:
+        with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
+                          gram_dtype=gram_dtype) as stats:
             for i in range(0, n, batch_size):
                 batch = windows[i : i + batch_size].to(device)
                 if not collect_gradients:

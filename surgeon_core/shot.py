@@ -92,6 +92,7 @@ class PruneOptions:
     max_correlate: int | None = None  # None: 0 (all) structured, 2000 unstructured / N:M
     batch_size: int = 1
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: bf16 compute, fp32 factors
+    gram_dtype: torch.dtype | None = None  # dtype of the factor matmuls (None: fp32); sums stay fp32
     device: str | None = None
     factor_device: str | None = None
     seed: int = 0
@@ -138,7 +139,8 @@ class PruneOptions:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
-        d["autocast_dtype"] = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None
+        for key in ("autocast_dtype", "gram_dtype"):
+            d[key] = str(d[key]).replace("torch.", "") if d[key] else None
         return d
 
 
@@ -375,7 +377,7 @@ def prune_shot(
         factors = estimate_kfac(
             model, windows, adapter=adapter, fisher=opts.fisher, fisher_samples=opts.fisher_samples,
             batch_size=opts.batch_size, device=device, factor_device=opts.factor_device or device,
-            autocast_dtype=opts.autocast_dtype, seed=opts.seed + shot,
+            autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype, seed=opts.seed + shot,
             collect_gradients=spec.curvature == "kfac",
             progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
         )
