@@ -5,6 +5,9 @@ Calls surgeon_core directly (no prefect/mlflow), so it also runs on the GPU mach
     python benchmarks/protocol.py --model models/smollm2-135m --calibration ../shared/data/a1/calibration_windows.npy \
         --eval ../shared/data/a1/eval_windows.npy --method llm-surgeon --structure structured \
         --target-size 0.7 --shots 12 --eval-at 0.9,0.8,0.7 --json out.json
+
+``--save-at 0.9,0.8,0.7 --save-dir DIR`` also saves the model after the shots nearest to those sizes
+(``DIR/size-0.9``, ...: Hugging Face folders with the source's tokenizer), e.g. for ``surgeon eval --tasks``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def main(argv=None) -> int:
                    help="compute dtype of the calibration forward/backward (factors stay fp32)")
     p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the K-FAC factor matmuls (sums stay fp32)")
+    p.add_argument("--save-kept", help="write the kept FFN units / heads / kv groups per layer (JSON) at the end, "
+                   "for benchmarks/materialized_speed.py --kept")
     p.add_argument("--max-shots", type=int, help="stop after this many shots (timing runs)")
     p.add_argument("--eval-autocast", default="none", choices=["none", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,9 +84,13 @@ def main(argv=None) -> int:
     p.add_argument("--structured-update", default="sum", choices=["sequential", "sum"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
+    p.add_argument("--save-at", default="", help="comma-separated target sizes at which to save the model")
+    p.add_argument("--save-dir", help="folder for --save-at models (one Hugging Face folder per size: size-0.9, ...)")
     p.add_argument("--json")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    if args.save_at and not args.save_dir:
+        p.error("--save-at needs --save-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -105,6 +114,24 @@ def main(argv=None) -> int:
         wanted = [float(x) for x in args.eval_at.split(",") if x]
         eval_sizes = {min(range(len(schedule)), key=lambda i: abs(schedule[i] - w)) for w in wanted}
         eval_sizes.add(len(schedule) - 1)
+
+    save_sizes = {}  # shot index (0-based) -> requested size
+    for w in (float(x) for x in args.save_at.split(",") if x):
+        save_sizes[min(range(len(schedule)), key=lambda i: abs(schedule[i] - w))] = w
+
+    def save(rep):
+        from transformers import AutoTokenizer
+
+        out = Path(args.save_dir) / f"size-{save_sizes[rep.shot - 1]:g}"
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
+        (out / "protocol.json").write_text(json.dumps({"tag": args.tag, "method": args.method,
+                                                       "structure": args.structure, "shot": rep.shot,
+                                                       "target_size": rep.target_size,
+                                                       "achieved_size": rep.achieved_size,
+                                                       "options": opts.to_dict()}, indent=1))
+        result.setdefault("saved", []).append(str(out))
+        print(f"saved {out}", flush=True)
 
     def ev():
         return perplexity(model, evalw, batch_size=args.eval_batch_size, device=device,
@@ -136,6 +163,8 @@ def main(argv=None) -> int:
             row["ppl"] = e["ppl"]
             row["eval_seconds"] = e["seconds"]
         result["shots_report"].append(row)
+        if rep.shot - 1 in save_sizes:
+            save(rep)
         secs = " ".join(f"{k}={v:.1f}s" for k, v in rep.seconds.items())
         print(f"shot {rep.shot}/{rep.num_shots} size {rep.achieved_size:.4f} (target {rep.target_size:.4f}) "
               f"{secs} ppl {row.get('ppl', float('nan')):.3f}", flush=True)
@@ -150,6 +179,15 @@ def main(argv=None) -> int:
     except _Stop:
         result["stopped_after_shots"] = args.max_shots
     result["total_seconds"] = time.perf_counter() - t0
+    if args.save_kept:
+        from surgeon_core.adapters import adapter_for
+        from surgeon_core.materialize import find_kept
+
+        adapter = adapter_for(model)
+        kept = find_kept(model, adapter, adapter.head_layout(model.config))
+        Path(args.save_kept).write_text(json.dumps({"layers": [{k: v.tolist() for k, v in layer.items()}
+                                                              for layer in kept]}))
+        result["kept_sizes"] = [{k: len(v) for k, v in layer.items()} for layer in kept]
     prune_s = [sum(v for k, v in r["seconds"].items()) for r in result["shots_report"]]
     result["seconds_per_shot"] = sum(prune_s) / max(1, len(prune_s))
     result.update(peak_memory(device))
