@@ -72,8 +72,8 @@ def main(argv=None) -> int:
                    help="compute dtype of the calibration forward/backward (factors stay fp32)")
     p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"],
                    help="dtype of the K-FAC factor matmuls (sums stay fp32)")
-    p.add_argument("--save-kept", help="write the kept FFN units / heads / kv groups per layer (JSON) at the end, "
-                   "for benchmarks/materialized_speed.py --kept")
+    p.add_argument("--save-kept", metavar="PREFIX", help="at each evaluated shot write PREFIX_<size>.json: the "
+                   "kept FFN units / heads / kv groups per layer, for benchmarks/materialized_speed.py --kept")
     p.add_argument("--max-shots", type=int, help="stop after this many shots (timing runs)")
     p.add_argument("--eval-autocast", default="none", choices=["none", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -158,6 +158,16 @@ def main(argv=None) -> int:
         row = {"shot": rep.shot, "target_size": rep.target_size, "achieved_size": rep.achieved_size,
                "estimated_loss": rep.estimated_loss, "seconds": rep.seconds, "type_sizes": rep.type_sizes,
                "damping_escalations": rep.damping_escalations, **peak_memory(device)}
+        if args.save_kept and rep.shot - 1 in eval_sizes:
+            from surgeon_core.adapters import adapter_for
+            from surgeon_core.materialize import find_kept
+
+            adapter = adapter_for(model)
+            kept = find_kept(model, adapter, adapter.head_layout(model.config))
+            Path(f"{args.save_kept}_{rep.target_size:.2f}.json").write_text(json.dumps(
+                {"target_size": rep.target_size, "achieved_size": rep.achieved_size,
+                 "layers": [{k: v.tolist() for k, v in layer.items()} for layer in kept]}))
+            row["kept_sizes"] = [{k: len(v) for k, v in layer.items()} for layer in kept]
         if rep.shot - 1 in eval_sizes or opts.layerwise:
             e = ev()
             row["ppl"] = e["ppl"]
@@ -179,15 +189,6 @@ def main(argv=None) -> int:
     except _Stop:
         result["stopped_after_shots"] = args.max_shots
     result["total_seconds"] = time.perf_counter() - t0
-    if args.save_kept:
-        from surgeon_core.adapters import adapter_for
-        from surgeon_core.materialize import find_kept
-
-        adapter = adapter_for(model)
-        kept = find_kept(model, adapter, adapter.head_layout(model.config))
-        Path(args.save_kept).write_text(json.dumps({"layers": [{k: v.tolist() for k, v in layer.items()}
-                                                              for layer in kept]}))
-        result["kept_sizes"] = [{k: len(v) for k, v in layer.items()} for layer in kept]
     prune_s = [sum(v for k, v in r["seconds"].items()) for r in result["shots_report"]]
     result["seconds_per_shot"] = sum(prune_s) / max(1, len(prune_s))
     result.update(peak_memory(device))

@@ -49,13 +49,16 @@ def _check_family(config) -> None:
 
 
 @torch.no_grad()
-def materialize_model(model) -> tuple[object, dict]:
+def materialize_model(model, kept: list[dict] | None = None) -> tuple[object, dict]:
     """Slice ``model`` in place and give it the per-layer-size config. Returns (model, report) where the report
-    holds the per-layer sizes and the parameter counts dense (zeros included) vs materialized."""
+    holds the per-layer sizes and the parameter counts dense (zeros included) vs materialized.
+
+    ``kept`` (per layer {"ffn", "heads", "kv"} index tensors, as ``surgeon_core.materialize.find_kept`` returns)
+    overrides the default: the units that are not entirely zero."""
     _check_family(model.config)
     adapter = adapter_for(model)
     before = count_parameters(model, adapter)
-    sizes = materialize_(model, adapter, adapter.head_layout(model.config))
+    sizes = materialize_(model, adapter, adapter.head_layout(model.config), kept)
     cfg_cls, model_cls = _FAMILIES[model.config.model_type]
     d = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):

@@ -1,0 +1,181 @@
+"""Parameters, file size and inference speed of a dense model vs its materialized (really smaller) version.
+
+The pruned structure comes from our own code, one of three ways:
+
+- ``--pruned DIR``: a pruned (zeroed) Hugging Face folder, e.g. the output of ``surgeon prune --structure coupled``;
+  it is materialized in memory with its own weights;
+- ``--kept JSON``: the kept FFN units / heads / kv groups per layer written by ``benchmarks/protocol.py
+  --save-kept`` (a run made elsewhere, e.g. on the GPU); the dense weights are sliced at those indices, so the
+  shapes are exactly those of the run's materialized model (speed does not depend on the values);
+- ``--prune-coupled SIZE``: a coupled K-FAC pruning (``--shots`` shots, random calibration tokens) of the model
+  here, e.g. a random-weight Llama-2-7B architecture (``--arch``) on the GPU.
+
+    python benchmarks/materialized_speed.py --model models/smollm2-135m --kept kept.json --threads 2 --json out.json
+    python benchmarks/materialized_speed.py --arch llama-2-7b --prune-coupled 0.7 --dtype bf16 \
+        --prefill-batch 8 --prefill-len 2048 --decode-batch 64 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.arch_shot import ARCHS  # noqa: E402
+from surgeon import speed  # noqa: E402
+from surgeon.materialize import materialize_model, save_materialized  # noqa: E402
+from surgeon_core.adapters import adapter_for  # noqa: E402
+from surgeon_core.materialize import count_parameters, find_kept  # noqa: E402
+from surgeon_core.shot import PruneOptions, linear_schedule, prune_shot  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_kept(path: str) -> list[dict]:
+    data = json.loads(Path(path).read_text())
+    return [{k: torch.tensor(v, dtype=torch.long) for k, v in layer.items()} for layer in data["layers"]]
+
+
+def kept_to_json(kept: list[dict]) -> dict:
+    return {"layers": [{k: v.tolist() for k, v in layer.items()} for layer in kept]}
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.state_dict().values():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="dense Hugging Face folder")
+    src.add_argument("--arch", choices=ARCHS, help="random-weight architecture")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--pruned", help="pruned (zeroed) folder of the same model")
+    how.add_argument("--kept", help="kept-units JSON from protocol.py --save-kept")
+    how.add_argument("--prune-coupled", type=float, metavar="SIZE", help="prune here with coupled structures")
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--prefill-batch", type=int, default=1)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--save", action="store_true", help="save both models (safetensors) to measure file sizes")
+    p.add_argument("--save-kept", help="write the kept units (JSON) of the structure used")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+
+    def make_dense():
+        if args.model:
+            return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+        torch.manual_seed(0)  # the same random weights every call
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(max_position_embeddings=4096, **ARCHS[args.arch])).to(dtype).eval()
+
+    t0 = time.perf_counter()
+    pruned = make_dense()
+    info: dict = {"load_seconds": time.perf_counter() - t0}
+    adapter = adapter_for(pruned)
+    layout = adapter.head_layout(pruned.config)
+    if args.pruned:
+        zeroed = AutoModelForCausalLM.from_pretrained(args.pruned, dtype=dtype).to(device)
+        pruned.load_state_dict(zeroed.state_dict())
+        del zeroed
+        kept = find_kept(pruned, adapter, layout)
+    elif args.kept:
+        kept = load_kept(args.kept)
+    else:
+        windows = torch.randint(0, pruned.config.vocab_size, (args.nsamples, args.seqlen),
+                                generator=torch.Generator().manual_seed(0))
+        opts = PruneOptions(structure="coupled", batch_size=args.batch_size, device=str(device),
+                            autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
+        shots = []
+        for i, size in enumerate(linear_schedule(args.prune_coupled, args.shots), start=1):
+            rep = prune_shot(pruned, windows, options=opts, target_size=size, shot=i, num_shots=args.shots)
+            shots.append({"shot": i, "target_size": size, "achieved_size": rep.achieved_size,
+                          "seconds": rep.seconds})
+            print(f"shot {i}: size {rep.achieved_size:.4f} {rep.seconds}", flush=True)
+        info["prune_shots"] = shots
+        if device.type == "cuda":
+            info["prune_peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+        kept = find_kept(pruned, adapter, layout)
+    if args.save_kept:
+        Path(args.save_kept).write_text(json.dumps(kept_to_json(kept)))
+    # --kept: the dense weights sliced at the run's kept indices; otherwise the pruned weights' nonzero units
+    pruned, report = materialize_model(pruned, kept if args.kept else None)
+    pruned.eval()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    dense = make_dense()
+
+    counts_dense = count_parameters(dense, adapter)
+    counts_pruned = count_parameters(pruned, adapter)
+    info["parameters"] = {"dense": counts_dense, "materialized": counts_pruned,
+                          "prunable_fraction_kept": counts_pruned["prunable"] / counts_dense["prunable"],
+                          "total_fraction_kept": counts_pruned["total"] / counts_dense["total"]}
+    info["layers"] = report["layers"]
+    info["weights_bytes"] = {"dense": weights_bytes(dense), "materialized": weights_bytes(pruned)}
+    if args.save:
+        with tempfile.TemporaryDirectory() as tmp:
+            dense.save_pretrained(Path(tmp) / "dense")
+            save_materialized(pruned, Path(tmp) / "pruned")
+            info["file_bytes"] = {"dense": folder_bytes(Path(tmp) / "dense"),
+                                  "materialized": folder_bytes(Path(tmp) / "pruned")}
+    print(f"parameters {counts_dense['total']:,} -> {counts_pruned['total']:,}; prunable kept "
+          f"{info['parameters']['prunable_fraction_kept']:.4f}", flush=True)
+
+    res = speed.compare(dense, pruned, repeats=args.repeats, prefill_batch=args.prefill_batch,
+                        prefill_len=args.prefill_len, decode_batch=args.decode_batch, prompt_len=args.prompt_len,
+                        decode_tokens=args.decode_tokens,
+                        progress=lambda r, n: print(f"repeat {r}/{n}", flush=True))
+    for k in ("dense", "pruned"):
+        res[k].pop("runs")  # keep the JSON small; medians are what is reported
+    out = {"model": args.model or args.arch, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
+           **info, "speed": res, "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+           "loadavg": os.getloadavg(), "torch": torch.__version__,
+           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", "")}
+    for work in ("prefill", "decode"):
+        print(f"{work}: dense {res['dense'][f'{work}_tokens_per_s']:.1f} tok/s, pruned "
+              f"{res['pruned'][f'{work}_tokens_per_s']:.1f} tok/s -> x{res[f'{work}_speedup']:.3f} "
+              f"(ideal x{res['ideal_speedup']:.3f}, {100 * res[f'{work}_fraction_of_ideal']:.1f}% of ideal)",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
