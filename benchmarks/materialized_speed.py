@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     how.add_argument("--pruned", help="pruned (zeroed) folder of the same model")
     how.add_argument("--kept", help="kept-units JSON from protocol.py --save-kept")
     how.add_argument("--prune-coupled", type=float, metavar="SIZE", help="prune here with coupled structures")
+    p.add_argument("--method", default="llm-surgeon", help="method that chooses the coupled structure "
+                   "(kobd: K-FAC diagonal costs without updates, no factor inverses: fits 7B on one GPU)")
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=2048)
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     else:
         windows = torch.randint(0, pruned.config.vocab_size, (args.nsamples, args.seqlen),
                                 generator=torch.Generator().manual_seed(0))
-        opts = PruneOptions(structure="coupled", batch_size=args.batch_size, device=str(device),
+        opts = PruneOptions(method=args.method, structure="coupled", batch_size=args.batch_size, device=str(device),
                             autocast_dtype=torch.bfloat16 if dtype == torch.bfloat16 else None)
         shots = []
         for i, size in enumerate(linear_schedule(args.prune_coupled, args.shots), start=1):
