@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--align", type=int, default=64, help="pad FFN widths to a multiple of this (1: no padding)")
     p.add_argument("--save", action="store_true", help="save both models (safetensors) to measure file sizes")
     p.add_argument("--save-kept", help="write the kept units (JSON) of the structure used")
     p.add_argument("--json")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     if args.save_kept:
         Path(args.save_kept).write_text(json.dumps(kept_to_json(kept)))
     # --kept: the dense weights sliced at the run's kept indices; otherwise the pruned weights' nonzero units
-    pruned, report = materialize_model(pruned, kept if args.kept else None)
+    pruned, report = materialize_model(pruned, kept if args.kept else None, align=args.align)
     pruned.eval()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
                         progress=lambda r, n: print(f"repeat {r}/{n}", flush=True))
     for k in ("dense", "pruned"):
         res[k].pop("runs")  # keep the JSON small; medians are what is reported
-    out = {"model": args.model or args.arch, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
+    out = {"model": args.model or args.arch, "align": args.align, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
            **info, "speed": res, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
            "loadavg": os.getloadavg(), "torch": torch.__version__,

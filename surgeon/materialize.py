@@ -48,17 +48,21 @@ def _check_family(config) -> None:
         raise SurgeonError("materialize: Mistral with a sliding window is not supported (set sliding_window=None)")
 
 
+DEFAULT_ALIGN = 64  # FFN widths padded to a multiple of this (see surgeon_core.materialize.pad_kept)
+
+
 @torch.no_grad()
-def materialize_model(model, kept: list[dict] | None = None) -> tuple[object, dict]:
+def materialize_model(model, kept: list[dict] | None = None, align: int = DEFAULT_ALIGN) -> tuple[object, dict]:
     """Slice ``model`` in place and give it the per-layer-size config. Returns (model, report) where the report
     holds the per-layer sizes and the parameter counts dense (zeros included) vs materialized.
 
     ``kept`` (per layer {"ffn", "heads", "kv"} index tensors, as ``surgeon_core.materialize.find_kept`` returns)
-    overrides the default: the units that are not entirely zero."""
+    overrides the default: the units that are not entirely zero. ``align``: FFN widths are padded with all-zero
+    units to a multiple of it (1 = no padding), because unaligned matmuls are slow."""
     _check_family(model.config)
     adapter = adapter_for(model)
     before = count_parameters(model, adapter)
-    sizes = materialize_(model, adapter, adapter.head_layout(model.config), kept)
+    sizes = materialize_(model, adapter, adapter.head_layout(model.config), kept, align)
     cfg_cls, model_cls = _FAMILIES[model.config.model_type]
     d = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
@@ -71,7 +75,7 @@ def materialize_model(model, kept: list[dict] | None = None) -> tuple[object, di
                     "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{model_cls.__name__}"}
     model.config = cfg
     after = count_parameters(model, adapter)
-    return model, {"layers": sizes, "parameters_before": before, "parameters_after": after}
+    return model, {"layers": sizes, "parameters_before": before, "parameters_after": after, "align": align}
 
 
 def save_materialized(model, out_dir: str | Path, *, tokenizer=None, report: dict | None = None) -> Path:
@@ -87,7 +91,7 @@ def save_materialized(model, out_dir: str | Path, *, tokenizer=None, report: dic
     return out
 
 
-def materialize_dir(src: str | Path, out_dir: str | Path) -> dict:
+def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_ALIGN) -> dict:
     """Load a pruned model folder, drop its all-zero units, write the smaller model; returns the report."""
     src = Path(src).expanduser()
     if not (src / "config.json").is_file():
@@ -104,7 +108,7 @@ def materialize_dir(src: str | Path, out_dir: str | Path) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
-    model, report = materialize_model(model.eval())
+    model, report = materialize_model(model.eval(), align=align)
     save_materialized(model, out, tokenizer=tokenizer, report=report)
     report["output"] = str(out)
     report["file_bytes"] = {"source": _weights_bytes(src), "materialized": _weights_bytes(out)}

@@ -120,3 +120,27 @@ def test_prune_materialize_step_and_eval(tmp_path, capsys):
         assert rc == 0, capsys.readouterr().err
         ppl.append(json.loads((tmp_path / f"{d}.json").read_text())["ppl"])
     assert ppl[1] == pytest.approx(ppl[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("align", [4, 8])
+def test_aligned_widths_keep_logits(align):
+    """Padding FFN widths to a multiple of ``align`` keeps only all-zero extra units: logits unchanged."""
+    model = _pruned("llama")
+    ad = adapter_for(model)
+    layout = ad.head_layout(model.config)
+    x = tiny_windows(2, 16, seed=1)
+    ref = _logits(model, x)
+    width = model.config.intermediate_size
+    kept = find_kept(model, ad, layout)
+    unaligned = [int(k["ffn"].numel()) for k in kept]
+    sizes = materialize_(model, ad, layout, kept, align=align)
+    for s, n in zip(sizes, unaligned):
+        assert s["intermediate_size"] == min(width, -(-n // align) * align)
+    assert (_logits(model, x) - ref).abs().max() <= 1e-4
+
+
+def test_pad_kept_rejects_bad_align():
+    from surgeon_core.materialize import pad_kept
+
+    with pytest.raises(ValueError, match="align"):
+        pad_kept([{"ffn": torch.tensor([0, 1])}], 8, 0)
