@@ -1,7 +1,8 @@
 """The ``prune`` flow: one recipe in, a pruned, evaluated, tracked and registered model out.
 
     load model -> calibration windows -> evaluate dense
-    for each shot t of the schedule:  prune shot t -> fine-tune (no-op for now) -> evaluate (chosen shots)
+    for each shot t of the schedule:  prune shot t -> fine-tune (finetune_steps; + final_finetune_steps after the
+                                      last shot; pruned weights stay 0) -> evaluate (chosen shots)
     export -> register
 
 Each shot is its own cached task whose checkpoint is the resume point; see ``tasks/steps.py``.
@@ -18,6 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from surgeon.config import PruneConfig, load_recipe, parse_overrides
+from surgeon.finetuning import finetune_steps_after
 from surgeon.pruning import options_from_config
 from surgeon_core.shot import linear_schedule
 from tasks import reporting, steps, tracking
@@ -53,7 +55,7 @@ def default_output(cfg: PruneConfig, name: str) -> str:
 
 
 def _prune_shot(task, *args) -> tuple[dict, bool]:
-    """Run one shot task; a cache entry whose checkpoint was deleted since is recomputed."""
+    """Run one shot (or fine-tuning) task; a cache entry whose checkpoint was deleted since is recomputed."""
     state = task(*args, return_state=True)
     out = state.result()
     if not Path(out["weights"].path, "state.json").is_file():
@@ -94,15 +96,23 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         tracking.log_shot(run.run_id, 0, evaluation=dense)
 
         progress = reporting.Progress(f"{key}-progress", len(targets), "shots")
-        rows, reports = [], []
+        rows, reports, ft_reports = [], [], []
         for shot in range(1, len(targets) + 1):
             out, cached = _prune_shot(prune_shot, cfg, weights, calibration, shot, model.content_hash)
-            last = shot == len(targets)
-            weights = finetune(cfg, out["weights"], cfg.finetune_steps + (cfg.final_finetune_steps if last else 0))
+            weights = out["weights"]
+            ft_steps = finetune_steps_after(cfg, shot, len(targets))
+            if ft_steps:  # mask-preserving fine-tuning: between shots, and longer after the last
+                ft, _ = _prune_shot(finetune, cfg, weights, calibration, ft_steps, shot)
+                weights = ft["weights"]
+                tracking.log_finetune(run.run_id, shot, ft["report"], first_step=sum(len(r["losses"])
+                                                                                     for r in ft_reports))
+                ft_reports.append(ft["report"])
             evaluation = evaluate(cfg, weights, eval_data) if eval_data and shot in eval_shots(cfg, targets) else None
             tracking.log_shot(run.run_id, shot, out["report"], evaluation)
             reports.append(out["report"])
             rows.append(_row(shot, out["report"], evaluation, cached))
+            if ft_steps:
+                rows[-1]["finetune_loss"] = ft_reports[-1]["losses"][-1]
             progress.update(shot)
 
         final_ppl = rows[-1]["ppl"]
@@ -116,13 +126,14 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
             "ppl_ratio": final_ppl / dense_ppl if final_ppl and dense_ppl else None,
             "cached_shots": [r["shot"] for r in rows if r["cached"]], "rows": rows,
             "run_id": run.run_id, "run_url": run.url,
+            "finetune_seconds": sum(r["seconds"] for r in ft_reports),
         }
         metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
         summary["output"] = steps.export(cfg, weights, cfg.output or default_output(cfg, name), metrics, model)
         tracking.log_outcome(run.run_id, recipe_yaml=cfg.to_yaml(), shot_reports=reports,
                              ppl_points=[(r["size"], r["ppl"]) for r in rows if r["ppl"] is not None]
                              + ([(1.0, dense_ppl)] if dense_ppl else []),
-                             dense_ppl=dense_ppl, summary=summary)
+                             dense_ppl=dense_ppl, summary=summary, finetune_reports=ft_reports)
         summary["registered_version"] = None
         if cfg.register_model:
             tags = {"method": cfg.method, "structure": cfg.structure, "target_size": cfg.final_target,

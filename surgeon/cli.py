@@ -305,6 +305,16 @@ def prune_cmd(
     max_correlate: Annotated[Optional[int], typer.Option(help="Removed entries solved jointly (0 = all).")] = None,
     compute_dtype: Annotated[Optional[str], typer.Option(help="fp32 or bf16 (curvature forward/backward).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
+    finetune_steps: Annotated[Optional[int], typer.Option(
+        help="Fine-tuning steps after every shot (mask-preserving: pruned weights stay 0; 0 = off).", min=0)] = None,
+    final_finetune_steps: Annotated[Optional[int], typer.Option(
+        help="Extra fine-tuning steps after the last shot.", min=0)] = None,
+    finetune_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate (AdamW).")] = None,
+    finetune_train: Annotated[Optional[str], typer.Option(
+        help="What fine-tuning trains: linears, norms or both.")] = None,
+    first_order: Annotated[Optional[bool], typer.Option(
+        "--first-order/--no-first-order", help="Use the loss gradient in the costs and updates (llm-surgeon, "
+                                               "kobd).")] = None,
     threads: ThreadsOpt = None,
     register: Annotated[Optional[bool], typer.Option(
         "--register/--no-register", help="Register the pruned model in MLflow (default: the recipe's "
@@ -325,6 +335,8 @@ def prune_cmd(
                       shots=shots, output=output, eval_data=eval_data, eval_seqlen=eval_seqlen,
                       eval_max_windows=eval_max_windows, seed=seed, batch_size=batch_size,
                       max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads,
+                      finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
+                      finetune_lr=finetune_lr, finetune_train=finetune_train, first_order=first_order,
                       register_model=register)
     if cfg.output:
         out_dir = Path(cfg.output).expanduser()

@@ -21,7 +21,8 @@ WEIGHT_FIELDS = (
     "model", "method", "structure", "target_size", "shots", "calibration", "calibration_column",
     "calibration_split", "nsamples", "seqlen", "calibration_seed", "seed", "damping_a", "damping_g", "fisher",
     "fisher_samples", "max_correlate", "structured_update", "batch_size", "compute_dtype", "finetune_steps", "final_finetune_steps",
-    "finetune_lr",
+    "finetune_lr", "finetune_train", "finetune_schedule", "finetune_warmup", "finetune_batch_size", "first_order",
+    "first_order_scale",
 )
 
 
@@ -63,10 +64,17 @@ class PruneConfig(BaseModel):
     compute_dtype: Literal["fp32", "bf16"] = "fp32"
     device: str = "cpu"
     threads: int | None = None
-    # fine-tuning (a later issue; 0 = off)
-    finetune_steps: int = 0
-    final_finetune_steps: int = 0
+    # mask-preserving fine-tuning of the surviving weights (surgeon_core.finetune; 0 steps = off)
+    finetune_steps: int = 0  # after every shot (the paper's interleaved correction), on calibration windows
+    final_finetune_steps: int = 0  # added after the last shot
     finetune_lr: float = 1e-5
+    finetune_train: Literal["linears", "norms", "both"] = "linears"
+    finetune_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    finetune_warmup: int = 0
+    finetune_batch_size: int = 1
+    # first-order term: the loss gradient enters the costs and updates (llm-surgeon, kobd; empirical Fisher)
+    first_order: bool = False
+    first_order_scale: float = 1.0
     # tracking / registry
     register_model: bool = True
     model_name: str | None = None
@@ -85,7 +93,21 @@ class PruneConfig(BaseModel):
             raise ValueError(f"target_size must be in (0, 1] (fraction of weights kept), got {v}")
         return v
 
-    @field_validator("shots", "nsamples", "batch_size", "fisher_samples", "eval_batch_size")
+    @field_validator("finetune_steps", "final_finetune_steps", "finetune_warmup")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("finetune_lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be positive, got {v}")
+        return v
+
+    @field_validator("shots", "nsamples", "batch_size", "fisher_samples", "eval_batch_size", "finetune_batch_size")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -112,6 +134,12 @@ class PruneConfig(BaseModel):
                 raise ValueError(f"eval_at sizes must be in (0, 1], got {s}")
         if self.damping_a < 0 or (self.damping_g is not None and self.damping_g < 0):
             raise ValueError("damping must be non-negative")
+        if self.first_order and (METHODS[self.method].curvature != "kfac" or st.kind == "coupled"
+                                 or self.fisher != "empirical"):
+            raise ValueError("first_order needs method llm-surgeon or kobd, a structure other than coupled, and "
+                             "fisher 'empirical'")
+        if self.first_order_scale < 0:
+            raise ValueError("first_order_scale must be non-negative")
         return self
 
     @property

@@ -51,7 +51,7 @@ def options_from_config(cfg: PruneConfig) -> PruneOptions:
                         fisher=cfg.fisher, fisher_samples=cfg.fisher_samples, max_correlate=cfg.max_correlate,
                         structured_update=cfg.structured_update,
                         batch_size=cfg.batch_size, autocast_dtype=_DTYPES[cfg.compute_dtype], device=cfg.device,
-                        seed=cfg.seed)
+                        seed=cfg.seed, first_order=cfg.first_order, first_order_scale=cfg.first_order_scale)
 
 
 def prepare_model(cfg: PruneConfig) -> ModelRef:
@@ -198,6 +198,8 @@ def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
     """Whole run in one process (no checkpoints between shots): load, calibrate, prune T shots, evaluate, export."""
     from surgeon_core.evaluate import perplexity
 
+    from .finetuning import finetune_model, finetune_steps_after
+
     t_start = time.perf_counter()
     src = prepare_model(cfg)
     calib = build_calibration(cfg, src.path)
@@ -215,6 +217,9 @@ def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
 
     def shot_done(rep):
         row = rep.to_dict()
+        steps = finetune_steps_after(cfg, rep.shot, len(schedule))
+        if steps:  # mask-preserving fine-tuning between shots / after the last
+            row["finetune"] = finetune_model(model, _load_windows(calib.path), cfg, steps, rep.shot)
         row["peak_rss_gb"] = peak_rss_gb()
         if evalw is not None and rep.shot in eval_shots | ({1} if opts.layerwise else set()):
             row["eval"] = perplexity(model, evalw, batch_size=cfg.eval_batch_size)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import ArchitectureAdapter, get_submodule
+from .adapters import ArchitectureAdapter, get_submodule, prunable_linears
 from .lm import hidden_states, sample_labels, sequence_nll
 
 __all__ = [
@@ -80,6 +80,9 @@ class KFACFactors:
     A: dict[str, torch.Tensor] = field(default_factory=dict)
     G: dict[str, torch.Tensor] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)  # linear name -> input-group key
+    # mean loss gradient per linear, (R, C') with the bias column last (first-order term; estimate_kfac's
+    # collect_weight_grads): Σ_tokens g aᵀ / N, the gradient of the per-token mean loss that G ⊗ A models
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)
     has_bias: dict[str, bool] = field(default_factory=dict)
     tokens: int = 0
     collect_inputs: bool = True  # switched off while extra label samples reuse the same inputs
@@ -160,6 +163,7 @@ def estimate_kfac(
     gram_dtype: torch.dtype | None = None,
     seed: int = 0,
     collect_gradients: bool = True,
+    collect_weight_grads: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> KFACFactors:
     """One forward+backward pass over the calibration ``windows`` (n, L) collecting K-FAC factors.
@@ -169,9 +173,15 @@ def estimate_kfac(
     forward passes only and collects A alone (L-OBD). ``gram_dtype`` (None = fp32) is the dtype of the factor
     matmuls (see :func:`_gram`); the sums are always fp32. Parameters get no gradients (only the
     embedding output is made to require grad), and the model's requires_grad flags are restored afterwards.
+
+    ``collect_weight_grads`` also returns the mean loss gradient of every prunable linear in ``factors.grads``
+    (the first-order term): the weights are made to require grad for the pass, so autograd sums g aᵀ over tokens
+    (one matmul per linear, the same as accumulating it in the hooks). It needs the true labels (empirical Fisher).
     """
     if fisher not in ("empirical", "sampled"):
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    if collect_weight_grads and (fisher != "empirical" or not collect_gradients):
+        raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     factor_device = torch.device(factor_device) if factor_device is not None else device
     n, L = windows.shape
@@ -180,6 +190,14 @@ def estimate_kfac(
     was_training = model.training
     model.eval()
     model.requires_grad_(False)
+    grad_params: dict[str, tuple[nn.Parameter, nn.Parameter | None]] = {}
+    if collect_weight_grads:
+        for name, lin in prunable_linears(model, adapter).items():
+            grad_params[name] = (lin.weight, lin.bias)
+            for p in (lin.weight, lin.bias):
+                if p is not None:
+                    p.grad = None
+                    p.requires_grad_(True)
     emb = model.get_input_embeddings()
     emb_handle = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -204,8 +222,19 @@ def estimate_kfac(
                     loss.backward()
                 if progress is not None:
                     progress(min(i + batch_size, n), n)
+        tokens = n * L
+        for name, (w, b) in grad_params.items():
+            g = w.grad.float() if w.grad is not None else torch.zeros(w.shape, device=w.device)
+            if b is not None:
+                gb = b.grad.float() if b.grad is not None else torch.zeros(b.shape, device=b.device)
+                g = torch.cat([g, gb[:, None]], dim=1)
+            stats.grads[name] = (g / tokens).to(factor_device)
     finally:
         emb_handle.remove()
+        for w, b in grad_params.values():
+            w.grad = None
+            if b is not None:
+                b.grad = None
         for p, f in flags.items():
             p.requires_grad_(f)
         model.train(was_training)

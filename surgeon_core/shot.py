@@ -17,7 +17,7 @@ from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
 from .curvature import KFACFactors, estimate_kfac
-from .update import obs_update_columns, obs_update_elements_batched, obs_update_rows
+from .update import newton_step, obs_update_columns, obs_update_elements_batched, obs_update_rows
 
 __all__ = [
     "Structure",
@@ -105,6 +105,10 @@ class PruneOptions:
     baseline_damping: float = 0.01
     # coupled structures: (num_heads, num_kv_heads, head_dim) from the model config (None: read model.config)
     head_layout: tuple[int, int, int] | None = None
+    # first-order term (docs/method.md): the mean loss gradient, collected in the curvature pass, enters the costs
+    # and updates (LLM Surgeon: OBS at the Newton point W − s·G⁻¹∇W A⁻¹; K-OBD: −s·⟨∇W, W⟩ in the costs)
+    first_order: bool = False
+    first_order_scale: float = 1.0  # s: multiplies the gradient (1 = the exact quadratic model)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -126,6 +130,16 @@ class PruneOptions:
             raise ValueError("fisher_samples must be at least 1")
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.first_order:
+            if self.spec.curvature != "kfac":
+                raise ValueError(f"the first-order term needs the K-FAC gradient pass: method {self.method!r} "
+                                 "does not support it (use llm-surgeon or kobd)")
+            if self.structure_spec.kind == "coupled":
+                raise ValueError("the first-order term is not supported for coupled structures")
+            if self.fisher != "empirical":
+                raise ValueError("the first-order term needs the true-label gradient: use fisher='empirical'")
+        if not self.first_order_scale >= 0:
+            raise ValueError("first_order_scale must be non-negative")
 
     @property
     def spec(self) -> MethodSpec:
@@ -217,6 +231,7 @@ class _Layer:
     row_cost: torch.Tensor | None = None
     col_cost: torch.Tensor | None = None
     nm_drop: torch.Tensor | None = None
+    extra_gain: float = 0.0  # first-order term: predicted loss change of the Newton step alone (≤ 0)
 
 
 def _factors_for(factors: KFACFactors | None, name: str, W: torch.Tensor, device):
@@ -229,6 +244,13 @@ def _factors_for(factors: KFACFactors | None, name: str, W: torch.Tensor, device
     return A, G
 
 
+def _gradient_for(factors: KFACFactors | None, name: str, opts, device) -> torch.Tensor | None:
+    """The scaled mean loss gradient s·∇W (R, C') of one linear when the first-order term is on, else None."""
+    if not opts.first_order or factors is None or name not in factors.grads:
+        return None
+    return factors.grads[name].to(device) * opts.first_order_scale
+
+
 def _cached_inverse(cache: dict, key, M: torch.Tensor, frac: float) -> tuple[torch.Tensor, float]:
     """Damped inverse of an input factor shared by q/k/v or gate/up: computed once per shot."""
     if key not in cache:
@@ -236,7 +258,7 @@ def _cached_inverse(cache: dict, key, M: torch.Tensor, frac: float) -> tuple[tor
     return cache[key]
 
 
-def _prepare_structured(name, lin, W, A, G, opts, spec, device, a_key, cache) -> tuple[_Layer, int]:
+def _prepare_structured(name, lin, W, A, G, opts, spec, device, a_key, cache, grad=None) -> tuple[_Layer, int]:
     C = lin.in_features
     bias = lin.bias is not None
     alive_r = W.abs().sum(dim=1) > 0
@@ -261,13 +283,25 @@ def _prepare_structured(name, lin, W, A, G, opts, spec, device, a_key, cache) ->
     rc = torch.full((W.shape[0],), float("-inf"), device=device)
     cc = torch.full((C,), float("-inf"), device=device)
     if rows.numel() and wcols.numel():
-        rc[rows] = row_costs(Wsub, kind=spec.cost_kind, A=Asub, G=Gsub, G_inv=layer.G_inv)
-        cc[wcols] = column_costs(Wsub, kind=spec.cost_kind, A=Asub, G=Gsub, A_inv=layer.A_inv)[: wcols.numel()]
+        linear_r = linear_c = 0.0
+        if grad is not None:
+            gsub = grad[rows][:, cols]
+            if spec.cost_kind == "obs":  # OBS at the Newton point of the sub-problem: W' = W − G⁻¹ s∇W A⁻¹
+                U = newton_step(gsub, layer.G_inv, layer.A_inv)
+                layer.extra_gain = -0.5 * float((gsub * U).sum())
+                Wsub = Wsub - U
+                layer.W = Wsub
+            else:  # no update (K-OBD): removing w costs −s⟨∇w, w⟩ + ½ wᵀFw
+                gw = gsub * Wsub
+                linear_r, linear_c = -gw.sum(dim=1), -gw.sum(dim=0)[: wcols.numel()]
+        rc[rows] = row_costs(Wsub, kind=spec.cost_kind, A=Asub, G=Gsub, G_inv=layer.G_inv) + linear_r
+        cc[wcols] = column_costs(Wsub, kind=spec.cost_kind, A=Asub, G=Gsub,
+                                 A_inv=layer.A_inv)[: wcols.numel()] + linear_c
     layer.row_cost, layer.col_cost = rc, cc
     return layer, escalations
 
 
-def _prepare_elements(name, lin, W, A, G, opts, spec, device, a_key, cache) -> tuple[_Layer, int]:
+def _prepare_elements(name, lin, W, A, G, opts, spec, device, a_key, cache, grad=None) -> tuple[_Layer, int]:
     C = lin.in_features
     layer = _Layer(name, lin, W, n_weight_cols=C)
     escalations = 0
@@ -275,7 +309,16 @@ def _prepare_elements(name, lin, W, A, G, opts, spec, device, a_key, cache) -> t
         layer.G_inv, used_g = damped_inverse(G, opts.damping_g)
         layer.A_inv, used_a = _cached_inverse(cache, a_key, A, opts.damping_a)
         escalations += int(used_g != opts.damping_g) + int(used_a != opts.damping_a)
+    zero = W[:, :C] == 0  # removed in earlier shots: always removed again
+    if grad is not None and spec.cost_kind == "obs":  # OBS at the Newton point W' = W − G⁻¹ s∇W A⁻¹
+        U = newton_step(grad, layer.G_inv, layer.A_inv)
+        layer.extra_gain = -0.5 * float((grad * U).sum())
+        layer.W = W = W - U
     costs = element_costs(W, kind=spec.cost_kind, A=A, G=G, A_inv=layer.A_inv, G_inv=layer.G_inv)[:, :C]
+    if grad is not None:
+        if spec.cost_kind != "obs":  # no update (K-OBD): removing w costs −s∇w·w + ½F w²
+            costs = costs - (grad * W)[:, :C]
+        costs = costs.masked_fill(zero, float("-inf"))
     st = opts.structure_spec
     if st.kind == "nm":
         layer.costs, layer.nm_drop = nm_groups(costs, st.n, st.m)
@@ -378,7 +421,7 @@ def prune_shot(
             model, windows, adapter=adapter, fisher=opts.fisher, fisher_samples=opts.fisher_samples,
             batch_size=opts.batch_size, device=device, factor_device=opts.factor_device or device,
             autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype, seed=opts.seed + shot,
-            collect_gradients=spec.curvature == "kfac",
+            collect_gradients=spec.curvature == "kfac", collect_weight_grads=opts.first_order,
             progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
         )
         seconds["curvature"] = factors.seconds["curvature"]
@@ -398,7 +441,8 @@ def prune_shot(
             G = None
         prep = _prepare_structured if structured else _prepare_elements
         a_key = factors.group_of[name] if factors is not None else name
-        layer, esc = prep(name, lin, W, A, G, opts, spec, device, a_key, inverse_cache)
+        layer, esc = prep(name, lin, W, A, G, opts, spec, device, a_key, inverse_cache,
+                          grad=_gradient_for(factors, name, opts, device))
         if i + 1 < len(linears) and a_key != (factors.group_of[list(linears)[i + 1]] if factors else None):
             inverse_cache.clear()  # the next linear reads another input: drop this group's inverse
         escalations += esc
@@ -426,14 +470,17 @@ def prune_shot(
         if frac > 1.0 + 1e-9:
             raise ValueError(f"{st} sparsity keeps at least {st.n / st.m:.0%}: target size {target_size} is too small")
         sel = select_groups([l.costs for l in layers], round(min(frac, 1.0) * groups_total))
-        estimated = float(sum(l.costs[s.to(l.costs.device)].sum() for l, s in zip(layers, sel)))
+        estimated = _finite_sum([l.costs for l in layers], sel)
         selections = sel
     else:
         sel = select_elements([l.costs for l in layers], n_remove)
-        estimated = float(sum(l.costs[s.to(l.costs.device)].sum() for l, s in zip(layers, sel)))
+        estimated = _finite_sum([l.costs for l in layers], sel)
         selections = sel
     seconds["allocation"] = time.perf_counter() - t0
 
+    extra = {}
+    if opts.first_order:
+        extra["first_order_gain"] = sum(l.extra_gain for l in layers)  # the Newton steps' predicted change
     t0 = time.perf_counter()
     if structured:
         for i, (l, s) in enumerate(zip(layers, selections)):
@@ -451,7 +498,16 @@ def prune_shot(
     size, per_layer, per_type = model_size(model, adapter)
     return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,
                       estimated_loss=estimated, layer_sizes=per_layer, type_sizes=per_type,
-                      seconds=seconds, damping_escalations=escalations)
+                      seconds=seconds, damping_escalations=escalations, extra=extra)
+
+
+def _finite_sum(costs: list[torch.Tensor], selections: list[torch.Tensor]) -> float:
+    """Sum of the selected costs, leaving out the −inf of entries removed in earlier shots."""
+    total = 0.0
+    for c, s in zip(costs, selections):
+        chosen = c[s.to(c.device)]
+        total += float(chosen[torch.isfinite(chosen)].sum())
+    return total
 
 
 def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_size, shot, num_shots,

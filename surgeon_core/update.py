@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["obs_update_rows", "obs_update_columns", "obs_update_elements", "obs_update_elements_batched",
-           "quadratic_loss"]
+           "newton_step", "quadratic_loss"]
 
 
 def _solve_pd(C: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -167,6 +167,18 @@ def obs_update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor
                                        max_correlate=max_correlate)[0]
 
 
-def quadratic_loss(dW: torch.Tensor, A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """½ vec(ΔW)ᵀ (G ⊗ A) vec(ΔW) = ½ tr(G ΔW A ΔWᵀ) — the loss increase the costs model."""
-    return 0.5 * torch.trace(G @ dW @ A @ dW.T)
+def newton_step(grad: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor) -> torch.Tensor:
+    """U = G⁻¹ ∇W A⁻¹ = F⁻¹g in matrix form: the minimiser of gᵀΔθ + ½ΔθᵀFΔθ is ΔW = −U.
+
+    First-order OBS (docs/method.md, "Fine-tuning and the first-order term"): removing K under the model with a
+    gradient is plain OBS applied to W' = W − U, i.e. costs and updates at the Newton point, plus the step −U.
+    """
+    return G_inv @ grad @ A_inv
+
+
+def quadratic_loss(dW: torch.Tensor, A: torch.Tensor, G: torch.Tensor, grad: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """½ vec(ΔW)ᵀ (G ⊗ A) vec(ΔW) = ½ tr(G ΔW A ΔWᵀ) — the loss increase the costs model; with ``grad`` the
+    first-order term ⟨∇W, ΔW⟩ is added."""
+    q = 0.5 * torch.trace(G @ dW @ A @ dW.T)
+    return q if grad is None else q + (grad * dW).sum()

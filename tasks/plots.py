@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 __all__ = ["split_layer_name", "allocation_rows", "allocation_csv", "allocation_heatmap", "ppl_vs_size",
-           "markdown_table", "write_comparison"]
+           "finetune_curves", "markdown_table", "write_comparison"]
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -92,6 +92,27 @@ def ppl_vs_size(series: dict[str, list[tuple[float, float]]], path: Path, dense_
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def finetune_curves(reports: list[dict], path: Path) -> Path:
+    """Fine-tuning loss per step, one line per shot, laid end to end (x = fine-tuning steps so far)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    start = 0
+    for rep in reports:
+        losses = rep["losses"]
+        ax.plot(range(start + 1, start + len(losses) + 1), losses, label=f"after shot {rep.get('shot', '?')}")
+        start += len(losses)
+    ax.set_xlabel("fine-tuning step (all shots)")
+    ax.set_ylabel("training loss (mean next-token NLL)")
+    ax.grid(True, alpha=0.3)
+    if len(reports) <= 12:
+        ax.legend(fontsize=7)
+    ax.set_title("mask-preserving fine-tuning")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -29,7 +29,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import surgeon_core
-from surgeon import pruning
+from surgeon import finetuning, pruning
 from surgeon.config import PruneConfig
 from surgeon.errors import SurgeonError
 from surgeon.pruning import DataRef, ModelRef
@@ -73,7 +73,7 @@ def code_version() -> str:
     """``surgeon_core.__version__`` plus a hash of the code that computes weights and metrics, so an algorithm
     change invalidates cached shots even when nobody bumps the version."""
     files = sorted(Path(surgeon_core.__file__).parent.glob("*.py"))
-    files += [Path(pruning.__file__).with_name(n) for n in ("pruning.py", "models.py", "data.py")]
+    files += [Path(pruning.__file__).with_name(n) for n in ("pruning.py", "models.py", "data.py", "finetuning.py")]
     return f"{surgeon_core.__version__}+{sha256_bytes(b''.join(f.read_bytes() for f in files))[:12]}"
 
 
@@ -89,8 +89,14 @@ def _shot_cache_key(ctx, p) -> str:
     return shot_key(p["config"], p["source"], p["calibration"], p["shot"], p["model_hash"])
 
 
+def finetune_key(cfg: PruneConfig, weights: Weights, calibration: DataRef, steps: int, shot: int) -> str:
+    """The pruned weights' key, the data, the step count and the fine-tuning settings (also in the config hash)."""
+    return _key("finetune", weights.key, calibration.data_id, steps, shot, cfg.finetune_lr, cfg.finetune_train,
+                cfg.config_hash())
+
+
 def _finetune_cache_key(ctx, p) -> str:
-    return _key("finetune", p["weights"].key, p["steps"], p["config"].finetune_lr, p["config"].config_hash())
+    return finetune_key(p["config"], p["weights"], p["calibration"], p["steps"], p["shot"])
 
 
 def _eval_cache_key(ctx, p) -> str:
@@ -139,11 +145,34 @@ def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot:
 
 
 @task(name="finetune", cache_key_fn=_finetune_cache_key, persist_result=True)
-def finetune(config: PruneConfig, weights: Weights, steps: int) -> Weights:
-    """Mask-preserving fine-tuning: a no-op until the fine-tuning issue lands (``steps`` must be 0)."""
-    if steps:
-        raise SurgeonError(f"fine-tuning ({steps} steps) is not implemented yet; set finetune_steps=0")
-    return weights
+def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, steps: int, shot: int) -> dict:
+    """Mask-preserving fine-tuning of shot ``shot``'s weights for ``steps`` steps on the calibration windows; the
+    checkpoint (written atomically) is the cache entry and the next shot's source. ``steps == 0`` is a no-op."""
+    if steps == 0:
+        return {"weights": weights, "report": None}
+    key = finetune_key(config, weights, calibration, steps, shot)
+    ckpt = cache_root() / "finetune" / key
+    log = get_run_logger()
+    if (ckpt / "state.json").is_file():  # finished earlier, but its Prefect result was never recorded
+        log.info("fine-tuning after shot %d: reusing checkpoint %s", shot, ckpt)
+        report = json.loads((ckpt / "state.json").read_text())["report"]
+    else:
+        for stale in ckpt.parent.glob(f".{key}.*.partial"):  # left by a run killed while writing it
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,
+                 config.finetune_lr, config.finetune_train)
+        every = max(1, steps // 10)
+
+        def on_step(step: int, loss: float, lr: float) -> None:
+            if step % every == 0 or step == steps:
+                log.info("finetune %d/%d loss %.4f lr %.3g", step, steps, loss, lr)
+
+        report = finetuning.run_finetune(config, weights.path, calibration.path, steps, shot, str(ckpt),
+                                         on_step=on_step)
+    losses = report["losses"]
+    log.info("fine-tuning after shot %d: loss %.4f -> %.4f in %.1f s", shot, losses[0], losses[-1],
+             report["seconds"])
+    return {"weights": Weights(str(ckpt), key), "report": report}
 
 
 @task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True)

@@ -24,7 +24,7 @@ from . import plots
 
 __all__ = ["TrackedRun", "surgeon_home", "tracking_uri", "ui_url", "ui_command", "start_run", "log_shot", "log_outcome",
            "log_directory", "register_model", "model_version", "set_alias", "alias_version", "set_version_tags",
-           "registered_name"]
+           "registered_name", "log_finetune"]
 
 ALIAS = "champion"
 
@@ -178,9 +178,28 @@ def log_shot(run_id: str, step: int, report: dict | None = None, evaluation: dic
     _client().log_batch(run_id, metrics=_metrics(values, step))
 
 
+def log_finetune(run_id: str, shot: int, report: dict, *, first_step: int = 0) -> None:
+    """The loss curve of the fine-tuning after shot ``shot``: ``finetune/loss/shot_<shot>`` (step = fine-tuning step
+    within the shot), ``finetune/loss`` (one curve over all shots: step = steps so far), and at step = shot the
+    first and last loss, seconds and optimizer-state size."""
+    client = _client()
+    metrics = []
+    for i, (loss, lr) in enumerate(zip(report["losses"], report["lrs"]), start=1):
+        metrics += _metrics({f"finetune/loss/shot_{shot}": loss}, step=i)
+        metrics += _metrics({"finetune/loss": loss, "finetune/lr": lr}, step=first_step + i)
+    metrics += _metrics({"finetune/loss_first": report["losses"][0], "finetune/loss_last": report["losses"][-1],
+                         "seconds/finetune": report["seconds"], "finetune/state_gb": report["state_bytes"] / 1e9,
+                         "finetune/peak_rss_gb": report.get("peak_rss_gb"),
+                         "finetune/peak_gpu_gb": (report["peak_gpu_bytes"] / 1e9
+                                                  if report.get("peak_gpu_bytes") else None)}, step=shot)
+    for start in range(0, len(metrics), 1000):  # MLflow's log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
 def log_outcome(run_id: str, *, recipe_yaml: str, shot_reports: list[dict], ppl_points: list[tuple[float, float]],
-                dense_ppl: float | None, summary: dict) -> None:
-    """Artifacts of a finished prune run: recipe, per-layer allocation table, heatmap, ppl-vs-size plot, summary."""
+                dense_ppl: float | None, summary: dict, finetune_reports: list[dict] | None = None) -> None:
+    """Artifacts of a finished prune run: recipe, per-layer allocation table, heatmap, ppl-vs-size plot, summary,
+    and the fine-tuning loss curves when there were any."""
     client = _client()
     with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
         d = Path(tmp)
@@ -194,6 +213,8 @@ def log_outcome(run_id: str, *, recipe_yaml: str, shot_reports: list[dict], ppl_
                                      title=f"fraction kept per layer (size {last['achieved_size']:.3f})")
             if ppl_points:
                 plots.ppl_vs_size({"pruned": ppl_points}, d / "plots" / "ppl_vs_size.png", dense_ppl=dense_ppl)
+            if finetune_reports:
+                plots.finetune_curves(finetune_reports, d / "plots" / "finetune_loss.png")
         client.log_artifacts(run_id, str(d))
     final = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size", "ppl_ratio") if summary.get(k) is not None}
     client.log_batch(run_id, metrics=_metrics({f"final/{k}": v for k, v in final.items()}, step=0))

@@ -279,3 +279,59 @@ def test_shot_cache_key_covers_code_config_and_data_not_output(tiny_recipe, monk
     assert key != steps.shot_key(PruneConfig(**{**tiny_recipe, "seed": 1}), src, data, 1, "model-hash")
     monkeypatch.setattr(steps, "code_version", lambda: "0.0.0+changed")
     assert key != steps.shot_key(cfg, src, data, 1, "model-hash")
+
+
+def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_calls, tmp_path, monkeypatch):
+    import json
+
+    from flows.prune import prune_flow
+    from surgeon_core.adapters import adapter_for, prunable_linears
+    from surgeon_core.shot import model_size
+    from tasks import steps
+    from transformers import AutoModelForCausalLM
+
+    real, ft_calls = steps.finetuning.run_finetune, []
+
+    def spy(cfg, source_dir, calib_path, n_steps, shot, ckpt_dir, on_step=None):
+        ft_calls.append((shot, n_steps))
+        return real(cfg, source_dir, calib_path, n_steps, shot, ckpt_dir, on_step=on_step)
+
+    monkeypatch.setattr(steps.finetuning, "run_finetune", spy)
+    recipe = {**tiny_recipe, "finetune_steps": 2, "final_finetune_steps": 3, "finetune_lr": 1e-3,
+              "register_model": False}
+    r = prune_flow({**recipe, "output": str(tmp_path / "ft")})
+    assert ft_calls == [(1, 2), (2, 5)] and shot_calls["shots"] == [1, 2]
+    assert all(row["finetune_loss"] > 0 for row in r["rows"]) and r["finetune_seconds"] > 0
+    # fine-tuning kept every pruned weight at 0 and created no new zeros: the exported size is the shot's size
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "ft"))
+    assert model_size(model)[0] == pytest.approx(r["achieved_size"], abs=1e-12)
+    assert len(prunable_linears(model, adapter_for(model))) > 0
+
+    c = client()
+    assert [m.step for m in c.get_metric_history(r["run_id"], "finetune/loss/shot_1")] == [1, 2]
+    assert [m.step for m in c.get_metric_history(r["run_id"], "finetune/loss/shot_2")] == [1, 2, 3, 4, 5]
+    assert [m.step for m in c.get_metric_history(r["run_id"], "finetune/loss")] == list(range(1, 8))
+    assert [m.step for m in c.get_metric_history(r["run_id"], "seconds/finetune")] == [1, 2]
+    assert "plots/finetune_loss.png" in {f.path for f in c.list_artifacts(r["run_id"], "plots")}
+    summary = json.load(open(c.download_artifacts(r["run_id"], "summary.json")))
+    assert summary["finetune_seconds"] == pytest.approx(r["finetune_seconds"])
+
+    # a rerun to another output comes from the cache: no shot and no fine-tuning is recomputed
+    again = prune_flow({**recipe, "output": str(tmp_path / "ft-again")})
+    assert ft_calls == [(1, 2), (2, 5)] and shot_calls["shots"] == [1, 2] and again["ppl"] == r["ppl"]
+
+
+def test_finetune_cache_key_covers_its_inputs(tiny_recipe):
+    from surgeon.config import PruneConfig
+    from surgeon.pruning import DataRef
+    from tasks import steps
+
+    cfg = PruneConfig(**{**tiny_recipe, "finetune_steps": 2})
+    w, data = steps.Weights("/s", "shot-key"), DataRef("/c.npy", "data-id", (4, 16))
+    key = steps.finetune_key(cfg, w, data, 2, 1)
+    assert key == steps.finetune_key(cfg.model_copy(update={"output": "/elsewhere"}), w, data, 2, 1)
+    assert key != steps.finetune_key(cfg, steps.Weights("/s", "other-shot"), data, 2, 1)
+    assert key != steps.finetune_key(cfg, w, data, 3, 1) and key != steps.finetune_key(cfg, w, data, 2, 2)
+    assert key != steps.finetune_key(cfg, w, DataRef("/c.npy", "other", (4, 16)), 2, 1)
+    for change in ({"finetune_lr": 1e-4}, {"finetune_train": "both"}, {"finetune_schedule": "constant"}):
+        assert key != steps.finetune_key(PruneConfig(**{**tiny_recipe, "finetune_steps": 2, **change}), w, data, 2, 1)

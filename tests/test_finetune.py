@@ -1,0 +1,217 @@
+"""Mask-preserving fine-tuning (surgeon_core.finetune) and the first-order term of the costs and updates."""
+
+import copy
+
+import pytest
+import torch
+
+from surgeon_core.adapters import prunable_linears
+from surgeon_core.costs import column_costs, element_costs, row_costs
+from surgeon_core.curvature import estimate_kfac
+from surgeon_core.adapters import adapter_for
+from surgeon_core.finetune import (FinetuneOptions, finetune, lr_factor, mask_violations, pruning_masks,
+                                   trainable_parameters)
+from surgeon_core.lm import sequence_nll
+from surgeon_core.shot import PruneOptions, prune_shot
+from surgeon_core.update import (newton_step, obs_update_columns, obs_update_elements, obs_update_rows,
+                                 quadratic_loss)
+from tiny_models import tiny_model, tiny_windows
+
+pytestmark = pytest.mark.unit
+
+
+def pruned(family="llama", structure="structured", size=0.6, seed=0):
+    model = tiny_model(family, seed=seed)
+    opts = PruneOptions(structure=structure, max_correlate=None if structure == "structured" else 128)
+    prune_shot(model, tiny_windows(4, 16, seed=1), options=opts, target_size=size)
+    return model
+
+
+def mean_loss(model, windows) -> float:
+    with torch.no_grad():
+        return float(sequence_nll(model, windows).sum() / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+@pytest.mark.parametrize("family,structure", [("llama", "structured"), ("opt", "structured"),
+                                              ("llama", "unstructured"), ("llama", "2:4")])
+def test_pruned_weights_stay_exactly_zero_after_every_step(family, structure):
+    model = pruned(family, structure, size=0.5 if structure == "2:4" else 0.6)
+    masks = pruning_masks(model)
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    assert zeros > 0 and mask_violations(model, masks) == 0
+    violations = []
+    rep = finetune(model, tiny_windows(6, 16, seed=2),
+                   options=FinetuneOptions(steps=6, lr=1e-2, train="both", batch_size=2, weight_decay=0.1),
+                   on_step=lambda step, loss, lr: violations.append(mask_violations(model, masks)))
+    assert violations == [0] * 6 and rep.frozen_pruned == zeros
+    # the surviving weights did move, and nothing became zero by accident
+    assert sum(int((~m).sum()) for m in pruning_masks(model).values()) == zeros
+
+
+def test_loss_decreases_on_tiny_data():
+    model = pruned()
+    data = tiny_windows(4, 32, seed=3)
+    before = mean_loss(model, data)
+    rep = finetune(model, data, options=FinetuneOptions(steps=40, lr=3e-3, batch_size=2, schedule="constant"))
+    after = mean_loss(model, data)
+    assert after < before - 0.2, (before, after)
+    assert sum(rep.losses[-5:]) < sum(rep.losses[:5]) and len(rep.losses) == rep.steps == 40
+    assert rep.tokens == 40 * 2 * 32 and rep.seconds > 0 and rep.peak_gpu_bytes is None
+
+
+def test_norms_only_leaves_linears_unchanged():
+    model = pruned()
+    lin_before = {n: p.detach().clone() for n, p in trainable_parameters(model, "linears").items()}
+    norms = trainable_parameters(model, "norms")
+    assert norms and all("norm" in n for n in norms)  # input/post-attention layernorms and the final norm
+    norm_before = {n: p.detach().clone() for n, p in norms.items()}
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    finetune(model, tiny_windows(4, 16), options=FinetuneOptions(steps=5, lr=1e-2, train="norms"))
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], w) for n, w in lin_before.items())
+    assert any(not torch.equal(after[n], w) for n, w in norm_before.items())
+    assert torch.equal(model.get_input_embeddings().weight, emb_before)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_deterministic_for_a_seed():
+    base = pruned()
+    runs = []
+    for _ in range(2):
+        m = copy.deepcopy(base)
+        rep = finetune(m, tiny_windows(8, 16, seed=4), options=FinetuneOptions(steps=4, lr=1e-3, batch_size=3,
+                                                                             seed=7))
+        runs.append((rep.losses, {n: p.detach().clone() for n, p in m.named_parameters()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+    m = copy.deepcopy(base)
+    other = finetune(m, tiny_windows(8, 16, seed=4), options=FinetuneOptions(steps=4, lr=1e-3, batch_size=3, seed=8))
+    assert other.losses != runs[0][0]  # another seed, another batch order
+
+
+def test_bf16_weights_train_through_fp32_masters():
+    model = pruned().to(torch.bfloat16)
+    masks = pruning_masks(model)
+    before = {n: p.detach().clone() for n, p in trainable_parameters(model, "linears").items()}
+    rep = finetune(model, tiny_windows(4, 16), options=FinetuneOptions(steps=3, lr=1e-2, autocast_dtype=torch.bfloat16))
+    assert mask_violations(model, masks) == 0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(not torch.equal(p, before[n]) for n, p in trainable_parameters(model, "linears").items())
+    n_train = sum(p.numel() for p in before.values())
+    assert rep.state_bytes == 3 * 4 * n_train  # fp32 master + two fp32 AdamW moments
+
+
+def test_lr_schedules_and_bad_options():
+    assert [lr_factor(s, 4, "constant", 2) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert [lr_factor(s, 4, "linear") for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert lr_factor(0, 10, "cosine") == 1.0 and lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+    for bad in (dict(train="embeddings"), dict(schedule="step"), dict(lr=0.0), dict(steps=-1), dict(batch_size=0)):
+        with pytest.raises(ValueError):
+            FinetuneOptions(**bad)
+
+
+# ------------------------------------------------------------------------------------- first-order term
+
+def spd(n, seed, cond=20.0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)) @ Q.T
+
+
+def setup(R=4, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(R, C, generator=g, dtype=torch.float64)
+    grad = 0.5 * torch.randn(R, C, generator=g, dtype=torch.float64)
+    A, G = spd(C, seed + 1), spd(R, seed + 2)
+    return W, grad, A, G, torch.linalg.inv(A), torch.linalg.inv(G)
+
+
+def kkt_optimum(W, grad, A, G, drop):
+    """argmin_Δ ⟨∇W, Δ⟩ + ½ vec(Δ)ᵀ(G ⊗ A)vec(Δ) subject to (W + Δ)[drop] = 0, solved densely."""
+    F = torch.kron(G, A)  # row-major vec: (G ⊗ A) vec(Δ) = vec(G Δ A)
+    K = torch.nonzero(drop.flatten()).flatten()
+    E = torch.eye(W.numel(), dtype=W.dtype)[:, K]
+    kkt = torch.cat([torch.cat([F, E], 1), torch.cat([E.T, torch.zeros(len(K), len(K), dtype=W.dtype)], 1)])
+    rhs = torch.cat([-grad.flatten(), -W.flatten()[K]])
+    return torch.linalg.solve(kkt, rhs)[: W.numel()].view_as(W)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_order_element_update_is_the_constrained_optimum(seed):
+    W, grad, A, G, Ainv, Ginv = setup(seed=seed)
+    drop = torch.rand(W.shape, generator=torch.Generator().manual_seed(50 + seed)) < 0.4
+    U = newton_step(grad, Ginv, Ainv)
+    d_fo = obs_update_elements(W - U, drop, Ginv, Ainv, max_correlate=0) - W
+    d_obs = obs_update_elements(W, drop, Ginv, Ainv, max_correlate=0) - W
+    torch.testing.assert_close(d_fo, kkt_optimum(W, grad, A, G, drop))
+    assert int(torch.count_nonzero((W + d_fo)[drop])) == 0
+    # under the model with the gradient, the first-order update never scores worse than the plain OBS one
+    assert quadratic_loss(d_fo, A, G, grad) <= quadratic_loss(d_obs, A, G, grad) + 1e-12
+    # single element: the cost formula is the OBS cost at the Newton point plus the Newton step's gain
+    r, c = 1, 2
+    one = torch.zeros_like(drop)
+    one[r, c] = True
+    d1 = obs_update_elements(W - U, one, Ginv, Ainv, max_correlate=0) - W
+    cost = element_costs(W - U, kind="obs", A_inv=Ainv, G_inv=Ginv)[r, c] - 0.5 * (grad * U).sum()
+    torch.testing.assert_close(quadratic_loss(d1, A, G, grad), cost)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_first_order_rows_and_columns(seed):
+    W, grad, A, G, Ainv, Ginv = setup(seed=seed)
+    U = newton_step(grad, Ginv, Ainv)
+    gain = -0.5 * (grad * U).sum()
+    rows = torch.tensor([0, 2])
+    d_fo = obs_update_rows(W - U, Ginv, rows) - W
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask[rows] = True
+    torch.testing.assert_close(d_fo, kkt_optimum(W, grad, A, G, mask))
+    assert quadratic_loss(d_fo, A, G, grad) <= quadratic_loss(obs_update_rows(W, Ginv, rows) - W, A, G, grad)
+    d_r = obs_update_rows(W - U, Ginv, torch.tensor([1])) - W
+    torch.testing.assert_close(quadratic_loss(d_r, A, G, grad),
+                               row_costs(W - U, kind="obs", A=A, G=G, G_inv=Ginv)[1] + gain)
+    cols = torch.tensor([1, 3, 4])
+    d_fo = obs_update_columns(W - U, Ainv, cols) - W
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    mask[:, cols] = True
+    torch.testing.assert_close(d_fo, kkt_optimum(W, grad, A, G, mask))
+    d_c = obs_update_columns(W - U, Ainv, torch.tensor([3])) - W
+    torch.testing.assert_close(quadratic_loss(d_c, A, G, grad),
+                               column_costs(W - U, kind="obs", A=A, G=G, A_inv=Ainv)[3] + gain)
+
+
+def test_curvature_pass_returns_the_mean_loss_gradient():
+    model = tiny_model("opt")
+    windows = tiny_windows(3, 16, seed=5)
+    adapter = adapter_for(model)
+    f = estimate_kfac(model, windows, adapter=adapter, batch_size=2, collect_weight_grads=True)
+    assert all(p.grad is None for p in model.parameters())
+    ref = copy.deepcopy(model)
+    (sequence_nll(ref, windows).sum() / windows.numel()).backward()
+    for name, lin in prunable_linears(ref, adapter_for(ref)).items():
+        expected = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], dim=1)  # bias column last
+        torch.testing.assert_close(f.grads[name], expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method,structure", [("llm-surgeon", "structured"), ("llm-surgeon", "unstructured"),
+                                              ("llm-surgeon", "2:4"), ("kobd", "structured")])
+def test_first_order_shots_reach_the_target(method, structure):
+    model = tiny_model("llama")
+    size = 0.5 if structure == "2:4" else 0.6
+    opts = PruneOptions(method=method, structure=structure, first_order=True,
+                        max_correlate=None if structure == "structured" else 128)
+    rep = prune_shot(model, tiny_windows(4, 16, seed=1), options=opts, target_size=size, shot=1, num_shots=2)
+    assert abs(rep.achieved_size - size) < 0.03
+    assert rep.extra["first_order_gain"] <= 0
+    # a second shot keeps the earlier zeros (re-constrained, not resurrected by the Newton step)
+    zeros = {n: lin.weight == 0 for n, lin in prunable_linears(model, adapter_for(model)).items()}
+    prune_shot(model, tiny_windows(4, 16, seed=1), options=opts, target_size=min(size, 0.5), shot=2, num_shots=2)
+    for n, lin in prunable_linears(model, adapter_for(model)).items():
+        assert int(torch.count_nonzero(lin.weight[zeros[n]])) == 0
+
+
+def test_first_order_option_is_refused_where_it_does_not_apply():
+    for bad in (dict(method="magnitude"), dict(method="lobd"), dict(fisher="sampled"),
+                dict(structure="coupled")):
+        with pytest.raises(ValueError):
+            PruneOptions(first_order=True, **bad)
