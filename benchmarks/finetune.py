@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                "heldout_ppl": ev(model, heldout) if heldout is not None else None,
                "pruned_entries": sum(int((~m).sum()) for m in masks.values()), "finetuned": []}
         print(f"  size {rep.achieved_size:.4f}: ppl {out['ppl']:.3f} held-out {out['heldout_ppl']}", flush=True)
-        for lr in lrs:
+        for lr in lrs if args.final_steps else []:  # --final-steps 0: pruning only (e.g. the first-order term)
             ft_model = copy.deepcopy(model)
             if args.ft_dtype != "fp32":
                 ft_model.to(DTYPES[args.ft_dtype])
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             del ft_model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if heldout is not None:  # choose the lr on the held-out calibration-domain text, not on the test set
+        if heldout is not None and out["finetuned"]:  # the lr chosen on held-out calibration-domain text
             best = min(out["finetuned"], key=lambda r: r["heldout_ppl"])
             out["best_by_heldout"] = {"lr": best["lr"], "ppl": best["ppl"], "heldout_ppl": best["heldout_ppl"]}
         return out

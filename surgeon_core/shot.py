@@ -21,6 +21,8 @@ from .update import newton_step, obs_update_columns, obs_update_elements_batched
 
 __all__ = [
     "Structure",
+    "NonFiniteCurvatureError",
+    "check_factors",
     "MethodSpec",
     "METHODS",
     "PruneOptions",
@@ -156,6 +158,27 @@ class PruneOptions:
         for key in ("autocast_dtype", "gram_dtype"):
             d[key] = str(d[key]).replace("torch.", "") if d[key] else None
         return d
+
+
+class NonFiniteCurvatureError(FloatingPointError):
+    """Calibration produced NaN/Inf curvature factors (an overflow, typically under fp16/bf16 compute).
+
+    Raised before any weight is changed, so the caller may rerun the shot in fp32 on the same model."""
+
+
+def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None) -> None:
+    """Raise :class:`NonFiniteCurvatureError` if any K-FAC factor holds NaN/Inf."""
+    tensors = [*factors.A.items(), *factors.G.items()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(M).all().to("cpu") for _, M in tensors])
+    if bool(finite.all()):
+        return
+    bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
+    dtype = str(compute_dtype).replace("torch.", "") if compute_dtype is not None else "float32"
+    raise NonFiniteCurvatureError(
+        f"calibration overflow: curvature factors of {len(bad)} layer(s) hold NaN/Inf under {dtype} compute "
+        f"(first: {bad[0]})")
 
 
 @dataclass
@@ -425,6 +448,7 @@ def prune_shot(
             progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
         )
         seconds["curvature"] = factors.seconds["curvature"]
+        check_factors(factors, opts.autocast_dtype)
 
     if opts.structure_spec.kind == "coupled":
         return _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_size, shot, num_shots,

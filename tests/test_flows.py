@@ -335,3 +335,23 @@ def test_finetune_cache_key_covers_its_inputs(tiny_recipe):
     assert key != steps.finetune_key(cfg, w, DataRef("/c.npy", "other", (4, 16)), 2, 1)
     for change in ({"finetune_lr": 1e-4}, {"finetune_train": "both"}, {"finetune_schedule": "constant"}):
         assert key != steps.finetune_key(PruneConfig(**{**tiny_recipe, "finetune_steps": 2, **change}), w, data, 2, 1)
+
+
+def test_cli_prune_finetune_flags(tiny_recipe, tmp_path, capsys):
+    import json
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe, "shots": 1}))
+    js = tmp_path / "r.json"
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--finetune-steps", 1, "--final-finetune-steps", 2,
+                        "--finetune-lr", 1e-3, "--finetune-train", "both", "--output", tmp_path / "o", "--no-register",
+                        "--json", js)
+    assert rc == 0, err
+    res = json.loads(js.read_text())
+    assert {k: res["config"][k] for k in ("finetune_steps", "final_finetune_steps", "finetune_lr", "finetune_train")} \
+        == {"finetune_steps": 1, "final_finetune_steps": 2, "finetune_lr": 1e-3, "finetune_train": "both"}
+    assert res["shots"][0]["finetune_loss"] > 0
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--finetune-train", "embeddings")
+    assert rc == 2 and "finetune_train" in err.strip().splitlines()[-1]
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--method", "magnitude", "--first-order")
+    assert rc == 2 and "first_order needs method llm-surgeon or kobd" in err
