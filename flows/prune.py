@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from surgeon import outputs
 from surgeon.config import PruneConfig, load_recipe, parse_overrides
 from surgeon.finetuning import finetune_steps_after
 from surgeon.pruning import options_from_config
@@ -84,9 +85,13 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
     log.info("%s: %s %s to size %.4g in %d shot(s): %s", name, cfg.method, cfg.structure, cfg.final_target,
              len(targets), ", ".join(f"{s:.4f}" for s in targets))
 
-    with tracking.start_run(f"{name} {cfg.method} {cfg.structure} {cfg.final_target:g}", experiment=cfg.experiment,
-                            params=cfg.model_dump(), parent_run_id=parent_run_id,
-                            tags={**reporting.flow_run_tags(), "config_hash": cfg.config_hash()}) as run:
+    # the output policy (no silent overwrite) before any work; one writer per output folder for the whole run
+    output = cfg.output or default_output(cfg, name)
+    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.overwrite)
+    with outputs.output_lock(output), \
+            tracking.start_run(f"{name} {cfg.method} {cfg.structure} {cfg.final_target:g}", experiment=cfg.experiment,
+                               params=cfg.model_dump(), parent_run_id=parent_run_id,
+                               tags={**reporting.flow_run_tags(), "config_hash": cfg.config_hash()}) as run:
         log.info("MLflow run %s", run.url)
         model = steps.load_model(cfg)
         calibration = steps.build_calibration(cfg, model)
@@ -129,7 +134,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
             "finetune_seconds": sum(r["seconds"] for r in ft_reports),
         }
         metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
-        summary["output"] = steps.export(cfg, weights, cfg.output or default_output(cfg, name), metrics, model)
+        summary["output"] = steps.export(cfg, weights, output, metrics, model)
         tracking.log_outcome(run.run_id, recipe_yaml=cfg.to_yaml(), shot_reports=reports,
                              ppl_points=[(r["size"], r["ppl"]) for r in rows if r["ppl"] is not None]
                              + ([(1.0, dense_ppl)] if dense_ppl else []),

@@ -303,7 +303,8 @@ def prune_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Seed (sampled Fisher labels).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward/backward pass.")] = None,
     max_correlate: Annotated[Optional[int], typer.Option(help="Removed entries solved jointly (0 = all).")] = None,
-    compute_dtype: Annotated[Optional[str], typer.Option(help="fp32 or bf16 (curvature forward/backward).")] = None,
+    compute_dtype: Annotated[Optional[str], typer.Option(
+        help="fp32, bf16 or fp16 (curvature forward/backward; an overflow reruns the shot in fp32).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(
         help="Fine-tuning steps after every shot (mask-preserving: pruned weights stay 0; 0 = off).", min=0)] = None,
@@ -322,6 +323,9 @@ def prune_cmd(
     materialize: Annotated[bool, typer.Option(
         "--materialize", help="Also write the really smaller model (all-zero FFN units / heads dropped) to "
                               "OUTPUT-materialized (see `surgeon materialize`).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace an existing OUTPUT that is not this recipe's own earlier output (default: "
+                            "refuse; an earlier output of the same recipe is always replaced by the same result).")] = False,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -337,17 +341,16 @@ def prune_cmd(
                       max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads,
                       finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
                       finetune_lr=finetune_lr, finetune_train=finetune_train, first_order=first_order,
-                      register_model=register)
-    if cfg.output:
-        out_dir = Path(cfg.output).expanduser()
-        if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and
-                                                          not (out_dir / "manifest.json").exists())):
-            raise SurgeonError(f"output {out_dir} exists and is not an earlier surgeon output; choose another")
+                      register_model=register, overwrite=overwrite or None)
     check_model_ref(cfg.model)
     for ref in (cfg.calibration, cfg.eval_data):
         if ref is not None:
             check_data_ref(ref)
     set_threads(cfg.threads)
+    from .pruning import preflight
+
+    stage("checking the output folder, model and data")
+    preflight(cfg)  # every bad input fails here, in one line, before a flow run starts
     stage(f"pruning {cfg.model}: {cfg.method}, {cfg.structure}, target size {cfg.final_target:g}, "
           f"{cfg.shots} shot(s) (Prefect flow 'prune'; MLflow {_pipeline_env()})")
     from flows.prune import prune_flow
@@ -407,6 +410,30 @@ def materialize_cmd(
     _print_materialize(report)
     if json_out is not None:
         write_json(json_out, report)
+
+
+@app.command("verify")
+def verify_cmd(
+    folder: Annotated[Path, typer.Argument(help="A `surgeon prune` output folder.")],
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Check a pruned folder against its manifest.json: every file's sha256, no missing or extra files, the recipe
+    (config hash, resolved recipe) and finite weights. Prints OK, or one line per difference and exits 1."""
+    from .outputs import verify_dir
+
+    json_out = check_output_file(json_out)
+    report = verify_dir(folder)
+    if json_out is not None:
+        write_json(json_out, report)
+    if report["ok"]:
+        print(f"OK {folder}: {report['files']} files match manifest.json; recipe config {report['config_hash']}; "
+              "weights finite")
+        return
+    for problem in report["problems"]:
+        print(f"MISMATCH {problem}")
+    print(f"error: {folder} does not match its manifest ({len(report['problems'])} problem(s))", file=sys.stderr)
+    raise typer.Exit(1)
 
 
 def _pipeline_env() -> str:

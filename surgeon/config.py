@@ -33,6 +33,7 @@ class PruneConfig(BaseModel):
 
     model: str = Field(description="local HF folder, .gguf file, Hub id, or a fetchable name such as smollm2-135m")
     output: str | None = None
+    overwrite: bool = False  # replace an existing output folder that is not this recipe's earlier output
     method: Literal["llm-surgeon", "sparsegpt", "wanda", "magnitude", "kobd", "lobd"] = "llm-surgeon"
     structure: str = "structured"
     target_size: float | None = None  # None: 0.7, or N/M for N:M structures
@@ -61,7 +62,7 @@ class PruneConfig(BaseModel):
     max_correlate: int | None = None
     structured_update: Literal["sum", "sequential"] = "sum"
     batch_size: int = 1
-    compute_dtype: Literal["fp32", "bf16"] = "fp32"
+    compute_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # overflow in bf16/fp16 -> the shot reruns in fp32
     device: str = "cpu"
     threads: int | None = None
     # mask-preserving fine-tuning of the surviving weights (surgeon_core.finetune; 0 steps = off)

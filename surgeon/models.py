@@ -24,7 +24,7 @@ from .errors import SurgeonError
 from .utils import atomic_dir, atomic_write, sha256_bytes, sha256_file
 
 __all__ = ["ModelInfo", "load_model", "save_model", "model_content_hash", "DTYPES", "parse_dtype",
-           "SUPPORTED_MODEL_TYPES"]
+           "SUPPORTED_MODEL_TYPES", "check_finite"]
 
 SUPPORTED_MODEL_TYPES = tuple(sorted({t for a in ADAPTERS for t in a.model_types}))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -355,18 +355,28 @@ def load_model(ref: str | os.PathLike, *, dtype: torch.dtype | str = torch.float
         raise SurgeonError(f"model path not found: {path}")
     else:
         out = _load_hub(ref_s, dtype, device)
+    check_finite(out[0], out[2].path)
     out[2].extra.setdefault("load_seconds", round(time.perf_counter() - t0, 3))
     return out
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Refuse weights holding NaN/Inf (a corrupt or diverged model): pruning them would only spread the NaNs."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise SurgeonError(f"model weights hold NaN/Inf: {name} has {bad} non-finite value(s) in {where}")
 
 
 # --------------------------------------------------------------------------------------------------- saving
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, bytes | str] | None = None,
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, finalize=None) -> Path:
     """Write ``model`` (safetensors), ``tokenizer`` and ``extra_files`` to a Hugging Face folder, atomically.
 
     Everything is written to a temporary folder next to ``out_dir`` which is renamed into place at the end, so
-    an interrupted save never leaves a folder that looks complete. Returns the final path.
+    an interrupted save never leaves a folder that looks complete. ``finalize(tmp_folder)`` runs last, before the
+    rename (e.g. to write a manifest of the finished files). Returns the final path.
     """
     out_dir = Path(out_dir).expanduser()
     _make_serializable(model)
@@ -380,6 +390,8 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dic
                 if rel.is_absolute() or ".." in rel.parts:
                     raise SurgeonError(f"extra file name must be relative inside the model folder: {name}")
                 atomic_write(tmp / rel, data)
+            if finalize is not None:
+                finalize(tmp)
     except FileExistsError as exc:
         raise SurgeonError(f"cannot write model folder: {exc}") from exc
     except OSError as exc:

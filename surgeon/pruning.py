@@ -6,8 +6,12 @@ them one-to-one. ``prune_run`` is the plain in-process driver (no Prefect, no ML
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgeon_core.shot import PruneOptions, linear_schedule, model_size, prune, prune_shot
+from surgeon_core.shot import (NonFiniteCurvatureError, PruneOptions, ShotReport, Structure, linear_schedule,
+                                model_size, prune, prune_shot)
 
 from .config import PruneConfig
 from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
 from .errors import SurgeonError
 from .models import load_model, model_content_hash, save_model
+from .outputs import check_output, manifest_files, output_lock
 from .utils import atomic_write, cache_dir, sha256_file
 
-__all__ = ["ModelRef", "DataRef", "phase_logger", "prepare_model", "build_calibration", "build_eval", "run_shot", "evaluate_dir",
-           "export", "prune_run", "options_from_config", "peak_rss_gb"]
+__all__ = ["ModelRef", "DataRef", "phase_logger", "prepare_model", "validate_model", "build_calibration", "build_eval",
+           "preflight", "run_shot", "shot_with_fallback", "evaluate_dir", "export", "prune_run", "options_from_config",
+           "peak_rss_gb"]
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,33 @@ def prepare_model(cfg: PruneConfig) -> ModelRef:
             path = cache_dir("models") / ("hub-" + ref.replace("/", "--"))
             save_model(model, tok, path)
     path = Path(path).resolve()
-    return ModelRef(str(path), model_content_hash(path))
+    content_hash = model_content_hash(path)
+    validate_model(str(path), cfg, content_hash)
+    return ModelRef(str(path), content_hash)
+
+
+def validate_model(model_path: str, cfg: PruneConfig, content_hash: str | None = None) -> None:
+    """Load the model once on the CPU and refuse, with one line, what a shot would fail on hours later: corrupt or
+    truncated files, an unsupported architecture, NaN/Inf weights (all in :func:`load_model`), and an N:M
+    structure whose M does not divide every prunable layer's input dimension. A success is remembered per content
+    hash and structure (``$SURGEON_CACHE/validated``), so a large model is read for this only once."""
+    from surgeon_core.adapters import adapter_for, prunable_linears
+
+    marker = cache_dir("validated") / f"{content_hash[:32]}-{cfg.structure.replace(':', 'of')}" \
+        if content_hash else None
+    if marker is not None and marker.is_file():
+        return
+    model, _, _ = load_model(model_path, dtype=torch.float32, device="cpu")
+    st = Structure.parse(cfg.structure)
+    if st.kind == "nm":
+        bad = [(n, lin.in_features) for n, lin in prunable_linears(model, adapter_for(model)).items()
+               if lin.in_features % st.m]
+        if bad:
+            raise SurgeonError(f"{st} sparsity needs every prunable layer's input dimension divisible by {st.m}: "
+                               f"{bad[0][0]} has {bad[0][1]} inputs ({len(bad)} layer(s) affected)")
+    del model
+    if marker is not None:
+        atomic_write(marker, model_path)
 
 
 def _tokenizer(model_path: str):
@@ -108,6 +142,10 @@ def build_calibration(cfg: PruneConfig, model_path: str) -> DataRef:
     check_seqlen(cfg.seqlen, _model_config(model_path))
     ids = load_ids(cfg.calibration, _tokenizer(model_path), split=cfg.calibration_split,
                    column=cfg.calibration_column, join=None)
+    if ids.dim() == 1 and ids.numel() < cfg.nsamples * cfg.seqlen:
+        raise SurgeonError(f"calibration corpus {cfg.calibration} has {ids.numel()} tokens, fewer than nsamples x "
+                           f"seqlen = {cfg.nsamples} x {cfg.seqlen} = {cfg.nsamples * cfg.seqlen} (the windows would "
+                           "mostly repeat); give more text or fewer/shorter windows")
     windows = calibration_windows(ids, cfg.nsamples, cfg.seqlen, cfg.calibration_seed)
     did = data_id(windows, source=cfg.calibration, seed=cfg.calibration_seed)
     return _save_windows(windows, did, "calib")
@@ -125,7 +163,21 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
 
 
 def _load_windows(path: str) -> torch.Tensor:
-    return torch.from_numpy(np.load(path).astype(np.int64))
+    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+
+
+def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None]:
+    """Every check that can fail on the user's input, before any pruning: the output folder (policy of
+    :func:`surgeon.outputs.check_output`), the model (:func:`validate_model`), calibration and evaluation data
+    (found, long enough, ``seqlen`` within the model's context). Raises :class:`SurgeonError`; writes nothing
+    but the caches (converted models, token ids). Returns what it resolved."""
+    if cfg.output:
+        check_output(cfg.output, config_hash=cfg.config_hash(), overwrite=cfg.overwrite)
+    src = prepare_model(cfg)
+    if cfg.output:
+        check_output(cfg.output, config_hash=cfg.config_hash(), source_model=src.content_hash,
+                     overwrite=cfg.overwrite)
+    return src, build_calibration(cfg, src.path), build_eval(cfg, src.path)
 
 
 def _load_for_pruning(source_dir: str, cfg: PruneConfig):
@@ -162,8 +214,8 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
         rep = prune(model, windows, options=opts, target_size=cfg.final_target, num_shots=1)[0]
     else:
         target = linear_schedule(cfg.final_target, cfg.shots)[shot - 1]
-        rep = prune_shot(model, windows, options=opts, target_size=target, shot=shot, num_shots=cfg.shots,
-                         progress=progress)
+        rep = shot_with_fallback(model, windows, opts, target_size=target, shot=shot, num_shots=cfg.shots,
+                                 progress=progress)
     report = rep.to_dict()
     report["peak_rss_gb"] = peak_rss_gb()
     state = {"shot": shot, "num_shots": cfg.shots, "config_hash": cfg.config_hash(), "report": report}
@@ -182,28 +234,66 @@ def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig) -> dict:
 def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
     """Write the final pruned model folder with ``recipe.yaml`` and ``manifest.json`` (hashes), atomically."""
     model, tok, _ = load_model(ckpt_dir, dtype=torch.float32)
+def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, target_size: float, shot: int,
+                       num_shots: int, progress=None, log: logging.Logger | None = None) -> ShotReport:
+    """One shot; if calibration overflows under fp16/bf16 compute (NaN/Inf curvature factors, detected before any
+    weight changes) it is logged and the shot reruns in fp32. Damping escalations (factors that were not positive
+    definite) are logged too; ``report.extra`` records both."""
+    log = log or _log
+    try:
+        rep = prune_shot(model, windows, options=opts, target_size=target_size, shot=shot, num_shots=num_shots,
+                         progress=progress)
+    except NonFiniteCurvatureError as exc:
+        if opts.autocast_dtype is None and opts.gram_dtype is None:
+            raise
+        log.warning("shot %d: %s; rerunning the shot in fp32", shot, exc)
+        fp32 = dataclasses.replace(opts, autocast_dtype=None, gram_dtype=None)
+        rep = prune_shot(model, windows, options=fp32, target_size=target_size, shot=shot, num_shots=num_shots,
+                         progress=progress)
+        rep.extra["fp32_retry"] = str(exc)
+    if rep.damping_escalations:
+        log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite",
+                    shot, rep.damping_escalations)
+    return rep
+
+
     size, per_layer, per_type = model_size(model)
     manifest = {"source_model": source.path, "source_model_hash": source.content_hash,
                 "config_hash": cfg.config_hash(), "method": cfg.method, "structure": cfg.structure,
                 "target_size": cfg.final_target, "achieved_size": size, "type_sizes": per_type,
-                "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "recipe": cfg.model_dump()}
+
+    def write_manifest(folder: Path) -> None:  # inside the temporary folder: the manifest is there before the rename
+        atomic_write(folder / "manifest.json", json.dumps({**manifest, "files": manifest_files(folder)}, indent=1))
+
     out = save_model(model, tok, output_dir, extra_files={"recipe.yaml": cfg.to_yaml(),
-                                                          "layer_sizes.json": json.dumps(per_layer, indent=1)})
-    files = {p.name: sha256_file(p, use_cache=False) for p in sorted(out.iterdir()) if p.is_file()}
-    atomic_write(out / "manifest.json", json.dumps({**manifest, "files": files}, indent=1))
+                                                          "layer_sizes.json": json.dumps(per_layer, indent=1)},
+                     finalize=write_manifest)
     return str(out)
+    check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
+                 overwrite=cfg.overwrite)
 
 
 def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
-    """Whole run in one process (no checkpoints between shots): load, calibrate, prune T shots, evaluate, export."""
+    """Whole run in one process (no checkpoints between shots): load, calibrate, prune T shots, evaluate, export.
+
+    Bad input raises :class:`SurgeonError` (the same one-line messages as ``surgeon prune``) before any work; the
+    output folder is locked for the whole run (:func:`surgeon.outputs.output_lock`)."""
+    if cfg.output:
+        check_output(cfg.output, config_hash=cfg.config_hash(), overwrite=cfg.overwrite)
+        with output_lock(cfg.output):
+            return _prune_run(cfg, progress=progress, on_shot=on_shot)
+    return _prune_run(cfg, progress=progress, on_shot=on_shot)
+
+
+def _prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
     from surgeon_core.evaluate import perplexity
 
     from .finetuning import finetune_model, finetune_steps_after
 
     t_start = time.perf_counter()
-    src = prepare_model(cfg)
-    calib = build_calibration(cfg, src.path)
-    evald = build_eval(cfg, src.path)
+    src, calib, evald = preflight(cfg)
     model, tok = _load_for_pruning(src.path, cfg)
     evalw = _load_windows(evald.path) if evald else None
     result = {"config": cfg.model_dump(), "source_model_hash": src.content_hash, "calibration_id": calib.data_id,
@@ -227,8 +317,13 @@ def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
         if on_shot:
             on_shot(row)
 
-    prune(model, _load_windows(calib.path), options=opts, target_size=cfg.final_target, num_shots=cfg.shots,
-          on_shot=shot_done, progress=progress)
+    windows = _load_windows(calib.path)
+    if opts.layerwise:
+        prune(model, windows, options=opts, target_size=cfg.final_target, num_shots=1, on_shot=shot_done)
+    else:
+        for t, target in enumerate(schedule, start=1):
+            shot_done(shot_with_fallback(model, windows, opts, target_size=target, shot=t, num_shots=len(schedule),
+                                         progress=progress))
     final = result["shots"][-1]
     result["achieved_size"] = final["achieved_size"]
     if "eval" in final:
@@ -237,10 +332,13 @@ def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
     prune_secs = [sum(r["seconds"].values()) for r in result["shots"]]
     result["seconds_per_shot"] = sum(prune_secs) / len(prune_secs)
     if cfg.output:
-        tmp_ckpt = cache_dir("tmp") / f"run-{cfg.config_hash()}"
+        tmp_ckpt = cache_dir("tmp") / f"run-{cfg.config_hash()}-{os.getpid()}"
         metrics = {k: result[k] for k in ("ppl", "achieved_size") if k in result}
         if "dense" in result:
             metrics["dense_ppl"] = result["dense"]["ppl"]
         save_model(model, tok, tmp_ckpt)
-        result["output"] = export(str(tmp_ckpt), cfg.output, cfg, metrics, src)
+        try:
+            result["output"] = export(str(tmp_ckpt), cfg.output, cfg, metrics, src)
+        finally:
+            shutil.rmtree(tmp_ckpt, ignore_errors=True)
     return result

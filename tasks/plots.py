@@ -15,6 +15,15 @@ _BLOCK = re.compile(r"\.(\d+)\.")
 
 
 def split_layer_name(name: str) -> tuple[int, str]:
+def _save(fig, path: Path) -> None:
+    """Render to memory, then write atomically (temp file + rename): a killed run leaves no half-written image."""
+    from surgeon.utils import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    atomic_write(path, buf.getvalue())
+
+
     """('model.layers.3.self_attn.q_proj') -> (3, 'q_proj')."""
     m = _BLOCK.search(name)
     return (int(m.group(1)) if m else -1), name.rsplit(".", 1)[-1]
@@ -69,7 +78,7 @@ def allocation_heatmap(layer_sizes: dict[str, float], path: Path, title: str = "
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
     fig.colorbar(im, ax=ax, label="size")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -93,7 +102,7 @@ def ppl_vs_size(series: dict[str, list[tuple[float, float]]], path: Path, dense_
     ax.legend(fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -138,11 +147,13 @@ def write_comparison(directory: Path, rows: list[dict], series: dict[str, list[t
                      dense_ppl: float | None) -> Path:
     """A sweep's ``comparison.md``, ``comparison.csv`` and ``ppl_vs_size.png`` in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "comparison.md").write_text(markdown_table(rows))
+    from surgeon.utils import atomic_write
+
+    atomic_write(directory / "comparison.md", markdown_table(rows))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    (directory / "comparison.csv").write_text(buf.getvalue())
+    atomic_write(directory / "comparison.csv", buf.getvalue())
     ppl_vs_size(series, directory / "ppl_vs_size.png", dense_ppl=dense_ppl, title="sweep: perplexity vs size")
     return directory

@@ -54,8 +54,10 @@ def cache_root() -> Path:
 
 
 def persisted(*tasks):
-    """The given tasks with results stored under the cache root (resolved when the flow runs, not at import)."""
-    out = tuple(t.with_options(result_storage=cache_root() / "results") for t in tasks)
+    """The given tasks with results stored under the cache root (resolved when the flow runs, not at import).
+
+    Results are stored as JSON, not pickle: a result file is never code that runs when the cache is read."""
+    out = tuple(t.with_options(result_storage=cache_root() / "results", result_serializer="json") for t in tasks)
     return out if len(out) > 1 else out[0]
 
 
@@ -157,6 +159,11 @@ def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, steps:
         log.info("fine-tuning after shot %d: reusing checkpoint %s", shot, ckpt)
         report = json.loads((ckpt / "state.json").read_text())["report"]
     else:
+    if report.get("damping_escalations"):
+        log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite", shot,
+                    report["damping_escalations"])
+    if report.get("extra", {}).get("fp32_retry"):
+        log.warning("shot %d: %s; the shot was rerun in fp32", shot, report["extra"]["fp32_retry"])
         for stale in ckpt.parent.glob(f".{key}.*.partial"):  # left by a run killed while writing it
             shutil.rmtree(stale, ignore_errors=True)
         log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,

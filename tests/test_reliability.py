@@ -1,0 +1,403 @@
+"""Reliability of `surgeon prune` and its Python API on a tiny random Llama (docs/reliability.md lists every case).
+
+- bad input: each case gives one line ``error: ...`` naming the problem and exit status 2 through the CLI, the
+  same message as a SurgeonError through the Python API, nothing written (no output, lock, JSON or MLflow run),
+  and the source model unchanged (sha256 of every file);
+- outputs: manifest with hashes and the resolved recipe, ``surgeon verify`` (OK / each difference, exit 1), the
+  output policy (same recipe replaced, another refused unless overwrite), one writer per output folder (a second
+  run is refused; a run killed with SIGKILL leaves no half-written output and a stale lock that is taken over);
+- concurrency: two processes registering versions of one registered model at once in one MLflow;
+- determinism: the same recipe and seed give identical masks and weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from surgeon.cli import main
+from surgeon.config import load_recipe
+from surgeon.errors import SurgeonError
+from surgeon.outputs import lock_path, output_lock
+from surgeon.pruning import prune_run
+from surgeon.utils import sha256_file
+from tiny_io import TEXT, save_tiny
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("reliability")
+    model = save_tiny(root / "tiny")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return {"root": root, "model": model, "text": text}
+
+
+def recipe(inputs, output, **kw) -> dict:
+    return {"model": str(inputs["model"]), "calibration": str(inputs["text"]), "nsamples": 4, "seqlen": 16,
+            "shots": 1, "target_size": 0.8, "threads": 1, "register_model": False,
+            **({"output": str(output)} if output is not None else {}), **kw}
+
+
+def folder_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): sha256_file(p, use_cache=False)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def _bad_models(root: Path, good: Path) -> dict[str, Path]:
+    models = {}
+    models["no weights"] = copy_model(good, root / "m-noweights")
+    (models["no weights"] / "model.safetensors").unlink()
+    models["truncated"] = copy_model(good, root / "m-truncated")
+    data = (good / "model.safetensors").read_bytes()
+    (models["truncated"] / "model.safetensors").write_bytes(data[: len(data) // 2])
+    models["bad config"] = copy_model(good, root / "m-badconfig")
+    (models["bad config"] / "config.json").write_text("{not json")
+    models["gpt2"] = copy_model(good, root / "m-gpt2")
+    cfg = json.loads((good / "config.json").read_text())
+    (models["gpt2"] / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    for name, value in (("nan", float("nan")), ("inf", float("inf"))):
+        models[name] = copy_model(good, root / f"m-{name}")
+        tensors = load_file(str(good / "model.safetensors"))
+        key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+        tensors[key][0, 0] = value
+        save_file(tensors, str(models[name] / "model.safetensors"), metadata={"format": "pt"})
+    return models
+
+
+def bad_cases(inputs, root: Path) -> dict[str, tuple[dict, list[str], str]]:
+    """name -> (recipe changes, extra CLI arguments, expected part of the message)."""
+    models = _bad_models(root, inputs["model"])
+    (root / "empty.txt").write_text("")
+    (root / "short.txt").write_text("The quick brown fox.")
+    np.save(root / "big.npy", np.array([1, 2, 5000, 3] * 40))
+    np.save(root / "windows8.npy", np.arange(32).reshape(4, 8) % 100)
+    (root / "busy").mkdir()
+    (root / "busy" / "notes.txt").write_text("mine")
+    (root / "other").mkdir()
+    (root / "other" / "manifest.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "files": {}}))
+    (root / "afile").write_text("x")
+    return {
+        "target size above 1": ({"target_size": 1.5}, [], "invalid recipe value for 'target_size'"),
+        "target size 0": ({"target_size": 0}, [], "invalid recipe value for 'target_size'"),
+        "unknown method": ({"method": "obs-magic"}, [], "invalid recipe value for 'method'"),
+        "unknown structure": ({"structure": "diagonal"}, [], "unknown structure 'diagonal'"),
+        "N:M with another target size": ({"structure": "2:4", "target_size": 0.7}, [], "does not match"),
+        "N:M not dividing the inputs": ({"structure": "2:7", "target_size": None}, [], "divisible by 7"),
+        "structured with a layer-wise method": ({"method": "wanda", "structure": "structured"}, [],
+                                                "does not support structured"),
+        "nsamples 0": ({"nsamples": 0}, [], "invalid recipe value for 'nsamples'"),
+        "unknown compute dtype": ({"compute_dtype": "fp8"}, [], "invalid recipe value for 'compute_dtype'"),
+        "eval_at out of range": ({"eval_at": [1.5]}, [], "eval_at sizes must be in (0, 1]"),
+        "missing model": ({"model": str(root / "nope")}, [], "model path not found"),
+        "model folder without weights": ({"model": str(models["no weights"])}, [], "no weight files"),
+        "truncated safetensors": ({"model": str(models["truncated"])}, [], "corrupt or truncated safetensors"),
+        "corrupt config.json": ({"model": str(models["bad config"])}, [], "cannot read"),
+        "unsupported architecture": ({"model": str(models["gpt2"])}, [], "unsupported architecture 'gpt2'"),
+        "NaN weights": ({"model": str(models["nan"])}, [], "model weights hold NaN/Inf"),
+        "Inf weights": ({"model": str(models["inf"])}, [], "model weights hold NaN/Inf"),
+        "missing calibration file": ({"calibration": str(root / "nope.txt")}, [], "data file not found"),
+        "empty corpus": ({"calibration": str(root / "empty.txt")}, [], "corpus is empty"),
+        "corpus shorter than nsamples x seqlen": ({"calibration": str(root / "short.txt")}, [],
+                                                  "fewer than nsamples x seqlen"),
+        "seqlen beyond the context": ({"seqlen": 512}, [], "beyond the model's context of 256"),
+        "eval seqlen beyond the context": ({"eval_data": str(inputs["text"]), "eval_seqlen": 300}, [],
+                                           "beyond the model's context of 256"),
+        "token ids beyond the vocabulary": ({"calibration": str(root / "big.npy")}, [], "beyond the tokenizer's"),
+        "windows of another length": ({"calibration": str(root / "windows8.npy")}, [],
+                                      "calibration windows have 8 tokens"),
+        "non-empty output folder": ({"output": str(root / "busy")}, [], "is not empty and is not a surgeon output"),
+        "output of another recipe": ({"output": str(root / "other")}, [], "holds a pruned model of another recipe"),
+        "output under a file": ({"output": str(root / "afile" / "out")}, [], "is not a folder"),
+        "unknown recipe key": ({"shotz": 2}, [], "unknown recipe key 'shotz'"),
+        "bad override": ({}, ["shots"], "override must look like key=value"),
+    }
+
+
+RAW_RECIPES = {  # recipe files that are not valid YAML mappings
+    "malformed recipe YAML": ("model: [unclosed\nshots: 2\n", "malformed recipe YAML"),
+    "recipe not a mapping": ("- model\n- shots\n", "must be a mapping"),
+}
+
+
+def test_bad_input_cli_and_api_one_line_nothing_written_model_untouched(inputs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = folder_hashes(inputs["model"])
+    cases = bad_cases(inputs, tmp_path)
+    out = tmp_path / "out"
+    seen = 0
+    for name, (changes, extra, message) in [*cases.items(), *((n, (None, [], m)) for n, (_, m) in RAW_RECIPES.items())]:
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        if changes is None:
+            path.write_text(RAW_RECIPES[name][0])
+        else:
+            path.write_text(yaml.safe_dump({k: v for k, v in {**recipe(inputs, out), **changes}.items()
+                                            if v is not None}))
+        target = Path(yaml.safe_load(path.read_text())["output"]) if changes is not None else out
+        existed = target.exists() and folder_hashes(target)
+        js = tmp_path / "result.json"
+        rc, stdout, err = cli(capsys, "prune", "--config", path, *extra, "--json", js)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2, (name, err)
+        assert len(errors) == 1 and message in errors[0], (name, err)
+        assert err.rstrip().splitlines()[-1] == errors[0] and "Traceback" not in err, name
+        assert not js.exists() and not out.exists() and not lock_path(target).exists(), name
+        assert (folder_hashes(target) if target.exists() else False) == existed, name  # a busy output untouched
+        # the Python API: the same message, as a SurgeonError
+        with pytest.raises(SurgeonError) as exc:
+            prune_run(load_recipe(path, extra))
+        assert f"error: {exc.value}" == errors[0], name
+        assert not out.exists() and not lock_path(target).exists(), name
+        seen += 1
+    assert seen >= 30
+    assert folder_hashes(inputs["model"]) == before
+    assert not (tmp_path / "mlflow.db").exists()  # no run was started
+
+
+def test_json_output_is_a_folder(inputs, tmp_path, capsys):
+    (tmp_path / "adir").mkdir()
+    rc, out, err = cli(capsys, "prune", "--model", inputs["model"], "--calibration", inputs["text"], "--nsamples", 4,
+                       "--seqlen", 16, "--output", tmp_path / "o", "--json", tmp_path / "adir")
+    assert rc == 2 and err.strip().splitlines()[-1].startswith("error: output path is a folder")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_parent(inputs, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(SurgeonError, match="is not writable"):
+        prune_run(load_recipe(None, [], **recipe(inputs, ro / "out")))
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+@pytest.fixture(scope="module")
+def pruned(inputs) -> Path:
+    out = inputs["root"] / "pruned"
+    prune_run(load_recipe(None, [], **recipe(inputs, out, shots=2, eval_data=str(inputs["text"]),
+                                                eval_max_windows=2)))
+    return out
+
+
+def test_manifest_carries_hashes_and_resolved_recipe(pruned, inputs):
+    manifest = json.loads((pruned / "manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in pruned.iterdir() if p.name != "manifest.json"}
+    assert all(manifest["files"][n] == sha256_file(pruned / n, use_cache=False) for n in manifest["files"])
+    assert manifest["recipe"] == yaml.safe_load((pruned / "recipe.yaml").read_text())
+    assert manifest["recipe"]["shots"] == 2 and manifest["config_hash"]
+    assert not list(pruned.parent.glob(".pruned.*"))  # no temporary folder or lock left beside it
+
+
+def test_verify_ok_and_every_kind_of_difference(pruned, tmp_path, capsys):
+    rc, out, err = cli(capsys, "verify", pruned)
+    assert rc == 0 and out.startswith(f"OK {pruned}") and "weights finite" in out
+
+    def tampered(name, change) -> tuple[int, str, str]:
+        copy = copy_model(pruned, tmp_path / name)
+        change(copy)
+        return cli(capsys, "verify", copy)
+
+    def flip_byte(folder):
+        data = bytearray((folder / "model.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (folder / "model.safetensors").write_bytes(bytes(data))
+
+    def refresh(folder, name):  # a consistent manifest entry: only the deeper check can notice
+        m = json.loads((folder / "manifest.json").read_text())
+        m["files"][name] = sha256_file(folder / name, use_cache=False)
+        (folder / "manifest.json").write_text(json.dumps(m))
+
+    def edit_recipe(folder):
+        r = yaml.safe_load((folder / "recipe.yaml").read_text())
+        (folder / "recipe.yaml").write_text(yaml.safe_dump({**r, "target_size": 0.5}))
+        refresh(folder, "recipe.yaml")
+
+    def nan_weights(folder):
+        t = load_file(str(folder / "model.safetensors"))
+        key = next(iter(t))
+        t[key].view(-1)[0] = float("nan")
+        save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        refresh(folder, "model.safetensors")
+
+    expected = {
+        "flipped": (flip_byte, "model.safetensors differs"),
+        "extra": (lambda f: (f / "notes.txt").write_text("x"), "unexpected file notes.txt"),
+        "missing": (lambda f: (f / "tokenizer.json").unlink(), "missing file tokenizer.json"),
+        "recipe": (edit_recipe, "recipe.yaml gives config hash"),
+        "nan": (nan_weights, "holds NaN/Inf"),
+    }
+    for name, (change, message) in expected.items():
+        rc, out, err = tampered(name, change)
+        assert rc == 1, (name, out, err)
+        assert any(line.startswith("MISMATCH") and message in line for line in out.splitlines()), (name, out)
+        assert err.strip().startswith("error:") and "does not match its manifest" in err, name
+    rc, out, err = cli(capsys, "verify", tmp_path / "extra" / "..")
+    assert rc == 2 and "no manifest.json" in err
+
+
+def test_output_policy_same_recipe_replaced_other_refused_unless_overwrite(pruned, inputs, capsys):
+    before = weights(pruned)
+    same = recipe(inputs, pruned, shots=2, eval_data=str(inputs["text"]), eval_max_windows=2)
+    prune_run(load_recipe(None, [], **same))  # rerunning the finished command: allowed, identical result
+    assert all(torch.equal(before[k], v) for k, v in weights(pruned).items())
+    with pytest.raises(SurgeonError, match="another recipe"):
+        prune_run(load_recipe(None, [], **{**same, "target_size": 0.9}))
+    assert all(torch.equal(before[k], v) for k, v in weights(pruned).items())
+    rc, out, err = cli(capsys, "verify", pruned)
+    assert rc == 0
+
+
+def test_overwrite_is_explicit(inputs, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    args = ["prune", "--model", inputs["model"], "--calibration", inputs["text"], "--nsamples", 4, "--seqlen", 16,
+            "--target-size", 0.9, "--threads", 1, "--output", out, "--no-register"]
+    rc, _, err = cli(capsys, *args)
+    assert rc == 2 and "pass --overwrite" in err and (out / "notes.txt").exists()
+    with pytest.raises(SurgeonError, match="pass --overwrite"):
+        prune_run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
+    prune_run(load_recipe(None, ["overwrite=true"], **recipe(inputs, out, target_size=0.9)))
+    assert not (out / "notes.txt").exists() and cli(capsys, "verify", out)[0] == 0
+
+
+_RUN = """
+import sys, yaml
+from surgeon.config import load_recipe
+from surgeon.pruning import prune_run
+prune_run(load_recipe(sys.argv[1]))
+"""
+
+
+def test_second_writer_refused_kill_leaves_nothing_and_stale_lock_is_taken_over(inputs, tmp_path):
+    out = tmp_path / "shared-out"
+    slow = tmp_path / "slow.yaml"  # several shots on more windows: seconds of work to kill in the middle of
+    slow.write_text(yaml.safe_dump(recipe(inputs, out, shots=4, nsamples=16, target_size=0.6)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(slow)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not lock_path(out).exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        holder = json.loads(lock_path(out).read_text())
+        assert holder["pid"] == proc.pid
+        # a second run to the same output is refused at once, naming the holder
+        with pytest.raises(SurgeonError, match=f"being written by another run \\(pid {proc.pid} on "):
+            prune_run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)  # the first run dies in the middle of its work
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists() and not list(tmp_path.glob(".shared-out.*.partial"))  # nothing half-written
+    assert lock_path(out).exists()  # stale: its process is gone, the kernel released the lock
+    prune_run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
+    assert not lock_path(out).exists()
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["target_size"] == 0.9
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    with output_lock(tmp_path / "o"):
+        with pytest.raises(SurgeonError, match="being written by another run"):
+            with output_lock(tmp_path / "o"):
+                pass
+    with output_lock(tmp_path / "o"):  # released: can be taken again
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- concurrency
+
+_REGISTER = """
+import os, sys, time
+from pathlib import Path
+from tasks import tracking
+go, model_dir, tag = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+import mlflow  # imports done before the start line (the database is created meanwhile by the test)
+tracking._provenance()  # (imports torch and transformers)
+while not go.exists():
+    time.sleep(0.01)
+with tracking.start_run(f"concurrent {tag}", experiment="concurrency") as run:
+    version = tracking.register_model(run.run_id, model_dir, "shared-model", {"writer": tag})
+print(run.run_id, version)
+"""
+
+
+def test_two_processes_register_to_one_model_at_once(pruned, tmp_path, monkeypatch):
+    from tasks import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "1"}
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(go), str(pruned), tag], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    # meanwhile the database and experiment are created (as by any earlier run): the race is on the registry
+    tracking._experiment_id(tracking._client(), "concurrency")
+    go.write_text("go")  # both writers start together once their imports are done
+    results = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
+    runs = dict(line.split() for line, _ in results)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri, uri)
+    versions = client.search_model_versions("name='shared-model'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"] and sorted(runs.values()) == ["1", "2"]
+    expected = folder_hashes(pruned)
+    for v in versions:
+        assert runs[v.run_id] == str(v.version) and v.tags["writer"] in ("a", "b")
+        local = Path(client.download_artifacts(v.run_id, "model", str(tmp_path / f"dl-{v.version}")))
+        assert folder_hashes(local) == expected  # each version intact, every file identical to the export
+
+
+# ----------------------------------------------------------------------------------------------- determinism
+
+def test_same_recipe_and_seed_identical_masks_and_weights(inputs, tmp_path):
+    base = recipe(inputs, None, structure="unstructured", shots=2, fisher="sampled", seed=3, target_size=0.6)
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("other-seed", 4)):
+        prune_run(load_recipe(None, [], **{**base, "seed": seed, "output": str(tmp_path / name)}))
+        runs[name] = weights(tmp_path / name)
+    a, b, c = runs["a"], runs["b"], runs["other-seed"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a)  # masks
+    assert all(torch.equal(a[k], b[k]) for k in a)  # weights, bit for bit
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed matters (sampled Fisher labels)
