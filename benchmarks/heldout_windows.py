@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     text_a1, map_a1 = a1_text(raw)
     ids_a1, off_a1 = token_chars(tok, text_a1)
     info = {"text": args.text, "chars": len(raw), "tokens_p": len(ids_p), "tokens_a1": len(ids_a1)}
-    for name, ids, off, cmap, L, count in (("p", ids_p, off_p, None, 2048, 128), ("a1", ids_a1, off_a1, map_a1, 512, 32)):
+    protocols = (("p", ids_p, off_p, None, 2048, 128), ("a1", ids_a1, off_a1, map_a1, 512, 32))
+    for name, ids, off, cmap, L, count in protocols:
         calib = np.load(Path(args.data) / name / "calibration_windows.npy")
         st = starts(len(ids), count, L)
         regenerated = np.stack([ids[s : s + L] for s in st])

@@ -5,10 +5,9 @@ import copy
 import pytest
 import torch
 
-from surgeon_core.adapters import prunable_linears
+from surgeon_core.adapters import adapter_for, prunable_linears
 from surgeon_core.costs import column_costs, element_costs, row_costs
 from surgeon_core.curvature import estimate_kfac
-from surgeon_core.adapters import adapter_for
 from surgeon_core.finetune import (FinetuneOptions, finetune, lr_factor, mask_violations, pruning_masks,
                                    trainable_parameters)
 from surgeon_core.lm import sequence_nll
