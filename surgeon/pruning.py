@@ -223,17 +223,6 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
     return report
 
 
-def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig) -> dict:
-    """Paper-protocol perplexity of a saved model over the saved evaluation windows."""
-    from surgeon_core.evaluate import perplexity
-
-    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.device)
-    return perplexity(model, _load_windows(eval_path), batch_size=cfg.eval_batch_size)
-
-
-def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
-    """Write the final pruned model folder with ``recipe.yaml`` and ``manifest.json`` (hashes), atomically."""
-    model, tok, _ = load_model(ckpt_dir, dtype=torch.float32)
 def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, target_size: float, shot: int,
                        num_shots: int, progress=None, log: logging.Logger | None = None) -> ShotReport:
     """One shot; if calibration overflows under fp16/bf16 compute (NaN/Inf curvature factors, detected before any
@@ -257,6 +246,19 @@ def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, targ
     return rep
 
 
+def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig) -> dict:
+    """Paper-protocol perplexity of a saved model over the saved evaluation windows."""
+    from surgeon_core.evaluate import perplexity
+
+    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.device)
+    return perplexity(model, _load_windows(eval_path), batch_size=cfg.eval_batch_size)
+
+
+def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
+    """Write the final pruned model folder with ``recipe.yaml`` and ``manifest.json`` (hashes), atomically."""
+    check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
+                 overwrite=cfg.overwrite)
+    model, tok, _ = load_model(ckpt_dir, dtype=torch.float32)
     size, per_layer, per_type = model_size(model)
     manifest = {"source_model": source.path, "source_model_hash": source.content_hash,
                 "config_hash": cfg.config_hash(), "method": cfg.method, "structure": cfg.structure,
@@ -271,8 +273,6 @@ def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, targ
                                                           "layer_sizes.json": json.dumps(per_layer, indent=1)},
                      finalize=write_manifest)
     return str(out)
-    check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
-                 overwrite=cfg.overwrite)
 
 
 def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:

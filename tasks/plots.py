@@ -14,7 +14,6 @@ __all__ = ["split_layer_name", "allocation_rows", "allocation_csv", "allocation_
 _BLOCK = re.compile(r"\.(\d+)\.")
 
 
-def split_layer_name(name: str) -> tuple[int, str]:
 def _save(fig, path: Path) -> None:
     """Render to memory, then write atomically (temp file + rename): a killed run leaves no half-written image."""
     from surgeon.utils import atomic_write
@@ -24,6 +23,7 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def split_layer_name(name: str) -> tuple[int, str]:
     """('model.layers.3.self_attn.q_proj') -> (3, 'q_proj')."""
     m = _BLOCK.search(name)
     return (int(m.group(1)) if m else -1), name.rsplit(".", 1)[-1]
@@ -123,7 +123,7 @@ def finetune_curves(reports: list[dict], path: Path) -> Path:
         ax.legend(fontsize=7)
     ax.set_title("mask-preserving fine-tuning")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 

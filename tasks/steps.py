@@ -143,6 +143,11 @@ def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot:
                                   progress=pruning.phase_logger(log))
     log.info("shot %d: size %.4f (target %.4f), %s", shot, report["achieved_size"], report["target_size"],
              ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
+    if report.get("damping_escalations"):
+        log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite", shot,
+                    report["damping_escalations"])
+    if report.get("extra", {}).get("fp32_retry"):
+        log.warning("shot %d: %s; the shot was rerun in fp32", shot, report["extra"]["fp32_retry"])
     return {"weights": Weights(str(ckpt), key), "report": report}
 
 
@@ -159,11 +164,6 @@ def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, steps:
         log.info("fine-tuning after shot %d: reusing checkpoint %s", shot, ckpt)
         report = json.loads((ckpt / "state.json").read_text())["report"]
     else:
-    if report.get("damping_escalations"):
-        log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite", shot,
-                    report["damping_escalations"])
-    if report.get("extra", {}).get("fp32_retry"):
-        log.warning("shot %d: %s; the shot was rerun in fp32", shot, report["extra"]["fp32_retry"])
         for stale in ckpt.parent.glob(f".{key}.*.partial"):  # left by a run killed while writing it
             shutil.rmtree(stale, ignore_errors=True)
         log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,
