@@ -306,6 +306,10 @@ def prune_cmd(
     compute_dtype: Annotated[Optional[str], typer.Option(
         help="fp32, bf16 or fp16 (curvature forward/backward; an overflow reruns the shot in fp32).")] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(
+        "--nproc", help="Processes per shot on this machine (torchrun): the calibration windows are shared out and "
+                        "the curvature all-reduced; one GPU each (NCCL) for a CUDA device, else CPU (gloo).",
+        min=1)] = None,
     finetune_steps: Annotated[Optional[int], typer.Option(
         help="Fine-tuning steps after every shot (mask-preserving: pruned weights stay 0; 0 = off).", min=0)] = None,
     final_finetune_steps: Annotated[Optional[int], typer.Option(
@@ -339,13 +343,16 @@ def prune_cmd(
                       shots=shots, output=output, eval_data=eval_data, eval_seqlen=eval_seqlen,
                       eval_max_windows=eval_max_windows, seed=seed, batch_size=batch_size,
                       max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads,
-                      finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
+                      nproc=nproc, finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
                       finetune_lr=finetune_lr, finetune_train=finetune_train, first_order=first_order,
                       register_model=register, overwrite=overwrite or None)
     check_model_ref(cfg.model)
     for ref in (cfg.calibration, cfg.eval_data):
         if ref is not None:
             check_data_ref(ref)
+    from .distributed import check_nproc
+
+    check_nproc(cfg)
     set_threads(cfg.threads)
     from .pruning import preflight
 
@@ -482,17 +489,24 @@ def sweep_cmd(
     ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML recipe with a 'sweep:' list of variants; "
                                          "key=value arguments override the base recipe.")],
+    dask: Annotated[Optional[str], typer.Option(
+        "--dask", help="Fan the runs out over Dask workers (prefect-dask): 'local' or 'local:N' (a temporary local "
+                       "cluster of N worker processes; default one per GPU for a CUDA recipe, else 2) or a "
+                       "scheduler address tcp://HOST:8786. Default: one run after the other.")] = None,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run several methods / structures / targets from one recipe (the Prefect `sweep` flow) and compare them."""
     json_out = check_output_file(json_out)
     uri = _pipeline_env()
-    from flows.sweep import sweep_configs, sweep_flow
+    from flows.sweep import dask_task_runner, run_sweep, sweep_configs
 
     _, configs = sweep_configs(str(config), list(ctx.args))  # validate every variant before anything runs
-    stage(f"sweep of {len(configs)} variants (Prefect flow 'sweep'; MLflow {uri})")
-    result = sweep_flow(str(config), list(ctx.args))
+    if dask is not None:
+        dask_task_runner(dask, device=configs[0].device)  # a malformed --dask: one line before any run
+    where = f"; Dask {dask}" if dask else ""
+    stage(f"sweep of {len(configs)} variants (Prefect flow 'sweep'{where}; MLflow {uri})")
+    result = run_sweep(str(config), list(ctx.args), dask=dask)
     from tasks.plots import markdown_table
 
     print(markdown_table(result["rows"]), end="")

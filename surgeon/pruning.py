@@ -204,7 +204,17 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
              progress=None) -> dict:
     """Load ``source_dir`` (the model or the previous shot's checkpoint), prune shot ``shot`` (1-based) of the
     schedule, and write an HF-loadable checkpoint with ``state.json`` atomically. Returns the shot report.
-    ``progress(phase, done, total)`` is called during curvature, costs and updates (see :func:`phase_logger`)."""
+    ``progress(phase, done, total)`` is called during curvature, costs and updates (see :func:`phase_logger`).
+
+    ``cfg.nproc > 1``: the shot runs data-parallel over that many processes (torchrun, :mod:`surgeon.distributed`);
+    inside such a process group only rank 0 writes the checkpoint."""
+    import torch.distributed as dist
+
+    in_group = dist.is_available() and dist.is_initialized()
+    if cfg.nproc > 1 and not in_group:
+        from .distributed import launch_shot
+
+        return launch_shot(cfg, source_dir, calib_path, shot, ckpt_dir, progress=progress)
     model, tok = _load_for_pruning(source_dir, cfg)
     opts = options_from_config(cfg)
     windows = _load_windows(calib_path)
@@ -219,7 +229,8 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
     report = rep.to_dict()
     report["peak_rss_gb"] = peak_rss_gb()
     state = {"shot": shot, "num_shots": cfg.shots, "config_hash": cfg.config_hash(), "report": report}
-    save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)})
+    if not in_group or dist.get_rank() == 0:
+        save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)})
     return report
 
 

@@ -5,6 +5,10 @@ G = E[g gᵀ] of the gradient of the summed next-token loss with respect to the 
 float32 whatever the compute dtype and divided by the token count at the end.
 
 Linears that read the same tensor (q/k/v, gate/up) share one input factor: it is accumulated once.
+
+Data-parallel: when torch.distributed is initialised (or a ``process_group`` is given), each rank takes a contiguous
+share of the windows and the sums and token counts are all-reduced before the division (surgeon_core.distributed),
+so every rank ends with the factors of one process over all windows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import ArchitectureAdapter, get_submodule, prunable_linears
 from .lm import hidden_states, sample_labels, sequence_nll
 
@@ -87,6 +92,8 @@ class KFACFactors:
     tokens: int = 0
     collect_inputs: bool = True  # switched off while extra label samples reuse the same inputs
     seconds: dict[str, float] = field(default_factory=dict)
+    a_sizes: dict[str, int] = field(default_factory=dict)  # input-group key -> side of A (C, or C+1 with a bias)
+    g_sizes: dict[str, int] = field(default_factory=dict)  # linear name -> side of G (R)
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, G) of one linear, normalised by the token count."""
@@ -138,10 +145,12 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
     try:
         for group_key, members in _input_groups(model, adapter):
             bias = members[0][1].bias is not None
+            stats.a_sizes[group_key] = members[0][1].in_features + int(bias)
             handles.append(members[0][1].register_forward_hook(on_forward(group_key, members, bias)))
             for name, linear in members:
                 stats.group_of[name] = group_key
                 stats.has_bias[name] = linear.bias is not None
+                stats.g_sizes[name] = linear.out_features
                 handles.append(linear.register_forward_hook(on_linear_forward(name)))
         yield stats
     finally:
@@ -165,6 +174,7 @@ def estimate_kfac(
     collect_gradients: bool = True,
     collect_weight_grads: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    process_group=None,
 ) -> KFACFactors:
     """One forward+backward pass over the calibration ``windows`` (n, L) collecting K-FAC factors.
 
@@ -173,6 +183,11 @@ def estimate_kfac(
     forward passes only and collects A alone (L-OBD). ``gram_dtype`` (None = fp32) is the dtype of the factor
     matmuls (see :func:`_gram`); the sums are always fp32. Parameters get no gradients (only the
     embedding output is made to require grad), and the model's requires_grad flags are restored afterwards.
+
+    Under torch.distributed (initialised, or ``process_group`` given) each rank processes its contiguous share
+    of ``windows`` (every rank passes all of them) and the sums are all-reduced: all ranks return the same
+    factors. Sampled labels are drawn per window from a generator seeded by (``seed``, window index), so they do
+    not depend on the batch size nor on how the windows are shared out. ``progress`` counts this rank's windows.
 
     ``collect_weight_grads`` also returns the mean loss gradient of every prunable linear in ``factors.grads``
     (the first-order term): the weights are made to require grad for the pass, so autograd sums g aᵀ over tokens
@@ -184,7 +199,11 @@ def estimate_kfac(
         raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     factor_device = torch.device(factor_device) if factor_device is not None else device
-    n, L = windows.shape
+    dp = distributed.resolve(process_group)
+    n_all, L = windows.shape
+    mine = distributed.share(n_all, dp.rank, dp.world_size) if dp else slice(0, n_all)
+    windows = windows[mine]
+    n = windows.shape[0]
     k = fisher_samples if fisher == "sampled" else 1
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -200,7 +219,6 @@ def estimate_kfac(
                     p.requires_grad_(True)
     emb = model.get_input_embeddings()
     emb_handle = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     t0 = time.perf_counter()
     try:
         with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
@@ -214,10 +232,12 @@ def estimate_kfac(
                     if progress is not None:
                         progress(min(i + batch_size, n), n)
                     continue
+                generators = [_window_generator(seed, mine.start + j) for j in range(i, i + batch.shape[0])] \
+                    if fisher == "sampled" else None
                 for s in range(k):
                     stats.collect_inputs = s == 0
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        labels = sample_labels(model, batch, generator=generator) if fisher == "sampled" else None
+                        labels = sample_labels(model, batch, generator=generators) if fisher == "sampled" else None
                         loss = sequence_nll(model, batch, labels=labels).sum()
                     loss.backward()
                 if progress is not None:
@@ -239,6 +259,8 @@ def estimate_kfac(
             p.requires_grad_(f)
         model.train(was_training)
     tokens = n * L
+    if dp is not None:
+        tokens = _all_reduce_stats(stats, tokens, dp, factor_device, collect_gradients)
     for key in stats.A:
         stats.A[key].div_(tokens)
     for key in stats.G:
@@ -246,3 +268,26 @@ def estimate_kfac(
     stats.tokens = tokens
     stats.seconds["curvature"] = time.perf_counter() - t0
     return stats
+
+
+def _window_generator(seed: int, index: int) -> torch.Generator:
+    """The label-sampling generator of calibration window ``index`` (independent of batching and ranks)."""
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + index) % (2**63))
+
+
+def _all_reduce_stats(stats: KFACFactors, tokens: int, dp: distributed.DataParallel, device: torch.device,
+                      collect_gradients: bool) -> int:
+    """SUM-all-reduce this rank's factor sums (and mean weight gradients, if any); returns the total token count."""
+    t0 = time.perf_counter()
+    stats.A = distributed.all_reduce_sums(stats.A, {k: (d, d) for k, d in stats.a_sizes.items()}, dp, device=device)
+    if collect_gradients:
+        stats.G = distributed.all_reduce_sums(stats.G, {k: (d, d) for k, d in stats.g_sizes.items()}, dp,
+                                              device=device)
+    count = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
+    total = int(distributed.all_reduce_(count, dp).item())
+    if getattr(stats, "grads", None):  # per-rank means over its own tokens -> one mean over all tokens
+        sums = {k: g.mul_(tokens) if tokens else torch.zeros_like(g) for k, g in stats.grads.items()}
+        stats.grads = {k: g.div_(total) for k, g in distributed.all_reduce_sums(
+            sums, {k: tuple(g.shape) for k, g in sums.items()}, dp, device=device).items()}
+    stats.seconds["allreduce"] = time.perf_counter() - t0
+    return total

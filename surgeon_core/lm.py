@@ -53,9 +53,13 @@ def sequence_nll(
 
 
 @torch.no_grad()
-def sample_labels(model: nn.Module, input_ids: torch.Tensor, *, generator: torch.Generator | None = None,
+def sample_labels(model: nn.Module, input_ids: torch.Tensor, *,
+                  generator: torch.Generator | list[torch.Generator] | None = None,
                   chunk_tokens: int = 1024) -> torch.Tensor:
-    """Labels (B, L-1) drawn from the model's own next-token distribution (for the true/sampled Fisher)."""
+    """Labels (B, L-1) drawn from the model's own next-token distribution (for the true/sampled Fisher).
+
+    ``generator``: one for the whole batch, or a list with one per sequence (draws then do not depend on which
+    sequences share a batch)."""
     head = model.get_output_embeddings()
     h = hidden_states(model, input_ids)[:, :-1]
     out = []
@@ -63,8 +67,12 @@ def sample_labels(model: nn.Module, input_ids: torch.Tensor, *, generator: torch
     for s in range(0, h.shape[1], step):
         probs = torch.softmax(head(h[:, s : s + step]).float(), dim=-1)
         B, l, V = probs.shape
-        gen_device = generator.device if generator is not None else probs.device
-        draws = torch.multinomial(probs.view(-1, V).to(gen_device), 1, generator=generator)
-        out.append(draws.view(B, l).to(input_ids.device))
+        if isinstance(generator, (list, tuple)):
+            draws = torch.stack([torch.multinomial(probs[b].to(g.device), 1, generator=g).view(l)
+                                 for b, g in enumerate(generator)])
+        else:
+            gen_device = generator.device if generator is not None else probs.device
+            draws = torch.multinomial(probs.view(-1, V).to(gen_device), 1, generator=generator).view(B, l)
+        out.append(draws.to(input_ids.device))
     return torch.cat(out, dim=1)
 

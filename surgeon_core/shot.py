@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
@@ -427,9 +428,61 @@ def prune_shot(
     num_shots: int = 1,
     adapter: ArchitectureAdapter | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    process_group=None,
 ) -> ShotReport:
-    """Prune ``model`` in place down to ``target_size`` (fraction of prunable weights kept) in one shot."""
+    """Prune ``model`` in place down to ``target_size`` (fraction of prunable weights kept) in one shot.
+
+    Data-parallel under torch.distributed (initialised, or ``process_group`` given; every rank passes the same
+    model and all ``windows``): the curvature pass is shared out over the ranks and its sums all-reduced; the
+    per-layer solves (damped inverses, costs) and updates are spread over the ranks by decoder layer, every rank
+    applies the same global threshold to the shared costs, and each layer's owner broadcasts its new weights, so
+    every rank returns with the same model and (rank 0's) report (surgeon_core.distributed). Coupled structures
+    are solved on rank 0 alone.
+    """
     adapter = adapter or adapter_for(model)
+    dp = distributed.resolve(process_group)
+    report = _prune_shot(model, windows, options=options, target_size=target_size, shot=shot, num_shots=num_shots,
+                         adapter=adapter, progress=progress, dp=dp)
+    if dp is None:
+        return report
+    if options.structure_spec.kind == "coupled":  # solved on rank 0 alone: its weights go to every rank
+        t0 = time.perf_counter()
+        linears = prunable_linears(model, adapter).values()
+        distributed.broadcast_tensors([p.data for lin in linears for p in (lin.weight, lin.bias) if p is not None],
+                                      dp)
+        if dp.is_main:
+            report.seconds["broadcast"] = time.perf_counter() - t0
+    return distributed.broadcast_object(report, dp)
+
+
+def _owners(linears: dict[str, nn.Linear], adapter: ArchitectureAdapter, dp) -> dict[str, int]:
+    """The rank that solves each linear: whole decoder layers, round-robin (so q/k/v and gate/up, which share an
+    input factor, share its damped inverse too). Every linear is rank 0's without ``dp``."""
+    if dp is None:
+        return dict.fromkeys(linears, 0)
+    prefix = adapter.layers + "."
+    return {name: int(name[len(prefix):].split(".", 1)[0]) % dp.world_size for name in linears}
+
+
+def _cost_stub(name: str, lin: nn.Linear, opts, device) -> _Layer:
+    """A layer solved on another rank: only its cost tensors, filled by that rank's broadcast."""
+    R, C = lin.out_features, lin.in_features
+    empty = lambda *shape: torch.empty(shape, device=device)  # noqa: E731
+    st = opts.structure_spec
+    if st.kind == "structured":
+        return _Layer(name, lin, None, row_cost=empty(R), col_cost=empty(C))
+    return _Layer(name, lin, None, costs=empty(R, C // st.m) if st.kind == "nm" else empty(R, C))
+
+
+def _share_costs(layers: list[_Layer], owners: dict[str, int], dp) -> None:
+    """Every rank gets every layer's costs from the rank that computed them."""
+    for l in layers:
+        tensors = [l.row_cost, l.col_cost] if l.costs is None else [l.costs]
+        distributed.broadcast_tensors(tensors, dp, src=owners[l.name])
+
+
+def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapter, progress, dp) -> ShotReport | None:
+    """The shot on one rank (``dp`` None: the only one); ranks other than 0 stop after the curvature pass."""
     opts, spec = options, options.spec
     if opts.layerwise:
         raise ValueError(f"{opts.method} is a layer-wise baseline: call surgeon_core.prune() instead")
@@ -446,11 +499,16 @@ def prune_shot(
             autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype, seed=opts.seed + shot,
             collect_gradients=spec.curvature == "kfac", collect_weight_grads=opts.first_order,
             progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
+            process_group=dp.group if dp else None,
         )
         seconds["curvature"] = factors.seconds["curvature"]
+        if "allreduce" in factors.seconds:
+            seconds["allreduce"] = factors.seconds["allreduce"]
         check_factors(factors, opts.autocast_dtype)
 
     if opts.structure_spec.kind == "coupled":
+        if dp is not None and not dp.is_main:
+            return None  # rank 0 solves the coupled shot; prune_shot broadcasts its weights
         return _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_size, shot, num_shots,
                              seconds)
     t0 = time.perf_counter()
@@ -458,7 +516,12 @@ def prune_shot(
     layers: list[_Layer] = []
     escalations = 0
     inverse_cache: dict = {}
+    owners = _owners(linears, adapter, dp)
+    rank = dp.rank if dp else 0
     for i, (name, lin) in enumerate(linears.items()):
+        if owners[name] != rank:
+            layers.append(_cost_stub(name, lin, opts, device))
+            continue
         W = _augmented(lin, device)
         A, G = _factors_for(factors, name, W, device)
         if spec.curvature == "activations":
@@ -474,6 +537,12 @@ def prune_shot(
         if progress:
             progress("costs", i + 1, len(linears))
     del factors
+    extra_gain = sum(l.extra_gain for l in layers)
+    if dp is not None:
+        _share_costs(layers, owners, dp)
+        sums = distributed.all_reduce_(torch.tensor([float(escalations), extra_gain], dtype=torch.float64,
+                                                    device=device), dp)
+        escalations, extra_gain = int(sums[0].item()), float(sums[1].item())
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -504,20 +573,29 @@ def prune_shot(
 
     extra = {}
     if opts.first_order:
-        extra["first_order_gain"] = sum(l.extra_gain for l in layers)  # the Newton steps' predicted change
+        extra["first_order_gain"] = extra_gain  # the Newton steps' predicted change
     t0 = time.perf_counter()
+    mine = [i for i, l in enumerate(layers) if owners[l.name] == rank]
     if structured:
-        for i, (l, s) in enumerate(zip(layers, selections)):
+        for k, i in enumerate(mine):
+            l, s = layers[i], selections[i]
             _write_back(l.lin, _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec))
             l.W = l.A_inv = l.G_inv = None  # free memory as we go
             if progress:
-                progress("update", i + 1, len(layers))
+                progress("update", k + 1, len(mine))
     else:
-        drops = [_element_drop(l, s.to(device), opts) for l, s in zip(layers, selections)]
-        batch = opts.update_batch_layers or (len(layers) if device.type == "cuda" else 1)
-        for l, W_new in zip(layers, _apply_elements_grouped(layers, drops, opts, spec, batch)):
+        own = [layers[i] for i in mine]
+        drops = [_element_drop(layers[i], selections[i].to(device), opts) for i in mine]
+        batch = opts.update_batch_layers or (len(own) if device.type == "cuda" else 1)
+        for l, W_new in zip(own, _apply_elements_grouped(own, drops, opts, spec, batch)):
             _write_back(l.lin, W_new)
     seconds["update"] = time.perf_counter() - t0
+    if dp is not None:  # each layer's owner sends its new weights to every rank
+        t0 = time.perf_counter()
+        for l in layers:
+            distributed.broadcast_tensors([p.data for p in (l.lin.weight, l.lin.bias) if p is not None], dp,
+                                          src=owners[l.name])
+        seconds["broadcast"] = time.perf_counter() - t0
 
     size, per_layer, per_type = model_size(model, adapter)
     return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,
@@ -578,11 +656,14 @@ def prune(
     start_shot: int = 0,
     on_shot: Callable[[ShotReport], None] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    process_group=None,
 ) -> list[ShotReport]:
     """Multi-shot pruning: shots ``start_shot+1 .. num_shots`` of the linear schedule, curvature re-estimated at the
     current weights each shot. ``on_shot`` is called after every shot (evaluate, checkpoint, log...)."""
     adapter = adapter_for(model)
     if options.layerwise:
+        if distributed.resolve(process_group) is not None:
+            raise ValueError(f"{options.method} is a layer-wise baseline: it does not run data-parallel")
         from .baselines import prune_model_layerwise  # local import: optional module
 
         st = options.structure_spec
@@ -602,7 +683,7 @@ def prune(
     schedule = linear_schedule(target_size, num_shots)
     for t in range(start_shot, num_shots):
         report = prune_shot(model, windows, options=options, target_size=schedule[t], shot=t + 1,
-                            num_shots=num_shots, adapter=adapter, progress=progress)
+                            num_shots=num_shots, adapter=adapter, progress=progress, process_group=process_group)
         reports.append(report)
         if on_shot:
             on_shot(report)

@@ -355,3 +355,20 @@ def test_cli_prune_finetune_flags(tiny_recipe, tmp_path, capsys):
     assert rc == 2 and "finetune_train" in err.strip().splitlines()[-1]
     rc, out, err = _cli(capsys, "prune", "--config", recipe, "--method", "magnitude", "--first-order")
     assert rc == 2 and "first_order needs method llm-surgeon or kobd" in err
+
+def test_sweep_fans_runs_out_on_a_local_dask_cluster(tiny_recipe, tmp_path):
+    """prefect-dask: the two runs of a sweep go to the two worker processes of a LocalCluster; both are tracked."""
+    from flows.sweep import run_sweep
+
+    recipe = {**tiny_recipe, "shots": 1, "register_model": False, "output": str(tmp_path / "dask-sweep"),
+              "sweep": [{"method": "llm-surgeon", "target_size": 0.8}, {"method": "kobd", "target_size": 0.8}]}
+    r = run_sweep(recipe, dask="local:2")
+    assert [row["variant"] for row in r["rows"]] == ["llm-surgeon-structured-0.8", "kobd-structured-0.8"]
+    assert all(row["ppl"] > 1 and row["size"] < 0.85 for row in r["rows"])
+    assert sorted(child["worker"] for child in r["results"]) == [0, 1]  # one run per Dask worker
+    c = client()
+    for child in r["results"]:
+        run = c.get_run(child["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == r["run_id"]
+        assert run.data.metrics["final/ppl"] == pytest.approx(child["ppl"])
+    assert (tmp_path / "dask-sweep" / "kobd-structured-0.8" / "model.safetensors").is_file()

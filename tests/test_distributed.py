@@ -1,0 +1,174 @@
+"""Data-parallel curvature: 2 gloo processes on the CPU give one process's K-FAC factors and pruning masks.
+
+The workers are spawned with torch.multiprocessing (file:// rendezvous in tmp_path); each builds the same tiny
+random Llama, takes its share of the windows, and writes what it computed to tmp_path for the parent to compare
+with a single-process run of the same calls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import tiny_model, tiny_windows
+
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+WORLD = 2
+STRUCTURES = ("structured", "unstructured", "2:4", "coupled")  # coupled: solved on rank 0 alone
+
+
+def _factors(model, windows, **kw):
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.curvature import estimate_kfac
+
+    f = estimate_kfac(model, windows, adapter=adapter_for(model), **kw)
+    return {"A": f.A, "G": f.G, "tokens": f.tokens}
+
+
+def _shot(model, windows, structure):
+    from surgeon_core.shot import PruneOptions, prune_shot
+
+    rep = prune_shot(model, windows, options=PruneOptions(structure=structure, batch_size=2), target_size=0.75)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "layers" in n}
+    return {"weights": weights, "size": rep.achieved_size, "loss": rep.estimated_loss}
+
+
+def _cases() -> dict:
+    """Everything both runs compute: factors (even/uneven/empty shares, sampled labels) and two shots."""
+    out = {}
+    model = tiny_model("llama")
+    out["empirical"] = _factors(model, tiny_windows(6, 24), batch_size=2)
+    out["sampled"] = _factors(model, tiny_windows(5, 24, seed=1), fisher="sampled", fisher_samples=2, seed=3)
+    out["one_window"] = _factors(model, tiny_windows(1, 24), batch_size=1)  # rank 1 has no window
+    out["opt"] = _factors(tiny_model("opt"), tiny_windows(3, 24))  # bias column in A
+    for structure in STRUCTURES:
+        out[structure] = _shot(tiny_model("llama"), tiny_windows(6, 24), structure)
+    return out
+
+
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_cases(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    torch.set_num_threads(1)
+    return _cases(), ranks
+
+
+@pytest.mark.parametrize("case", ["empirical", "sampled", "one_window", "opt"])
+def test_factors_match_one_process(runs, case):
+    single, ranks = runs
+    ref = single[case]
+    for r in ranks:
+        got = r[case]
+        assert got["tokens"] == ref["tokens"]
+        for kind in ("A", "G"):
+            assert got[kind].keys() == ref[kind].keys() and ref[kind]
+            for key in ref[kind]:
+                scale = ref[kind][key].abs().max()
+                torch.testing.assert_close(got[kind][key], ref[kind][key], rtol=1e-5, atol=1e-6 * float(scale))
+    for kind in ("A", "G"):  # every rank holds bit-identical factors
+        for key in ref[kind]:
+            assert torch.equal(ranks[0][case][kind][key], ranks[1][case][kind][key])
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_shot_masks_match_one_process(runs, structure):
+    single, ranks = runs
+    ref = single[structure]
+    assert ref["size"] < 0.8
+    for r in ranks:
+        got = r[structure]
+        assert got["size"] == ref["size"]
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        for name, w in ref["weights"].items():
+            assert torch.equal(got["weights"][name] == 0, w == 0), name  # the same masks
+            torch.testing.assert_close(got["weights"][name], w, rtol=1e-3, atol=1e-5)
+    for name in ref["weights"]:  # each layer's solver broadcast its weights: the ranks are identical
+        assert torch.equal(ranks[0][structure]["weights"][name], ranks[1][structure]["weights"][name])
+
+
+def test_share_is_contiguous_and_balanced():
+    from surgeon_core.distributed import share
+
+    for n in range(0, 9):
+        for world in (1, 2, 3, 4):
+            parts = [share(n, r, world) for r in range(world)]
+            covered = [i for p in parts for i in range(n)[p]]
+            assert covered == list(range(n))
+            sizes = [len(range(n)[p]) for p in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_process_group_without_init_is_an_error():
+    from surgeon_core.distributed import resolve
+
+    assert resolve() is None
+    with pytest.raises(ValueError, match="not initialised"):
+        resolve(object())
+
+
+def _masks(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v == 0 for k, v in load_file(folder / "model.safetensors").items() if "layers" in k}
+
+
+def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path):
+    """run_shot with nproc=2 launches torchrun (gloo); its checkpoint has one process's masks."""
+    import numpy as np
+
+    from surgeon.config import load_recipe
+    from surgeon.pruning import run_shot
+    from tiny_io import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, tiny_windows(4, 16).numpy().astype(np.int32))
+    cfg = load_recipe(None, model=str(model), nsamples=4, seqlen=16, shots=2, target_size=0.7, threads=1)
+    one = run_shot(cfg, str(model), str(calib), 1, str(tmp_path / "one"))
+    seen = []
+    two = run_shot(cfg.model_copy(update={"nproc": 2}), str(model), str(calib), 1, str(tmp_path / "two"),
+                   progress=lambda phase, done, total: seen.append((phase, done, total)))
+    assert two["achieved_size"] == one["achieved_size"] < 0.9
+    assert "allreduce" in two["seconds"] and "broadcast" in two["seconds"]
+    assert {p for p, _, _ in seen} >= {"curvature", "costs", "update"}  # rank 0's progress reached the caller
+    m1, m2 = _masks(tmp_path / "one"), _masks(tmp_path / "two")
+    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+
+
+def test_nproc_errors_are_one_line(tmp_path, capsys):
+    from surgeon.cli import main
+    from surgeon.config import load_recipe
+    from surgeon.errors import SurgeonError
+    from tiny_io import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    cores = len(os.sched_getaffinity(0))
+    rc = main(["prune", "--model", str(model), "--nproc", str(cores + 1), f"nsamples={cores + 1}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err == f"error: --nproc {cores + 1} exceeds the {cores} CPU cores available to this process"
+    if not torch.cuda.is_available():
+        rc = main(["prune", "--model", str(model), "--nproc", "2", "--device", "cuda"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert rc == 2 and err.startswith("error: --nproc 2 needs 2 GPUs (one per process) but 0 are visible")
+    with pytest.raises(SurgeonError, match="method magnitude has none"):
+        load_recipe(None, model=str(model), method="magnitude", nproc=2)
+    with pytest.raises(SurgeonError, match="at least one calibration window per process"):
+        load_recipe(None, model=str(model), nsamples=2, nproc=4)
