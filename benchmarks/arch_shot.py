@@ -2,17 +2,23 @@
 
     python benchmarks/arch_shot.py --arch smollm2-135m --structure unstructured --target-size 0.5 \
         --nsamples 16 --seqlen 2048 --json out.json
+
+Data-parallel over the GPUs of one machine (curvature shared out and all-reduced, rank 0 solves and broadcasts):
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/arch_shot.py --arch llama-2-7b ... --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,12 +52,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun: one GPU per process (gloo on the CPU)
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     device = torch.device(args.device)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=4096, **ARCHS[args.arch])).to(dtype).eval()
     windows = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen))
+    if world > 1:  # the same random model on every rank
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
     opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
                         autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None, device=str(device),
                         max_correlate=args.max_correlate)
@@ -65,7 +80,12 @@ def main(argv=None) -> int:
            "tokens": args.nsamples * args.seqlen, "seconds": rep.seconds, "total_seconds": time.perf_counter() - t0,
            "achieved_size": rep.achieved_size,
            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None,
-           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "processes": world}
+    if world > 1:
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return 0
     print(json.dumps(out), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
