@@ -372,3 +372,15 @@ def test_sweep_fans_runs_out_on_a_local_dask_cluster(tiny_recipe, tmp_path):
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == r["run_id"]
         assert run.data.metrics["final/ppl"] == pytest.approx(child["ppl"])
     assert (tmp_path / "dask-sweep" / "kobd-structured-0.8" / "model.safetensors").is_file()
+
+def test_dask_spec_parsing():
+    from flows.sweep import dask_task_runner
+    from surgeon.errors import SurgeonError
+
+    local = dask_task_runner("local:3")
+    assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["threads_per_worker"] == 1
+    assert dask_task_runner("local").cluster_kwargs["n_workers"] == 2  # a CPU recipe: two workers
+    assert dask_task_runner("tcp://10.0.0.1:8786").address == "tcp://10.0.0.1:8786"
+    for bad in ("local:0", "local:x", "nowhere"):
+        with pytest.raises(SurgeonError, match="--dask"):
+            dask_task_runner(bad)
