@@ -451,6 +451,8 @@ def _pipeline_env() -> str:
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary Prefect server can take longer than Prefect's default 20 s to start on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-shot weight-loading bars are noise in logs
     from tasks.tracking import tracking_uri
 
