@@ -1,6 +1,6 @@
 """The ``prune`` flow: one recipe in, a pruned, evaluated, tracked and registered model out.
 
-    load model -> calibration windows -> evaluate dense
+    load model -> calibration windows -> evaluate dense (perplexity; zero-shot accuracy if zeroshot_tasks)
     for each shot t of the schedule:  prune shot t -> fine-tune (finetune_steps; + final_finetune_steps after the
                                       last shot; pruned weights stay 0) -> evaluate (chosen shots)
     export -> register
@@ -79,6 +79,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
     log = get_run_logger()
     cfg = resolve_config(config, overrides)
     prune_shot, finetune, evaluate = steps.persisted(steps.prune_shot, steps.finetune, steps.evaluate)
+    zeroshot = steps.persisted(steps.zeroshot)
     name = tracking.registered_name(cfg.model, cfg.model_name)
     key = reporting.artifact_key("prune", name)
     targets = schedule(cfg)
@@ -99,6 +100,8 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         weights = steps.Weights(model.path, model.content_hash)
         dense = evaluate(cfg, weights, eval_data) if eval_data else None
         tracking.log_shot(run.run_id, 0, evaluation=dense)
+        dense_zs = zeroshot(cfg, weights) if cfg.zeroshot_tasks else None  # cached per model + task set
+        tracking.log_zeroshot(run.run_id, 0, dense_zs, "dense")
 
         progress = reporting.Progress(f"{key}-progress", len(targets), "shots")
         rows, reports, ft_reports = [], [], []
@@ -114,8 +117,12 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
                 ft_reports.append(ft["report"])
             evaluation = evaluate(cfg, weights, eval_data) if eval_data and shot in eval_shots(cfg, targets) else None
             tracking.log_shot(run.run_id, shot, out["report"], evaluation)
+            zs = zeroshot(cfg, weights) if cfg.zeroshot_tasks and shot in eval_shots(cfg, targets) else None
+            tracking.log_zeroshot(run.run_id, shot, zs, f"shot-{shot}")
             reports.append(out["report"])
             rows.append(_row(shot, out["report"], evaluation, cached))
+            if cfg.zeroshot_tasks:
+                rows[-1]["acc_avg"] = zs["average"] if zs else None
             if ft_steps:
                 rows[-1]["finetune_loss"] = ft_reports[-1]["losses"][-1]
             progress.update(shot)
@@ -130,6 +137,8 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
             "achieved_size": reports[-1]["achieved_size"], "dense_ppl": dense_ppl, "ppl": final_ppl,
             "ppl_ratio": final_ppl / dense_ppl if final_ppl and dense_ppl else None,
             "cached_shots": [r["shot"] for r in rows if r["cached"]], "rows": rows,
+            "dense_zeroshot": dense_zs, "zeroshot": zs if cfg.zeroshot_tasks else None,
+            "layer_sizes": reports[-1]["layer_sizes"],
             "run_id": run.run_id, "run_url": run.url,
             "finetune_seconds": sum(r["seconds"] for r in ft_reports),
         }
@@ -144,8 +153,12 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
             tags = {"method": cfg.method, "structure": cfg.structure, "target_size": cfg.final_target,
                     "achieved_size": summary["achieved_size"], "dense_ppl": dense_ppl, "pruned_ppl": final_ppl,
                     "source_model_hash": model.content_hash, "config_hash": cfg.config_hash(),
-                    "promote_max_ppl_ratio": cfg.promote_max_ppl_ratio, "eval_data_id": summary["eval_data_id"]}
+                    "promote_max_ppl_ratio": cfg.promote_max_ppl_ratio, "eval_data_id": summary["eval_data_id"],
+                    "dense_zeroshot_acc": (dense_zs or {}).get("average"),
+                    "pruned_zeroshot_acc": (summary["zeroshot"] or {}).get("average")}
             summary["registered_version"] = steps.register(run.run_id, summary["output"], name, tags)
         summary["seconds"] = time.perf_counter() - t0
         reporting.prune_summary(key, title=f"Prune {name}", rows=rows, summary=summary, run_url=run.url)
+        if cfg.zeroshot_tasks:
+            reporting.zeroshot_table(f"{key}-zeroshot", dense=dense_zs, pruned=summary["zeroshot"])
     return summary

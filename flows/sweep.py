@@ -159,12 +159,24 @@ def sweep_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
                  "dense_ppl": r["dense_ppl"], "ppl_ratio": r["ppl_ratio"], "cached_shots": len(r["cached_shots"]),
                  "seconds": round(r["seconds"], 1), "version": r["registered_version"]}
                 for c, r in zip(configs, results)]
+        if any(c.zeroshot_tasks for c in configs):
+            for row, r in zip(rows, results):
+                row["acc_avg"] = (r.get("zeroshot") or {}).get("average")
+                row["dense_acc_avg"] = (r.get("dense_zeroshot") or {}).get("average")
         dense_ppl = next((r["dense_ppl"] for r in results if r["dense_ppl"]), None)
         series: dict[str, list[tuple[float, float]]] = {}
         for c, r in zip(configs, results):  # each line starts at the dense model (size 1.0)
             points = series.setdefault(f"{c.method} {c.structure}", [(1.0, dense_ppl)] if dense_ppl else [])
             points.extend((s["size"], s["ppl"]) for s in r["rows"] if s["ppl"] is not None)
         plots.write_comparison(out_dir, rows, series, dense_ppl)
+        plots.write_report(  # report.md: methods x sizes (ppl, zero-shot), acc_vs_size.png, allocation heatmaps
+            out_dir, title=f"Sweep {name} ({len(configs)} variants)", dense_ppl=dense_ppl,
+            dense_zeroshot=next((r["dense_zeroshot"] for r in results if r.get("dense_zeroshot")), None),
+            variants=[{"label": variant_label(c), "method": c.method, "structure": c.structure,
+                       "target_size": c.final_target, "size": r["achieved_size"], "ppl": r["ppl"],
+                       "zeroshot": r.get("zeroshot"), "layer_sizes": r.get("layer_sizes") or {},
+                       "points": [(s["size"], s["ppl"], s.get("acc_avg")) for s in r["rows"]]}
+                      for c, r in zip(configs, results)])
         tracking.log_directory(run.run_id, out_dir)
         reporting.sweep_summary(reporting.artifact_key("sweep", name), rows=rows, run_url=run.url)
     log.info("comparison written to %s\n%s", out_dir, plots.markdown_table(rows))

@@ -1,7 +1,8 @@
 """The ``surgeon`` command line.
 
-Commands: ``fetch-model`` (download + convert a known model), ``eval`` (paper-protocol perplexity), ``prune``,
-``sweep`` and ``promote`` (the Prefect flows in ``flows/``, tracked in MLflow).
+Commands: ``fetch-model`` (download + convert a known model), ``eval`` (paper-protocol perplexity and/or zero-shot
+accuracy with lm-eval), ``make-task`` (an offline lm-eval task from a text file), ``prune``, ``sweep`` and
+``promote`` (the Prefect flows in ``flows/``, tracked in MLflow).
 
 Errors a user can cause print one line ``error: ...`` on stderr and exit with status 2 (no traceback unless
 ``--debug``); files (``--json``) are written atomically at the very end, so a failed command writes nothing.
@@ -54,6 +55,11 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward pass.", min=1)]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+TasksOpt = Annotated[Optional[str], typer.Option(
+    "--tasks", help="Zero-shot lm-eval tasks, comma-separated: local tasks (see --task-dir, `surgeon make-task`), "
+                    "lm-eval names (boolq, piqa, ...: need the Hub) or 'standard' (the usual suite).")]
+TaskDirOpt = Annotated[Optional[Path], typer.Option("--task-dir", help="Folder of local lm-eval task YAMLs.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Zero-shot: first N documents per task.", min=1)]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy "
                       "machine).", min=1)]
@@ -207,8 +213,15 @@ def fetch_model_cmd(
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt,
-    data: DataOpt,
-    seqlen: SeqlenOpt,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", "-d",
+        help="Perplexity text: builtin:stdlib-docs (offline default), a .txt/.jsonl/.parquet file, "
+             "hf:NAME[:CONFIG], or a .npy of token ids (1-D sequence or 2-D windows).")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", "-L", help="Tokens per window (with --data).",
+                                                  min=2)] = None,
+    tasks: TasksOpt = None,
+    task_dir: TaskDirOpt = None,
+    limit: LimitOpt = None,
     max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Use only the first N windows.",
                                                        min=1)] = None,
     batch_size: BatchOpt = 1,
@@ -221,21 +234,73 @@ def eval_cmd(
     threads: ThreadsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Perplexity, paper protocol: join, tokenize once, non-overlapping windows, ppl = exp(mean window NLL)."""
+    """Perplexity (--data, --seqlen; paper protocol: join, tokenize once, non-overlapping windows, ppl = exp(mean
+    window NLL)) and/or zero-shot accuracy with lm-eval (--tasks, local tasks from --task-dir)."""
     import torch
-
-    from surgeon_core.evaluate import perplexity
 
     from .models import parse_dtype
 
     # validate everything cheap before the (slow) model load; nothing is written until the end
+    if data is None and tasks is None:
+        raise SurgeonError("nothing to evaluate: give --data and --seqlen (perplexity) and/or --tasks (zero-shot)")
+    if (data is None) != (seqlen is None):
+        raise SurgeonError("--data and --seqlen go together (perplexity over windows of --seqlen tokens)")
+    if tasks is None and (task_dir is not None or limit is not None):
+        raise SurgeonError("--task-dir and --limit apply to zero-shot tasks: give --tasks")
     parse_dtype(dtype)
     json_out = check_output_file(json_out)
-    check_data_ref(data)
+    task_names = check_tasks(tasks, task_dir) if tasks is not None else None
+    if data is not None:
+        check_data_ref(data)
     check_model_ref(model)
     set_threads(threads)
     t0 = time.perf_counter()
     net, tokenizer, info, note = load_model_cli(model, dtype, device)
+    out: dict = {}
+    if data is not None:
+        out.update(_perplexity_cli(net, tokenizer, data, seqlen=seqlen, max_windows=max_windows, split=split,
+                                   column=column, join=join, batch_size=batch_size, device=device))
+    if task_names is not None:
+        out.update(_zeroshot_cli(net, tokenizer, task_names, task_dir=task_dir, limit=limit, batch_size=batch_size))
+    out.update({
+        "model_hash": info.content_hash,
+        "model": {k: getattr(info, k) for k in ("ref", "path", "source", "model_type", "num_parameters", "dtype")},
+        "model_note": note,
+        "max_windows": max_windows,
+        "batch_size": batch_size,
+        "device": str(device),
+        "total_seconds": time.perf_counter() - t0,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "surgeon": _version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    if "ppl" in out:
+        print(f"ppl {out['ppl']:.3f}  ({out['windows']} windows x {seqlen} tokens = {out['tokens']:,} tokens, "
+              f"{out['seconds']:.1f} s, {out['tokens_per_second']:.0f} tokens/s, {info.dtype})")
+    if "tasks" in out:
+        _print_zeroshot(out["tasks"], out["zeroshot_average"])
+    if note:
+        print(f"note: {note}")
+    if json_out is not None:
+        write_json(json_out, out)
+        stage(f"wrote {json_out}")
+
+
+def check_tasks(tasks: str, task_dir: Path | None) -> list[str]:
+    """Cheap early check of ``--tasks``/``--task-dir`` (names parsed, folder present) before the model load."""
+    from .zeroshot import local_tasks, parse_tasks
+
+    names = parse_tasks(tasks)
+    local_tasks(task_dir)  # a missing folder: one line now
+    return names
+
+
+def _perplexity_cli(net, tokenizer, data: str, *, seqlen: int, max_windows: int | None, split: str | None,
+                    column: str, join: str, batch_size: int, device: str) -> dict:
+    from surgeon_core.evaluate import perplexity
+
     windows, did, meta = eval_windows_cli(data, tokenizer, net.config, seqlen=seqlen, max_windows=max_windows,
                                           split=split, column=column, join=join)
     if int(windows.max()) >= net.get_input_embeddings().num_embeddings:
@@ -246,36 +311,55 @@ def eval_cmd(
         result = perplexity(net, windows, batch_size=batch_size, device=device, progress=progress)
     finally:
         progress.close()
-    out = {
-        "ppl": result["ppl"],
-        "nll": result["nll"],
-        "tokens": result["tokens"],
-        "windows": result["windows"],
-        "seqlen": result["seqlen"],
-        "seconds": result["seconds"],
-        "tokens_per_second": result["tokens_per_second"],
-        "model_hash": info.content_hash,
-        "data_id": did,
-        "model": {k: getattr(info, k) for k in ("ref", "path", "source", "model_type", "num_parameters", "dtype")},
-        "model_note": note,
-        "data": meta,
-        "max_windows": max_windows,
-        "batch_size": batch_size,
-        "device": str(device),
-        "total_seconds": time.perf_counter() - t0,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "surgeon": _version(),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    print(f"ppl {out['ppl']:.3f}  ({out['windows']} windows x {seqlen} tokens = {out['tokens']:,} tokens, "
-          f"{out['seconds']:.1f} s, {out['tokens_per_second']:.0f} tokens/s, {info.dtype})")
-    if note:
-        print(f"note: {note}")
-    if json_out is not None:
-        write_json(json_out, out)
-        stage(f"wrote {json_out}")
+    keys = ("ppl", "nll", "tokens", "windows", "seqlen", "seconds", "tokens_per_second")
+    return {**{k: result[k] for k in keys}, "data_id": did, "data": meta}
+
+
+def _zeroshot_cli(net, tokenizer, names: list[str], *, task_dir: Path | None, limit: int | None,
+                  batch_size: int) -> dict:
+    from .zeroshot import evaluate_model
+
+    if tokenizer is None:
+        raise SurgeonError("zero-shot tasks need the model's tokenizer, and this model has none")
+    stage(f"zero-shot (lm-eval): {', '.join(names)}" + (f", first {limit} documents each" if limit else ""))
+    zs = evaluate_model(net, tokenizer, names, task_dir=task_dir, limit=limit, batch_size=batch_size, log=stage)
+    return {"tasks": zs["tasks"], "zeroshot_average": zs["average"], "zeroshot_seconds": zs["seconds"],
+            "task_dir": str(task_dir) if task_dir is not None else None, "limit": limit, "lm_eval": zs["results"]}
+
+
+def _print_zeroshot(tasks: dict, average: float | None) -> None:
+    from tasks.plots import markdown_table
+
+    rows = [{"task": name, **{k: m.get(k) for k in ("acc", "acc_norm", "perplexity", "n")},
+             "seconds": round(m["seconds"], 1)} for name, m in tasks.items()]
+    print(markdown_table(rows), end="")
+    if average is not None:
+        print(f"zero-shot average acc {average:.4f} over {sum('acc' in m for m in tasks.values())} task(s)")
+
+
+@app.command("make-task")
+def make_task_cmd(
+    kind: Annotated[str, typer.Argument(help="lastword (LAMBADA-style last-word prediction) or choice (next "
+                                             "sentence among distractors).")],
+    text: Annotated[Path, typer.Option("--text", help="Any text file; its held-out end is used.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Task folder (NAME.yaml + NAME.jsonl land here; "
+                                                               "use it as --task-dir).")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Task name (default: KIND_<file stem>).")] = None,
+    n: Annotated[int, typer.Option("--n", help="Documents (fewer if the text has fewer).", min=1)] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the document draw.")] = 0,
+    holdout: Annotated[float, typer.Option("--holdout", help="Use the last FRACTION of the file (1 = all of it); "
+                                                             "keep it apart from calibration text.")] = 0.2,
+    choices: Annotated[int, typer.Option("--choices", help="Choices per document (choice).", min=2)] = 4,
+    debug: DebugOpt = False,
+) -> None:
+    """Make an offline lm-eval task from a text file (held-out end): deterministic for a seed."""
+    from .zeroshot import make_task
+
+    info = make_task(kind, text, output, name=name, n=n, seed=seed, holdout=holdout, num_choices=choices)
+    if info["documents"] < n:
+        stage(f"note: only {info['documents']} {kind} documents in the held-out text (asked for {n})")
+    print(f"task {info['name']}: {info['documents']} documents -> {info['yaml']}")
+    print(f"  evaluate: surgeon eval --model MODEL --tasks {info['name']} --task-dir {Path(info['yaml']).parent}")
 
 
 # Later commands (e.g. `prune`) are added here with @app.command(), reusing the shared options and helpers
@@ -370,7 +454,8 @@ def prune_cmd(
            "config": cfg.model_dump(), "shots": result["rows"], "cached_shots": result["cached_shots"],
            "source_model_hash": result["source_model_hash"], "calibration_id": result["calibration_id"],
            "config_hash": result["config_hash"], "mlflow_run_id": result["run_id"], "mlflow_run": result["run_url"],
-           "model_name": result["model_name"], "registered_version": result["registered_version"]}
+           "model_name": result["model_name"], "registered_version": result["registered_version"],
+           "dense_zeroshot": result.get("dense_zeroshot"), "zeroshot": result.get("zeroshot")}
     if materialize:
         out["materialized"] = _materialize_output(result["output"])
     _print_prune_result(out)
@@ -469,6 +554,10 @@ def _print_prune_result(out: dict) -> None:
         print(f"ppl {out['ppl']:.3f}{dense} at size {out['achieved_size']:.4f}")
     else:
         print(f"size {out['achieved_size']:.4f} (no eval_data given)")
+    if out.get("zeroshot") or out.get("dense_zeroshot"):
+        from tasks.reporting import zeroshot_rows
+
+        print(markdown_table(zeroshot_rows(out.get("dense_zeroshot"), out.get("zeroshot"))), end="")
     if out["cached_shots"]:
         print(f"shots from the cache: {', '.join(map(str, out['cached_shots']))}")
     print(f"wrote {out['output']}")

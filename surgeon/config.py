@@ -53,6 +53,11 @@ class PruneConfig(BaseModel):
     eval_max_windows: int | None = None
     eval_at: list[float] = Field(default_factory=list, description="target sizes to evaluate at (final always)")
     eval_batch_size: int = 1
+    # zero-shot accuracy (lm-eval) of the dense model and at the evaluated shots; not part of the weights' hash
+    zeroshot_tasks: list[str] = Field(default_factory=list, description="lm-eval task names ('a,b' works too); "
+                                      "'standard' = the usual suite (needs the Hub)")
+    task_dir: str | None = None  # folder of local task YAMLs (surgeon make-task)
+    zeroshot_limit: int | None = None  # first N documents per task
     # method knobs (None = the paper's defaults for the structure)
     seed: int = 0
     damping_a: float = 0.01
@@ -112,6 +117,20 @@ class PruneConfig(BaseModel):
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
+            raise ValueError(f"must be at least 1, got {v}")
+        return v
+
+    @field_validator("zeroshot_tasks", mode="before")
+    @classmethod
+    def _tasks(cls, v):
+        if isinstance(v, str):
+            v = [t.strip() for t in v.split(",") if t.strip()]
+        return v
+
+    @field_validator("zeroshot_limit")
+    @classmethod
+    def _limit(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"must be at least 1, got {v}")
         return v
 

@@ -286,6 +286,21 @@ def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, sour
     return str(out)
 
 
+def _zeroshot_in_memory(model, tokenizer, cfg: PruneConfig) -> dict:
+    """Zero-shot accuracy (lm-eval) of the model as it is in memory; lm-eval's full results left out."""
+    from .zeroshot import evaluate_model
+
+    result = evaluate_model(model, tokenizer, cfg.zeroshot_tasks, task_dir=cfg.task_dir, limit=cfg.zeroshot_limit,
+                            batch_size=cfg.eval_batch_size, log=_log_info)
+    return {k: v for k, v in result.items() if k != "results"}
+
+
+def _log_info(msg: str) -> None:
+    import logging
+
+    logging.getLogger("surgeon.pruning").info(msg)
+
+
 def prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
     """Whole run in one process (no checkpoints between shots): load, calibrate, prune T shots, evaluate, export.
 
@@ -311,6 +326,8 @@ def _prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
               "shots": []}
     if evalw is not None:
         result["dense"] = perplexity(model, evalw, batch_size=cfg.eval_batch_size)
+    if cfg.zeroshot_tasks:
+        result["dense_zeroshot"] = _zeroshot_in_memory(model, tok, cfg)
     opts = options_from_config(cfg)
     schedule = [cfg.final_target] if opts.layerwise else linear_schedule(cfg.final_target, cfg.shots)
     eval_shots = {min(range(len(schedule)), key=lambda i: abs(schedule[i] - s)) + 1 for s in cfg.eval_at}
@@ -324,6 +341,8 @@ def _prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
         row["peak_rss_gb"] = peak_rss_gb()
         if evalw is not None and rep.shot in eval_shots | ({1} if opts.layerwise else set()):
             row["eval"] = perplexity(model, evalw, batch_size=cfg.eval_batch_size)
+        if cfg.zeroshot_tasks and rep.shot in eval_shots:
+            row["zeroshot"] = _zeroshot_in_memory(model, tok, cfg)
         result["shots"].append(row)
         if on_shot:
             on_shot(row)
@@ -337,6 +356,8 @@ def _prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
                                          progress=progress))
     final = result["shots"][-1]
     result["achieved_size"] = final["achieved_size"]
+    if cfg.zeroshot_tasks:
+        result["zeroshot"] = final.get("zeroshot")
     if "eval" in final:
         result["ppl"] = final["eval"]["ppl"]
     result["seconds"] = time.perf_counter() - t_start

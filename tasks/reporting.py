@@ -14,7 +14,8 @@ from prefect.runtime import flow_run
 
 from .plots import markdown_table
 
-__all__ = ["artifact_key", "flow_run_tags", "Progress", "prune_summary", "sweep_summary", "promotion_summary"]
+__all__ = ["artifact_key", "flow_run_tags", "Progress", "prune_summary", "sweep_summary", "promotion_summary",
+           "zeroshot_rows", "zeroshot_table"]
 
 
 def artifact_key(*parts: str) -> str:
@@ -57,6 +58,38 @@ def prune_summary(key: str, *, title: str, rows: list[dict], summary: dict, run_
     create_markdown_artifact("\n".join(lines), key=key, description=title)
     create_table_artifact(rows, key=f"{key}-shots", description="per-shot size, perplexity and seconds")
     create_link_artifact(run_url, link_text="MLflow run", key=f"{key}-mlflow", description="MLflow run of this flow")
+
+
+ZEROSHOT_METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def zeroshot_rows(dense: dict | None, pruned: dict | None) -> list[dict]:
+    """One row per task and metric: dense, pruned and the change (results of the ``zeroshot`` task)."""
+    rows = []
+    tasks = list(dict.fromkeys([*(dense or {}).get("tasks", {}), *(pruned or {}).get("tasks", {})]))
+    for task in tasks:
+        d = (dense or {}).get("tasks", {}).get(task, {})
+        p = (pruned or {}).get("tasks", {}).get(task, {})
+        for metric in ZEROSHOT_METRICS:
+            if metric in d or metric in p:
+                a, b = d.get(metric), p.get(metric)
+                rows.append({"task": task, "metric": metric, "dense": a, "pruned": b,
+                             "change": b - a if a is not None and b is not None else None,
+                             "documents": p.get("n", d.get("n"))})
+    avg_d, avg_p = (dense or {}).get("average"), (pruned or {}).get("average")
+    if avg_d is not None or avg_p is not None:
+        rows.append({"task": "average", "metric": "acc", "dense": avg_d, "pruned": avg_p,
+                     "change": avg_p - avg_d if avg_d is not None and avg_p is not None else None,
+                     "documents": None})
+    return rows
+
+
+def zeroshot_table(key: str, *, dense: dict | None, pruned: dict | None) -> list[dict]:
+    """A Prefect table artifact of zero-shot accuracy, dense vs pruned, per task and metric."""
+    rows = zeroshot_rows(dense, pruned)
+    if rows:
+        create_table_artifact(rows, key=key, description="zero-shot accuracy (lm-eval): dense vs pruned")
+    return rows
 
 
 def sweep_summary(key: str, *, rows: list[dict], run_url: str) -> None:

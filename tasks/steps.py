@@ -11,6 +11,10 @@ persisted under ``$SURGEON_CACHE/pipeline/results`` and each shot's checkpoint l
 completed shot, and a rerun to another output folder only exports again. Model loading and calibration are not
 cached here: their outputs *are* the content ids, and ``surgeon.data`` already caches tokenization on disk.
 
+The ``zeroshot`` task (lm-eval) is keyed by the weights' key and the task set (:func:`zeroshot_key`), so the dense
+baseline is computed once per model content and task set; lm-eval's full results JSON is kept under
+``$SURGEON_CACHE/pipeline/zeroshot/<key>.json`` for MLflow.
+
 Retries only where they can help: fetching/loading, export and registration retry I/O errors (disk, network,
 tracking server) but not bad input; shots, fine-tuning and evaluation never retry (compute: same input, same
 failure).
@@ -30,15 +34,16 @@ from prefect.cache_policies import NO_CACHE
 
 import surgeon_core
 from surgeon import finetuning, pruning
+from surgeon import zeroshot as lm_zeroshot
 from surgeon.config import PruneConfig
 from surgeon.errors import SurgeonError
 from surgeon.pruning import DataRef, ModelRef
-from surgeon.utils import cache_dir, sha256_bytes
+from surgeon.utils import atomic_write, cache_dir, sha256_bytes
 
 from . import tracking
 
 __all__ = ["Weights", "cache_root", "persisted", "load_model", "build_calibration", "build_eval", "prune_shot",
-           "finetune", "evaluate", "export", "register"]
+           "finetune", "evaluate", "zeroshot", "zeroshot_key", "export", "register"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,17 @@ def _finetune_cache_key(ctx, p) -> str:
 
 def _eval_cache_key(ctx, p) -> str:
     return _key("eval", p["weights"].key, p["data"].data_id)
+
+
+def zeroshot_key(config: PruneConfig, weights: Weights) -> str:
+    """Weights content key + the task set (names, local task files, limit, lm-eval version): the dense baseline is
+    computed once per model and task set, and every sweep variant or rerun reuses it."""
+    fingerprint = lm_zeroshot.task_fingerprint(config.zeroshot_tasks, config.task_dir, config.zeroshot_limit)
+    return _key("zeroshot", weights.key, fingerprint)
+
+
+def _zeroshot_cache_key(ctx, p) -> str:
+    return zeroshot_key(p["config"], p["weights"])
 
 
 @task(name="load-model", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -191,6 +207,25 @@ def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
     get_run_logger().info("ppl %.3f over %d windows x %d tokens (%.1f s)", result["ppl"], result["windows"],
                           result["seqlen"], result["seconds"])
     return result
+
+
+@task(name="zeroshot", cache_key_fn=_zeroshot_cache_key, persist_result=True)
+def zeroshot(config: PruneConfig, weights: Weights) -> dict:
+    """Zero-shot accuracy (lm-eval) of the weights on the recipe's tasks. Returns per-task metrics, their average
+    and ``results_file``: lm-eval's full results JSON, kept under the cache root next to the cached result."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    log = get_run_logger()
+    log.info("zero-shot (lm-eval) on %s: %s", weights.path, ", ".join(config.zeroshot_tasks))
+    result = lm_zeroshot.evaluate_dir(weights.path, config.zeroshot_tasks, task_dir=config.task_dir,
+                                      limit=config.zeroshot_limit, batch_size=config.eval_batch_size,
+                                      device=config.device, log=log.info)
+    path = cache_root() / "zeroshot" / f"{zeroshot_key(config, weights)}.json"
+    atomic_write(path, json.dumps(result["results"], indent=1, default=str))
+    out = {k: result[k] for k in ("tasks", "average", "seconds", "limit")}
+    log.info("zero-shot average acc %s (%.1f s)", f"{out['average']:.4f}" if out["average"] is not None else "-",
+             out["seconds"])
+    return {**out, "results_file": str(path)}
 
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from . import plots
 
 __all__ = ["TrackedRun", "surgeon_home", "tracking_uri", "ui_url", "ui_command", "start_run", "log_shot", "log_outcome",
            "log_directory", "register_model", "model_version", "set_alias", "alias_version", "set_version_tags",
-           "registered_name", "log_finetune"]
+           "registered_name", "log_zeroshot", "log_finetune"]
 
 ALIAS = "champion"
 
@@ -218,6 +219,30 @@ def log_outcome(run_id: str, *, recipe_yaml: str, shot_reports: list[dict], ppl_
         client.log_artifacts(run_id, str(d))
     final = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size", "ppl_ratio") if summary.get(k) is not None}
     client.log_batch(run_id, metrics=_metrics({f"final/{k}": v for k, v in final.items()}, step=0))
+
+
+def _metric_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_\-. /]+", "_", name)
+
+
+def log_zeroshot(run_id: str, step: int, result: dict | None, label: str) -> None:
+    """Zero-shot metrics at ``step`` (0 = dense): ``zeroshot/<task>/<metric>`` (acc, acc_norm, their stderr,
+    perplexity, ...), ``zeroshot/acc_avg`` and ``seconds/zeroshot``; lm-eval's full results JSON as the artifact
+    ``zeroshot/<label>.json``."""
+    if result is None:
+        return
+    values = {f"zeroshot/{_metric_name(task)}/{_metric_name(k)}": v for task, metrics in result["tasks"].items()
+              for k, v in metrics.items() if k != "n"}
+    values["zeroshot/acc_avg"] = result.get("average")
+    values["seconds/zeroshot"] = result.get("seconds")
+    client = _client()
+    client.log_batch(run_id, metrics=_metrics({k: v for k, v in values.items() if v is not None}, step))
+    src = Path(result.get("results_file") or "")
+    if src.is_file():
+        with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
+            dest = Path(tmp) / f"{label}.json"
+            dest.write_bytes(src.read_bytes())
+            client.log_artifact(run_id, str(dest), "zeroshot")
 
 
 def log_directory(run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:

@@ -281,6 +281,92 @@ def test_shot_cache_key_covers_code_config_and_data_not_output(tiny_recipe, monk
     assert key != steps.shot_key(cfg, src, data, 1, "model-hash")
 
 
+@pytest.fixture(scope="session")
+def zeroshot_recipe(tiny_recipe, pipeline_env) -> dict:
+    """tiny_recipe + two offline lm-eval tasks (surgeon make-task) of 4 documents each."""
+    from surgeon.zeroshot import make_task
+    from tiny_io import synthetic_prose
+
+    text = pipeline_env / "prose.txt"
+    text.write_text(synthetic_prose(30, seed=5))
+    tasks = pipeline_env / "zs-tasks"
+    make_task("lastword", text, tasks, name="lw", n=8, holdout=1.0)
+    make_task("choice", text, tasks, name="mc", n=8, holdout=1.0)
+    return {**tiny_recipe, "zeroshot_tasks": "lw,mc", "task_dir": str(tasks), "zeroshot_limit": 4,
+            "register_model": False}
+
+
+@pytest.fixture
+def zeroshot_calls(monkeypatch):
+    """The model folders that the zero-shot task really evaluates (a cache hit does not call lm-eval)."""
+    from surgeon import zeroshot
+
+    real, calls = zeroshot.evaluate_dir, []
+
+    def spy(model_dir, *args, **kwargs):
+        calls.append(model_dir)
+        return real(model_dir, *args, **kwargs)
+
+    monkeypatch.setattr(zeroshot, "evaluate_dir", spy)
+    return calls
+
+
+def test_prune_flow_zeroshot_tracked_and_dense_baseline_cached(zeroshot_recipe, zeroshot_calls, tmp_path):
+    import json
+
+    from prefect.artifacts import Artifact
+
+    from flows.prune import prune_flow
+
+    r = prune_flow({**zeroshot_recipe, "shots": 2, "target_size": 0.8, "eval_at": [0.9],
+                    "output": str(tmp_path / "a")})
+    assert len(zeroshot_calls) == 3  # dense, shot 1 (eval_at 0.9), shot 2
+    for zs in (r["dense_zeroshot"], r["zeroshot"]):
+        assert set(zs["tasks"]) == {"lw", "mc"} and all(m["n"] == 4 for m in zs["tasks"].values())
+        assert zs["average"] == pytest.approx((zs["tasks"]["lw"]["acc"] + zs["tasks"]["mc"]["acc"]) / 2)
+    assert [row["acc_avg"] for row in r["rows"]][-1] == r["zeroshot"]["average"]
+
+    c = client()
+    for name in ("zeroshot/lw/acc", "zeroshot/mc/acc_norm", "zeroshot/acc_avg", "seconds/zeroshot"):
+        assert [m.step for m in c.get_metric_history(r["run_id"], name)] == [0, 1, 2], name
+    assert c.get_metric_history(r["run_id"], "zeroshot/lw/acc")[-1].value == r["zeroshot"]["tasks"]["lw"]["acc"]
+    files = {f.path for f in c.list_artifacts(r["run_id"], "zeroshot")}
+    assert files == {"zeroshot/dense.json", "zeroshot/shot-1.json", "zeroshot/shot-2.json"}
+    full = json.load(open(c.download_artifacts(r["run_id"], "zeroshot/shot-2.json")))
+    assert full["results"]["mc"]["acc,none"] == r["zeroshot"]["tasks"]["mc"]["acc"] and "configs" in full
+    table = Artifact.get("prune-tiny-llama-zeroshot")
+    assert table is not None and table.type == "table" and "mc" in str(table.data)
+
+    # another target: the dense baseline (same model, same task set) comes from the cache
+    r2 = prune_flow({**zeroshot_recipe, "shots": 1, "target_size": 0.6, "output": str(tmp_path / "b")})
+    assert len(zeroshot_calls) == 4 and r2["dense_zeroshot"] == r["dense_zeroshot"]
+    # a different task set is a different baseline
+    prune_flow({**zeroshot_recipe, "shots": 1, "target_size": 0.6, "zeroshot_tasks": "mc",
+                "output": str(tmp_path / "c")})
+    assert len(zeroshot_calls) == 6
+
+
+def test_sweep_report_methods_by_sizes_with_zeroshot(zeroshot_recipe, tmp_path):
+    from flows.sweep import sweep_flow
+
+    out = tmp_path / "sweep"
+    recipe = {**zeroshot_recipe, "shots": 1, "output": str(out),
+              "sweep": [{"method": "llm-surgeon", "target_size": 0.8}, {"method": "llm-surgeon", "target_size": 0.6},
+                        {"method": "magnitude", "target_size": 0.8}]}
+    r = sweep_flow(recipe)
+    assert all(row["acc_avg"] is not None and row["dense_acc_avg"] is not None for row in r["rows"])
+    report = (out / "report.md").read_text()
+    assert "| method | 80% | 60% |" in report
+    assert "| llm-surgeon structured |" in report and "| magnitude structured |" in report
+    assert "Mean zero-shot accuracy" in report and "| lw acc | mc acc |" in report
+    for png in ("ppl_vs_size.png", "acc_vs_size.png", "allocation_heatmaps.png"):
+        assert (out / png).stat().st_size > 5000 and f"]({png})" in report, png
+    assert "acc_avg" in (out / "comparison.md").read_text()
+    assert (out / "zeroshot.csv").read_text().startswith("variant,size,task,metric,value\n")
+    logged = {f.path for f in client().list_artifacts(r["run_id"])}
+    assert {"report.md", "acc_vs_size.png", "allocation_heatmaps.png", "zeroshot.csv"} <= logged
+
+
 def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_calls, tmp_path, monkeypatch):
     import json
 

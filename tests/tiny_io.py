@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -50,3 +51,30 @@ def save_tiny(path: Path, family: str = "llama", seed: int = 0) -> Path:
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+_NOUNS = ["fox", "river", "garden", "teacher", "engine", "village", "letter", "window", "market", "bridge", "forest",
+          "doctor", "castle", "harbor", "student", "mountain", "kitchen", "painter", "soldier", "library"]
+_VERBS = ["watched", "crossed", "painted", "followed", "opened", "visited", "repaired", "described", "carried",
+          "found"]
+_ADJS = ["quiet", "old", "bright", "narrow", "famous", "small", "distant", "careful", "broken", "early"]
+
+
+def synthetic_prose(paragraphs: int = 40, seed: int = 0, marker: str | None = None) -> str:
+    """WikiText-like prose: one long paragraph per line, blank lines between, a heading now and then."""
+    rng = random.Random(seed)
+
+    def sentence() -> str:
+        s = f"the {rng.choice(_ADJS)} {rng.choice(_NOUNS)} {rng.choice(_VERBS)} the {rng.choice(_NOUNS)}"
+        for _ in range(rng.randrange(0, 4)):
+            s += f" near the {rng.choice(_ADJS)} {rng.choice(_NOUNS)}"
+        if marker:
+            s += f" in {marker}"
+        return s[0].upper() + s[1:] + " ."
+
+    lines = []
+    for i in range(paragraphs):
+        if i % 10 == 0:
+            lines.append(f" = Section {i} = ")
+        lines.append(" ".join(sentence() for _ in range(rng.randrange(6, 10))))
+    return "\n\n".join(lines) + "\n"

@@ -1,0 +1,178 @@
+"""Zero-shot evaluation: `surgeon make-task` (valid, deterministic, held-out part only) and lm-eval on a tiny model
+through `surgeon eval --tasks` (per-task metrics in the JSON, the same numbers as plain lm-eval, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import yaml
+
+from surgeon import zeroshot as Z
+from surgeon.cli import main
+from tiny_io import save_tiny, synthetic_prose
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zs-text") / "story.txt"
+    path.write_text(synthetic_prose(40, seed=1, marker="Zanzibar") + synthetic_prose(40, seed=2))
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, text_file):
+    d = tmp_path_factory.mktemp("zs") / "tasks"
+    Z.make_task("lastword", text_file, d, name="lw", n=12, seed=0, holdout=0.3)
+    Z.make_task("choice", text_file, d, name="mc", n=12, seed=0, holdout=0.3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("zs-model") / "tiny")
+
+
+def rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_tasks_are_valid_and_come_from_the_held_out_part(task_dir, text_file):
+    source = " ".join(text_file.read_text().split())
+    heldout = " ".join(Z.read_heldout(text_file, 0.3).split())
+    assert "Zanzibar" in source and "Zanzibar" not in heldout  # the first half is never used
+
+    cfg = yaml.safe_load((task_dir / "lw.yaml").read_text())
+    assert cfg["task"] == "lw" and cfg["output_type"] == "loglikelihood" and cfg["dataset_path"] == "json"
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str((task_dir / "lw.jsonl").resolve())
+    docs = rows(task_dir / "lw.jsonl")
+    assert len(docs) == 12 and cfg["metadata"]["documents"] == 12
+    for d in docs:
+        assert d["target"].startswith(" ") and d["target"][1:].isalpha() and len(d["target"]) >= 4
+        assert f"{d['context']}{d['target']} ." in heldout  # a passage of the text up to its last word
+        assert len(d["context"].split()) >= 39
+
+    cfg = yaml.safe_load((task_dir / "mc.yaml").read_text())
+    assert cfg["output_type"] == "multiple_choice" and cfg["doc_to_choice"] == "choices"
+    assert {m["metric"] for m in cfg["metric_list"]} == {"acc", "acc_norm"}
+    docs = rows(task_dir / "mc.jsonl")
+    assert len(docs) == 12
+    for d in docs:
+        assert len(d["choices"]) == 4 == len(set(d["choices"])) and 0 <= d["label"] < 4
+        assert f"{d['context']} {d['choices'][d['label']]}" in heldout  # the true next sentence
+        assert all(c in heldout and f"{d['context']} {c}" not in heldout
+                   for i, c in enumerate(d["choices"]) if i != d["label"])
+    assert len({d["label"] for d in docs}) > 1
+
+
+def test_make_task_is_deterministic_for_a_seed(tmp_path, text_file):
+    for kind in Z.KINDS:
+        a = Z.make_task(kind, text_file, tmp_path / "a", name="t", n=10, seed=3, holdout=0.3)
+        b = Z.make_task(kind, text_file, tmp_path / "b", name="t", n=10, seed=3, holdout=0.3)
+        c = Z.make_task(kind, text_file, tmp_path / "c", name="t", n=10, seed=4, holdout=0.3)
+        data = [open(x["data"], "rb").read() for x in (a, b, c)]
+        assert data[0] == data[1] and data[0] != data[2], kind
+        assert open(a["yaml"]).read() == open(b["yaml"]).read().replace(str(tmp_path / "b"), str(tmp_path / "a"))
+
+
+def test_make_task_cli_and_errors(capsys, tmp_path, text_file):
+    rc, out, err = run(capsys, "make-task", "choice", "--text", text_file, "--output", tmp_path / "t", "--n", 5,
+                       "--seed", 1, "--holdout", 0.3)
+    assert rc == 0, err
+    assert "task choice_story: 5 documents" in out and (tmp_path / "t" / "choice_story.yaml").is_file()
+    rc, out, err = run(capsys, "make-task", "lastword", "--text", text_file, "--output", tmp_path / "t", "--n", 10000,
+                       "--name", "many")
+    assert rc == 0 and "note: only" in err
+    for args, message in [(["cloze"], "unknown task kind 'cloze'"),
+                          (["choice", "--holdout", 0], "holdout must be in (0, 1]"),
+                          (["choice", "--name", "a b"], "task name 'a b'")]:
+        rc, out, err = run(capsys, "make-task", args[0], "--text", text_file, "--output", tmp_path / "bad", *args[1:])
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, err)
+    rc, out, err = run(capsys, "make-task", "choice", "--text", tmp_path / "nope.txt", "--output", tmp_path / "bad")
+    assert rc == 2 and "text file not found" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("a heading\n\nno prose here\n")
+    rc, out, err = run(capsys, "make-task", "lastword", "--text", empty, "--output", tmp_path / "bad")
+    assert rc == 2 and "no lastword documents" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_eval_tasks_json_has_per_task_metrics(capsys, tmp_path, model_dir, task_dir, text_file):
+    js = tmp_path / "zs.json"
+    rc, out, err = run(capsys, "eval", "--model", model_dir, "--tasks", "lw,mc", "--task-dir", task_dir,
+                       "--limit", 8, "--data", text_file, "--seqlen", 32, "--max-windows", 2, "--threads", 1,
+                       "--json", js)
+    assert rc == 0, err
+    res = json.loads(js.read_text())
+    assert res["ppl"] > 1 and res["windows"] == 2  # perplexity and zero-shot in one call
+    assert set(res["tasks"]) == {"lw", "mc"}
+    for name, m in res["tasks"].items():
+        assert m["n"] == 8 and 0 <= m["acc"] <= 1 and m["seconds"] > 0, name
+        assert abs(m["acc"] * 8 - round(m["acc"] * 8)) < 1e-9 and m["acc_stderr"] >= 0
+    assert 0 <= res["tasks"]["mc"]["acc_norm"] <= 1 and res["tasks"]["lw"]["perplexity"] > 1
+    assert res["zeroshot_average"] == pytest.approx((res["tasks"]["lw"]["acc"] + res["tasks"]["mc"]["acc"]) / 2)
+    assert set(res["lm_eval"]["results"]) == {"lw", "mc"} and "samples" not in res["lm_eval"]
+    assert "| lw |" in out and "zero-shot average acc" in out and "bootstrapping" not in out
+
+
+def test_same_numbers_as_plain_lm_eval_and_a_moved_task_folder(tmp_path, model_dir, task_dir):
+    """The task YAML works as is with lm-eval's own TaskManager(include_path=DIR); a moved folder still works."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from surgeon.models import load_model
+
+    model, tok, _ = load_model(model_dir)
+    plain = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=1), tasks=["mc", "lw"],
+                                    task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                    limit=6, log_samples=False, bootstrap_iters=0)
+    shutil.copytree(task_dir, tmp_path / "copy")
+    moved = tmp_path / "moved"
+    (tmp_path / "copy").rename(moved)  # a moved folder: its YAMLs name data files that are gone
+    for yml in moved.glob("*.yaml"):
+        yml.write_text(yml.read_text().replace(str(task_dir), str(tmp_path / "copy")))
+    ours = Z.evaluate_model(model, tok, ["mc", "lw"], task_dir=moved, limit=6)
+    for name in ("mc", "lw"):
+        assert ours["tasks"][name]["acc"] == pytest.approx(plain["results"][name]["acc,none"])
+    assert ours["tasks"]["mc"]["acc_norm"] == pytest.approx(plain["results"]["mc"]["acc_norm,none"])
+    assert math.isfinite(ours["average"])
+    (moved / "mc.jsonl").unlink()
+    with pytest.raises(Z.SurgeonError, match="task mc: data file .* not found"):
+        Z.evaluate_model(model, tok, ["mc"], task_dir=moved, limit=2)
+
+
+def test_eval_tasks_errors_are_one_line(capsys, tmp_path, model_dir, task_dir):
+    cases = [
+        (["--tasks", "nope", "--task-dir", task_dir], "unknown lm-eval task(s) nope"),
+        (["--tasks", "lw", "--task-dir", tmp_path / "none"], "task folder not found"),
+        ([], "nothing to evaluate"),
+        (["--data", "x.txt"], "--data and --seqlen go together"),
+        (["--task-dir", task_dir, "--data", "builtin:stdlib-docs", "--seqlen", 8], "give --tasks"),
+    ]
+    for args, message in cases:
+        js = tmp_path / "never.json"
+        rc, out, err = run(capsys, "eval", "--model", model_dir, *args, "--json", js)
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], (args, err)
+        assert not js.exists()
+
+
+def test_parse_tasks_and_average():
+    assert Z.parse_tasks("lw, mc,lw") == ["lw", "mc"]
+    assert Z.parse_tasks(["standard"]) == list(Z.STANDARD_SUITE)
+    with pytest.raises(Z.SurgeonError, match="no zero-shot tasks"):
+        Z.parse_tasks(" , ")
+    assert Z.average_accuracy({"a": {"acc": 0.5}, "b": {"acc": 0.25, "acc_norm": 1.0}, "c": {"perplexity": 3}}) \
+        == pytest.approx(0.375)
