@@ -312,7 +312,8 @@ def test_second_writer_refused_kill_leaves_nothing_and_stale_lock_is_taken_over(
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 60
-        while not lock_path(out).exists() and proc.poll() is None and time.time() < deadline:
+        while proc.poll() is None and time.time() < deadline and not (
+                lock_path(out).exists() and lock_path(out).stat().st_size):  # the holder has written its name
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         holder = json.loads(lock_path(out).read_text())
