@@ -144,6 +144,8 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         }
         metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
         summary["output"] = steps.export(cfg, weights, output, metrics, model)
+        if cfg.structure_report and cfg.structure in ("structured", "coupled"):
+            summary["structure_report"] = steps.structure_report(cfg, summary["output"], model, run.run_id)
         tracking.log_outcome(run.run_id, recipe_yaml=cfg.to_yaml(), shot_reports=reports,
                              ppl_points=[(r["size"], r["ppl"]) for r in rows if r["ppl"] is not None]
                              + ([(1.0, dense_ppl)] if dense_ppl else []),

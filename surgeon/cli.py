@@ -427,9 +427,9 @@ def prune_cmd(
                       shots=shots, output=output, eval_data=eval_data, eval_seqlen=eval_seqlen,
                       eval_max_windows=eval_max_windows, seed=seed, batch_size=batch_size,
                       max_correlate=max_correlate, compute_dtype=compute_dtype, device=device, threads=threads,
-                      nproc=nproc, finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
+                      finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
                       finetune_lr=finetune_lr, finetune_train=finetune_train, first_order=first_order,
-                      register_model=register, overwrite=overwrite or None)
+                      nproc=nproc, register_model=register, overwrite=overwrite or None)
     check_model_ref(cfg.model)
     for ref in (cfg.calibration, cfg.eval_data):
         if ref is not None:
@@ -490,6 +490,9 @@ def _print_materialize(report: dict) -> None:
 def materialize_cmd(
     source: Annotated[Path, typer.Argument(help="Pruned (zeroed) model folder, e.g. a `surgeon prune` output.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the smaller model.")],
+    align: Annotated[int, typer.Option(
+        help="Pad each layer's FFN width to a multiple of this with all-zero units (unaligned matmuls are slow; "
+             "1 = no padding).", min=1)] = 64,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -498,7 +501,7 @@ def materialize_cmd(
     from .materialize import materialize_dir
 
     json_out = check_output_file(json_out)
-    report = materialize_dir(source, output)
+    report = materialize_dir(source, output, align=align)
     _print_materialize(report)
     if json_out is not None:
         write_json(json_out, report)

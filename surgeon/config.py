@@ -70,6 +70,7 @@ class PruneConfig(BaseModel):
     compute_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # overflow in bf16/fp16 -> the shot reruns in fp32
     device: str = "cpu"
     threads: int | None = None
+    nproc: int = 1  # processes per shot (data-parallel curvature on one machine: one GPU each, or CPU/gloo)
     # mask-preserving fine-tuning of the surviving weights (surgeon_core.finetune; 0 steps = off)
     finetune_steps: int = 0  # after every shot (the paper's interleaved correction), on calibration windows
     final_finetune_steps: int = 0  # added after the last shot
@@ -82,6 +83,8 @@ class PruneConfig(BaseModel):
     first_order: bool = False
     first_order_scale: float = 1.0
     # tracking / registry
+    # structured / coupled outputs: materialize in memory and log parameters, file sizes and CPU speed vs dense
+    structure_report: bool = True
     register_model: bool = True
     model_name: str | None = None
     experiment: str = "llm-surgeon"
@@ -113,7 +116,7 @@ class PruneConfig(BaseModel):
             raise ValueError(f"must be positive, got {v}")
         return v
 
-    @field_validator("shots", "nsamples", "batch_size", "fisher_samples", "eval_batch_size", "finetune_batch_size")
+    @field_validator("shots", "nsamples", "batch_size", "fisher_samples", "eval_batch_size", "nproc", "finetune_batch_size")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
@@ -154,6 +157,12 @@ class PruneConfig(BaseModel):
                 raise ValueError(f"eval_at sizes must be in (0, 1], got {s}")
         if self.damping_a < 0 or (self.damping_g is not None and self.damping_g < 0):
             raise ValueError("damping must be non-negative")
+        if self.nproc > 1:
+            if METHODS[self.method].layerwise or METHODS[self.method].curvature == "none":
+                raise ValueError(f"nproc > 1 shares out the curvature pass; method {self.method} has none")
+            if self.nsamples < self.nproc:
+                raise ValueError(f"nproc {self.nproc} needs at least one calibration window per process "
+                                 f"(nsamples is {self.nsamples})")
         if self.first_order and (METHODS[self.method].curvature != "kfac" or st.kind == "coupled"
                                  or self.fisher != "empirical"):
             raise ValueError("first_order needs method llm-surgeon or kobd, a structure other than coupled, and "

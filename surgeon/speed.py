@@ -123,3 +123,53 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
         out[f"{work}_speedup"] = s
         out[f"{work}_fraction_of_ideal"] = s / ideal
     return out
+
+
+def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = None, prefill_len: int = 256,
+                     decode_tokens: int = 16, repeats: int = 3, align: int = 64) -> dict:
+    """The honest report of a structured output: parameters, file sizes and speed of the materialized model.
+
+    The zeroed model in ``pruned_dir`` is materialized in memory (all-zero FFN units and heads dropped, widths
+    padded to ``align``) and written to a temporary folder for its file size; both it and the dense model in
+    ``dense_dir`` are then timed on this machine's CPU in fp32 (:func:`compare`, batch 1).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.materialize import count_parameters
+
+    from .materialize import materialize_model, save_materialized
+
+    def weights_bytes(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, local_files_only=True).eval()
+        pruned = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32, local_files_only=True).eval()
+        adapter = adapter_for(dense)
+        before = count_parameters(dense, adapter)
+        pruned, mat = materialize_model(pruned, align=align)
+        after = count_parameters(pruned.eval(), adapter)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_materialized(pruned, Path(tmp) / "m")
+            files = {"dense": weights_bytes(Path(dense_dir)), "zeroed": weights_bytes(Path(pruned_dir)),
+                     "materialized": weights_bytes(Path(tmp) / "m")}
+        seqlen = min(prefill_len, getattr(dense.config, "max_position_embeddings", prefill_len))
+        res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
+                      prompt_len=min(32, seqlen))
+        for k in ("dense", "pruned"):
+            res[k].pop("runs", None)
+    finally:
+        torch.set_num_threads(old_threads)
+    return {
+        "parameters": {"dense_total": before["total"], "materialized_total": after["total"],
+                       "dense_prunable": before["prunable"], "materialized_prunable": after["prunable"],
+                       "prunable_fraction": after["prunable"] / before["prunable"]},
+        "file_bytes": files, "align": align, "layers": mat["layers"], "speed": res,
+    }

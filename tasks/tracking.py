@@ -221,6 +221,27 @@ def log_outcome(run_id: str, *, recipe_yaml: str, shot_reports: list[dict], ppl_
     client.log_batch(run_id, metrics=_metrics({f"final/{k}": v for k, v in final.items()}, step=0))
 
 
+def log_structure_report(run_id: str, report: dict) -> None:
+    """Metrics + ``structure_report.json`` of a structured output (see surgeon.speed.structure_report)."""
+    client = _client()
+    sp, pa, fb = report["speed"], report["parameters"], report["file_bytes"]
+    values = {"structure/params_dense": pa["dense_total"], "structure/params_materialized": pa["materialized_total"],
+              "structure/prunable_fraction": pa["prunable_fraction"],
+              "structure/file_mb_dense": fb["dense"] / 2**20, "structure/file_mb_materialized": fb["materialized"] / 2**20,
+              "structure/ideal_speedup": sp["ideal_speedup"]}
+    for work in ("prefill", "decode"):
+        values[f"structure/{work}_speedup"] = sp[f"{work}_speedup"]
+        for who in ("dense", "pruned"):
+            values[f"structure/{work}_tokens_per_s_{who}"] = sp[who][f"{work}_tokens_per_s"]
+        values[f"structure/{work}_ms_per_token_pruned"] = sp["pruned"][f"{work}_ms_per_token"]
+        values[f"structure/{work}_ms_per_token_dense"] = sp["dense"][f"{work}_ms_per_token"]
+    client.log_batch(run_id, metrics=_metrics(values, step=0))
+    with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
+        path = Path(tmp) / "structure_report.json"
+        path.write_text(json.dumps(report, indent=1, default=str))
+        client.log_artifact(run_id, str(path))
+
+
 def _metric_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-. /]+", "_", name)
 

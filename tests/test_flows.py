@@ -119,6 +119,15 @@ def test_prune_flow_tracks_exports_and_registers(first_run):
     assert float(mv.tags["pruned_ppl"]) == pytest.approx(r["ppl"])
     assert os.path.isfile(c.download_artifacts(r["run_id"], "model/model.safetensors"))
 
+    # the structure report of a structured output: parameters, file sizes, CPU speed of the materialized model
+    rep = r["structure_report"]
+    assert rep["parameters"]["materialized_total"] <= rep["parameters"]["dense_total"]
+    assert rep["file_bytes"]["materialized"] <= rep["file_bytes"]["dense"]
+    assert rep["speed"]["dense"]["prefill_tokens_per_s"] > 0 and rep["speed"]["pruned"]["decode_ms_per_token"] > 0
+    assert c.get_metric_history(r["run_id"], "structure/params_materialized")[0].value == \
+        rep["parameters"]["materialized_total"]
+    assert "structure_report.json" in files
+
 
 def test_rerun_to_another_output_reuses_cached_shots(first_run, tiny_recipe, shot_calls, tmp_path):
     from flows.prune import prune_flow
@@ -423,6 +432,24 @@ def test_finetune_cache_key_covers_its_inputs(tiny_recipe):
         assert key != steps.finetune_key(PruneConfig(**{**tiny_recipe, "finetune_steps": 2, **change}), w, data, 2, 1)
 
 
+def test_sweep_fans_runs_out_on_a_local_dask_cluster(tiny_recipe, tmp_path):
+    """prefect-dask: the two runs of a sweep go to the two worker processes of a LocalCluster; both are tracked."""
+    from flows.sweep import run_sweep
+
+    recipe = {**tiny_recipe, "shots": 1, "register_model": False, "output": str(tmp_path / "dask-sweep"),
+              "sweep": [{"method": "llm-surgeon", "target_size": 0.8}, {"method": "kobd", "target_size": 0.8}]}
+    r = run_sweep(recipe, dask="local:2")
+    assert [row["variant"] for row in r["rows"]] == ["llm-surgeon-structured-0.8", "kobd-structured-0.8"]
+    assert all(row["ppl"] > 1 and row["size"] < 0.85 for row in r["rows"])
+    assert sorted(child["worker"] for child in r["results"]) == [0, 1]  # one run per Dask worker
+    c = client()
+    for child in r["results"]:
+        run = c.get_run(child["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == r["run_id"]
+        assert run.data.metrics["final/ppl"] == pytest.approx(child["ppl"])
+    assert (tmp_path / "dask-sweep" / "kobd-structured-0.8" / "model.safetensors").is_file()
+
+
 def test_cli_prune_finetune_flags(tiny_recipe, tmp_path, capsys):
     import json
 
@@ -442,22 +469,6 @@ def test_cli_prune_finetune_flags(tiny_recipe, tmp_path, capsys):
     rc, out, err = _cli(capsys, "prune", "--config", recipe, "--method", "magnitude", "--first-order")
     assert rc == 2 and "first_order needs method llm-surgeon or kobd" in err
 
-def test_sweep_fans_runs_out_on_a_local_dask_cluster(tiny_recipe, tmp_path):
-    """prefect-dask: the two runs of a sweep go to the two worker processes of a LocalCluster; both are tracked."""
-    from flows.sweep import run_sweep
-
-    recipe = {**tiny_recipe, "shots": 1, "register_model": False, "output": str(tmp_path / "dask-sweep"),
-              "sweep": [{"method": "llm-surgeon", "target_size": 0.8}, {"method": "kobd", "target_size": 0.8}]}
-    r = run_sweep(recipe, dask="local:2")
-    assert [row["variant"] for row in r["rows"]] == ["llm-surgeon-structured-0.8", "kobd-structured-0.8"]
-    assert all(row["ppl"] > 1 and row["size"] < 0.85 for row in r["rows"])
-    assert sorted(child["worker"] for child in r["results"]) == [0, 1]  # one run per Dask worker
-    c = client()
-    for child in r["results"]:
-        run = c.get_run(child["run_id"])
-        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == r["run_id"]
-        assert run.data.metrics["final/ppl"] == pytest.approx(child["ppl"])
-    assert (tmp_path / "dask-sweep" / "kobd-structured-0.8" / "model.safetensors").is_file()
 
 def test_dask_spec_parsing():
     from flows.sweep import dask_task_runner
