@@ -362,7 +362,8 @@ def task_metrics(results: dict, task: str) -> dict:
         metric, _, flt = key.partition(",")
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             continue
-        out[metric if flt in ("", "none") else f"{metric}/{flt}"] = float(value)
+        if metric != "sample_len":  # lm-eval's document count: "n" below
+            out[metric if flt in ("", "none") else f"{metric}/{flt}"] = float(value)
     samples = (results.get("n-samples") or {}).get(task) or {}
     if "effective" in samples:
         out["n"] = int(samples["effective"])

@@ -24,6 +24,15 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def _plain_log_ticks(ax) -> None:
+    """Plain numbers (30, 40, 132.5) on a log-scale y axis instead of 3x10^1 or 1.325x10^2."""
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+
+
 def split_layer_name(name: str) -> tuple[int, str]:
     """('model.layers.3.self_attn.q_proj') -> (3, 'q_proj')."""
     m = _BLOCK.search(name)
@@ -98,6 +107,7 @@ def ppl_vs_size(series: dict[str, list[tuple[float, float]]], path: Path, dense_
     ax.set_xlabel("size (fraction of prunable weights kept)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.invert_xaxis()
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
@@ -167,10 +177,10 @@ def accuracy_vs_size(series: dict[str, list[tuple[float, float]]], path: Path, d
     """One line per series of (size, mean zero-shot acc) points; size 1.0 is the dense model."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in series.items():
+    for i, (label, points) in enumerate(series.items()):
         pts = sorted(p for p in points if p[1] is not None and math.isfinite(p[1]))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if pts:  # a marker per method: equal accuracies stay visible
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^v<>P"[i % 8], alpha=0.85, label=label)
     if dense_acc is not None:
         ax.axhline(dense_acc, color="grey", linestyle="--", linewidth=1, label=f"dense {dense_acc:.3f}")
     ax.set_xlabel("size (fraction of prunable weights kept)")
