@@ -211,15 +211,35 @@ class _LayerState:
     A_inv: dict = field(default_factory=dict)
     G_inv: dict = field(default_factory=dict)
 
+    def to(self, device: torch.device) -> None:
+        """Move the weights and inverses (an inverse shared by q/k/v or gate/up stays shared)."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def mv(t):
+            if t is None:
+                return None
+            if id(t) not in moved:
+                moved[id(t)] = t.to(device, non_blocking=False)
+            return moved[id(t)]
+
+        self.W = {n: mv(t) for n, t in self.W.items()}
+        self.A_inv = {n: mv(t) for n, t in self.A_inv.items()}
+        self.G_inv = {n: mv(t) for n, t in self.G_inv.items()}
+
 
 def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: tuple[int, int, int], *,
                  get_factors: Callable[[int, str], tuple[torch.Tensor | None, torch.Tensor | None]],
                  augmented: Callable[[nn.Linear], torch.Tensor], write_back: Callable[[nn.Linear, torch.Tensor], None],
                  n_remove: int, kind: str, update: bool, damping_a: float, damping_g: float,
-                 max_correlate: int = 0) -> tuple[float, int]:
+                 max_correlate: int = 0, offload: torch.device | str | None = None) -> tuple[float, int]:
     """One coupled shot over all decoder layers: costs → global greedy selection → per-member updates.
-    Returns (estimated loss increase, damping escalations)."""
+    Returns (estimated loss increase, damping escalations).
+
+    ``offload`` (e.g. "cpu"): where each layer's weights and factor inverses wait between the cost phase and the
+    update phase; without it every layer's inverses are alive at once (about the size of all K-FAC factors again,
+    which does not fit next to a 7B model's factors on one 141 GB GPU)."""
     states, part_params, escalations = [], {}, 0
+    devices = []
     for i, layer in enumerate(layers):
         fams, pp = layer_units(layer, adapter, layout, i)
         part_params.update(pp)
@@ -239,14 +259,19 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
             c = unit_costs(fam, st.W, A, G, st.A_inv, st.G_inv, kind=kind).float().cpu()
             c[_dead(fam, st.W).cpu()] = float("-inf")
             fam.costs = c
+        devices.append(next(iter(st.W.values())).device)
+        if offload is not None:
+            st.to(torch.device(offload))
         states.append(st)
     all_fams = [f for s in states for f in s.fams]
     masks = select_units([f.costs for f in all_fams], [f.parts for f in all_fams], part_params, n_remove)
     estimated = float(sum(f.costs[m & torch.isfinite(f.costs)].sum() for f, m in zip(all_fams, masks)))
     k = 0
-    for layer, st in zip(layers, states):
+    for layer, st, dev in zip(layers, states, devices):
         m = masks[k: k + len(st.fams)]
         k += len(st.fams)
+        if offload is not None:
+            st.to(dev)
         new = apply_units(st.fams, m, st.W, st.A_inv, st.G_inv, update=update, max_correlate=max_correlate)
         for n, Wn in new.items():
             write_back(get_submodule(layer, n), Wn)

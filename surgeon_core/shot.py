@@ -638,7 +638,8 @@ def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_s
     estimated, escalations = coupled_shot(
         layers, adapter, layout, get_factors=get_factors, augmented=lambda lin: _augmented(lin, device),
         write_back=_write_back, n_remove=round((1.0 - target_size) * total), kind=spec.cost_kind,
-        update=spec.update, damping_a=opts.damping_a, damping_g=opts.damping_g, max_correlate=opts.max_correlate)
+        update=spec.update, damping_a=opts.damping_a, damping_g=opts.damping_g, max_correlate=opts.max_correlate,
+        offload="cpu" if device.type == "cuda" else None)
     seconds["coupled"] = time.perf_counter() - t0
     size, per_layer, per_type = model_size(model, adapter)
     return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,

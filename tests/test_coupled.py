@@ -111,3 +111,27 @@ def test_select_units_budget_and_overlap():
     dead = [torch.tensor([float("-inf"), 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])]
     m = select_units(dead, [parts_h, parts_kv], pp, 0)
     assert m[0].tolist() == [True, False, False, False]  # dead units always taken
+
+
+def _coupled_weights(device: str, offload: bool, monkeypatch) -> dict:
+    import surgeon_core.coupled as coupled
+
+    original = coupled.coupled_shot
+
+    def shot(*args, **kwargs):
+        kwargs["offload"] = "cpu" if offload else None
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(coupled, "coupled_shot", shot)
+    model = tiny_model("llama", seed=3).to(device)
+    prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled", device=device), target_size=0.6)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def test_offloading_inverses_between_phases_changes_nothing(monkeypatch):
+    """Parking each layer's weights and inverses on the CPU between the cost and update phases (what a 7B model
+    needs on one GPU) gives the same weights; on CUDA it really moves them."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = _coupled_weights(device, False, monkeypatch)
+    b = _coupled_weights(device, True, monkeypatch)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
