@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--first-order", action="store_true", help="gradient term in the costs and updates")
-    p.add_argument("--first-order-scale", type=float, default=1.0)
+    p.add_argument("--first-order-scale", type=float, default=1e-3, help="1 = the exact quadratic model (harmful)")
     p.add_argument("--batch-size", type=int, default=1, help="curvature pass batch")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"], help="curvature compute dtype")
     p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"])

@@ -81,7 +81,7 @@ class PruneConfig(BaseModel):
     finetune_batch_size: int = 1
     # first-order term: the loss gradient enters the costs and updates (llm-surgeon, kobd; empirical Fisher)
     first_order: bool = False
-    first_order_scale: float = 1.0
+    first_order_scale: float = 1e-3  # 1 = the exact quadratic model: a Newton step far too long (docs/method.md)
     # tracking / registry
     # structured / coupled outputs: materialize in memory and log parameters, file sizes and CPU speed vs dense
     structure_report: bool = True

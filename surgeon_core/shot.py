@@ -111,7 +111,7 @@ class PruneOptions:
     # first-order term (docs/method.md): the mean loss gradient, collected in the curvature pass, enters the costs
     # and updates (LLM Surgeon: OBS at the Newton point W − s·G⁻¹∇W A⁻¹; K-OBD: −s·⟨∇W, W⟩ in the costs)
     first_order: bool = False
-    first_order_scale: float = 1.0  # s: multiplies the gradient (1 = the exact quadratic model)
+    first_order_scale: float = 1e-3  # s multiplies the gradient; 1 = the exact quadratic model, measured harmful
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
