@@ -22,6 +22,7 @@ from surgeon_core.materialize import count_parameters, materialize_
 
 from . import modeling_surgeon_pruned as mp
 from .errors import SurgeonError
+from .utils import atomic_dir
 
 __all__ = ["materialize_model", "save_materialized", "materialize_dir", "MODELING_FILE"]
 
@@ -109,7 +110,8 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
     model, report = materialize_model(model.eval(), align=align)
-    save_materialized(model, out, tokenizer=tokenizer, report=report)
+    with atomic_dir(out) as tmp:  # a crash leaves no half-written model behind
+        save_materialized(model, tmp, tokenizer=tokenizer, report=report)
     report["output"] = str(out)
     report["file_bytes"] = {"source": _weights_bytes(src), "materialized": _weights_bytes(out)}
     return report
