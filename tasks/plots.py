@@ -28,6 +28,12 @@ def _plain_log_ticks(ax) -> None:
     """Plain numbers (30, 40, 132.5) on a log-scale y axis instead of 3x10^1 or 1.325x10^2."""
     from matplotlib.ticker import FuncFormatter
 
+    from matplotlib.ticker import LogLocator
+
+    lo, hi = ax.get_ylim()
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 3.0
+    subs = (1.5, 2, 3, 4, 5, 6, 7, 8, 9) if decades <= 1 else (1.5, 2, 3, 5, 7) if decades <= 2 else (2, 5)
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=subs))
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
     ax.yaxis.set_major_formatter(fmt)
     ax.yaxis.set_minor_formatter(fmt)
