@@ -126,3 +126,23 @@ def test_prune_cli_bad_input_one_line(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_bf16_factor_matmuls_recipe_key_and_shot():
+    """Recipe key gram_dtype=bf16 reaches the shot; the factors stay fp32 and close to the fp32 ones."""
+    from surgeon.config import PruneConfig
+    from surgeon.pruning import options_from_config
+    from surgeon_core.adapters import adapter_for as _adapter
+    from surgeon_core.curvature import estimate_kfac
+
+    opts = options_from_config(PruneConfig(model="x", gram_dtype="bf16"))
+    assert opts.gram_dtype == torch.bfloat16
+    assert options_from_config(PruneConfig(model="x")).gram_dtype is None
+    model, x = tiny_model("llama", seed=5), tiny_windows(4, 16)
+    f32 = estimate_kfac(model, x, adapter=_adapter(model))
+    bf = estimate_kfac(model, x, adapter=_adapter(model), gram_dtype=torch.bfloat16)
+    for key in f32.A:
+        assert bf.A[key].dtype == torch.float32
+        assert torch.linalg.norm(bf.A[key] - f32.A[key]) <= 1e-2 * torch.linalg.norm(f32.A[key])
+    for key in f32.G:
+        assert torch.linalg.norm(bf.G[key] - f32.G[key]) <= 1e-2 * torch.linalg.norm(f32.G[key])
