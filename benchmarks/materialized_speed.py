@@ -33,21 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.arch_shot import ARCHS  # noqa: E402
 from surgeon import speed  # noqa: E402
-from surgeon.materialize import materialize_model, save_materialized  # noqa: E402
+from surgeon.materialize import (  # noqa: E402
+    kept_from_json, kept_to_json, materialize_model, safetensors_bytes, save_materialized)
 from surgeon_core.adapters import adapter_for  # noqa: E402
 from surgeon_core.materialize import count_parameters, find_kept  # noqa: E402
 from surgeon_core.shot import PruneOptions, linear_schedule, prune_shot  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load_kept(path: str) -> list[dict]:
-    data = json.loads(Path(path).read_text())
-    return [{k: torch.tensor(v, dtype=torch.long) for k, v in layer.items()} for layer in data["layers"]]
-
-
-def kept_to_json(kept: list[dict]) -> dict:
-    return {"layers": [{k: v.tolist() for k, v in layer.items()} for layer in kept]}
 
 
 def weights_bytes(model: torch.nn.Module) -> int:
@@ -58,10 +50,6 @@ def weights_bytes(model: torch.nn.Module) -> int:
         seen.add(p.data_ptr())
         total += p.numel() * p.element_size()
     return total
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
 def main(argv=None) -> int:
@@ -117,7 +105,7 @@ def main(argv=None) -> int:
         del zeroed
         kept = find_kept(pruned, adapter, layout)
     elif args.kept:
-        kept = load_kept(args.kept)
+        kept = kept_from_json(json.loads(Path(args.kept).read_text()))
     else:
         windows = torch.randint(0, pruned.config.vocab_size, (args.nsamples, args.seqlen),
                                 generator=torch.Generator().manual_seed(0))
@@ -153,8 +141,8 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             dense.save_pretrained(Path(tmp) / "dense")
             save_materialized(pruned, Path(tmp) / "pruned")
-            info["file_bytes"] = {"dense": folder_bytes(Path(tmp) / "dense"),
-                                  "materialized": folder_bytes(Path(tmp) / "pruned")}
+            info["file_bytes"] = {"dense": safetensors_bytes(Path(tmp) / "dense"),
+                                  "materialized": safetensors_bytes(Path(tmp) / "pruned")}
     print(f"parameters {counts_dense['total']:,} -> {counts_pruned['total']:,}; prunable kept "
           f"{info['parameters']['prunable_fraction_kept']:.4f}", flush=True)
 

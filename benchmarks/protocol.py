@@ -159,14 +159,14 @@ def main(argv=None) -> int:
                "estimated_loss": rep.estimated_loss, "seconds": rep.seconds, "type_sizes": rep.type_sizes,
                "damping_escalations": rep.damping_escalations, **peak_memory(device)}
         if args.save_kept and rep.shot - 1 in eval_sizes:
+            from surgeon.materialize import kept_to_json
             from surgeon_core.adapters import adapter_for
             from surgeon_core.materialize import find_kept
 
             adapter = adapter_for(model)
             kept = find_kept(model, adapter, adapter.head_layout(model.config))
             Path(f"{args.save_kept}_{rep.target_size:.2f}.json").write_text(json.dumps(
-                {"target_size": rep.target_size, "achieved_size": rep.achieved_size,
-                 "layers": [{k: v.tolist() for k, v in layer.items()} for layer in kept]}))
+                {"target_size": rep.target_size, "achieved_size": rep.achieved_size, **kept_to_json(kept)}))
             row["kept_sizes"] = [{k: len(v) for k, v in layer.items()} for layer in kept]
         if rep.shot - 1 in eval_sizes or opts.layerwise:
             e = ev()

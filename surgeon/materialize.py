@@ -24,7 +24,8 @@ from . import modeling_surgeon_pruned as mp
 from .errors import SurgeonError
 from .utils import atomic_dir
 
-__all__ = ["materialize_model", "save_materialized", "materialize_dir", "MODELING_FILE"]
+__all__ = ["materialize_model", "save_materialized", "materialize_dir", "safetensors_bytes", "kept_to_json",
+           "kept_from_json", "MODELING_FILE"]
 
 MODELING_FILE = "modeling_surgeon_pruned.py"
 _FAMILIES = {  # source model_type -> (config class, model class)
@@ -113,9 +114,20 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
     with atomic_dir(out) as tmp:  # a crash leaves no half-written model behind
         save_materialized(model, tmp, tokenizer=tokenizer, report=report)
     report["output"] = str(out)
-    report["file_bytes"] = {"source": _weights_bytes(src), "materialized": _weights_bytes(out)}
+    report["file_bytes"] = {"source": safetensors_bytes(src), "materialized": safetensors_bytes(out)}
     return report
 
 
-def _weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+def safetensors_bytes(folder: str | Path) -> int:
+    """Total size of the ``*.safetensors`` files in a model folder."""
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def kept_to_json(kept: list[dict]) -> dict:
+    """Kept FFN units / heads / kv groups per layer (``find_kept``'s output) as plain lists."""
+    return {"layers": [{k: v.tolist() for k, v in layer.items()} for layer in kept]}
+
+
+def kept_from_json(data: dict) -> list[dict]:
+    """Inverse of :func:`kept_to_json`."""
+    return [{k: torch.tensor(v, dtype=torch.long) for k, v in layer.items()} for layer in data["layers"]]

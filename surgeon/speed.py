@@ -141,10 +141,7 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
     from surgeon_core.adapters import adapter_for
     from surgeon_core.materialize import count_parameters
 
-    from .materialize import materialize_model, save_materialized
-
-    def weights_bytes(folder: Path) -> int:
-        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    from .materialize import materialize_model, safetensors_bytes, save_materialized
 
     old_threads = torch.get_num_threads()
     if threads:
@@ -158,8 +155,8 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
         after = count_parameters(pruned.eval(), adapter)
         with tempfile.TemporaryDirectory() as tmp:
             save_materialized(pruned, Path(tmp) / "m")
-            files = {"dense": weights_bytes(Path(dense_dir)), "zeroed": weights_bytes(Path(pruned_dir)),
-                     "materialized": weights_bytes(Path(tmp) / "m")}
+            files = {"dense": safetensors_bytes(dense_dir), "zeroed": safetensors_bytes(pruned_dir),
+                     "materialized": safetensors_bytes(Path(tmp) / "m")}
         seqlen = min(prefill_len, getattr(dense.config, "max_position_embeddings", prefill_len))
         res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
                       prompt_len=min(32, seqlen))

@@ -141,18 +141,25 @@ def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
     return pruning.build_eval(config, model.path)
 
 
+def _finished_checkpoint(ckpt: Path, key: str, log, what: str) -> dict | None:
+    """The report of a checkpoint finished earlier whose Prefect result was never recorded; else None, after
+    removing the partial folders a run killed while writing it left behind."""
+    if (ckpt / "state.json").is_file():
+        log.info("%s: reusing checkpoint %s", what, ckpt)
+        return json.loads((ckpt / "state.json").read_text())["report"]
+    for stale in ckpt.parent.glob(f".{key}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return None
+
+
 @task(name="prune-shot", cache_key_fn=_shot_cache_key, persist_result=True)
 def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot: int, model_hash: str) -> dict:
     """Prune shot ``shot`` (1-based) starting from ``source``; the checkpoint is the cache entry."""
     key = shot_key(config, source, calibration, shot, model_hash)
     ckpt = cache_root() / "shots" / key
     log = get_run_logger()
-    if (ckpt / "state.json").is_file():  # finished earlier, but its Prefect result was never recorded
-        log.info("shot %d: reusing checkpoint %s", shot, ckpt)
-        report = json.loads((ckpt / "state.json").read_text())["report"]
-    else:
-        for stale in ckpt.parent.glob(f".{key}.*.partial"):  # left by a run killed while writing this shot
-            shutil.rmtree(stale, ignore_errors=True)
+    report = _finished_checkpoint(ckpt, key, log, f"shot {shot}")
+    if report is None:
         log.info("shot %d/%d: curvature, costs, global threshold, updates (from %s)", shot, config.shots,
                  source.path)
         report = pruning.run_shot(config, source.path, calibration.path, shot, str(ckpt),
@@ -176,12 +183,8 @@ def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, steps:
     key = finetune_key(config, weights, calibration, steps, shot)
     ckpt = cache_root() / "finetune" / key
     log = get_run_logger()
-    if (ckpt / "state.json").is_file():  # finished earlier, but its Prefect result was never recorded
-        log.info("fine-tuning after shot %d: reusing checkpoint %s", shot, ckpt)
-        report = json.loads((ckpt / "state.json").read_text())["report"]
-    else:
-        for stale in ckpt.parent.glob(f".{key}.*.partial"):  # left by a run killed while writing it
-            shutil.rmtree(stale, ignore_errors=True)
+    report = _finished_checkpoint(ckpt, key, log, f"fine-tuning after shot {shot}")
+    if report is None:
         log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,
                  config.finetune_lr, config.finetune_train)
         every = max(1, steps // 10)

@@ -34,30 +34,28 @@ def no_writes_into_working_tree():
     assert not new, f"test wrote into the working tree: {sorted(new)}"
 
 
-@pytest.fixture(autouse=True, scope="session")
-def surgeon_cache(tmp_path_factory):
-    """Point SURGEON_CACHE (token/hash/dataset caches of `surgeon`) at a per-session temporary folder."""
-    path = tmp_path_factory.mktemp("surgeon-cache")
-    old = os.environ.get("SURGEON_CACHE")
-    os.environ["SURGEON_CACHE"] = str(path)
+def _env_folder(tmp_path_factory, var: str):
+    """Point the environment variable ``var`` at a fresh temporary folder for the session, then restore it."""
+    path = tmp_path_factory.mktemp(var.lower().replace("_", "-"))
+    old = os.environ.get(var)
+    os.environ[var] = str(path)
     yield path
     if old is None:
-        os.environ.pop("SURGEON_CACHE", None)
+        os.environ.pop(var, None)
     else:
-        os.environ["SURGEON_CACHE"] = old
+        os.environ[var] = old
+
+
+@pytest.fixture(autouse=True, scope="session")
+def surgeon_cache(tmp_path_factory):
+    """SURGEON_CACHE (token/hash/dataset caches of `surgeon`) in a per-session temporary folder."""
+    yield from _env_folder(tmp_path_factory, "SURGEON_CACHE")
 
 
 @pytest.fixture(autouse=True, scope="session")
 def surgeon_home(tmp_path_factory):
-    """Point SURGEON_HOME (the pipeline's default MLflow SQLite file, Prefect home and outputs) at a temp folder."""
-    path = tmp_path_factory.mktemp("surgeon-home")
-    old = os.environ.get("SURGEON_HOME")
-    os.environ["SURGEON_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("SURGEON_HOME", None)
-    else:
-        os.environ["SURGEON_HOME"] = old
+    """SURGEON_HOME (the pipeline's default MLflow SQLite file, Prefect home and outputs) in a temporary folder."""
+    yield from _env_folder(tmp_path_factory, "SURGEON_HOME")
 
 
 def smollm2_dir() -> Path | None:
