@@ -35,6 +35,38 @@ ARCHS = {
 }
 
 
+def forward_backward_seconds(model, windows, opts, device) -> float:
+    """The curvature pass without its hooks: the same batches, autocast and activation-only gradients."""
+    from surgeon_core.lm import sequence_nll
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    n, bs = windows.shape[0], opts.batch_size
+    if dist.is_initialized():  # this rank's share, as in the curvature pass
+        r, w = dist.get_rank(), dist.get_world_size()
+        from surgeon_core.distributed import share
+        windows = windows[share(n, r, w)]
+        n = windows.shape[0]
+    try:
+        for warm in (True, False):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(0, bs if warm else n, bs):
+                batch = windows[i:i + bs].to(device)
+                with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
+                    loss = sequence_nll(model, batch).sum()
+                loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    finally:
+        emb.remove()
+        for p_, f in flags.items():
+            p_.requires_grad_(f)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="smollm2-135m", choices=ARCHS)
@@ -47,6 +79,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--autocast", default="bf16", choices=["none", "bf16"])
     p.add_argument("--max-correlate", type=int)
+    p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"], help="dtype of the K-FAC factor matmuls "
+                   "(sums stay fp32)")
+    p.add_argument("--fb-baseline", action="store_true", help="first time a plain forward+backward pass over the "
+                   "same tokens (no hooks), so the curvature time splits into forward/backward and accumulation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -69,7 +105,9 @@ def main(argv=None) -> int:
             dist.broadcast(t, src=0)
     opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
                         autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None, device=str(device),
-                        max_correlate=args.max_correlate)
+                        max_correlate=args.max_correlate,
+                        gram_dtype=torch.bfloat16 if args.gram == "bf16" else None)
+    fb_seconds = forward_backward_seconds(model, windows, opts, device) if args.fb_baseline else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -81,7 +119,10 @@ def main(argv=None) -> int:
            "achieved_size": rep.achieved_size,
            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "processes": world}
+           "processes": world, "gram": args.gram, "batch_size": args.batch_size,
+           "forward_backward_seconds": fb_seconds}
+    if fb_seconds is not None:  # curvature = forward/backward + factor accumulation
+        out["accumulation_seconds"] = rep.seconds["curvature"] - fb_seconds
     if world > 1:
         dist.destroy_process_group()
         if int(os.environ["RANK"]) != 0:

@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--fisher", default="empirical")
     p.add_argument("--structured-update", default="sum", choices=["sequential", "sum"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--true-sequential", action="store_true", help="layer-wise baselines: calibrate q/k/v, o, "
+                   "gate/up, down one after another, each on the outputs of the already-pruned ones")
     p.add_argument("--threads", type=int)
     p.add_argument("--save-at", default="", help="comma-separated target sizes at which to save the model")
     p.add_argument("--save-dir", help="folder for --save-at models (one Hugging Face folder per size: size-0.9, ...)")
@@ -106,7 +108,7 @@ def main(argv=None) -> int:
                         autocast_dtype=autocast, gram_dtype=DTYPES[args.gram] if args.gram != "fp32" else None,
                         device=str(device), max_correlate=args.max_correlate,
                         damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed,
-                        structured_update=args.structured_update)
+                        structured_update=args.structured_update, true_sequential=args.true_sequential)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))

@@ -311,6 +311,7 @@ def prune_model_layerwise(
     block_size: int = 128,
     dampening_frac: float = 0.01,
     progress: Callable[[int, int], None] | None = None,
+    true_sequential: bool = False,
 ) -> dict:
     """Prune every prunable linear of ``model`` in place with a layer-wise baseline (lm_head/embeddings untouched).
 
@@ -322,6 +323,8 @@ def prune_model_layerwise(
         n_m: (N, M) semi-structured pattern, e.g. (2, 4).
         batch_size, device, offload_device, progress: see ``sequential.run_layerwise``.
         block_size, dampening_frac: SparseGPT settings.
+        true_sequential: calibrate each input group on the outputs of the already-pruned groups of the same layer
+            (``sequential.run_layerwise``); default False, the Wanda/SparseGPT scripts' default.
 
     Returns:
         ``{"method", "sparsity", "n_m", "achieved_sparsity", "seconds", "layers"}``; ``layers`` holds one dict per
@@ -369,7 +372,7 @@ def prune_model_layerwise(
 
         reports = run_layerwise(model, windows, prune_layer=prune_layer, make_stats=make_stats, adapter=adapter,
                                 batch_size=batch_size, device=device, offload_device=offload_device,
-                                progress=progress)
+                                progress=progress, true_sequential=true_sequential)
 
     zeros = sum(int((lin.weight == 0).sum()) for lin in linears.values())
     total = sum(lin.weight.numel() for lin in linears.values())

@@ -149,6 +149,25 @@ def _calibrate(
     return stats
 
 
+def _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer, device, adapter) -> dict:
+    """True-sequential pruning of one layer: each input group is calibrated on the outputs of the groups already
+    pruned before it, then pruned; returns the merged report (``linears`` entries and the overall ``sparsity``)."""
+    order = {name: k for k, name in enumerate(adapter.linears)}
+    merged: dict = {}
+    for group in sorted(groups, key=lambda g: min(order[n] for n in g)):
+        stats = _calibrate(layer, linears, batches, [group], make_stats, device)
+        rep = prune_layer(i, {name: linears[name] for name in group}, stats) or {}
+        del stats
+        for key, value in rep.items():
+            if key == "linears":
+                merged.setdefault("linears", {}).update(value)
+            elif key != "sparsity":
+                merged[key] = value
+    zeros = sum(int((lin.weight == 0).sum()) for lin in linears.values())
+    merged["sparsity"] = zeros / sum(lin.weight.numel() for lin in linears.values())
+    return merged
+
+
 @torch.no_grad()
 def run_layerwise(
     model: nn.Module,
@@ -161,6 +180,7 @@ def run_layerwise(
     device: torch.device | str | None = None,
     offload_device: torch.device | str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    true_sequential: bool = False,
 ) -> list[dict]:
     """Sequential layer-wise calibration and pruning of every decoder layer.
 
@@ -177,6 +197,11 @@ def run_layerwise(
             moved back afterwards.
         offload_device: where captured hidden states are kept between layers (default: ``device``).
         progress: called as ``progress(layers_done, num_layers)``.
+        true_sequential: calibrate and prune the input groups of a layer one after another in forward order
+            (q/k/v, then o on the outputs of the pruned q/k/v, then gate/up, then down), as GPTQ/SparseGPT's
+            ``--true-sequential``; default: every linear of the layer is calibrated on the dense layer's inputs
+            (one pass, as the SparseGPT and Wanda scripts do by default). ``prune_layer`` is then called once per
+            group with that group's linears, and the layer's report merges the groups' ``linears`` entries.
 
     Returns:
         one dict per decoder layer: the callback's report plus ``layer`` (index) and ``seconds`` (wall clock of
@@ -203,9 +228,14 @@ def run_layerwise(
             layer.to(device)
             try:
                 linears = {name: get_submodule(layer, name) for name in adapter.linears}
-                stats = {} if make_stats is None else _calibrate(layer, linears, batches, groups, make_stats, device)
-                report = prune_layer(i, linears, stats)
-                del stats  # a 7B down_proj Hessian is 0.5 GB: free it before the next layer's
+                if true_sequential and make_stats is not None:
+                    report = _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer,
+                                                    device, adapter)
+                else:
+                    stats = {} if make_stats is None else _calibrate(layer, linears, batches, groups, make_stats,
+                                                                     device)
+                    report = prune_layer(i, linears, stats)
+                    del stats  # a 7B down_proj Hessian is 0.5 GB: free it before the next layer's
                 for batch in batches:  # outputs of the pruned layer are the next layer's inputs
                     batch.hidden = _run_layer(layer, batch, device).to(batch.hidden.device)
                 _sync(device)

@@ -106,6 +106,7 @@ class PruneOptions:
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
     baseline_damping: float = 0.01
+    true_sequential: bool = False  # layer-wise baselines: calibrate each input group after pruning the earlier ones
     # coupled structures: (num_heads, num_kv_heads, head_dim) from the model config (None: read model.config)
     head_layout: tuple[int, int, int] | None = None
     # first-order term (docs/method.md): the mean loss gradient, collected in the curvature pass, enters the costs
@@ -481,6 +482,58 @@ def _share_costs(layers: list[_Layer], owners: dict[str, int], dp) -> None:
         distributed.broadcast_tensors(tensors, dp, src=owners[l.name])
 
 
+_PARKED = ("W", "A_inv", "G_inv")
+
+
+def _park_device(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int, spec, opts, device
+                 ) -> torch.device | None:
+    """Where the per-layer working weights and factor inverses wait between the cost and update phases.
+
+    On CUDA, when they would take more than half of the free memory (a 7B model: ~26 GB of fp32 weights and
+    ~63 GB of inverses on top of ~64 GB of factors), they are parked on the CPU as each layer's costs are done and
+    brought back one layer at a time for its update; otherwise (SmolLM2, CPUs) they stay where they are.
+    """
+    if device.type != "cuda":
+        return None
+    need = 0
+    for name, lin in linears.items():
+        if owners[name] != rank:
+            continue
+        R, Cp = lin.out_features, lin.in_features + (lin.bias is not None)
+        need += 4 * R * Cp + (4 * (R * R + Cp * Cp) if spec.cost_kind == "obs" else 0)
+    free, _ = torch.cuda.mem_get_info(device)
+    return torch.device("cpu") if need > 0.5 * free else None
+
+
+def _park(layer: _Layer, where: torch.device, parked: dict) -> None:
+    """Move a layer's working weight and inverses to ``where``; the A⁻¹ shared by one input group moves once
+    (``parked`` holds the device tensor itself, so its id cannot be reused while the group lasts)."""
+    for attr in _PARKED:
+        t = getattr(layer, attr)
+        if t is None or t.device == where:
+            continue
+        if attr == "A_inv":
+            if id(t) not in parked:
+                parked[id(t)] = (t, t.to(where))
+            setattr(layer, attr, parked[id(t)][1])
+        else:
+            setattr(layer, attr, t.to(where))
+
+
+def _unpark(layer: _Layer, device: torch.device, moved: dict) -> None:
+    """Bring a parked layer back to ``device`` for its update (the shared A⁻¹ of consecutive layers moves once)."""
+    for attr in _PARKED:
+        t = getattr(layer, attr)
+        if t is None or t.device == device:
+            continue
+        if attr == "A_inv":
+            if moved.get("A_src") is not t:
+                moved["A_src"], moved["A_dev"] = t, t.to(device)
+            layer.A_inv = moved["A_dev"]
+        else:
+            setattr(layer, attr, t.to(device))
+
+
 def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapter, progress, dp) -> ShotReport | None:
     """The shot on one rank (``dp`` None: the only one); ranks other than 0 stop after the curvature pass."""
     opts, spec = options, options.spec
@@ -518,6 +571,9 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     inverse_cache: dict = {}
     owners = _owners(linears, adapter, dp)
     rank = dp.rank if dp else 0
+    last_use = {factors.group_of[n]: i for i, n in enumerate(linears)} if factors is not None else {}
+    park = _park_device(linears, owners, rank, spec, opts, device)
+    parked: dict = {}  # id(device A⁻¹) -> (it, its parked copy): an inverse shared by a group is parked once
     for i, (name, lin) in enumerate(linears.items()):
         if owners[name] != rank:
             layers.append(_cost_stub(name, lin, opts, device))
@@ -530,8 +586,16 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
         a_key = factors.group_of[name] if factors is not None else name
         layer, esc = prep(name, lin, W, A, G, opts, spec, device, a_key, inverse_cache,
                           grad=_gradient_for(factors, name, opts, device))
+        del A, G, W
+        if factors is not None:  # free every factor after its last use (7B: ~64 GB of fp32 factors)
+            factors.G.pop(name, None)
+            if last_use.get(a_key) == i:
+                factors.A.pop(a_key, None)
+        if park is not None:
+            _park(layer, park, parked)
         if i + 1 < len(linears) and a_key != (factors.group_of[list(linears)[i + 1]] if factors else None):
             inverse_cache.clear()  # the next linear reads another input: drop this group's inverse
+            parked.clear()
         escalations += esc
         layers.append(layer)
         if progress:
@@ -575,16 +639,22 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     if opts.first_order:
         extra["first_order_gain"] = extra_gain  # the Newton steps' predicted change
     t0 = time.perf_counter()
+    parked.clear()
     mine = [i for i, l in enumerate(layers) if owners[l.name] == rank]
     if structured:
         for k, i in enumerate(mine):
             l, s = layers[i], selections[i]
+            if park is not None:
+                _unpark(l, device, parked)
             _write_back(l.lin, _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec))
             l.W = l.A_inv = l.G_inv = None  # free memory as we go
             if progress:
                 progress("update", k + 1, len(mine))
     else:
         own = [layers[i] for i in mine]
+        if park is not None:
+            for l in own:
+                _unpark(l, device, parked)
         drops = [_element_drop(layers[i], selections[i].to(device), opts) for i in mine]
         batch = opts.update_batch_layers or (len(own) if device.type == "cuda" else 1)
         for l, W_new in zip(own, _apply_elements_grouped(own, drops, opts, spec, batch)):
@@ -672,7 +742,8 @@ def prune(
         info = prune_model_layerwise(
             model, windows, method=options.method, sparsity=1.0 - target_size if st.kind != "nm" else 1 - st.n / st.m,
             n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
-            block_size=options.block_size, dampening_frac=options.baseline_damping)
+            block_size=options.block_size, dampening_frac=options.baseline_damping,
+            true_sequential=options.true_sequential)
         size, per_layer, per_type = model_size(model, adapter)
         report = ShotReport(shot=1, num_shots=1, target_size=target_size, achieved_size=size, estimated_loss=float("nan"),
                             layer_sizes=per_layer, type_sizes=per_type,

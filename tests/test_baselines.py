@@ -296,6 +296,36 @@ def test_driver_feeds_pruned_outputs_to_the_next_layer():
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_true_sequential_calibrates_on_the_pruned_earlier_groups(true_sequential):
+    """Zeroing q/k/v makes the attention output, o_proj's input, exactly 0: only the true-sequential driver
+    (which calibrates o_proj after q/k/v are pruned) sees that; the default sees the dense layer's inputs."""
+    model = tiny_model("llama")
+    windows = tiny_windows()
+    seen: dict[int, set] = {}
+
+    def prune_layer(i, linears, stats):
+        seen.setdefault(i, set()).update(linears)
+        if i == 0:
+            for name, linear in linears.items():
+                if name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                    linear.weight.zero_()
+            if "self_attn.o_proj" in stats:
+                seen["o_norms"] = stats["self_attn.o_proj"].sq_norms.clone()
+        return {"linears": {name: {} for name in linears}}
+
+    reports = run_layerwise(model, windows, prune_layer=prune_layer, true_sequential=true_sequential,
+                            make_stats=lambda lin: InputStats(lin.in_features, hessian=False, sq_norms=True,
+                                                              device="cpu"))
+    adapter = adapter_for(model)
+    assert seen[0] == set(adapter.linears) and set(reports[0]["linears"]) == set(adapter.linears)
+    if true_sequential:
+        assert float(seen["o_norms"].abs().sum()) == 0.0
+    else:
+        assert float(seen["o_norms"].sum()) > 0.0
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_driver_leaves_no_hooks_even_when_the_callback_raises(family):
     model = tiny_model(family)
