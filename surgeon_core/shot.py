@@ -485,24 +485,37 @@ def _share_costs(layers: list[_Layer], owners: dict[str, int], dp) -> None:
 _PARKED = ("W", "A_inv", "G_inv")
 
 
-def _park_device(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int, spec, opts, device
-                 ) -> torch.device | None:
-    """Where the per-layer working weights and factor inverses wait between the cost and update phases.
+def _park_device(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int, spec, opts, device,
+                 factor_bytes: int) -> torch.device | None:
+    """Where the factor inverses (and first-order working weights) wait between the cost and update phases.
 
-    On CUDA, when they would take more than half of the free memory (a 7B model: ~26 GB of fp32 weights and
-    ~63 GB of inverses on top of ~64 GB of factors), they are parked on the CPU as each layer's costs are done and
-    brought back one layer at a time for its update; otherwise (SmolLM2, CPUs) they stay where they are.
+    On CUDA, when they would not fit in the free memory plus the factors' (freed one by one as the inverses are
+    made; a 7B model has ~64 GB of fp32 factors and as many bytes of inverses), they are parked on the CPU as each
+    layer's costs are done and brought back one layer at a time for its update; otherwise they stay.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or spec.cost_kind != "obs":
         return None
     need = 0
     for name, lin in linears.items():
         if owners[name] != rank:
             continue
         R, Cp = lin.out_features, lin.in_features + (lin.bias is not None)
-        need += 4 * R * Cp + (4 * (R * R + Cp * Cp) if spec.cost_kind == "obs" else 0)
+        need += 4 * (R * R + Cp * Cp) + (4 * R * Cp if opts.first_order else 0)
     free, _ = torch.cuda.mem_get_info(device)
-    return torch.device("cpu") if need > 0.5 * free else None
+    # each factor is freed after its last use while the inverses accumulate, so the factors' memory counts as free
+    return torch.device("cpu") if need > 0.8 * (free + factor_bytes) else None
+
+
+def _restore_working_weight(layer: _Layer, device) -> None:
+    """Re-read a dropped working weight: the model's weight (bias column appended), cut to the structured
+    sub-problem's alive rows/columns; identical to the one the costs were computed on (the model is unchanged
+    until the update writes it)."""
+    if layer.W is not None:
+        return
+    W = _augmented(layer.lin, device)
+    if layer.rows is not None:
+        W = W[layer.rows][:, layer.cols]
+    layer.W = W
 
 
 def _park(layer: _Layer, where: torch.device, parked: dict) -> None:
@@ -572,7 +585,9 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     owners = _owners(linears, adapter, dp)
     rank = dp.rank if dp else 0
     last_use = {factors.group_of[n]: i for i, n in enumerate(linears)} if factors is not None else {}
-    park = _park_device(linears, owners, rank, spec, opts, device)
+    factor_bytes = sum(t.numel() * t.element_size() for d in (factors.A, factors.G) for t in d.values()
+                       if t.device == device) if factors is not None else 0
+    park = _park_device(linears, owners, rank, spec, opts, device, factor_bytes)
     parked: dict = {}  # id(device A⁻¹) -> (it, its parked copy): an inverse shared by a group is parked once
     for i, (name, lin) in enumerate(linears.items()):
         if owners[name] != rank:
@@ -591,6 +606,8 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
             factors.G.pop(name, None)
             if last_use.get(a_key) == i:
                 factors.A.pop(a_key, None)
+        if layer.W is not None and not opts.first_order:
+            layer.W = None  # the working weight is re-read from the model for the update (saves 26 GB on 7B)
         if park is not None:
             _park(layer, park, parked)
         if i + 1 < len(linears) and a_key != (factors.group_of[list(linears)[i + 1]] if factors else None):
@@ -646,15 +663,17 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
             l, s = layers[i], selections[i]
             if park is not None:
                 _unpark(l, device, parked)
+            _restore_working_weight(l, device)
             _write_back(l.lin, _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec))
             l.W = l.A_inv = l.G_inv = None  # free memory as we go
             if progress:
                 progress("update", k + 1, len(mine))
     else:
         own = [layers[i] for i in mine]
-        if park is not None:
-            for l in own:
+        for l in own:
+            if park is not None:
                 _unpark(l, device, parked)
+            _restore_working_weight(l, device)
         drops = [_element_drop(layers[i], selections[i].to(device), opts) for i in mine]
         batch = opts.update_batch_layers or (len(own) if device.type == "cuda" else 1)
         for l, W_new in zip(own, _apply_elements_grouped(own, drops, opts, spec, batch)):
