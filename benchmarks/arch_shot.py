@@ -81,6 +81,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-correlate", type=int)
     p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"], help="dtype of the K-FAC factor matmuls "
                    "(sums stay fp32)")
+    p.add_argument("--factor-device", help="where the K-FAC factors live; 'spread': over every visible GPU (one "
+                   "process), for models whose fp32 factors exceed one GPU (13B)")
+    p.add_argument("--update-batch-layers", type=int, default=0, help="same-shaped layers per batched element "
+                   "update (0: all on the GPU)")
     p.add_argument("--fb-baseline", action="store_true", help="first time a plain forward+backward pass over the "
                    "same tokens (no hooks), so the curvature time splits into forward/backward and accumulation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -106,20 +110,33 @@ def main(argv=None) -> int:
     opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
                         autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None, device=str(device),
                         max_correlate=args.max_correlate,
-                        gram_dtype=torch.bfloat16 if args.gram == "bf16" else None)
+                        gram_dtype=torch.bfloat16 if args.gram == "bf16" else None,
+                        update_batch_layers=args.update_batch_layers, factor_device=args.factor_device)
     fb_seconds = forward_backward_seconds(model, windows, opts, device) if args.fb_baseline else None
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
     t0 = time.perf_counter()
-    rep = prune_shot(model, windows, options=opts, target_size=args.target_size)
+    marks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:  # ~10 lines per phase in the log, with the clock
+        step = max(1, total // 10)
+        if done == total or done // step != marks.get(phase, -1):
+            marks[phase] = done // step
+            print(f"[{time.perf_counter() - t0:7.1f} s] {phase} {done}/{total}", file=sys.stderr, flush=True)
+
+    rep = prune_shot(model, windows, options=opts, target_size=args.target_size, progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     out = {"arch": args.arch, "structure": args.structure, "method": args.method, "target_size": args.target_size,
            "tokens": args.nsamples * args.seqlen, "seconds": rep.seconds, "total_seconds": time.perf_counter() - t0,
            "achieved_size": rep.achieved_size,
            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if device.type == "cuda" else None,
+           "peak_gpu_gb_per_device": [torch.cuda.max_memory_allocated(i) / 1024**3
+                                      for i in range(torch.cuda.device_count())] if device.type == "cuda" else None,
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "processes": world, "gram": args.gram, "batch_size": args.batch_size,
+           "processes": world, "gram": args.gram, "factor_device": args.factor_device,
+           "gpus": torch.cuda.device_count() if device.type == "cuda" else 0, "batch_size": args.batch_size,
            "forward_backward_seconds": fb_seconds}
     if fb_seconds is not None:  # curvature = forward/backward + factor accumulation
         out["accumulation_seconds"] = rep.seconds["curvature"] - fb_seconds

@@ -110,23 +110,59 @@ def _input_groups(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[
     return groups
 
 
+def spread_devices(model: nn.Module, adapter: ArchitectureAdapter, devices: list[torch.device]
+                   ) -> dict[str, torch.device]:
+    """Factor placement over several devices: contiguous blocks of decoder layers, balanced by factor size.
+
+    Maps every input-group key and linear name (the keys of ``KFACFactors.A`` and ``.G``) to the device that
+    accumulates and stores its factor, so a model whose fp32 factors exceed one GPU (13B: ~125 GB) spreads them,
+    and their Gram matmuls, over the GPUs of one machine.
+    """
+    layers = get_submodule(model, adapter.layers)
+    sizes = []
+    for layer in layers:
+        total = 0
+        for group in adapter.input_groups:
+            lin = get_submodule(layer, group[0])
+            total += (lin.in_features + 1) ** 2
+        for name in adapter.linears:
+            total += get_submodule(layer, name).out_features ** 2
+        sizes.append(total)
+    share = sum(sizes) / len(devices)
+    placement, acc = {}, 0.0
+    for i, layer in enumerate(layers):
+        dev = devices[min(int(acc / share), len(devices) - 1)] if share else devices[0]
+        acc += sizes[i]
+        for group in adapter.input_groups:
+            placement[f"{adapter.layers}.{i}.{group[0]}"] = dev
+        for name in adapter.linears:
+            placement[f"{adapter.layers}.{i}.{name}"] = dev
+    return placement
+
+
 @contextmanager
 def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: bool = True,
                  collect_G: bool = True, device: torch.device | None = None,
-                 gram_dtype: torch.dtype | None = None) -> Iterator[KFACFactors]:
+                 gram_dtype: torch.dtype | None = None,
+                 placement: dict[str, torch.device] | None = None) -> Iterator[KFACFactors]:
     """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
 
     The yielded factors hold *sums*; :func:`estimate_kfac` normalises them. ``gram_dtype``: see :func:`_gram`.
+    ``placement`` (from :func:`spread_devices`) overrides ``device`` per factor key.
     """
     stats = KFACFactors()
     handles = []
+
+    def where(key: str) -> torch.device | None:
+        return placement.get(key, device) if placement else device
 
     def on_forward(group_key: str, members, bias: bool):
         def hook(module, inputs, output):
             if collect_A and stats.collect_inputs:
                 A = stats.A.get(group_key)
                 x = inputs[0].detach()
-                stats.A[group_key] = accumulate_input_factor(A, x.to(device) if device else x, bias=bias,
+                dev = where(group_key)
+                stats.A[group_key] = accumulate_input_factor(A, x.to(dev) if dev else x, bias=bias,
                                                              dtype=gram_dtype)
             return None
         return hook
@@ -136,7 +172,8 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
             if collect_G and output.requires_grad:
                 def grad_hook(grad):
                     g = grad.detach()
-                    stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(device) if device else g,
+                    dev = where(name)
+                    stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(dev) if dev else g,
                                                              gram_dtype)
                 output.register_hook(grad_hook)
             return None
@@ -198,8 +235,16 @@ def estimate_kfac(
     if collect_weight_grads and (fisher != "empirical" or not collect_gradients):
         raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    factor_device = torch.device(factor_device) if factor_device is not None else device
     dp = distributed.resolve(process_group)
+    placement = None
+    if factor_device == "spread":  # every visible GPU stores (and accumulates) the factors of a block of layers
+        if device.type != "cuda" or dp is not None:
+            raise ValueError("factor_device='spread' needs CUDA and one process (it spreads one model's factors "
+                             "over the GPUs of this machine)")
+        placement = spread_devices(model, adapter, [torch.device("cuda", i)
+                                                    for i in range(torch.cuda.device_count())])
+        factor_device = None
+    factor_device = torch.device(factor_device) if factor_device is not None else device
     n_all, L = windows.shape
     mine = distributed.share(n_all, dp.rank, dp.world_size) if dp else slice(0, n_all)
     windows = windows[mine]
@@ -222,7 +267,7 @@ def estimate_kfac(
     t0 = time.perf_counter()
     try:
         with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
-                          gram_dtype=gram_dtype) as stats:
+                          gram_dtype=gram_dtype, placement=placement) as stats:
             for i in range(0, n, batch_size):
                 batch = windows[i : i + batch_size].to(device)
                 if not collect_gradients:

@@ -97,7 +97,7 @@ class PruneOptions:
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: bf16 compute, fp32 factors
     gram_dtype: torch.dtype | None = None  # dtype of the factor matmuls (None: fp32); sums stay fp32
     device: str | None = None
-    factor_device: str | None = None
+    factor_device: str | None = None  # where K-FAC factors live (default: device); "spread": over all visible GPUs
     seed: int = 0
     # "sum": row and column updates from the same W, summed (the reference's form; measured better on A1 at 90%);
     # "sequential": rows, then the columns of the row-updated W
@@ -394,29 +394,36 @@ def _element_drop(layer: _Layer, sel: torch.Tensor, opts) -> torch.Tensor:
     return sel
 
 
-def _apply_elements_grouped(layers: list[_Layer], drops: list[torch.Tensor], opts, spec,
-                            batch_layers: int) -> list[torch.Tensor]:
-    """New weights for element removal; OBS updates of same-shaped layers are solved as one batch."""
-    out: list[torch.Tensor | None] = [None] * len(layers)
+def _apply_elements_grouped(layers: list[_Layer], drops: list[torch.Tensor], opts, spec, batch_layers: int,
+                            prepare: Callable[[_Layer], None], write: Callable[[_Layer, torch.Tensor], None]) -> None:
+    """Element removal: OBS updates of same-shaped layers solved as one batch of at most ``batch_layers``.
+
+    ``prepare(layer)`` brings a layer's working weight and inverses to the device just before its batch, and
+    ``write(layer, W_new)`` stores the result right after it, so only one batch is alive at a time.
+    """
     if not spec.update:
-        for i, (l, d) in enumerate(zip(layers, drops)):
+        for l, d in zip(layers, drops):
+            prepare(l)
             W = l.W.clone()
             W[:, : d.shape[1]][d] = 0
-            out[i] = W
-        return out
+            write(l, W)
+        return
     by_shape: dict[tuple, list[int]] = {}
     for i, l in enumerate(layers):
-        by_shape.setdefault((l.name.rsplit(".", 1)[-1], tuple(l.W.shape)), []).append(i)
+        shape = (l.lin.out_features, l.lin.in_features + (l.lin.bias is not None))
+        by_shape.setdefault((l.name.rsplit(".", 1)[-1], shape), []).append(i)
     for idx in by_shape.values():
         for s in range(0, len(idx), batch_layers):
             part = idx[s : s + batch_layers]
+            for i in part:
+                prepare(layers[i])
             W = obs_update_elements_batched(
                 torch.stack([layers[i].W for i in part]), torch.stack([drops[i] for i in part]),
                 torch.stack([layers[i].G_inv for i in part]), torch.stack([layers[i].A_inv for i in part]),
                 max_correlate=opts.max_correlate)
             for k, i in enumerate(part):
-                out[i] = W[k]
-    return out
+                write(layers[i], W[k])
+            del W
 
 
 def prune_shot(
@@ -585,8 +592,10 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     owners = _owners(linears, adapter, dp)
     rank = dp.rank if dp else 0
     last_use = {factors.group_of[n]: i for i, n in enumerate(linears)} if factors is not None else {}
+    here = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
+        else device
     factor_bytes = sum(t.numel() * t.element_size() for d in (factors.A, factors.G) for t in d.values()
-                       if t.device == device) if factors is not None else 0
+                       if t.device == here) if factors is not None else 0
     park = _park_device(linears, owners, rank, spec, opts, device, factor_bytes)
     parked: dict = {}  # id(device A⁻¹) -> (it, its parked copy): an inverse shared by a group is parked once
     for i, (name, lin) in enumerate(linears.items()):
@@ -670,14 +679,22 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
                 progress("update", k + 1, len(mine))
     else:
         own = [layers[i] for i in mine]
-        for l in own:
+        drops = [_element_drop(layers[i], selections[i].to(device), opts) for i in mine]
+        for l in layers:
+            l.costs = None  # the selection is made: free the (R, C) cost matrices before the updates
+        selections = None
+
+        def prepare(l: _Layer) -> None:
             if park is not None:
                 _unpark(l, device, parked)
             _restore_working_weight(l, device)
-        drops = [_element_drop(layers[i], selections[i].to(device), opts) for i in mine]
-        batch = opts.update_batch_layers or (len(own) if device.type == "cuda" else 1)
-        for l, W_new in zip(own, _apply_elements_grouped(own, drops, opts, spec, batch)):
+
+        def write(l: _Layer, W_new: torch.Tensor) -> None:
             _write_back(l.lin, W_new)
+            l.W = l.A_inv = l.G_inv = l.nm_drop = None
+
+        batch = opts.update_batch_layers or (len(own) if device.type == "cuda" else 1)
+        _apply_elements_grouped(own, drops, opts, spec, batch, prepare, write)
     seconds["update"] = time.perf_counter() - t0
     if dp is not None:  # each layer's owner sends its new weights to every rank
         t0 = time.perf_counter()

@@ -178,3 +178,23 @@ def test_nproc_errors_are_one_line(tmp_path, capsys):
         load_recipe(None, model=str(model), method="magnitude", nproc=2)
     with pytest.raises(SurgeonError, match="at least one calibration window per process"):
         load_recipe(None, model=str(model), nsamples=2, nproc=4)
+
+
+def test_spread_placement_covers_every_factor_and_balances_layers():
+    """factor_device='spread' (13B on 2 GPUs): every factor key gets a device, in contiguous balanced blocks."""
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.curvature import estimate_kfac, spread_devices
+    from tiny_models import tiny_model, tiny_windows
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    devices = [torch.device("cpu"), torch.device("meta")]
+    placement = spread_devices(model, adapter, devices)
+    factors = estimate_kfac(model, tiny_windows(), adapter=adapter)
+    assert set(factors.A) | set(factors.G) <= set(placement)
+    layer_dev = [placement[f"{adapter.layers}.{i}.{adapter.linears[0]}"] for i in range(model.config.num_hidden_layers)]
+    first_meta = layer_dev.index(devices[1]) if devices[1] in layer_dev else len(layer_dev)
+    assert all(d == devices[0] for d in layer_dev[:first_meta]) and all(d == devices[1] for d in layer_dev[first_meta:])
+    assert abs(first_meta - len(layer_dev) / 2) <= 1
+    with pytest.raises(ValueError, match="spread"):
+        estimate_kfac(model, tiny_windows(), adapter=adapter, factor_device="spread")  # CPU: refused
