@@ -13,6 +13,14 @@ The pruned structure comes from our own code, one of three ways:
     python benchmarks/materialized_speed.py --model models/smollm2-135m --kept kept.json --threads 2 --json out.json
     python benchmarks/materialized_speed.py --arch llama-2-7b --prune-coupled 0.7 --dtype bf16 \
         --prefill-batch 8 --prefill-len 2048 --decode-batch 64 --json out.json
+
+``--compile`` times both models without launch overhead, the same way (``surgeon.speed.CompiledRunner``):
+prefill through ``torch.compile`` (``--compile-mode``), decode with a static KV cache and the one-token step
+compiled with ``--decode-compile-mode`` (default "reduce-overhead": CUDA graphs on a GPU). Compilation happens
+in the warm-up and is reported separately (``compile_seconds``), never in the timed repeats:
+
+    python benchmarks/materialized_speed.py --arch llama-2-7b --kept kept.json --dtype bf16 --prefill-batch 8 \
+        --prefill-len 2048 --decode-batch 64 --prompt-len 128 --decode-tokens 64 --repeats 5 --compile --json out.json
 """
 
 from __future__ import annotations
@@ -76,6 +84,16 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (with --compile: at least 1)")
+    p.add_argument("--compile", action="store_true", help="compiled prefill; static KV cache and compiled decode "
+                   "step (CUDA graphs on a GPU); the same for both models")
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode of the prefill forward "
+                   "(default, max-autotune-no-cudagraphs, reduce-overhead, max-autotune)")
+    p.add_argument("--decode-compile-mode", help="torch.compile mode of the decode step (default: reduce-overhead "
+                   "on a GPU, default on a CPU)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
+    p.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks from the start (otherwise "
+                   "fullgraph is tried first and graph breaks are allowed only if it fails)")
     p.add_argument("--align", type=int, default=64, help="pad FFN widths to a multiple of this (1: no padding)")
     p.add_argument("--save", action="store_true", help="save both models (safetensors) to measure file sizes")
     p.add_argument("--save-kept", help="write the kept units (JSON) of the structure used")
@@ -146,10 +164,13 @@ def main(argv=None) -> int:
     print(f"parameters {counts_dense['total']:,} -> {counts_pruned['total']:,}; prunable kept "
           f"{info['parameters']['prunable_fraction_kept']:.4f}", flush=True)
 
-    res = speed.compare(dense, pruned, repeats=args.repeats, prefill_batch=args.prefill_batch,
+    res = speed.compare(dense, pruned, repeats=args.repeats, warmup=args.warmup, prefill_batch=args.prefill_batch,
                         prefill_len=args.prefill_len, decode_batch=args.decode_batch, prompt_len=args.prompt_len,
                         decode_tokens=args.decode_tokens,
-                        progress=lambda r, n: print(f"repeat {r}/{n}", flush=True))
+                        progress=lambda r, n: print(f"repeat {r}/{n}", flush=True),
+                        log=lambda msg: print(msg, flush=True), compile=args.compile,
+                        compile_mode=args.compile_mode, decode_compile_mode=args.decode_compile_mode,
+                        compile_backend=args.compile_backend, fullgraph=not args.no_fullgraph)
     for k in ("dense", "pruned"):
         res[k].pop("runs")  # keep the JSON small; medians are what is reported
     out = {"model": args.model or args.arch, "align": args.align, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
@@ -158,6 +179,12 @@ def main(argv=None) -> int:
            "loadavg": os.getloadavg(), "torch": torch.__version__,
            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", "")}
+    if args.compile:
+        for k in ("dense", "pruned"):
+            print(f"{k}: compile seconds {res[k]['compile_seconds']}, fullgraph {res[k]['fullgraph']}"
+                  + (f", notes {res[k]['compile_notes']}" if res[k]["compile_notes"] else ""), flush=True)
+        print(f"compile counters {res['settings']['compile_counters']}, CUDA graphs {res['settings']['cuda_graphs']}",
+              flush=True)
     for work in ("prefill", "decode"):
         print(f"{work}: dense {res['dense'][f'{work}_tokens_per_s']:.1f} tok/s, pruned "
               f"{res['pruned'][f'{work}_tokens_per_s']:.1f} tok/s -> x{res[f'{work}_speedup']:.3f} "

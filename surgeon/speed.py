@@ -11,6 +11,16 @@ a background load on the machine hits both alike; the median of the repeats is r
 The *ideal* speed-up is the ratio of FLOPs per token, dense ÷ pruned, counting every linear layer including the
 vocabulary head (2 FLOPs per weight per token; attention-score FLOPs and the embedding lookup are left out): the
 speed-up a model that is only smaller could show. Only torch and the model's own forward are used.
+
+``compile=True`` (off by default; the eager path above is then unchanged) removes the launch and Python overhead of
+both models in the same way, so the measured speed-up is that of the smaller matrices rather than of the kernel
+launches: prefill runs through ``torch.compile(model)`` (``compile_mode``, default "default"), and decode keeps its
+keys and values in a transformers ``StaticCache`` (preallocated for ``prompt_len + decode_tokens`` positions, one
+tensor pair per layer sized on first use, so the per-layer kv-head counts of a materialized model fit) while each
+one-token step runs through ``torch.compile(model, mode="reduce-overhead")``, i.e. as a replayed CUDA graph on a
+GPU (on a CPU: "default", no graphs). The prompt pass into the static cache stays eager and untimed, as in the
+eager path. Compilation happens in the warm-up (at least one round), never in the timed repeats; the warm-up's
+seconds are reported as ``first_call_seconds`` and ``compile_seconds`` (warm-up minus median).
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
 
-__all__ = ["linear_flops_per_token", "measure", "compare"]
+__all__ = ["linear_flops_per_token", "measure", "compare", "CompiledRunner", "greedy_decode"]
 
 
 def linear_flops_per_token(model: nn.Module) -> int:
@@ -70,11 +81,185 @@ def _decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def _raise_recompile_limit(n: int = 64) -> None:
+    """Both models share one forward (the materialized class subclasses the dense one) and prefill and decode step
+    are two more graphs of it: keep dynamo from falling back to eager after its default 8 recompiles."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name, n) < n:
+        setattr(cfg, name, n)
+
+
+def _compile_counters() -> dict:
+    """Graph breaks, graphs compiled and CUDA-graph skips so far (dynamo's global counters): a diagnosis aid."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return {}
+    return {"graph_breaks": int(sum(counters["graph_break"].values())),
+            "unique_graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "cudagraph_skips": int(counters["inductor"].get("cudagraph_skips", 0))}
+
+
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+class CompiledRunner:
+    """Prefill and greedy decode of one model without launch overhead; the same recipe for every model.
+
+    - prefill: ``torch.compile(model, mode=compile_mode, dynamic=False)``, one forward without cache;
+    - decode: a transformers ``StaticCache`` of ``prompt + steps`` positions (each layer's key/value tensors are
+      allocated at the first update from that layer's own shapes, so layers with different kv-head counts fit; the
+      cache is kept and reset between calls, so its addresses, which CUDA graphs capture, stay fixed), filled by an
+      eager prompt pass; every one-token step then runs through ``torch.compile(model, mode=decode_mode,
+      dynamic=False)``; ``decode_mode`` defaults to "reduce-overhead" (CUDA graphs) on a GPU, "default" on a CPU.
+
+    ``fullgraph=True`` is tried first; if a compile fails, the stage is recompiled with graph breaks allowed and
+    the reason is kept in ``notes``. ``compile_prefill`` / ``compile_decode`` False run that stage eagerly (the
+    static cache stays). ``backend`` other than "inductor" (e.g. "eager" in tests) takes no mode.
+    """
+
+    def __init__(self, model: nn.Module, *, compile_mode: str = "default", decode_mode: str | None = None,
+                 backend: str = "inductor", fullgraph: bool = True, compile_prefill: bool = True,
+                 compile_decode: bool = True):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache_kw = _cache_kw(model)
+        self.backend = backend
+        self.modes = {"prefill": compile_mode,
+                      "decode": decode_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")}
+        self.enabled = {"prefill": compile_prefill, "decode": compile_decode}
+        self.fullgraph = {"prefill": fullgraph, "decode": fullgraph}
+        self.notes: list[str] = []
+        self._fns: dict = {}
+        self._cache = None
+        self._cache_shape: tuple | None = None
+        if compile_prefill or compile_decode:
+            _raise_recompile_limit()
+
+    def cuda_graphs(self, stage: str) -> bool:
+        """Whether ``stage`` ("prefill" / "decode") runs as CUDA graphs (inductor, a cudagraph mode, a GPU)."""
+        return (self.enabled[stage] and self.backend == "inductor" and self.device.type == "cuda"
+                and self.modes[stage] in _CUDAGRAPH_MODES)
+
+    def settings(self) -> dict:
+        return {"compile_mode": self.modes["prefill"] if self.enabled["prefill"] else None,
+                "decode_compile_mode": self.modes["decode"] if self.enabled["decode"] else None,
+                "compile_backend": self.backend, "static_cache": True,
+                "cuda_graphs": {s: self.cuda_graphs(s) for s in ("prefill", "decode")},
+                "fullgraph": dict(self.fullgraph)}
+
+    def _compiled(self, stage: str):
+        if stage not in self._fns:
+            kw: dict = {"dynamic": False, "fullgraph": self.fullgraph[stage], "backend": self.backend}
+            if self.backend == "inductor":
+                kw["mode"] = self.modes[stage]
+            self._fns[stage] = torch.compile(self.model, **kw)
+        return self._fns[stage]
+
+    def _call(self, stage: str, **inputs):
+        if not self.enabled[stage]:
+            return self.model(**inputs)
+        if self.cuda_graphs(stage):  # the previous step's outputs (graph memory) are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        first = stage not in self._fns
+        fn = self._compiled(stage)
+        if not (first and self.fullgraph[stage]):
+            return fn(**inputs)
+        try:
+            return fn(**inputs)
+        except Exception as e:  # noqa: BLE001 - any compile failure: retry once with graph breaks allowed
+            note = f"{stage}: fullgraph compile failed ({type(e).__name__}: {str(e)[:300]}); graph breaks allowed"
+            warnings.warn(note, stacklevel=2)
+            self.notes.append(note)
+            self.fullgraph[stage] = False
+            del self._fns[stage]
+            return self._compiled(stage)(**inputs)
+
+    def static_cache(self, batch: int, length: int):
+        """The static cache for ``batch`` sequences of up to ``length`` tokens: kept (reset) while the shape is."""
+        if self._cache_shape == (batch, length):
+            self._cache.reset()  # in place: zeroed tensors and position counters, same addresses
+            return self._cache
+        from transformers import StaticCache
+
+        self._cache = None  # release the old one before allocating
+        self._cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self._cache_shape = (batch, length)
+        return self._cache
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> float:
+        _sync(ids.device)
+        t0 = time.perf_counter()
+        out = self._call("prefill", input_ids=ids, use_cache=False)
+        _sync(ids.device)
+        dt = time.perf_counter() - t0
+        del out
+        return dt
+
+    @torch.no_grad()
+    def decode(self, prompt: torch.Tensor, steps: int, keep: bool = False):
+        """Greedy decode of ``steps`` tokens after an (untimed, eager) prompt pass; returns (seconds of the steps,
+        tokens (batch, steps + 1), last-position logits (steps + 1, batch, vocab) in fp32) - the last two only
+        with ``keep``."""
+        cache = self.static_cache(prompt.shape[0], prompt.shape[1] + steps)
+        kw = {self.cache_kw: cache}
+        out = self.model(input_ids=prompt, use_cache=True, **kw)
+        nxt = out.logits[:, -1:].argmax(dim=-1)
+        toks = [nxt] if keep else None
+        logits = [out.logits[:, -1].to(torch.float32, copy=True)] if keep else None
+        del out
+        _sync(prompt.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = self._call("decode", input_ids=nxt, use_cache=True, **kw)
+            nxt = out.logits[:, -1:].argmax(dim=-1)
+            if keep:
+                toks.append(nxt)
+                logits.append(out.logits[:, -1].to(torch.float32, copy=True))
+            del out
+        _sync(prompt.device)
+        dt = time.perf_counter() - t0
+        if not keep:
+            return dt, None, None
+        return dt, torch.cat(toks, dim=1), torch.stack(logits)
+
+
+@torch.inference_mode()
+def greedy_decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eager decode of :func:`measure` (dynamic cache), keeping (tokens (batch, steps + 1), last-position
+    logits (steps + 1, batch, vocab) fp32): the reference for :meth:`CompiledRunner.decode`."""
+    kw = _cache_kw(model)
+    out = model(input_ids=prompt, use_cache=True)
+    past = getattr(out, kw)
+    nxt = out.logits[:, -1:].argmax(dim=-1)
+    toks, logits = [nxt], [out.logits[:, -1].float()]
+    for _ in range(steps):
+        out = model(input_ids=nxt, use_cache=True, **{kw: past})
+        past = getattr(out, kw)
+        nxt = out.logits[:, -1:].argmax(dim=-1)
+        toks.append(nxt)
+        logits.append(out.logits[:, -1].float())
+    return torch.cat(toks, dim=1), torch.stack(logits)
+
+
 def measure(model: nn.Module, *, prefill_batch: int = 1, prefill_len: int = 512, decode_batch: int = 1,
-            prompt_len: int = 32, decode_tokens: int = 32, seed: int = 0) -> dict:
-    """One timing of each workload (no warm-up; :func:`compare` warms up and repeats)."""
+            prompt_len: int = 32, decode_tokens: int = 32, seed: int = 0, compile: bool = False,
+            runner: CompiledRunner | None = None, **compile_options) -> dict:
+    """One timing of each workload (no warm-up; :func:`compare` warms up and repeats).
+
+    ``compile=True``: through a :class:`CompiledRunner` (``runner``, or a new one from ``compile_options``; a new
+    one compiles, so time a second call or use :func:`compare`)."""
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
+    if compile or runner is not None:
+        runner = runner or CompiledRunner(model, **compile_options)
+        t_pre = runner.prefill(_tokens(vocab, prefill_batch, prefill_len, device, seed))
+        t_dec = runner.decode(_tokens(vocab, decode_batch, prompt_len, device, seed + 1), decode_tokens)[0]
+        return {"prefill_seconds": t_pre, "decode_seconds": t_dec}
     t_pre = _prefill(model, _tokens(vocab, prefill_batch, prefill_len, device, seed))
     t_dec = _decode(model, _tokens(vocab, decode_batch, prompt_len, device, seed + 1), decode_tokens)
     return {"prefill_seconds": t_pre, "decode_seconds": t_dec}
@@ -82,26 +267,49 @@ def measure(model: nn.Module, *, prefill_batch: int = 1, prefill_len: int = 512,
 
 def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: int = 1, prefill_batch: int = 1,
             prefill_len: int = 512, decode_batch: int = 1, prompt_len: int = 32, decode_tokens: int = 32,
-            seed: int = 0, progress=None) -> dict:
-    """Time both models (interleaved), return tokens/s, latencies, measured and ideal speed-ups."""
+            seed: int = 0, progress=None, log=None, compile: bool = False, compile_mode: str = "default",
+            decode_compile_mode: str | None = None, compile_backend: str = "inductor",
+            fullgraph: bool = True) -> dict:
+    """Time both models (interleaved), return tokens/s, latencies, measured and ideal speed-ups.
+
+    ``compile=True``: both models through a :class:`CompiledRunner` (compiled prefill, static KV cache, decode
+    step compiled with ``decode_compile_mode``, default "reduce-overhead" = CUDA graphs on a GPU); the warm-up
+    (at least one round) compiles, and each model's warm-up seconds and their excess over the median are reported
+    as ``first_call_seconds`` and ``compile_seconds``. ``log``: an optional callable given progress lines."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     kw = dict(prefill_batch=prefill_batch, prefill_len=prefill_len, decode_batch=decode_batch,
               prompt_len=prompt_len, decode_tokens=decode_tokens, seed=seed)
     models = {"dense": dense, "pruned": pruned}
-    for _ in range(warmup):
-        for m in models.values():
-            measure(m, **kw)
+    runners: dict = {k: None for k in models}
+    if compile:
+        # compilation must happen before the timed repeats; a CUDA graph is recorded at a step's second call
+        warmup = max(warmup, 1 if decode_tokens >= 2 else 2)
+        runners = {k: CompiledRunner(m, compile_mode=compile_mode, decode_mode=decode_compile_mode,
+                                     backend=compile_backend, fullgraph=fullgraph) for k, m in models.items()}
+    first: dict[str, dict] = {}
+    for w in range(warmup):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            res = measure(m, runner=runners[name], **kw)
+            if w == 0:
+                first[name] = {**res, "total_seconds": time.perf_counter() - t0}
+            if compile and w == 0 and log is not None:
+                log(f"{name}: first (compiling) calls: prefill {res['prefill_seconds']:.1f} s, decode "
+                    f"{res['decode_seconds']:.1f} s")
     runs: dict[str, list[dict]] = {k: [] for k in models}
     for r in range(repeats):
         for name, m in models.items():
-            runs[name].append(measure(m, **kw))
+            runs[name].append(measure(m, runner=runners[name], **kw))
         if progress is not None:
             progress(r + 1, repeats)
     out: dict = {"settings": {**kw, "repeats": repeats, "warmup": warmup,
                               "device": str(next(dense.parameters()).device),
                               "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
-                              "threads": torch.get_num_threads()}}
+                              "threads": torch.get_num_threads(), "compile": bool(compile)}}
+    if compile:
+        out["settings"].update(runners["dense"].settings())
+        out["settings"]["compile_counters"] = _compile_counters()
     for name, m in models.items():
         pre = statistics.median(x["prefill_seconds"] for x in runs[name])
         dec = statistics.median(x["decode_seconds"] for x in runs[name])
@@ -115,6 +323,14 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
             "decode_tokens_per_s": decode_batch * decode_tokens / dec,
             "runs": runs[name],
         }
+        if compile:
+            f = first[name]
+            out[name]["first_call_seconds"] = {"prefill": f["prefill_seconds"], "decode": f["decode_seconds"],
+                                               "warmup_round": f["total_seconds"]}
+            out[name]["compile_seconds"] = {"prefill": max(0.0, f["prefill_seconds"] - pre),
+                                            "decode": max(0.0, f["decode_seconds"] - dec)}
+            out[name]["compile_notes"] = list(runners[name].notes)
+            out[name]["fullgraph"] = dict(runners[name].fullgraph)
     d, p = out["dense"], out["pruned"]
     ideal = d["linear_flops_per_token"] / p["linear_flops_per_token"]
     out["ideal_speedup"] = ideal

@@ -1,0 +1,107 @@
+"""The compiled speed path (surgeon.speed.CompiledRunner): static KV cache and compiled steps decode exactly like
+the eager path, also for a materialized model whose layers have different kv-head counts."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+from surgeon import speed
+from tiny_models import VOCAB, tiny_model
+
+pytestmark = pytest.mark.integration
+
+
+def _materialized(dense):
+    """A copy of ``dense`` sliced to per-layer sizes: layer 0 keeps 40 FFN units, 4 heads in 2 kv groups; layer 1
+    keeps 64 units, 2 heads in 1 kv group (so the layers' kv-head counts differ: 2 vs 1)."""
+    from surgeon.materialize import materialize_model
+
+    kept = [{"ffn": torch.arange(40), "heads": torch.tensor([0, 1, 2, 3]), "kv": torch.tensor([0, 1])},
+            {"ffn": torch.arange(10, 74), "heads": torch.tensor([2, 3]), "kv": torch.tensor([1])}]
+    model, report = materialize_model(copy.deepcopy(dense), kept, align=1)
+    assert [x["num_kv_heads"] for x in report["layers"]] == [2, 1]
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    dense = tiny_model("llama", seed=0)
+    return {"dense": dense, "pruned": _materialized(dense)}
+
+
+def _prompt(batch=3, length=8, seed=1):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _check_same(model, runner, steps=6):
+    prompt = _prompt()
+    ref_tokens, ref_logits = speed.greedy_decode(model, prompt, steps)
+    for _ in range(2):  # the second call reuses (resets) the static cache
+        _, tokens, logits = runner.decode(prompt, steps, keep=True)
+        assert torch.equal(tokens, ref_tokens)
+        assert (logits - ref_logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["dense", "pruned"])
+def test_static_cache_decode_matches_eager(models, name):
+    model = models[name]
+    runner = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False)
+    _check_same(model, runner)
+    layers = runner._cache.layers
+    if name == "pruned":  # one static tensor pair per layer, each with that layer's own kv-head count
+        assert [layer.keys.shape[1] for layer in layers] == [2, 1]
+    assert all(layer.keys.shape[2] == 8 + 6 for layer in layers)
+
+
+@pytest.mark.parametrize("name", ["dense", "pruned"])
+def test_compiled_step_decode_matches_eager(models, name):
+    """dynamo traces the decode step (fullgraph, static cache); the eager backend keeps this fast on a CPU."""
+    model = models[name]
+    runner = speed.CompiledRunner(model, backend="eager")
+    _check_same(model, runner)
+    assert runner.fullgraph == {"prefill": True, "decode": True} and not runner.notes
+
+
+def test_compare_compile_same_keys(models):
+    kw = dict(repeats=1, prefill_len=16, prompt_len=8, decode_tokens=4, decode_batch=2)
+    eager = speed.compare(models["dense"], models["pruned"], **kw)
+    comp = speed.compare(models["dense"], models["pruned"], compile=True, compile_backend="eager", **kw)
+    assert set(comp) == set(eager)
+    assert set(eager["dense"]) <= set(comp["dense"])
+    assert eager["settings"]["compile"] is False and comp["settings"]["compile"] is True
+    assert comp["settings"]["static_cache"] and comp["settings"]["warmup"] >= 1
+    for name in ("dense", "pruned"):
+        assert comp[name]["decode_tokens_per_s"] > 0 and comp[name]["prefill_tokens_per_s"] > 0
+        assert set(comp[name]["compile_seconds"]) == {"prefill", "decode"}
+        assert comp[name]["compile_notes"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None, reason="inductor needs a C++ compiler")
+def test_inductor_decode_and_compare(models):
+    """The real recipe (inductor; on a CPU without CUDA graphs): the same tokens, and compare runs end to end."""
+    model = models["pruned"]
+    _check_same(model, speed.CompiledRunner(model))
+    res = speed.compare(models["dense"], model, compile=True, repeats=1, prefill_len=16, prompt_len=8,
+                        decode_tokens=4)
+    assert res["settings"]["compile_backend"] == "inductor" and res["settings"]["cuda_graphs"]["decode"] is False
+    assert res["prefill_speedup"] > 0 and res["decode_speedup"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_eager(models):
+    """On a GPU: the decode step as a replayed CUDA graph (reduce-overhead) gives the eager tokens."""
+    for name in ("dense", "pruned"):
+        model = copy.deepcopy(models[name]).cuda()
+        runner = speed.CompiledRunner(model)
+        assert runner.cuda_graphs("decode")
+        prompt = _prompt().cuda()
+        ref_tokens, ref_logits = speed.greedy_decode(model, prompt, 6)
+        for _ in range(3):  # warm-up, recording, replays
+            _, tokens, logits = runner.decode(prompt, 6, keep=True)
+            assert torch.equal(tokens, ref_tokens)
+            assert (logits - ref_logits).abs().max() <= 1e-3
+        assert not runner.notes
