@@ -9,7 +9,7 @@ RES=${RES:-${OUT:-/root/res}}
 mkdir -p $RES
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 T0=$(date +%s)
-left() { echo $(( ${DEADLINE:-560} - ($(date +%s) - T0) )); }
+left() { echo $(( ${DEADLINE:-545} - ($(date +%s) - T0) )); }
 nvidia-smi > $RES/nvidia-smi.txt 2>&1
 SHOT7B="--arch llama-2-7b --nsamples 128 --seqlen 2048 --batch-size 2 --gram bf16"
 
@@ -17,15 +17,9 @@ SHOT7B="--arch llama-2-7b --nsamples 128 --seqlen 2048 --batch-size 2 --gram bf1
 CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/arch_shot.py $SHOT7B --structure structured \
   --target-size 0.9875 --json $RES/llama7b_structured_1gpu.json > $RES/llama7b_structured_1gpu.log 2>&1 &
 P0=$!
-# GPU 1 meanwhile: the element-update micro-benchmark, then the materialized 7B speed (eager, then compiled)
-(
-  CUDA_VISIBLE_DEVICES=1 timeout 90 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.1 \
-    --json $RES/update_speed_smol_0.1.json > $RES/update_speed.log 2>&1
-  SPEED="--arch llama-2-7b --kept benchmarks/results/gpu-2026-11-28b/kept_llama7b_obs70.json --dtype bf16 \
-    --prefill-batch 8 --prefill-len 2048 --decode-batch 64 --prompt-len 128 --decode-tokens 64 --repeats 5"
-  CUDA_VISIBLE_DEVICES=1 timeout 200 python3 benchmarks/materialized_speed.py $SPEED --compile \
-    --json $RES/speed_llama7b_compiled.json > $RES/speed_llama7b_compiled.log 2>&1
-) &
+# GPU 1 meanwhile: the element-update micro-benchmark
+CUDA_VISIBLE_DEVICES=1 timeout 100 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.1 \
+  --json $RES/update_speed_smol_0.1.json > $RES/update_speed.log 2>&1 &
 P1=$!
 wait $P0 $P1
 echo "phase 1 done at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
@@ -42,14 +36,15 @@ timeout 200 python3 benchmarks/arch_shot.py --arch llama-2-13b --nsamples 128 --
   > $RES/llama13b_structured_2gpu.log 2>&1
 echo "phase 3 done at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
 
-# what is left: one 2:4 shot (GPU 0) and one unstructured shot (GPU 1), first shot of 40 to 50% each
-L=$(( $(left) - 10 ))
+# what is left: the compiled 7B decode at batch 16 (GPU 1; batch 64 was measured before) and one 2:4 shot (GPU 0)
+L=$(( $(left) - 5 ))
 if [ $L -gt 30 ]; then
+  SPEED="--arch llama-2-7b --kept benchmarks/results/gpu-2026-11-28b/kept_llama7b_obs70.json --dtype bf16 \
+    --prefill-batch 8 --prefill-len 2048 --decode-batch 16 --prompt-len 128 --decode-tokens 64 --repeats 5"
+  CUDA_VISIBLE_DEVICES=1 timeout $L python3 benchmarks/materialized_speed.py $SPEED --compile \
+    --json $RES/speed_llama7b_compiled_decode16.json > $RES/speed_llama7b_compiled_decode16.log 2>&1 &
   CUDA_VISIBLE_DEVICES=0 timeout $L python3 benchmarks/arch_shot.py $SHOT7B --structure 2:4 --target-size 0.9875 \
     --update-batch-layers 4 --json $RES/llama7b_24_1gpu.json > $RES/llama7b_24_1gpu.log 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 timeout $L python3 benchmarks/arch_shot.py $SHOT7B --structure unstructured \
-    --target-size 0.9875 --update-batch-layers 4 --json $RES/llama7b_unstructured_1gpu.json \
-    > $RES/llama7b_unstructured_1gpu.log 2>&1 &
   wait
 fi
 echo "all done at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
