@@ -11,6 +11,9 @@ by the previous chunks (Gauss-Seidel, the reference code's ``--addupdate``). Rem
 
 from __future__ import annotations
 
+import bisect
+import time
+
 import torch
 
 __all__ = ["obs_update_rows", "obs_update_columns", "obs_update_elements", "obs_update_elements_batched",
@@ -65,35 +68,95 @@ def obs_update_columns(W: torch.Tensor, A_inv: torch.Tensor, cols: torch.Tensor,
 
 def _row_chunks(counts: torch.Tensor, max_correlate: int) -> torch.Tensor:
     """Chunk id of every row: rows with removals are packed greedily, in order, into chunks of at most
-    ``max_correlate`` removed entries (a longer row is a chunk of its own); rows without removals get -1."""
-    chunk_of = torch.full((counts.numel(),), -1, dtype=torch.long)
-    chunk, total = 0, 0
-    for r, c in enumerate(counts.tolist()):
-        if c == 0:
-            continue
-        if max_correlate > 0 and total and total + c > max_correlate:
-            chunk, total = chunk + 1, 0
-        chunk_of[r] = chunk
-        total += c
+    ``max_correlate`` removed entries (a longer row is a chunk of its own); rows without removals get -1.
+
+    One bisection of the running count per chunk (not a Python step per row)."""
+    counts = counts.detach().to("cpu", torch.long)
+    n = counts.numel()
+    chunk_of = torch.full((n,), -1, dtype=torch.long)
+    has = counts > 0
+    if n == 0 or not bool(has.any()):
+        return chunk_of
+    if max_correlate <= 0:
+        chunk_of[has] = 0
+        return chunk_of
+    cum = torch.cumsum(counts, 0).tolist()
+    total, base, s, starts = cum[-1], 0, 0, []
+    while base < total:
+        e = bisect.bisect_right(cum, base + max_correlate, s) - 1  # last row that still fits
+        if e < s or cum[e] == base:  # the next row with removals alone exceeds max_correlate
+            e = bisect.bisect_right(cum, base, s)
+        starts.append(s)
+        base, s = cum[e], e + 1
+    chunk_of = torch.searchsorted(torch.tensor(starts), torch.arange(n), right=True) - 1
+    chunk_of[~has] = -1
     return chunk_of
 
 
-def _chunk_entries(drop: torch.Tensor, max_correlate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (n_chunks, Q) row and column indices of the removed entries of each chunk (-1 = padding)."""
-    r, c = torch.nonzero(drop.cpu(), as_tuple=True)
-    if r.numel() == 0:
-        return torch.empty(0, 0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long)
-    chunk = _row_chunks(drop.sum(dim=1).cpu(), max_correlate)[r]  # entries are sorted by row, so by chunk
-    n_chunks = int(chunk.max()) + 1
-    sizes = torch.bincount(chunk, minlength=n_chunks)
-    starts = torch.cumsum(sizes, 0) - sizes
-    pos = torch.arange(r.numel()) - starts[chunk]
-    Q = int(sizes.max())
-    R_idx = torch.full((n_chunks, Q), -1, dtype=torch.long)
-    C_idx = torch.full((n_chunks, Q), -1, dtype=torch.long)
-    R_idx[chunk, pos] = r
-    C_idx[chunk, pos] = c
-    return R_idx, C_idx
+class _ChunkPlan:
+    """Where every removed entry of a batch of layers goes, step by step (host-side bookkeeping, built once).
+
+    Layers are ordered by decreasing chunk count (``order``), so the layers still working at step j are the first
+    ``k[j]``. Step j holds a (k[j], P[j]) block of the chunk's rows (padding: row 0, whose M row stays 0) and
+    (k[j], Q[j]) blocks of the entries' columns (padding 0) and row slots (position of the entry's row among
+    the chunk's rows; padding P[j]), laid out one after another in flat tensors at offsets ``ro[j]``/``eo[j]``.
+    """
+
+    def __init__(self, drop: torch.Tensor, max_correlate: int, device: torch.device | None = None):
+        dev = drop.device if device is None else device
+        d = drop.detach().to(dev, torch.bool)
+        B, R, _ = d.shape
+        counts = d.sum(-1)  # (B, R)
+        counts_cpu = counts.cpu()
+        row_chunk = (torch.stack([_row_chunks(counts_cpu[b], max_correlate) for b in range(B)]) if B
+                     else torch.empty(0, R, dtype=torch.long))
+        n_chunks = row_chunk.max(1).values + 1 if R else torch.zeros(B, dtype=torch.long)
+        self.order = torch.argsort(n_chunks, descending=True, stable=True)  # on the host
+        self.steps = steps = int(n_chunks.max()) if B else 0
+        if steps == 0:
+            return
+        rank = torch.empty_like(self.order)
+        rank[self.order] = torch.arange(B)
+        rank, row_chunk = rank.to(dev), row_chunk.to(dev)
+        # rows with removals, in (layer, row) order: each (layer, chunk) group is contiguous
+        rb, rr = torch.nonzero(counts > 0, as_tuple=True)
+        rch = row_chunk[rb, rr]
+        rkey = rb * steps + rch
+        rsizes = torch.bincount(rkey, minlength=B * steps)
+        rpos = torch.arange(rkey.numel(), device=dev) - (torch.cumsum(rsizes, 0) - rsizes)[rkey]
+        rsizes = rsizes.view(B, steps)
+        k = (rsizes > 0).sum(0)  # layers working at each step: a prefix in ``order``
+        P = rsizes.max(0).values
+        ro = torch.cumsum(k * P, 0) - k * P
+        self.rows = torch.zeros(int((k * P).sum()), dtype=torch.long, device=dev)
+        self.rows[ro[rch] + rank[rb] * P[rch] + rpos] = rr
+        slot = torch.zeros(B, R, dtype=torch.int32, device=dev)
+        slot[rb, rr] = rpos.to(torch.int32)
+        # removed entries, in (layer, row, column) order: each (layer, chunk) group is contiguous too
+        eb, er, ec = torch.nonzero(d, as_tuple=True)
+        ech = row_chunk[eb, er]
+        ekey = eb * steps + ech
+        esizes = torch.bincount(ekey, minlength=B * steps)
+        epos = torch.arange(ekey.numel(), device=dev) - (torch.cumsum(esizes, 0) - esizes)[ekey]
+        Q = esizes.view(B, steps).max(0).values
+        eo = torch.cumsum(k * Q, 0) - k * Q
+        dest = eo[ech] + rank[eb] * Q[ech] + epos
+        self.cols = torch.zeros(int((k * Q).sum()), dtype=torch.int32, device=dev)
+        self.cols[dest] = ec.to(torch.int32)
+        self.slots = torch.repeat_interleave(P.to(torch.int32), k * Q)
+        self.slots[dest] = slot[eb, er]
+        self.k, self.P, self.Q, self.ro, self.eo = (t.tolist() for t in (k, P, Q, ro, eo))
+
+
+def _tick(phases: dict | None, name: str, t0: float, dev: torch.device) -> float:
+    """Instrumented runs only: synchronise and add the time since ``t0`` to ``phases[name]``."""
+    if phases is None:
+        return t0
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    phases[name] = phases.get(name, 0.0) + t - t0
+    return t
 
 
 def obs_update_elements_batched(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
@@ -101,44 +164,77 @@ def obs_update_elements_batched(W: torch.Tensor, drop: torch.Tensor, G_inv: torc
     """:func:`obs_update_elements` for a batch of B independent layers of one shape (GPU-friendly).
 
     W (B, R, C'), drop (B, R, C), G_inv (B, R, R), A_inv (B, C', C'). Chunk j of every layer is solved in one
-    batched Cholesky; within a layer the chunks stay sequential (Gauss-Seidel).
+    batched Cholesky; within a layer the chunks stay sequential (Gauss-Seidel). A chunk holds whole rows S, so
+    ΔW = −G⁻¹[:, S] (M_S A⁻¹) with M_S (|S|, C') holding the chunk's m: |S|·C'·(C' + R) flops instead of
+    R·C'·|Q|. The layers are reordered by chunk count (a copy of the inputs when they are not in that order
+    already) so that finished layers drop out of the batch. Positive-definiteness is checked once at the end;
+    a layer whose Cholesky failed is redone alone with the diagonal jitter of :func:`_solve_pd_batched`.
     """
+    return _update_elements(W, drop, G_inv, A_inv, max_correlate=max_correlate)
+
+
+def _update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
+                     max_correlate: int, strict: bool = False, phases: dict | None = None) -> torch.Tensor:
+    """Implementation of :func:`obs_update_elements_batched`. ``strict``: check every Cholesky at once and jitter
+    (host sync per step; the fallback for failed layers). ``phases``: accumulate synchronised phase timings."""
     B, R, Cp = W.shape
     dev = W.device
-    per_layer = [_chunk_entries(drop[b], max_correlate) for b in range(B)]
-    steps = max(p[0].shape[0] for p in per_layer)
-    Q = max(p[0].shape[1] for p in per_layer)
-    R_idx = torch.full((B, steps, Q), -1, dtype=torch.long)
-    C_idx = torch.full((B, steps, Q), -1, dtype=torch.long)
-    for b, (ri, ci) in enumerate(per_layer):
-        R_idx[b, : ri.shape[0], : ri.shape[1]] = ri
-        C_idx[b, : ci.shape[0], : ci.shape[1]] = ci
-    R_idx, C_idx = R_idx.to(dev), C_idx.to(dev)
-    W = W.clone()
-    W_flat = torch.cat([W.reshape(B, R * Cp), torch.zeros(B, 1, device=dev, dtype=W.dtype)], dim=1)
-    b_ix = torch.arange(B, device=dev)
-    eye = torch.eye(Q, device=dev, dtype=torch.float64)
-    for j in range(steps):
-        valid = R_idx[:, j] >= 0  # (B, Q)
-        if not valid.any():
-            continue
-        r = R_idx[:, j].clamp_min(0)
-        c = C_idx[:, j].clamp_min(0)
-        pair = valid[:, :, None] & valid[:, None, :]
-        # C = [G⁻¹ ⊗ A⁻¹]_{Q,Q} = G⁻¹[r_q, r_q'] · A⁻¹[c_q, c_q']   (B, Q, Q)
-        Cmat = (G_inv[b_ix[:, None, None], r[:, :, None], r[:, None, :]].double()
-                * A_inv[b_ix[:, None, None], c[:, :, None], c[:, None, :]].double())
-        Cmat = torch.where(pair, Cmat, eye)
-        w_Q = torch.where(valid, W_flat.gather(1, r * Cp + c), 0).double()  # (B, Q)
-        m = _solve_pd_batched(Cmat, w_Q).to(W.dtype)  # (B, Q)
-        # ΔW = −G⁻¹ M A⁻¹ = −Σ_q m_q G⁻¹[:, r_q] A⁻¹[c_q, :]
-        Gcols = torch.gather(G_inv, 2, r[:, None, :].expand(B, R, Q)) * m[:, None, :]  # (B, R, Q)
-        Arows = torch.gather(A_inv, 1, c[:, :, None].expand(B, Q, Cp))  # (B, Q, C')
-        W_flat[:, : R * Cp] -= torch.bmm(Gcols, Arows).reshape(B, R * Cp)
-        dummy = torch.full_like(r, R * Cp)
-        W_flat.scatter_(1, torch.where(valid, r * Cp + c, dummy), 0.0)
-    W = W_flat[:, : R * Cp].reshape(B, R, Cp)
-    W[:, :, : drop.shape[2]][drop] = 0
+    inputs = (W, drop, G_inv, A_inv)
+    if phases is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    plan = _ChunkPlan(drop, max_correlate, dev)
+    if plan.steps == 0:
+        return W.clone()  # nothing to remove
+    permuted = not torch.equal(plan.order, torch.arange(B))
+    if permuted:
+        order = plan.order.to(dev)
+        W, G_inv, A_inv = W.index_select(0, order), G_inv.index_select(0, order), A_inv.index_select(0, order)
+    else:
+        W = W.clone()
+    rows_all, cols_all, slots_all = plan.rows, plan.cols, plan.slots
+    W_flat = W.view(B, R * Cp)
+    failed = torch.zeros(B, dtype=torch.bool, device=dev)
+    t0 = _tick(phases, "chunking", t0, dev)
+    for j in range(plan.steps):
+        k, P, Q, ro, eo = plan.k[j], plan.P[j], plan.Q[j], plan.ro[j], plan.eo[j]
+        rows = rows_all[ro : ro + k * P].view(k, P)
+        c = cols_all[eo : eo + k * Q].view(k, Q).long()
+        s = slots_all[eo : eo + k * Q].view(k, Q).long()
+        valid = s < P
+        Gcols = torch.gather(G_inv[:k], 2, rows[:, None, :].expand(k, R, P))  # G⁻¹[:, S]   (k, R, P)
+        G_SS = torch.gather(Gcols, 1, rows[:, :, None].expand(k, P, P)).double()  # G⁻¹[S, S]
+        G_SS = torch.nn.functional.pad(G_SS, (0, 1, 0, 1))  # slot P (padding) reads zeros
+        # C = [G⁻¹ ⊗ A⁻¹]_{Q,Q} = G⁻¹[r_q, r_q'] · A⁻¹[c_q, c_q'], identity on the padding   (k, Q, Q)
+        Cmat = torch.gather(torch.gather(A_inv[:k], 1, c[:, :, None].expand(k, Q, Cp)).double(), 2,
+                            c[:, None, :].expand(k, Q, Q))  # A⁻¹[c_q, c_q'] (one dtype: fast elementwise product)
+        Cmat.mul_(torch.gather(torch.gather(G_SS, 1, s[:, :, None].expand(k, Q, P + 1)), 2,
+                               s[:, None, :].expand(k, Q, Q)))  # G⁻¹[r_q, r_q']
+        Cmat.diagonal(dim1=-2, dim2=-1).add_((~valid).to(Cmat.dtype))
+        r = torch.gather(torch.nn.functional.pad(rows, (0, 1)), 1, s)  # entry rows (padding: row 0)
+        w_Q = W_flat[:k].gather(1, r * Cp + c).double().masked_fill_(~valid, 0)  # (k, Q)
+        t0 = _tick(phases, "build_C", t0, dev)
+        if strict:
+            m = _solve_pd_batched(Cmat, w_Q)
+        else:
+            L, info = torch.linalg.cholesky_ex(Cmat)
+            failed[:k] |= info != 0
+            m = torch.cholesky_solve(w_Q.unsqueeze(-1), L).squeeze(-1)
+        t0 = _tick(phases, "cholesky", t0, dev)
+        # ΔW = −G⁻¹ M A⁻¹ = −G⁻¹[:, S] (M_S A⁻¹); M_S (k, P, C') holds m at (slot, column), padding lands in row P
+        M = torch.zeros(k, (P + 1) * Cp, device=dev, dtype=W.dtype)
+        M.scatter_(1, s * Cp + c, m.to(W.dtype))
+        T = torch.bmm(M.view(k, P + 1, Cp)[:, :P], A_inv[:k])
+        W[:k].baddbmm_(Gcols, T, alpha=-1)
+        t0 = _tick(phases, "update", t0, dev)
+    W[:, :, : drop.shape[2]].masked_fill_((drop.index_select(0, plan.order.to(drop.device)) if permuted
+                                           else drop).to(dev), 0)
+    if permuted:
+        W = W.index_select(0, torch.argsort(plan.order).to(dev))
+    if not strict and bool(failed.any()):  # the one host sync: redo the failed layers alone, with jitter
+        for i in plan.order[torch.nonzero(failed.cpu()).flatten()].tolist():
+            W[i] = _update_elements(*(t[i : i + 1] for t in inputs), max_correlate=max_correlate, strict=True)[0]
+    _tick(phases, "finish", t0, dev)
     return W
 
 
@@ -182,3 +278,75 @@ def quadratic_loss(dW: torch.Tensor, A: torch.Tensor, G: torch.Tensor, grad: tor
     first-order term ⟨∇W, ΔW⟩ is added."""
     q = 0.5 * torch.trace(G @ dW @ A @ dW.T)
     return q if grad is None else q + (grad * dW).sum()
+
+
+# --- reference only (tests and benchmarks/update_speed.py): the previous implementation, ΔW as a (R, Q) x (Q, C')
+# product per chunk and a host sync per chunk. Kept to check and time the implementation above against it.
+
+def _row_chunks_reference(counts: torch.Tensor, max_correlate: int) -> torch.Tensor:
+    chunk_of = torch.full((counts.numel(),), -1, dtype=torch.long)
+    chunk, total = 0, 0
+    for r, c in enumerate(counts.tolist()):
+        if c == 0:
+            continue
+        if max_correlate > 0 and total and total + c > max_correlate:
+            chunk, total = chunk + 1, 0
+        chunk_of[r] = chunk
+        total += c
+    return chunk_of
+
+
+def _chunk_entries_reference(drop: torch.Tensor, max_correlate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r, c = torch.nonzero(drop.cpu(), as_tuple=True)
+    if r.numel() == 0:
+        return torch.empty(0, 0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long)
+    chunk = _row_chunks_reference(drop.sum(dim=1).cpu(), max_correlate)[r]
+    n_chunks = int(chunk.max()) + 1
+    sizes = torch.bincount(chunk, minlength=n_chunks)
+    starts = torch.cumsum(sizes, 0) - sizes
+    pos = torch.arange(r.numel()) - starts[chunk]
+    Q = int(sizes.max())
+    R_idx = torch.full((n_chunks, Q), -1, dtype=torch.long)
+    C_idx = torch.full((n_chunks, Q), -1, dtype=torch.long)
+    R_idx[chunk, pos] = r
+    C_idx[chunk, pos] = c
+    return R_idx, C_idx
+
+
+def _obs_update_elements_reference(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor,
+                                   *, max_correlate: int = 2000) -> torch.Tensor:
+    B, R, Cp = W.shape
+    dev = W.device
+    per_layer = [_chunk_entries_reference(drop[b], max_correlate) for b in range(B)]
+    steps = max(p[0].shape[0] for p in per_layer)
+    Q = max(p[0].shape[1] for p in per_layer)
+    R_idx = torch.full((B, steps, Q), -1, dtype=torch.long)
+    C_idx = torch.full((B, steps, Q), -1, dtype=torch.long)
+    for b, (ri, ci) in enumerate(per_layer):
+        R_idx[b, : ri.shape[0], : ri.shape[1]] = ri
+        C_idx[b, : ci.shape[0], : ci.shape[1]] = ci
+    R_idx, C_idx = R_idx.to(dev), C_idx.to(dev)
+    W = W.clone()
+    W_flat = torch.cat([W.reshape(B, R * Cp), torch.zeros(B, 1, device=dev, dtype=W.dtype)], dim=1)
+    b_ix = torch.arange(B, device=dev)
+    eye = torch.eye(Q, device=dev, dtype=torch.float64)
+    for j in range(steps):
+        valid = R_idx[:, j] >= 0
+        if not valid.any():
+            continue
+        r = R_idx[:, j].clamp_min(0)
+        c = C_idx[:, j].clamp_min(0)
+        pair = valid[:, :, None] & valid[:, None, :]
+        Cmat = (G_inv[b_ix[:, None, None], r[:, :, None], r[:, None, :]].double()
+                * A_inv[b_ix[:, None, None], c[:, :, None], c[:, None, :]].double())
+        Cmat = torch.where(pair, Cmat, eye)
+        w_Q = torch.where(valid, W_flat.gather(1, r * Cp + c), 0).double()
+        m = _solve_pd_batched(Cmat, w_Q).to(W.dtype)
+        Gcols = torch.gather(G_inv, 2, r[:, None, :].expand(B, R, Q)) * m[:, None, :]
+        Arows = torch.gather(A_inv, 1, c[:, :, None].expand(B, Q, Cp))
+        W_flat[:, : R * Cp] -= torch.bmm(Gcols, Arows).reshape(B, R * Cp)
+        dummy = torch.full_like(r, R * Cp)
+        W_flat.scatter_(1, torch.where(valid, r * Cp + c, dummy), 0.0)
+    W = W_flat[:, : R * Cp].reshape(B, R, Cp)
+    W[:, :, : drop.shape[2]][drop] = 0
+    return W

@@ -1,0 +1,91 @@
+"""The row-factored element update (surgeon_core.update) equals the previous (R, Q) x (Q, C') implementation."""
+
+import pytest
+import torch
+
+from surgeon_core.update import (_obs_update_elements_reference, _row_chunks, _row_chunks_reference,
+                                 obs_update_elements, obs_update_elements_batched)
+
+
+def _spd_inv(n: int, B: int, g: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    X = torch.randn(B, n, 2 * n, generator=g, dtype=torch.float64)
+    return torch.linalg.inv(X @ X.mT / (2 * n) + 0.05 * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+def _nm_drop(B: int, R: int, C: int, g: torch.Generator, n: int = 2, m: int = 4) -> torch.Tensor:
+    scores = torch.rand(B, R, C // m, m, generator=g)
+    idx = scores.argsort(-1)[..., :n]
+    return torch.zeros(B, R, C // m, m, dtype=torch.bool).scatter_(-1, idx, True).view(B, R, C)
+
+
+def _problem(seed: int, B: int, R: int, C: int, bias: bool, dtype=torch.float32, kind: str = "random"):
+    g = torch.Generator().manual_seed(seed)
+    Cp = C + int(bias)
+    W = torch.randn(B, R, Cp, generator=g, dtype=torch.float64).to(dtype)
+    G_inv, A_inv = _spd_inv(R, B, g, dtype), _spd_inv(Cp, B, g, dtype)
+    if kind == "nm":
+        drop = _nm_drop(B, R, C, g)
+    else:  # a different density per layer, so the layers have different chunk counts
+        frac = torch.linspace(0.1, 0.6, B)[:, None, None]
+        drop = torch.rand(B, R, C, generator=g) < frac
+    drop[:, 1] = False  # a row with no removals
+    drop[0, 2] = True  # a whole row: more removals than max_correlate below
+    drop[-1, -1, : C // 2] = True
+    return W, drop, G_inv, A_inv
+
+
+def _check(new, ref, W, drop):
+    C = drop.shape[2]
+    assert (new[:, :, :C][drop] == 0).all()
+    assert torch.equal(new[:, :, :C][drop], ref[:, :, :C][drop])
+    tol = 1e-10 if W.dtype == torch.float64 else 2e-5
+    assert (new - ref).abs().max() <= tol * W.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["random", "nm"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("max_correlate", [0, 9, 30])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_row_factored_update_equals_reference(kind, bias, max_correlate, dtype):
+    seed = 100 * int(bias) + max_correlate + (7 if kind == "nm" else 0)
+    W, drop, G_inv, A_inv = _problem(seed, B=4, R=24, C=20, bias=bias, dtype=dtype, kind=kind)
+    new = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=max_correlate)
+    ref = _obs_update_elements_reference(W, drop, G_inv, A_inv, max_correlate=max_correlate)
+    _check(new, ref, W, drop)
+    # the inputs are left alone and every layer equals its own single-layer update
+    for b in range(W.shape[0]):
+        one = obs_update_elements(W[b], drop[b], G_inv[b], A_inv[b], max_correlate=max_correlate)
+        assert (one - new[b]).abs().max() <= (1e-10 if dtype == torch.float64 else 2e-5) * W.abs().max()
+
+
+def test_layers_without_removals_and_empty_batches():
+    W, drop, G_inv, A_inv = _problem(5, B=3, R=10, C=12, bias=True)
+    drop[1] = False
+    new = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=8)
+    _check(new, _obs_update_elements_reference(W, drop, G_inv, A_inv, max_correlate=8), W, drop)
+    assert torch.equal(new[1], W[1])
+    none = torch.zeros_like(drop)
+    assert torch.equal(obs_update_elements_batched(W, none, G_inv, A_inv), W)
+
+
+def test_failed_cholesky_is_redone_alone_with_jitter():
+    W, drop, G_inv, A_inv = _problem(7, B=3, R=12, C=10, bias=False, dtype=torch.float64)
+    G_inv[1, 0, :] = 0  # row 0 of layer 1 has no curvature information: its OBS blocks are singular
+    G_inv[1, :, 0] = 0
+    drop[1, 0, :3] = True
+    new = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=6)
+    assert torch.isfinite(new).all() and (new[:, :, :10][drop] == 0).all()
+    for b in range(3):  # the reference jitters the whole batch; alone, each layer is solved the same way
+        ref = _obs_update_elements_reference(W[b : b + 1], drop[b : b + 1], G_inv[b : b + 1], A_inv[b : b + 1],
+                                             max_correlate=6)[0]
+        assert (new[b] - ref).abs().max() <= 1e-8 * W.abs().max()
+
+
+def test_row_chunks_match_the_greedy_loop():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        counts = torch.randint(0, 12, (n,), generator=g) * (torch.rand(n, generator=g) < 0.6)
+        mc = int(torch.randint(0, 15, (1,), generator=g))
+        assert torch.equal(_row_chunks(counts, mc), _row_chunks_reference(counts, mc))
+    assert _row_chunks(torch.zeros(4, dtype=torch.long), 3).tolist() == [-1] * 4
