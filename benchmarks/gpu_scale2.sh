@@ -18,7 +18,7 @@ CUDA_VISIBLE_DEVICES=0 timeout 240 python3 benchmarks/arch_shot.py $SHOT7B --str
   --target-size 0.9875 --json $RES/llama7b_structured_1gpu.json > $RES/llama7b_structured_1gpu.log 2>&1 &
 P0=$!
 # GPU 1 meanwhile: the element-update micro-benchmark
-CUDA_VISIBLE_DEVICES=1 timeout 100 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.1 \
+CUDA_VISIBLE_DEVICES=1 timeout 100 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.1 --reference-layers 3 \
   --json $RES/update_speed_smol_0.1.json > $RES/update_speed.log 2>&1 &
 P1=$!
 wait $P0 $P1
