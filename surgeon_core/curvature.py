@@ -51,7 +51,17 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         if dtype is None or dtype == torch.float32:
             return x.T @ x
         y = x.to(dtype)
-        return (y.T @ y).float()
+        if not y.is_cuda:
+            return (y.T @ y).float()
+        # cuBLAS may otherwise reduce split-K partial sums in bf16/fp16 over the long token dimension: measured on
+        # the H200 (protocol P, 32k tokens per Gram), structured pruning with such factors was ruined (BENCHMARKS.md)
+        flags = torch.backends.cuda.matmul
+        saved = (flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction)
+        flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False
+        try:
+            return (y.T @ y).float()
+        finally:
+            flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
 
 
 def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool,
