@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--lrs", default="1e-4", help="learning rates (comma-separated): one copy each")
     p.add_argument("--finetune-steps", type=int, default=0, help="steps after every shot (interleaved), 0 = off")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="lr of the interleaved steps")
+    p.add_argument("--validate-every", type=int, default=-1, help="with --heldout: check the held-out ppl every N "
+                   "steps (0: at the start and the end) and keep the best weights; -1 = off")
     p.add_argument("--train", default="linears", choices=["linears", "norms", "both"])
     p.add_argument("--schedule", default="cosine", choices=["constant", "cosine", "linear"])
     p.add_argument("--warmup", type=int, default=10)
@@ -157,7 +159,9 @@ def main(argv=None) -> int:
             ft_model = copy.deepcopy(model)
             if args.ft_dtype != "fp32":
                 ft_model.to(DTYPES[args.ft_dtype])
-            fr = finetune(ft_model, calib, options=ft_options(args.final_steps, lr, args.seed))
+            check = (lambda m: ev(m, heldout)) if heldout is not None and args.validate_every >= 0 else None
+            fr = finetune(ft_model, calib, options=ft_options(args.final_steps, lr, args.seed), validate=check,
+                          validate_every=max(args.validate_every, 0))
             violations = mask_violations(ft_model, masks)
             row = {"lr": lr, "steps": args.final_steps, "seconds": fr.seconds, "tokens": fr.tokens,
                    "zero_violations": violations, "ppl": ev(ft_model, evalw),
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
                    "loss_first": fr.losses[0], "loss_last": fr.losses[-1],
                    "losses": fr.losses[:: max(1, len(fr.losses) // 50)], "state_gb": fr.state_bytes / 1e9,
                    "peak_gpu_gb": fr.peak_gpu_bytes / 1024**3 if fr.peak_gpu_bytes else None,
-                   "trained_parameters": fr.trained_parameters, **peak_memory(device)}
+                   "trained_parameters": fr.trained_parameters, "validation": fr.extra.get("validation"),
+                   "best_step": fr.extra.get("best_step"), **peak_memory(device)}
             if result.get("dense_ppl"):
                 d = result["dense_ppl"]
                 row["increase_ratio"] = (row["ppl"] - d) / (out["ppl"] - d) if out["ppl"] > d else math.nan

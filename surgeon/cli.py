@@ -405,6 +405,9 @@ def prune_cmd(
     finetune_lr: Annotated[Optional[float], typer.Option(help="Fine-tuning learning rate (AdamW).")] = None,
     finetune_train: Annotated[Optional[str], typer.Option(
         help="What fine-tuning trains: linears, norms or both.")] = None,
+    finetune_holdout: Annotated[Optional[float], typer.Option(
+        help="Fraction of the calibration windows held out from fine-tuning; the weights with the lowest held-out "
+             "loss are kept (0 = off).")] = None,
     first_order: Annotated[Optional[bool], typer.Option(
         "--first-order/--no-first-order", help="Use the loss gradient in the costs and updates (llm-surgeon, "
                                                "kobd).")] = None,
@@ -433,7 +436,8 @@ def prune_cmd(
                       max_correlate=max_correlate, compute_dtype=compute_dtype, gram_dtype=gram_dtype, device=device,
                       threads=threads,
                       finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
-                      finetune_lr=finetune_lr, finetune_train=finetune_train, first_order=first_order,
+                      finetune_lr=finetune_lr, finetune_train=finetune_train, finetune_holdout=finetune_holdout,
+                      first_order=first_order,
                       nproc=nproc, register_model=register, overwrite=overwrite or None)
     check_model_ref(cfg.model)
     for ref in (cfg.calibration, cfg.eval_data):

@@ -22,7 +22,7 @@ WEIGHT_FIELDS = (
     "calibration_split", "nsamples", "seqlen", "calibration_seed", "seed", "damping_a", "damping_g", "fisher",
     "fisher_samples", "max_correlate", "structured_update", "batch_size", "compute_dtype", "gram_dtype", "finetune_steps", "final_finetune_steps",
     "finetune_lr", "finetune_train", "finetune_schedule", "finetune_warmup", "finetune_batch_size", "first_order",
-    "first_order_scale",
+    "first_order_scale", "finetune_holdout", "finetune_validate_every",
 )
 
 
@@ -82,6 +82,11 @@ class PruneConfig(BaseModel):
     finetune_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     finetune_warmup: int = 0
     finetune_batch_size: int = 1
+    # held-out calibration windows for fine-tuning: the last fraction of the windows is not trained on; their mean
+    # loss is checked every ``finetune_validate_every`` steps (0: at the start and the end) and the best weights
+    # are kept, so fine-tuning never leaves the model worse on them (0.0 = off: train on every window)
+    finetune_holdout: float = 0.0
+    finetune_validate_every: int = 0
     # first-order term: the loss gradient enters the costs and updates (llm-surgeon, kobd; empirical Fisher)
     first_order: bool = False
     first_order_scale: float = 1e-3  # 1 = the exact quadratic model: a Newton step far too long (docs/method.md)
@@ -105,7 +110,14 @@ class PruneConfig(BaseModel):
             raise ValueError(f"target_size must be in (0, 1] (fraction of weights kept), got {v}")
         return v
 
-    @field_validator("finetune_steps", "final_finetune_steps", "finetune_warmup")
+    @field_validator("finetune_holdout")
+    @classmethod
+    def _holdout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1) (fraction of calibration windows held out), got {v}")
+        return v
+
+    @field_validator("finetune_steps", "final_finetune_steps", "finetune_warmup", "finetune_validate_every")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:

@@ -34,12 +34,35 @@ def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions
                            device=cfg.device, seed=cfg.seed + 1000 * shot)
 
 
+def held_out_loss(model, windows: torch.Tensor, cfg: PruneConfig) -> float:
+    """Mean next-token loss of ``windows`` (the fine-tuning validation measure), batch by batch, no gradients."""
+    from surgeon_core.lm import sequence_nll
+
+    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, windows.shape[0], cfg.finetune_batch_size):
+            batch = windows[s : s + cfg.finetune_batch_size].to(device)
+            total += float(sequence_nll(model, batch).sum())
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    return total / count
+
+
 def finetune_model(model, windows: torch.Tensor, cfg: PruneConfig, steps: int, shot: int, on_step=None) -> dict:
     """Fine-tune an in-memory pruned model; checks that every pruned weight is still exactly 0 afterwards."""
     from .pruning import peak_rss_gb
 
     masks = pruning_masks(model)
-    rep = finetune(model, windows, options=finetune_options(cfg, steps, shot), on_step=on_step)
+    validate, train = None, windows
+    n_val = int(round(cfg.finetune_holdout * windows.shape[0]))
+    if cfg.finetune_holdout > 0:
+        if not 0 < n_val < windows.shape[0]:
+            raise SurgeonError(f"finetune_holdout {cfg.finetune_holdout} of {windows.shape[0]} calibration windows "
+                               "leaves no window to train or to validate on")
+        train, held = windows[:-n_val], windows[-n_val:]
+        validate = lambda m: held_out_loss(m, held, cfg)  # noqa: E731
+    rep = finetune(model, train, options=finetune_options(cfg, steps, shot), on_step=on_step, validate=validate,
+                   validate_every=cfg.finetune_validate_every)
     bad = mask_violations(model, masks)
     if bad:  # only a library bug can get here: never hand such weights on
         raise SurgeonError(f"fine-tuning after shot {shot} changed {bad} pruned weights")

@@ -165,13 +165,23 @@ def finetune(
     options: FinetuneOptions,
     adapter: ArchitectureAdapter | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    validate: Callable[[nn.Module], float] | None = None,
+    validate_every: int = 0,
 ) -> FinetuneReport:
     """Fine-tune ``model`` in place on the token ``windows`` (n, L), keeping every pruned weight exactly 0.
 
     ``on_step(step, loss, lr)`` is called after every optimizer step (1-based ``step``). Returns the loss curve,
     timing and memory. Deterministic for a seed on the CPU.
+
+    ``validate(model) -> float`` (lower is better, e.g. the perplexity of held-out windows) is evaluated before the
+    first step, every ``validate_every`` steps (0: only at the end) and after the last step; the trained parameters
+    of the best evaluation (a host copy) are put back at the end, so fine-tuning never leaves the model worse on
+    that measure than it found it — step 0, the untouched model, may win. ``report.extra`` gets ``validation``
+    ([step, value] pairs) and ``best_step``.
     """
     opts = options
+    if validate_every < 0:
+        raise ValueError(f"validate_every must be >= 0, got {validate_every}")
     adapter = adapter or adapter_for(model)
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError("fine-tuning needs a non-empty (n, L >= 2) tensor of token windows")
@@ -203,8 +213,21 @@ def finetune(
         torch.cuda.reset_peak_memory_stats(device)
     losses, lrs = [], []
     tokens = 0
+    validation: list[list[float]] = []
+    best: dict = {}
+
+    def check(step: int) -> None:  # evaluate; keep a host copy of the trained parameters when they are the best
+        with torch.no_grad():
+            value = float(validate(model))
+        validation.append([step, value])
+        if not best or value < best["value"]:
+            best.update(value=value, step=step,
+                        state={n: p.detach().to("cpu", copy=True) for n, p in params.items()})
+
     t0 = time.perf_counter()
     try:
+        if validate is not None:
+            check(0)
         for step, idx in enumerate(plan):
             batch = windows[idx].to(device)
             with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
@@ -236,6 +259,12 @@ def finetune(
             tokens += batch.numel()
             if on_step is not None:
                 on_step(step + 1, losses[-1], lr)
+            if validate is not None and (step + 1 == len(plan) or (validate_every and (step + 1) % validate_every == 0)):
+                check(step + 1)
+        if best and best["step"] != len(plan):  # put the best evaluated parameters back (zeros stay zeros)
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(best["state"][n].to(p.device))
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
@@ -245,7 +274,8 @@ def finetune(
     state_bytes = sum(m.numel() * 4 * (2 if m is params[n] else 3) for n, m in masters.items())
     pruned = sum(int((~m).sum()) for m in masks.values())
     trained = sum(p.numel() for p in params.values()) - pruned
+    extra = {"validation": validation, "best_step": best["step"]} if best else {}
     return FinetuneReport(steps=opts.steps, losses=losses, lrs=lrs, seconds=seconds, tokens=tokens,
                           trained_parameters=trained, frozen_pruned=pruned, state_bytes=state_bytes,
                           peak_gpu_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda"
-                          else None)
+                          else None, extra=extra)

@@ -58,6 +58,35 @@ def test_loss_decreases_on_tiny_data():
     assert rep.tokens == 40 * 2 * 32 and rep.seconds > 0 and rep.peak_gpu_bytes is None
 
 
+def test_validation_keeps_the_best_parameters_and_never_ends_worse():
+    """Overfitting on purpose (huge lr on 2 windows): the held-out loss is tracked, the best evaluated parameters
+    are restored, so the model never ends worse on held-out text than before fine-tuning; zeros stay zeros."""
+    model = pruned()
+    masks = pruning_masks(model)
+    train, heldout = tiny_windows(2, 16, seed=4), tiny_windows(4, 16, seed=5)
+    start = mean_loss(model, heldout)
+    seen = []
+
+    def validate(m):
+        value = mean_loss(m, heldout)
+        seen.append(value)
+        return value
+
+    rep = finetune(model, train, options=FinetuneOptions(steps=12, lr=0.3, batch_size=2, schedule="constant"),
+                   validate=validate, validate_every=4)
+    steps = [s for s, _ in rep.extra["validation"]]
+    assert steps == [0, 4, 8, 12] and len(seen) == 4
+    best_step, best_value = min(rep.extra["validation"], key=lambda sv: sv[1])
+    assert rep.extra["best_step"] == best_step
+    assert mean_loss(model, heldout) == pytest.approx(best_value, rel=1e-6) and best_value <= start + 1e-6
+    assert mask_violations(model, masks) == 0
+    if best_step == 0:  # the untouched model won: it is restored exactly
+        fresh = pruned()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+    with pytest.raises(ValueError, match="validate_every"):
+        finetune(model, train, options=FinetuneOptions(steps=1), validate=validate, validate_every=-1)
+
+
 def test_norms_only_leaves_linears_unchanged():
     model = pruned()
     lin_before = {n: p.detach().clone() for n, p in trainable_parameters(model, "linears").items()}
@@ -214,3 +243,22 @@ def test_first_order_option_is_refused_where_it_does_not_apply():
                 dict(structure="coupled")):
         with pytest.raises(ValueError):
             PruneOptions(first_order=True, **bad)
+
+
+def test_recipe_holdout_keeps_fine_tuning_from_hurting_the_held_out_windows():
+    """finetune_holdout: the last windows are not trained on and decide which weights are kept."""
+    from surgeon.config import PruneConfig
+    from surgeon.finetuning import finetune_model, held_out_loss
+
+    model = pruned()
+    masks = pruning_masks(model)
+    windows = tiny_windows(8, 16, seed=6)
+    cfg = PruneConfig(model="tiny", finetune_lr=0.3, finetune_batch_size=2, finetune_schedule="constant",
+                      finetune_holdout=0.25, finetune_validate_every=3, device="cpu")
+    before = held_out_loss(model, windows[-2:], cfg)
+    report = finetune_model(model, windows, cfg, steps=9, shot=1)
+    assert [s for s, _ in report["extra"]["validation"]] == [0, 3, 6, 9]
+    assert held_out_loss(model, windows[-2:], cfg) <= before + 1e-6
+    assert report["tokens"] == 9 * 2 * 16 and mask_violations(model, masks) == 0
+    with pytest.raises(ValueError, match="finetune_holdout"):
+        PruneConfig(model="tiny", finetune_holdout=1.0)
