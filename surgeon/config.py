@@ -93,6 +93,7 @@ class PruneConfig(BaseModel):
     # tracking / registry
     # structured / coupled outputs: materialize in memory and log parameters, file sizes and CPU speed vs dense
     structure_report: bool = True
+    structure_report_device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the report times the models
     register_model: bool = True
     model_name: str | None = None
     experiment: str = "llm-surgeon"

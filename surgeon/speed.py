@@ -342,12 +342,14 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
 
 
 def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = None, prefill_len: int = 256,
-                     decode_tokens: int = 16, repeats: int = 3, align: int = 64) -> dict:
+                     decode_tokens: int = 16, repeats: int = 3, align: int = 64, device: str = "cpu") -> dict:
     """The honest report of a structured output: parameters, file sizes and speed of the materialized model.
 
     The zeroed model in ``pruned_dir`` is materialized in memory (all-zero FFN units and heads dropped, widths
     padded to ``align``) and written to a temporary folder for its file size; both it and the dense model in
-    ``dense_dir`` are then timed on this machine's CPU in fp32 (:func:`compare`, batch 1).
+    ``dense_dir`` are then timed (:func:`compare`, batch 1) on ``device``: "cpu" (fp32), "cuda" (bf16, compiled
+    prefill and CUDA-graph decode, the launch overhead of eager decoding would hide the smaller matmuls) or
+    "auto" (CUDA when there is a GPU).
     """
     import tempfile
     from pathlib import Path
@@ -359,6 +361,13 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
 
     from .materialize import materialize_model, safetensors_bytes, save_materialized
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"structure report device must be cpu, cuda or auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("structure report device 'cuda' asked for, but torch sees no GPU")
+    on_gpu = device == "cuda"
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -374,8 +383,11 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
             files = {"dense": safetensors_bytes(dense_dir), "zeroed": safetensors_bytes(pruned_dir),
                      "materialized": safetensors_bytes(Path(tmp) / "m")}
         seqlen = min(prefill_len, getattr(dense.config, "max_position_embeddings", prefill_len))
+        if on_gpu:  # after the file sizes: bf16 copies on the GPU
+            dense, pruned = (m.to(device="cuda", dtype=torch.bfloat16) for m in (dense, pruned))
         res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
-                      prompt_len=min(32, seqlen))
+                      prompt_len=min(32, seqlen), compile=on_gpu)
+        res["device_name"] = torch.cuda.get_device_name() if on_gpu else "cpu"
         for k in ("dense", "pruned"):
             res[k].pop("runs", None)
     finally:

@@ -240,20 +240,21 @@ def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, mo
 
 @task(name="structure-report", cache_policy=NO_CACHE)
 def structure_report(config: PruneConfig, output: str, model: ModelRef, run_id: str) -> dict | None:
-    """Parameters, file sizes and CPU speed of the materialized output vs the dense model, logged to the run."""
+    """Parameters, file sizes and speed (CPU, or the GPU with ``structure_report_device``) of the materialized output
+    vs the dense model, logged to the run."""
     from surgeon.speed import structure_report as measure
 
     log = get_run_logger()
     try:
-        report = measure(output, model.path, threads=config.threads)
+        report = measure(output, model.path, threads=config.threads, device=config.structure_report_device)
     except SurgeonError as exc:  # a family materialize does not cover (e.g. Qwen): the run itself is fine
         log.warning("no structure report: %s", exc)
         return None
     sp = report["speed"]
-    log.info("materialized: %d -> %d parameters (prunable kept %.4f); CPU prefill x%.3f, decode x%.3f (ideal x%.3f)",
+    log.info("materialized: %d -> %d parameters (prunable kept %.4f); %s prefill x%.3f, decode x%.3f (ideal x%.3f)",
              report["parameters"]["dense_total"], report["parameters"]["materialized_total"],
-             report["parameters"]["prunable_fraction"], sp["prefill_speedup"], sp["decode_speedup"],
-             sp["ideal_speedup"])
+             report["parameters"]["prunable_fraction"], sp.get("device_name", "cpu"), sp["prefill_speedup"],
+             sp["decode_speedup"], sp["ideal_speedup"])
     tracking.log_structure_report(run_id, report)
     return report
 

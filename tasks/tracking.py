@@ -236,6 +236,7 @@ def log_structure_report(run_id: str, report: dict) -> None:
         values[f"structure/{work}_ms_per_token_pruned"] = sp["pruned"][f"{work}_ms_per_token"]
         values[f"structure/{work}_ms_per_token_dense"] = sp["dense"][f"{work}_ms_per_token"]
     client.log_batch(run_id, metrics=_metrics(values, step=0))
+    client.set_tag(run_id, "structure/device", sp.get("device_name", "cpu"))
     with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
         path = Path(tmp) / "structure_report.json"
         path.write_text(json.dumps(report, indent=1, default=str))

@@ -105,3 +105,13 @@ def test_cuda_graph_decode_matches_eager(models):
             assert torch.equal(tokens, ref_tokens)
             assert (logits - ref_logits).abs().max() <= 1e-3
         assert not runner.notes
+
+
+def test_structure_report_device_is_checked_before_any_work():
+    from surgeon.speed import structure_report
+
+    with pytest.raises(ValueError, match="cpu, cuda or auto"):
+        structure_report("no-such-dir", "no-such-dir", device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            structure_report("no-such-dir", "no-such-dir", device="cuda")
