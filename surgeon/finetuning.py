@@ -4,9 +4,11 @@ out. Used by the pipeline's ``finetune`` task and by the in-process :func:`surge
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
+from surgeon_core.evaluate import perplexity
 from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pruning_masks
 
 from .config import PruneConfig
@@ -35,17 +37,11 @@ def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions
 
 
 def held_out_loss(model, windows: torch.Tensor, cfg: PruneConfig) -> float:
-    """Mean next-token loss of ``windows`` (the fine-tuning validation measure), batch by batch, no gradients."""
-    from surgeon_core.lm import sequence_nll
-
-    device = torch.device(cfg.device) if cfg.device else next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, windows.shape[0], cfg.finetune_batch_size):
-            batch = windows[s : s + cfg.finetune_batch_size].to(device)
-            total += float(sequence_nll(model, batch).sum())
-            count += batch.shape[0] * (batch.shape[1] - 1)
-    return total / count
+    """Mean next-token loss of ``windows`` (the fine-tuning validation measure); a model gone NaN/Inf scores inf."""
+    try:
+        return perplexity(model, windows, batch_size=cfg.finetune_batch_size, device=cfg.device)["nll"]
+    except FloatingPointError:
+        return math.inf
 
 
 def finetune_model(model, windows: torch.Tensor, cfg: PruneConfig, steps: int, shot: int, on_step=None) -> dict:

@@ -66,19 +66,29 @@ def _cache_kw(model: nn.Module) -> str:
 
 
 @torch.inference_mode()
-def _decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> float:
+def _decode(model: nn.Module, prompt: torch.Tensor, steps: int, keep: bool = False):
+    """Eager greedy decode with the model's own KV cache: (seconds of the ``steps`` one-token steps after the
+    untimed prompt pass, tokens (batch, steps + 1), last-position logits (steps + 1, batch, vocab) fp32) - the last
+    two only with ``keep``."""
     kw = _cache_kw(model)
     out = model(input_ids=prompt, use_cache=True)
     past = getattr(out, kw)
     nxt = out.logits[:, -1:].argmax(dim=-1)
+    toks, logits = ([nxt], [out.logits[:, -1].float()]) if keep else (None, None)
     _sync(prompt.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=nxt, use_cache=True, **{kw: past})
         past = getattr(out, kw)
         nxt = out.logits[:, -1:].argmax(dim=-1)
+        if keep:
+            toks.append(nxt)
+            logits.append(out.logits[:, -1].float())
     _sync(prompt.device)
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    if not keep:
+        return dt, None, None
+    return dt, torch.cat(toks, dim=1), torch.stack(logits)
 
 
 def _raise_recompile_limit(n: int = 64) -> None:
@@ -228,22 +238,10 @@ class CompiledRunner:
         return dt, torch.cat(toks, dim=1), torch.stack(logits)
 
 
-@torch.inference_mode()
 def greedy_decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The eager decode of :func:`measure` (dynamic cache), keeping (tokens (batch, steps + 1), last-position
     logits (steps + 1, batch, vocab) fp32): the reference for :meth:`CompiledRunner.decode`."""
-    kw = _cache_kw(model)
-    out = model(input_ids=prompt, use_cache=True)
-    past = getattr(out, kw)
-    nxt = out.logits[:, -1:].argmax(dim=-1)
-    toks, logits = [nxt], [out.logits[:, -1].float()]
-    for _ in range(steps):
-        out = model(input_ids=nxt, use_cache=True, **{kw: past})
-        past = getattr(out, kw)
-        nxt = out.logits[:, -1:].argmax(dim=-1)
-        toks.append(nxt)
-        logits.append(out.logits[:, -1].float())
-    return torch.cat(toks, dim=1), torch.stack(logits)
+    return _decode(model, prompt, steps, keep=True)[1:]
 
 
 def measure(model: nn.Module, *, prefill_batch: int = 1, prefill_len: int = 512, decode_batch: int = 1,
@@ -261,7 +259,7 @@ def measure(model: nn.Module, *, prefill_batch: int = 1, prefill_len: int = 512,
         t_dec = runner.decode(_tokens(vocab, decode_batch, prompt_len, device, seed + 1), decode_tokens)[0]
         return {"prefill_seconds": t_pre, "decode_seconds": t_dec}
     t_pre = _prefill(model, _tokens(vocab, prefill_batch, prefill_len, device, seed))
-    t_dec = _decode(model, _tokens(vocab, decode_batch, prompt_len, device, seed + 1), decode_tokens)
+    t_dec = _decode(model, _tokens(vocab, decode_batch, prompt_len, device, seed + 1), decode_tokens)[0]
     return {"prefill_seconds": t_pre, "decode_seconds": t_dec}
 
 

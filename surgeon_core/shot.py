@@ -493,7 +493,7 @@ _PARKED = ("W", "A_inv", "G_inv")
 
 
 def _park_device(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int, spec, opts, device,
-                 factor_bytes: int) -> torch.device | None:
+                 factors: KFACFactors | None) -> torch.device | None:
     """Where the factor inverses (and first-order working weights) wait between the cost and update phases.
 
     On CUDA, when they would not fit in the free memory plus the factors' (freed one by one as the inverses are
@@ -508,6 +508,9 @@ def _park_device(linears: dict[str, nn.Linear], owners: dict[str, int], rank: in
             continue
         R, Cp = lin.out_features, lin.in_features + (lin.bias is not None)
         need += 4 * (R * R + Cp * Cp) + (4 * R * Cp if opts.first_order else 0)
+    here = torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+    factor_bytes = sum(t.numel() * t.element_size() for d in (factors.A, factors.G) for t in d.values()
+                       if t.device == here) if factors is not None else 0
     free, _ = torch.cuda.mem_get_info(device)
     # each factor is freed after its last use while the inverses accumulate, so the factors' memory counts as free
     return torch.device("cpu") if need > 0.8 * (free + factor_bytes) else None
@@ -525,31 +528,18 @@ def _restore_working_weight(layer: _Layer, device) -> None:
     layer.W = W
 
 
-def _park(layer: _Layer, where: torch.device, parked: dict) -> None:
-    """Move a layer's working weight and inverses to ``where``; the A⁻¹ shared by one input group moves once
-    (``parked`` holds the device tensor itself, so its id cannot be reused while the group lasts)."""
-    for attr in _PARKED:
-        t = getattr(layer, attr)
-        if t is None or t.device == where:
-            continue
-        if attr == "A_inv":
-            if id(t) not in parked:
-                parked[id(t)] = (t, t.to(where))
-            setattr(layer, attr, parked[id(t)][1])
-        else:
-            setattr(layer, attr, t.to(where))
-
-
-def _unpark(layer: _Layer, device: torch.device, moved: dict) -> None:
-    """Bring a parked layer back to ``device`` for its update (the shared A⁻¹ of consecutive layers moves once)."""
+def _move_layer(layer: _Layer, device: torch.device, moved: dict) -> None:
+    """Move a layer's working weight and inverses to ``device``: parked on the host after its costs, back for its
+    update. The A⁻¹ shared by consecutive layers of one input group moves once (``moved`` holds the last source
+    tensor and its copy; holding the source also keeps it from being freed and its identity reused)."""
     for attr in _PARKED:
         t = getattr(layer, attr)
         if t is None or t.device == device:
             continue
         if attr == "A_inv":
-            if moved.get("A_src") is not t:
-                moved["A_src"], moved["A_dev"] = t, t.to(device)
-            layer.A_inv = moved["A_dev"]
+            if moved.get("src") is not t:
+                moved["src"], moved["dst"] = t, t.to(device)
+            layer.A_inv = moved["dst"]
         else:
             setattr(layer, attr, t.to(device))
 
@@ -592,12 +582,8 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     owners = _owners(linears, adapter, dp)
     rank = dp.rank if dp else 0
     last_use = {factors.group_of[n]: i for i, n in enumerate(linears)} if factors is not None else {}
-    here = torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" and device.index is None \
-        else device
-    factor_bytes = sum(t.numel() * t.element_size() for d in (factors.A, factors.G) for t in d.values()
-                       if t.device == here) if factors is not None else 0
-    park = _park_device(linears, owners, rank, spec, opts, device, factor_bytes)
-    parked: dict = {}  # id(device A⁻¹) -> (it, its parked copy): an inverse shared by a group is parked once
+    park = _park_device(linears, owners, rank, spec, opts, device, factors)
+    moved: dict = {}
     for i, (name, lin) in enumerate(linears.items()):
         if owners[name] != rank:
             layers.append(_cost_stub(name, lin, opts, device))
@@ -618,10 +604,9 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
         if layer.W is not None and not opts.first_order:
             layer.W = None  # the working weight is re-read from the model for the update (saves 26 GB on 7B)
         if park is not None:
-            _park(layer, park, parked)
+            _move_layer(layer, park, moved)
         if i + 1 < len(linears) and a_key != (factors.group_of[list(linears)[i + 1]] if factors else None):
             inverse_cache.clear()  # the next linear reads another input: drop this group's inverse
-            parked.clear()
         escalations += esc
         layers.append(layer)
         if progress:
@@ -665,13 +650,13 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     if opts.first_order:
         extra["first_order_gain"] = extra_gain  # the Newton steps' predicted change
     t0 = time.perf_counter()
-    parked.clear()
+    moved = {}
     mine = [i for i, l in enumerate(layers) if owners[l.name] == rank]
     if structured:
         for k, i in enumerate(mine):
             l, s = layers[i], selections[i]
             if park is not None:
-                _unpark(l, device, parked)
+                _move_layer(l, device, moved)
             _restore_working_weight(l, device)
             _write_back(l.lin, _apply_structured(l, s[0].to(device), s[1].to(device), opts, spec))
             l.W = l.A_inv = l.G_inv = None  # free memory as we go
@@ -686,7 +671,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
 
         def prepare(l: _Layer) -> None:
             if park is not None:
-                _unpark(l, device, parked)
+                _move_layer(l, device, moved)
             _restore_working_weight(l, device)
 
         def write(l: _Layer, W_new: torch.Tensor) -> None:
