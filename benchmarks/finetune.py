@@ -5,6 +5,8 @@ The model is pruned once along the linear schedule; at each size of ``--finetune
 learning rate of ``--lrs`` and evaluated again (so "with" and "without" share the same pruning). Every copy is
 checked: all pruned weights still exactly 0. ``--finetune-steps N`` also fine-tunes the pruned model itself for N
 steps after every shot (the paper's interleaved correction); then the pruning differs from a run without it.
+``--from-pruned DIR,DIR`` skips the pruning and fine-tunes models already pruned and saved (``protocol.py
+--save-at ... --save-dir``), whose zero weights are the masks.
 
 Calls surgeon_core directly (no prefect/mlflow), so it runs on the GPU machine's image.
 
@@ -23,6 +25,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -33,7 +36,7 @@ from protocol import DTYPES, load_windows, peak_memory  # noqa: E402
 
 from surgeon_core.evaluate import perplexity  # noqa: E402
 from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pruning_masks  # noqa: E402
-from surgeon_core.shot import PruneOptions, linear_schedule, prune  # noqa: E402
+from surgeon_core.shot import PruneOptions, linear_schedule, model_size, prune  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--method", default="llm-surgeon")
     p.add_argument("--structure", default="structured")
-    p.add_argument("--target-size", type=float, required=True)
+    p.add_argument("--target-size", type=float, help="required unless --from-pruned")
+    p.add_argument("--from-pruned", default="", help="comma-separated pruned model folders to fine-tune (no pruning)")
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--finetune-at", default="", help="sizes (comma-separated) to fine-tune a copy at; the final "
                                                      "size always")
@@ -87,6 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    pruned_dirs = [d for d in args.from_pruned.split(",") if d]
+    if args.target_size is None and not pruned_dirs:
+        p.error("--target-size is required (or --from-pruned)")
     if args.threads:
         torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -101,7 +108,8 @@ def main(argv=None) -> int:
                         gram_dtype=None if args.gram == "fp32" else DTYPES[args.gram], device=str(device),
                         max_correlate=args.max_correlate, damping_g=args.damping_g, seed=args.seed,
                         first_order=args.first_order, first_order_scale=args.first_order_scale)
-    schedule = [args.target_size] if opts.layerwise else linear_schedule(args.target_size, args.shots)
+    schedule = ([] if pruned_dirs else
+                [args.target_size] if opts.layerwise else linear_schedule(args.target_size, args.shots))
     ft_shots = {min(range(len(schedule)), key=lambda i: abs(schedule[i] - s)) + 1 for s in _floats(args.finetune_at)}
     ft_shots.add(len(schedule))
     lrs = _floats(args.lrs)
@@ -186,7 +194,15 @@ def main(argv=None) -> int:
         return out
 
     t0 = time.perf_counter()
-    prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot)
+    if pruned_dirs:
+        del model
+        for d in pruned_dirs:  # `measure` reads the enclosing `model`
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
+            result["sizes"].append(measure(SimpleNamespace(shot=0, achieved_size=model_size(model)[0])))
+            result["sizes"][-1]["from"] = d
+            write()
+    else:
+        prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot)
     result["total_seconds"] = time.perf_counter() - t0
     result["interleaved_seconds"] = interleaved_seconds
     result.update(peak_memory(device))

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import surgeon_core.curvature as curvature_module  # noqa: E402
 import surgeon_core.shot as shot_module  # noqa: E402
 from surgeon_core.adapters import adapter_for, prunable_linears  # noqa: E402
 from surgeon_core.curvature import KFACFactors, estimate_kfac  # noqa: E402
@@ -56,6 +57,15 @@ def factor_errors(test: KFACFactors, ref: KFACFactors) -> dict[str, dict]:
     for name, M in ref.G.items():
         per.setdefault("G " + _type(name), []).append(rel_error(test.G[name], M))
     return {k: {"mean": sum(v) / len(v), "max": max(v), "n": len(v)} for k, v in per.items()}
+
+
+def legacy_gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The factor matmul before the fix (for --legacy): a bf16 result per batch, cuBLAS's default reductions."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if dtype is None or dtype == torch.float32:
+            return x.T @ x
+        y = x.to(dtype)
+        return (y.T @ y).float()
 
 
 @contextmanager
@@ -125,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--legacy", action="store_true", help="the run under test uses the matmul before the fix (a bf16 "
+                                                          "result, reduced-precision split-K allowed on CUDA)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -139,6 +151,8 @@ def main(argv=None) -> int:
     test_batch = args.test_batch_size or args.batch_size
     for label, dtype, batch in (("fp32", None, args.batch_size), ("test", DTYPES[args.gram], test_batch)):
         t0 = time.perf_counter()
+        if label == "test" and args.legacy:
+            curvature_module._gram = legacy_gram
         runs[label] = estimate_kfac(model, windows, adapter=adapter, batch_size=batch, device=args.device,
                                     autocast_dtype=autocast, gram_dtype=dtype)
         seconds[label] = time.perf_counter() - t0
@@ -164,7 +178,7 @@ def main(argv=None) -> int:
         print(f"| {s['target_size']:g} | {s['identical_masks']}/{s['linears']} ({s['fraction_identical']:.1%}) | "
               f"{s['rows_cols_removed_fp32']} | {s['rows_cols_differing']} | {s['size_fp32']:.5f} / "
               f"{s['size_test']:.5f} | {s['estimated_loss_fp32']:.5g} / {s['estimated_loss_test']:.5g} | {ppl} |")
-    out = {"model": args.model, "calibration": args.calibration, "windows": list(windows.shape), "gram": args.gram,
+    out = {"model": args.model, "calibration": args.calibration, "windows": list(windows.shape), "gram": args.gram, "legacy": args.legacy,
            "batch_size": args.batch_size, "test_batch_size": test_batch,
            "autocast": args.autocast, "factor_errors": errors, "shots": shots, "seconds": seconds,
            "eval": args.eval or None, "eval_windows": list(evalw.shape) if evalw is not None else None,

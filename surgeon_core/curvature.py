@@ -43,8 +43,9 @@ def _flatten(x: torch.Tensor) -> torch.Tensor:
 def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """xᵀx returned in float32, also when called from a hook inside an autocast region.
 
-    ``dtype`` (e.g. bfloat16) runs the matmul in that dtype (products accumulated in fp32 inside the kernel,
-    the per-batch result rounded once to ``dtype`` before it is added to the fp32 running sum): 4x faster on
+    ``dtype`` (e.g. bfloat16) runs the matmul in that dtype with products summed in fp32 inside the kernel. On
+    CUDA the result is written in fp32 (``torch.mm(..., out_dtype=float32)``); where that is not available (CPU)
+    the per-batch result is rounded once to ``dtype`` before it is added to the fp32 running sum. 4x faster on
     CPUs with bf16 instructions. None keeps fp32 throughout.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
@@ -53,8 +54,12 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         y = x.to(dtype)
         if not y.is_cuda:
             return (y.T @ y).float()
-        # cuBLAS may otherwise reduce split-K partial sums in bf16/fp16 over the long token dimension: measured on
-        # the H200 (protocol P, 32k tokens per Gram), structured pruning with such factors was ruined (BENCHMARKS.md)
+        # Measured on the H200 (protocol P, 32k tokens per Gram): a bf16 *result* (rounded per batch, and cuBLAS
+        # allowed to reduce split-K partial sums in bf16) ruined structured pruning (BENCHMARKS.md). fp32 output:
+        try:
+            return torch.mm(y.T, y, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=) on this device
+            pass
         flags = torch.backends.cuda.matmul
         saved = (flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction)
         flags.allow_bf16_reduced_precision_reduction = flags.allow_fp16_reduced_precision_reduction = False

@@ -493,27 +493,40 @@ _PARKED = ("W", "A_inv", "G_inv")
 
 
 def _park_device(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int, spec, opts, device,
-                 factors: KFACFactors | None) -> torch.device | None:
+                 factors: KFACFactors | None) -> torch.device | str | None:
     """Where the factor inverses (and first-order working weights) wait between the cost and update phases.
 
     On CUDA, when they would not fit in the free memory plus the factors' (freed one by one as the inverses are
-    made; a 7B model has ~64 GB of fp32 factors and as many bytes of inverses), they are parked on the CPU as each
-    layer's costs are done and brought back one layer at a time for its update; otherwise they stay.
+    made; a 7B model has ~64 GB of fp32 factors and as many bytes of inverses), they are parked elsewhere as each
+    layer's costs are done and brought back one layer at a time for its update. With factors spread over several
+    GPUs (``factor_device="spread"``) and room on each, ``"factor"``: each layer's inverses wait on the GPU that held
+    its factors (device-to-device copies instead of host transfers); otherwise the CPU. None: they stay.
     """
     if device.type != "cuda" or spec.cost_kind != "obs":
         return None
-    need = 0
+    here = torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+    need: dict[torch.device, int] = {}
     for name, lin in linears.items():
         if owners[name] != rank:
             continue
         R, Cp = lin.out_features, lin.in_features + (lin.bias is not None)
-        need += 4 * (R * R + Cp * Cp) + (4 * R * Cp if opts.first_order else 0)
-    here = torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
-    factor_bytes = sum(t.numel() * t.element_size() for d in (factors.A, factors.G) for t in d.values()
-                       if t.device == here) if factors is not None else 0
-    free, _ = torch.cuda.mem_get_info(device)
-    # each factor is freed after its last use while the inverses accumulate, so the factors' memory counts as free
-    return torch.device("cpu") if need > 0.8 * (free + factor_bytes) else None
+        dev = factors.G[name].device if factors is not None and name in factors.G else here
+        need[dev] = need.get(dev, 0) + 4 * (R * R + Cp * Cp) + (4 * R * Cp if opts.first_order else 0)
+
+    def fits(dev: torch.device, bytes_needed: int) -> bool:
+        if dev.type != "cuda":
+            return False
+        factor_bytes = sum(t.numel() * t.element_size() for d in (factors.A, factors.G) for t in d.values()
+                           if t.device == dev) if factors is not None else 0
+        free, _ = torch.cuda.mem_get_info(dev)
+        # each factor is freed after its last use while the inverses accumulate: the factors' memory counts as free
+        return bytes_needed <= 0.8 * (free + factor_bytes)
+
+    if fits(here, sum(need.values())):
+        return None
+    if set(need) != {here} and all(fits(dev, n) for dev, n in need.items()):
+        return "factor"
+    return torch.device("cpu")
 
 
 def _restore_working_weight(layer: _Layer, device) -> None:
@@ -588,6 +601,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
         if owners[name] != rank:
             layers.append(_cost_stub(name, lin, opts, device))
             continue
+        park_here = factors.G[name].device if park == "factor" else park
         W = _augmented(lin, device)
         A, G = _factors_for(factors, name, W, device)
         if spec.curvature == "activations":
@@ -603,8 +617,8 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
                 factors.A.pop(a_key, None)
         if layer.W is not None and not opts.first_order:
             layer.W = None  # the working weight is re-read from the model for the update (saves 26 GB on 7B)
-        if park is not None:
-            _move_layer(layer, park, moved)
+        if park_here is not None:
+            _move_layer(layer, park_here, moved)
         if i + 1 < len(linears) and a_key != (factors.group_of[list(linears)[i + 1]] if factors else None):
             inverse_cache.clear()  # the next linear reads another input: drop this group's inverse
         escalations += esc

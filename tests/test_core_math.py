@@ -122,6 +122,43 @@ def test_global_element_selection_is_exact_with_ties():
     assert g[0].tolist() == [[False, True]] and g[1].tolist() == [[True]]
 
 
+def _sorted_lowest(costs, k):
+    """Reference: the k lowest by a stable sort of all costs laid end to end (layer order, then memory order)."""
+    flat = torch.cat([c.reshape(-1) for c in costs])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.sort(flat, stable=True).indices[: max(0, min(k, flat.numel()))]] = True
+    return list(torch.split(chosen, [c.numel() for c in costs]))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "tiny", "removed"])
+def test_global_selection_matches_a_stable_sort(kind):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        costs = []
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            shape = tuple(int(x) for x in torch.randint(1, 9, (2,), generator=g))
+            if kind == "normal":  # negative costs happen with the first-order term
+                c = torch.randn(shape, generator=g)
+            elif kind == "ties":
+                c = torch.randint(-3, 4, shape, generator=g).float() * 0.5
+            elif kind == "tiny":  # differ only in the low mantissa bits / exponents
+                c = torch.rand(shape, generator=g) * 1e-30
+            else:  # −inf marks entries removed by an earlier shot
+                c = torch.randint(0, 3, shape, generator=g).float()
+                c[c == 2] = float("-inf")
+            costs.append(c)
+        total = sum(c.numel() for c in costs)
+        for k in (0, 1, total // 3, total - 1, total, total + 5):
+            got = select_elements(costs, k)
+            want = _sorted_lowest(costs, k)
+            assert all(torch.equal(m.reshape(-1), w) for m, w in zip(got, want))
+
+
+def test_global_selection_rejects_nan_costs():
+    with pytest.raises(ValueError, match="NaN"):
+        select_elements([torch.tensor([1.0, float("nan")])], 1)
+
+
 def test_structured_threshold_accounting():
     assert structured_removed(torch.tensor(2.0), torch.tensor(3.0), torch.tensor(10.0), torch.tensor(8.0)) == 2 * 8 + 3 * 10 - 6
     # layer 1: 4x4, layer 2: 2x8 (rows have 8 params, columns 2)
