@@ -126,7 +126,10 @@ def main(argv=None) -> int:
 
         out = Path(args.save_dir) / f"size-{save_sizes[rep.shot - 1]:g}"
         model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
+        try:  # the tokenizer travels with the model where it can be loaded (not needed for the token-file protocols)
+            AutoTokenizer.from_pretrained(args.model).save_pretrained(out)
+        except (OSError, ValueError) as exc:
+            print(f"warning: tokenizer of {args.model} not saved with {out}: {exc}", file=sys.stderr, flush=True)
         (out / "protocol.json").write_text(json.dumps({"tag": args.tag, "method": args.method,
                                                        "structure": args.structure, "shot": rep.shot,
                                                        "target_size": rep.target_size,

@@ -391,7 +391,7 @@ def prune_cmd(
         help="fp32, bf16 or fp16 (curvature forward/backward; an overflow reruns the shot in fp32).")] = None,
     gram_dtype: Annotated[Optional[str], typer.Option(
         help="fp32 or bf16: dtype of the K-FAC factor matmuls (sums stay fp32; bf16 ~4x faster on CPUs with "
-             "AVX512-BF16; on an H200 it ruined structured pruning under the paper protocol: keep fp32 on GPUs).")
+             "AVX512-BF16; on CUDA the matmul writes fp32: the paper-protocol structured run keeps fp32 quality).")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
     nproc: Annotated[Optional[int], typer.Option(
