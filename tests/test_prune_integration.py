@@ -146,3 +146,41 @@ def test_bf16_factor_matmuls_recipe_key_and_shot():
         assert torch.linalg.norm(bf.A[key] - f32.A[key]) <= 1e-2 * torch.linalg.norm(f32.A[key])
     for key in f32.G:
         assert torch.linalg.norm(bf.G[key] - f32.G[key]) <= 1e-2 * torch.linalg.norm(f32.G[key])
+
+
+class _FakeFactor:
+    """Stands in for a factor tensor on a (possibly absent) GPU: only device, numel and element_size are read."""
+
+    def __init__(self, side: int, device: torch.device):
+        self.device, self._n = device, side * side
+
+    def numel(self):
+        return self._n
+
+    def element_size(self):
+        return 4
+
+
+@pytest.mark.parametrize("free_gb, expected", [(1000.0, None), (6.0, "factor"), (1.0, "cpu")])
+def test_inverses_wait_where_there_is_room(monkeypatch, free_gb, expected):
+    """Parking decision of a shot: stay on the compute GPU if the inverses fit, else on the GPU that held each
+    layer's spread factors if every such GPU has room, else the host."""
+    import surgeon_core.shot as shot
+    from surgeon_core.curvature import KFACFactors
+
+    linears = {f"l{i}": torch.nn.Linear(1000, 1000, bias=False) for i in range(4)}  # 8 MB of inverses per layer
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    factors = KFACFactors()
+    for i, name in enumerate(linears):
+        dev = gpu0 if i < 2 else gpu1
+        factors.G[name] = _FakeFactor(1000, dev)
+        factors.A[name] = _FakeFactor(1000, dev)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (int(free_gb * 1e6), int(1e12)))
+    opts = PruneOptions(structure="structured")
+    park = shot._park_device(linears, {n: 0 for n in linears}, 0, opts.spec, opts, gpu0, factors)
+    if expected is None:
+        assert park is None  # 32 MB of inverses fit in 0.8 × (free + gpu0's 16 MB of factors)
+    elif expected == "factor":
+        assert park == "factor"  # 32 MB > 0.8 × (6 + 16) MB on gpu0, but each GPU's 16 MB fit in its 17.6 MB
+    else:
+        assert park == torch.device("cpu")
