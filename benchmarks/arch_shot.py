@@ -83,6 +83,8 @@ def main(argv=None) -> int:
                    "(sums stay fp32)")
     p.add_argument("--factor-device", help="where the K-FAC factors live; 'spread': over every visible GPU (one "
                    "process), for models whose fp32 factors exceed one GPU (13B)")
+    p.add_argument("--checkpoint-layers", action="store_true", help="curvature pass with decoder-layer activation "
+                   "checkpointing (less memory, same factors)")
     p.add_argument("--update-batch-layers", type=int, default=0, help="same-shaped layers per batched element "
                    "update (0: all on the GPU)")
     p.add_argument("--fb-baseline", action="store_true", help="first time a plain forward+backward pass over the "
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
                         autocast_dtype=torch.bfloat16 if args.autocast == "bf16" else None, device=str(device),
                         max_correlate=args.max_correlate,
                         gram_dtype=torch.bfloat16 if args.gram == "bf16" else None,
-                        update_batch_layers=args.update_batch_layers, factor_device=args.factor_device)
+                        update_batch_layers=args.update_batch_layers, factor_device=args.factor_device,
+                        checkpoint_layers=args.checkpoint_layers)
     fb_seconds = forward_backward_seconds(model, windows, opts, device) if args.fb_baseline else None
     if device.type == "cuda":
         for i in range(torch.cuda.device_count()):

@@ -71,6 +71,9 @@ class PruneConfig(BaseModel):
     # dtype of the K-FAC factor matmuls (sums stay fp32): bf16 is ~4x faster on CPUs with AVX512-BF16 / on GPUs,
     # with ~1e-3 relative factor error (BENCHMARKS.md, A1 speed)
     gram_dtype: Literal["fp32", "bf16"] = "fp32"
+    # curvature pass: recompute each decoder layer's activations in the backward pass instead of keeping them
+    # (less memory for large batches or models; same factors, about one more forward pass of time)
+    checkpoint_layers: bool = False
     device: str = "cpu"
     threads: int | None = None
     nproc: int = 1  # processes per shot (data-parallel curvature on one machine: one GPU each, or CPU/gloo)

@@ -59,7 +59,7 @@ def options_from_config(cfg: PruneConfig) -> PruneOptions:
                         fisher=cfg.fisher, fisher_samples=cfg.fisher_samples, max_correlate=cfg.max_correlate,
                         structured_update=cfg.structured_update,
                         batch_size=cfg.batch_size, autocast_dtype=_DTYPES[cfg.compute_dtype], device=cfg.device,
-                        gram_dtype=_DTYPES[cfg.gram_dtype],
+                        gram_dtype=_DTYPES[cfg.gram_dtype], checkpoint_layers=cfg.checkpoint_layers,
                         seed=cfg.seed, first_order=cfg.first_order, first_order_scale=cfg.first_order_scale)
 
 

@@ -9,17 +9,22 @@ Linears that read the same tensor (q/k/v, gate/up) share one input factor: it is
 Data-parallel: when torch.distributed is initialised (or a ``process_group`` is given), each rank takes a contiguous
 share of the windows and the sums and token counts are all-reduced before the division (surgeon_core.distributed),
 so every rank ends with the factors of one process over all windows.
+
+Memory: ``checkpoint_layers=True`` recomputes each decoder layer's activations in the backward pass instead of
+keeping them (``torch.utils.checkpoint``, non-reentrant); the hooks skip the recomputation, so the factors are the
+same as without it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import distributed
 from .adapters import ArchitectureAdapter, get_submodule, prunable_linears
@@ -109,6 +114,7 @@ class KFACFactors:
     seconds: dict[str, float] = field(default_factory=dict)
     a_sizes: dict[str, int] = field(default_factory=dict)  # input-group key -> side of A (C, or C+1 with a bias)
     g_sizes: dict[str, int] = field(default_factory=dict)  # linear name -> side of G (R)
+    recomputing: bool = False  # inside a checkpointed layer's backward-pass recomputation: the hooks stand aside
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, G) of one linear, normalised by the token count."""
@@ -173,7 +179,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
 
     def on_forward(group_key: str, members, bias: bool):
         def hook(module, inputs, output):
-            if collect_A and stats.collect_inputs:
+            if collect_A and stats.collect_inputs and not stats.recomputing:
                 A = stats.A.get(group_key)
                 x = inputs[0].detach()
                 dev = where(group_key)
@@ -184,7 +190,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
 
     def on_linear_forward(name: str):
         def hook(module, inputs, output):
-            if collect_G and output.requires_grad:
+            if collect_G and output.requires_grad and not stats.recomputing:
                 def grad_hook(grad):
                     g = grad.detach()
                     dev = where(name)
@@ -210,6 +216,44 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
             h.remove()
 
 
+@contextmanager
+def checkpointed_layers(model: nn.Module, adapter: ArchitectureAdapter, stats: KFACFactors) -> Iterator[None]:
+    """Run every decoder layer under non-reentrant activation checkpointing; ``stats.recomputing`` is set while a
+    layer is recomputed in the backward pass (so the K-FAC hooks count each token once). Always restores the
+    layers' ``forward``."""
+    class _Recomputing:
+        def __enter__(self):
+            stats.recomputing = True
+
+        def __exit__(self, *exc):
+            stats.recomputing = False
+            return False
+
+    def contexts():
+        return nullcontext(), _Recomputing()
+
+    layers = list(get_submodule(model, adapter.layers))
+    own = [vars(layer).get("forward") for layer in layers]  # an instance-level forward (e.g. from accelerate), or None
+
+    def wrap(forward):
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=contexts, **kwargs)
+        return checkpointed
+
+    try:
+        for layer in layers:
+            layer.forward = wrap(layer.forward)
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = forward
+
+
 def estimate_kfac(
     model: nn.Module,
     windows: torch.Tensor,
@@ -227,6 +271,7 @@ def estimate_kfac(
     collect_weight_grads: bool = False,
     progress: Callable[[int, int], None] | None = None,
     process_group=None,
+    checkpoint_layers: bool = False,
 ) -> KFACFactors:
     """One forward+backward pass over the calibration ``windows`` (n, L) collecting K-FAC factors.
 
@@ -244,6 +289,9 @@ def estimate_kfac(
     ``collect_weight_grads`` also returns the mean loss gradient of every prunable linear in ``factors.grads``
     (the first-order term): the weights are made to require grad for the pass, so autograd sums g aᵀ over tokens
     (one matmul per linear, the same as accumulating it in the hooks). It needs the true labels (empirical Fisher).
+
+    ``checkpoint_layers`` trades a second forward pass per decoder layer for not keeping its activations during
+    the backward pass (for batches whose activations would not fit); the factors are unchanged.
     """
     if fisher not in ("empirical", "sampled"):
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
@@ -282,7 +330,9 @@ def estimate_kfac(
     t0 = time.perf_counter()
     try:
         with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
-                          gram_dtype=gram_dtype, placement=placement) as stats:
+                          gram_dtype=gram_dtype, placement=placement) as stats, \
+                (checkpointed_layers(model, adapter, stats) if checkpoint_layers and collect_gradients
+                 else nullcontext()):
             for i in range(0, n, batch_size):
                 batch = windows[i : i + batch_size].to(device)
                 if not collect_gradients:

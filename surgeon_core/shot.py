@@ -103,6 +103,7 @@ class PruneOptions:
     # "sequential": rows, then the columns of the row-updated W
     structured_update: str = "sum"
     update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
+    checkpoint_layers: bool = False  # curvature pass: recompute decoder-layer activations in backward (less memory)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
     baseline_damping: float = 0.01
@@ -573,6 +574,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
             model, windows, adapter=adapter, fisher=opts.fisher, fisher_samples=opts.fisher_samples,
             batch_size=opts.batch_size, device=device, factor_device=opts.factor_device or device,
             autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype, seed=opts.seed + shot,
+            checkpoint_layers=opts.checkpoint_layers,
             collect_gradients=spec.curvature == "kfac", collect_weight_grads=opts.first_order,
             progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
             process_group=dp.group if dp else None,

@@ -184,3 +184,44 @@ def test_inverses_wait_where_there_is_room(monkeypatch, free_gb, expected):
         assert park == "factor"  # 32 MB > 0.8 × (6 + 16) MB on gpu0, but each GPU's 16 MB fit in its 17.6 MB
     else:
         assert park == torch.device("cpu")
+
+
+@pytest.mark.parametrize("family, fisher", [("llama", "empirical"), ("opt", "sampled")])
+def test_layer_checkpointing_keeps_the_factors(family, fisher):
+    """Curvature with decoder-layer activation checkpointing: every linear really runs twice per batch (forward,
+    then the backward-pass recomputation), yet A and G are exactly those of the plain pass, and the layers'
+    forward methods are restored afterwards, also after an exception."""
+    from surgeon_core.adapters import adapter_for, get_submodule
+    from surgeon_core.curvature import estimate_kfac
+
+    model, windows = tiny_model(family), tiny_windows(4, 16)
+    adapter = adapter_for(model)
+    lin = next(iter(prunable_linears(model, adapter).values()))
+    calls = []
+    handle = lin.register_forward_hook(lambda *a: calls.append(1))
+    kw = dict(adapter=adapter, batch_size=2, fisher=fisher, fisher_samples=1)
+    plain = estimate_kfac(model, windows, **kw)
+    n_plain = len(calls)
+    ckpt = estimate_kfac(model, windows, checkpoint_layers=True, **kw)
+    handle.remove()
+    assert len(calls) - n_plain == n_plain + 2  # two batches: each loss forward is recomputed once in backward
+    for key in plain.A:
+        assert torch.equal(plain.A[key], ckpt.A[key])
+    for key in plain.G:
+        assert torch.equal(plain.G[key], ckpt.G[key])
+    layers = list(get_submodule(model, adapter.layers))
+    assert all("forward" not in vars(layer) for layer in layers)
+    with pytest.raises(Exception):
+        estimate_kfac(model, torch.full((2, 8), 10_000), checkpoint_layers=True, **kw)
+    assert all("forward" not in vars(layer) for layer in layers)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks
+
+
+def test_checkpoint_layers_recipe_key_reaches_the_shot():
+    from surgeon.config import load_recipe
+    from surgeon.pruning import options_from_config
+
+    cfg = load_recipe(None, ["checkpoint_layers=true"], model="some/model")
+    assert cfg.checkpoint_layers and options_from_config(cfg).checkpoint_layers
+    assert not options_from_config(load_recipe(None, model="some/model")).checkpoint_layers
