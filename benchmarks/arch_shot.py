@@ -13,15 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from surgeon_core.adapters import adapter_for  # noqa: E402
+from surgeon_core.curvature import estimate_kfac  # noqa: E402
 from surgeon_core.shot import PruneOptions, prune_shot  # noqa: E402
 
 ARCHS = {
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
                    "(sums stay fp32)")
     p.add_argument("--factor-device", help="where the K-FAC factors live; 'spread': over every visible GPU (one "
                    "process), for models whose fp32 factors exceed one GPU (13B)")
+    p.add_argument("--curvature-only", action="store_true", help="time the curvature pass alone (no costs or "
+                   "update) and report its peak memory (GPU, and the process's peak RSS)")
     p.add_argument("--checkpoint-layers", action="store_true", help="curvature pass with decoder-layer activation "
                    "checkpointing (less memory, same factors)")
     p.add_argument("--update-batch-layers", type=int, default=0, help="same-shaped layers per batched element "
@@ -128,7 +134,15 @@ def main(argv=None) -> int:
             marks[phase] = done // step
             print(f"[{time.perf_counter() - t0:7.1f} s] {phase} {done}/{total}", file=sys.stderr, flush=True)
 
-    rep = prune_shot(model, windows, options=opts, target_size=args.target_size, progress=progress)
+    if args.curvature_only:
+        factors = estimate_kfac(model, windows, adapter=adapter_for(model), batch_size=opts.batch_size,
+                                device=device, factor_device=opts.factor_device or device,
+                                autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype,
+                                checkpoint_layers=opts.checkpoint_layers,
+                                progress=lambda i, n: progress("curvature", i, n))
+        rep = SimpleNamespace(seconds=dict(factors.seconds), achieved_size=1.0)
+    else:
+        rep = prune_shot(model, windows, options=opts, target_size=args.target_size, progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     out = {"arch": args.arch, "structure": args.structure, "method": args.method, "target_size": args.target_size,
@@ -140,7 +154,9 @@ def main(argv=None) -> int:
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "processes": world, "gram": args.gram, "factor_device": args.factor_device,
            "gpus": torch.cuda.device_count() if device.type == "cuda" else 0, "batch_size": args.batch_size,
-           "forward_backward_seconds": fb_seconds}
+           "forward_backward_seconds": fb_seconds, "curvature_only": args.curvature_only,
+           "checkpoint_layers": args.checkpoint_layers,
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
     if fb_seconds is not None:  # curvature = forward/backward + factor accumulation
         out["accumulation_seconds"] = rep.seconds["curvature"] - fb_seconds
     if world > 1:
