@@ -69,6 +69,16 @@ def legacy_gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tens
         return (y.T @ y).float()
 
 
+def cuda_path_gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The CUDA factor matmul's arithmetic on any device (for --emulate-cuda): inputs rounded to ``dtype``, products
+    (exact in fp32 for bf16 inputs) and sums in fp32, an fp32 result; only the summation order differs."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if dtype is None or dtype == torch.float32:
+            return x.T @ x
+        y = x.to(dtype).float()
+        return y.T @ y
+
+
 @contextmanager
 def given_factors(factors: KFACFactors):
     """prune_shot with these factors instead of a new curvature pass (both shots then differ only in the factors)."""
@@ -138,6 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--legacy", action="store_true", help="the run under test uses the matmul before the fix (a bf16 "
                                                           "result, reduced-precision split-K allowed on CUDA)")
+    p.add_argument("--emulate-cuda", action="store_true", help="the run under test uses the CUDA path's arithmetic "
+                                                                "(bf16 inputs, fp32 products, sums and result)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -154,6 +166,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if label == "test" and args.legacy:
             curvature_module._gram = legacy_gram
+        if label == "test" and args.emulate_cuda:
+            curvature_module._gram = cuda_path_gram
         runs[label] = estimate_kfac(model, windows, adapter=adapter, batch_size=batch, device=args.device,
                                     autocast_dtype=autocast, gram_dtype=dtype)
         seconds[label] = time.perf_counter() - t0
@@ -179,7 +193,7 @@ def main(argv=None) -> int:
         print(f"| {s['target_size']:g} | {s['identical_masks']}/{s['linears']} ({s['fraction_identical']:.1%}) | "
               f"{s['rows_cols_removed_fp32']} | {s['rows_cols_differing']} | {s['size_fp32']:.5f} / "
               f"{s['size_test']:.5f} | {s['estimated_loss_fp32']:.5g} / {s['estimated_loss_test']:.5g} | {ppl} |")
-    out = {"model": args.model, "calibration": args.calibration, "windows": list(windows.shape), "gram": args.gram, "legacy": args.legacy,
+    out = {"model": args.model, "calibration": args.calibration, "windows": list(windows.shape), "gram": args.gram, "legacy": args.legacy, "emulate_cuda": args.emulate_cuda,
            "batch_size": args.batch_size, "test_batch_size": test_batch,
            "autocast": args.autocast, "factor_errors": errors, "shots": shots, "seconds": seconds,
            "eval": args.eval or None, "eval_windows": list(evalw.shape) if evalw is not None else None,
