@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         print(f"| {s['target_size']:g} | {s['identical_masks']}/{s['linears']} ({s['fraction_identical']:.1%}) | "
               f"{s['rows_cols_removed_fp32']} | {s['rows_cols_differing']} | {s['size_fp32']:.5f} / "
               f"{s['size_test']:.5f} | {s['estimated_loss_fp32']:.5g} / {s['estimated_loss_test']:.5g} | {ppl} |")
-    out = {"model": args.model, "calibration": args.calibration, "windows": list(windows.shape), "gram": args.gram, "legacy": args.legacy, "emulate_cuda": args.emulate_cuda,
+    out = {"model": args.model, "calibration": args.calibration, "windows": list(windows.shape), "gram": args.gram,
+           "legacy": args.legacy, "emulate_cuda": args.emulate_cuda,
            "batch_size": args.batch_size, "test_batch_size": test_batch,
            "autocast": args.autocast, "factor_errors": errors, "shots": shots, "seconds": seconds,
            "eval": args.eval or None, "eval_windows": list(evalw.shape) if evalw is not None else None,

@@ -41,8 +41,10 @@ def _exact_lowest(costs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     cum = hist.cumsum(0)
     hi = int(torch.searchsorted(cum, k))  # first bin whose cumulative count reaches k
     below = int(cum[hi - 1]) if hi > 0 else 0
-    hist = sum(torch.bincount(_order_keys(c)[high(_order_keys(c)) == hi] & 0xFFFF, minlength=bins).cpu()
-               for c in costs)
+    hist = 0
+    for c in costs:
+        key = _order_keys(c)
+        hist = hist + torch.bincount(key[high(key) == hi] & 0xFFFF, minlength=bins).cpu()
     lo = int(torch.searchsorted(hist.cumsum(0), k - below))
     tau = ((hi - bins // 2) << 16) | lo  # the key of the k-th smallest cost
     out, need = [], k

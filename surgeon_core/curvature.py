@@ -221,16 +221,16 @@ def checkpointed_layers(model: nn.Module, adapter: ArchitectureAdapter, stats: K
     """Run every decoder layer under non-reentrant activation checkpointing; ``stats.recomputing`` is set while a
     layer is recomputed in the backward pass (so the K-FAC hooks count each token once). Always restores the
     layers' ``forward``."""
-    class _Recomputing:
-        def __enter__(self):
-            stats.recomputing = True
-
-        def __exit__(self, *exc):
+    @contextmanager
+    def recomputing():
+        stats.recomputing = True
+        try:
+            yield
+        finally:
             stats.recomputing = False
-            return False
 
     def contexts():
-        return nullcontext(), _Recomputing()
+        return nullcontext(), recomputing()
 
     layers = list(get_submodule(model, adapter.layers))
     own = [vars(layer).get("forward") for layer in layers]  # an instance-level forward (e.g. from accelerate), or None
