@@ -60,6 +60,56 @@ def weights_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def check_decode(model, runner, batch: int, prompt_len: int, steps: int) -> dict:
+    """The compiled runner's greedy decode against eager steps over the same static cache (same prompt): the
+    fraction of equal tokens and the largest logit gap (compiled kernels round differently, so bf16 near-ties
+    may flip a token, after which the sequences part)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(7))
+    prompt = prompt.to(next(model.parameters()).device)
+    _, tok, logit = runner.decode(prompt, steps, keep=True)
+    eager = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False)
+    _, ref_tok, ref_logit = eager.decode(prompt, steps, keep=True)
+    del eager
+    first = (tok != ref_tok).any(dim=0).nonzero()
+    upto = int(first[0]) if len(first) else tok.shape[1]  # logits compared while both saw the same tokens
+    out = {"tokens_equal_fraction": (tok == ref_tok).double().mean().item(), "steps_identical": upto,
+           "max_logit_gap_while_identical": (logit[:upto] - ref_logit[:upto]).abs().max().item() if upto else None,
+           "logit_scale": ref_logit.abs().max().item()}
+    print(f"decode check: {out}", flush=True)
+    return out
+
+
+def profile_decode(model, runner, batch: int, prompt_len: int, steps: int, top: int = 25) -> dict:
+    """One greedy decode of ``steps`` tokens under torch.profiler (the prompt pass is in it too: keep ``steps``
+    large): GPU kernel time per step against wall time per step, and the kernels that take the time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(5))
+    prompt = prompt.to(next(model.parameters()).device)
+    run = (lambda: runner.decode(prompt, steps)[0]) if runner is not None else \
+        (lambda: speed._decode(model, prompt, steps)[0])
+    run()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        wall = run()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key[:120], "us": t, "count": e.count})
+    rows.sort(key=lambda r: -r["us"])
+    kernel_us = sum(r["us"] for r in rows)
+    out = {"steps": steps, "wall_ms_per_step": 1000 * wall / steps, "kernel_ms_per_step": kernel_us / 1000 / steps,
+           "kernels_per_step": sum(r["count"] for r in rows) / steps, "top": rows[:top]}
+    print(f"profile: wall {out['wall_ms_per_step']:.3f} ms/step, kernels {out['kernel_ms_per_step']:.3f} ms/step, "
+          f"{out['kernels_per_step']:.0f} kernels/step", flush=True)
+    for r in rows[:top]:
+        print(f"  {r['us'] / 1000 / steps:8.4f} ms/step  x{r['count'] / steps:6.1f}  {r['name'][:100]}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -92,6 +142,14 @@ def main(argv=None) -> int:
     p.add_argument("--decode-compile-mode", help="torch.compile mode of the decode step (default: reduce-overhead "
                    "on a GPU, default on a CPU)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
+    p.add_argument("--decode-graph", action="store_true", help="with --compile on a GPU: capture the whole decode "
+                   "step (compiled forward, greedy pick, position advance) as one CUDA graph, replayed per token")
+    p.add_argument("--eager-prefill", action="store_true", help="with --compile: keep the prefill eager (a "
+                   "decode-only timing; saves its compile)")
+    p.add_argument("--check-decode", action="store_true", help="after timing, decode once more with the compiled "
+                   "runner (same shapes) and once eagerly with the same static cache: token agreement, max logit gap")
+    p.add_argument("--profile-steps", type=int, default=0, help="after timing, profile one decode of this many "
+                   "steps per model (torch.profiler): GPU kernel time per step and the top kernels")
     p.add_argument("--no-fullgraph", action="store_true", help="allow graph breaks from the start (otherwise "
                    "fullgraph is tried first and graph breaks are allowed only if it fails)")
     p.add_argument("--align", type=int, default=64, help="pad FFN widths to a multiple of this (1: no padding)")
@@ -164,15 +222,26 @@ def main(argv=None) -> int:
     print(f"parameters {counts_dense['total']:,} -> {counts_pruned['total']:,}; prunable kept "
           f"{info['parameters']['prunable_fraction_kept']:.4f}", flush=True)
 
+    runners: dict = {}
     res = speed.compare(dense, pruned, repeats=args.repeats, warmup=args.warmup, prefill_batch=args.prefill_batch,
                         prefill_len=args.prefill_len, decode_batch=args.decode_batch, prompt_len=args.prompt_len,
                         decode_tokens=args.decode_tokens,
                         progress=lambda r, n: print(f"repeat {r}/{n}", flush=True),
                         log=lambda msg: print(msg, flush=True), compile=args.compile,
                         compile_mode=args.compile_mode, decode_compile_mode=args.decode_compile_mode,
-                        compile_backend=args.compile_backend, fullgraph=not args.no_fullgraph)
+                        compile_backend=args.compile_backend, fullgraph=not args.no_fullgraph,
+                        decode_graph=args.decode_graph, compile_prefill=not args.eager_prefill,
+                        runners_out=runners)
     for k in ("dense", "pruned"):
         res[k].pop("runs")  # keep the JSON small; medians are what is reported
+    if args.check_decode and args.compile:
+        models = {"dense": dense, "pruned": pruned}
+        info["decode_check"] = {k: check_decode(models[k], runners[k], args.decode_batch, args.prompt_len,
+                                                args.decode_tokens) for k in models}
+    if args.profile_steps:
+        models = {"dense": dense, "pruned": pruned}
+        info["decode_profile"] = {k: profile_decode(models[k], runners.get(k), args.decode_batch, args.prompt_len,
+                                                    args.profile_steps) for k in models}
     out = {"model": args.model or args.arch, "align": args.align, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
            **info, "speed": res, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

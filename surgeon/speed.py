@@ -20,7 +20,9 @@ tensor pair per layer sized on first use, so the per-layer kv-head counts of a m
 one-token step runs through ``torch.compile(model, mode="reduce-overhead")``, i.e. as a replayed CUDA graph on a
 GPU (on a CPU: "default", no graphs). The prompt pass into the static cache stays eager and untimed, as in the
 eager path. Compilation happens in the warm-up (at least one round), never in the timed repeats; the warm-up's
-seconds are reported as ``first_call_seconds`` and ``compile_seconds`` (warm-up minus median).
+seconds are reported as ``first_call_seconds`` and ``compile_seconds`` (warm-up minus median). ``decode_graph=True``
+(GPU) goes one step further for decode: the compiled step, the greedy pick and the position advance are captured
+as one CUDA graph and replayed per token with no Python in between (see :class:`CompiledRunner`).
 """
 
 from __future__ import annotations
@@ -129,23 +131,36 @@ class CompiledRunner:
     ``fullgraph=True`` is tried first; if a compile fails, the stage is recompiled with graph breaks allowed and
     the reason is kept in ``notes``. ``compile_prefill`` / ``compile_decode`` False run that stage eagerly (the
     static cache stays). ``backend`` other than "inductor" (e.g. "eager" in tests) takes no mode.
+
+    ``decode_graph=True`` (CUDA only) captures the *whole* one-token step — the compiled forward (``decode_mode``
+    then defaults to inductor's "default", without its own CUDA graphs), the greedy pick and the advance of the
+    position — as one CUDA graph that is replayed once per token: no Python, no dynamo guard and no CUDA-graph
+    bookkeeping per step, as in serving engines. The graph is kept while the cache shape is; the compiled forward
+    is warmed up (compiled) on a side stream first.
     """
 
     def __init__(self, model: nn.Module, *, compile_mode: str = "default", decode_mode: str | None = None,
                  backend: str = "inductor", fullgraph: bool = True, compile_prefill: bool = True,
-                 compile_decode: bool = True):
+                 compile_decode: bool = True, decode_graph: bool = False):
         self.model = model
         self.device = next(model.parameters()).device
+        if decode_graph and self.device.type != "cuda":
+            raise ValueError(f"decode_graph captures a CUDA graph: the model is on {self.device}, not a GPU")
+        if decode_graph and decode_mode in _CUDAGRAPH_MODES:
+            raise ValueError(f"decode_graph is the CUDA graph itself: decode_mode {decode_mode!r} would nest "
+                             "inductor's CUDA graphs inside it; use 'default' or 'max-autotune-no-cudagraphs'")
+        self.decode_graph = decode_graph
         self.cache_kw = _cache_kw(model)
         self.backend = backend
-        self.modes = {"prefill": compile_mode,
-                      "decode": decode_mode or ("reduce-overhead" if self.device.type == "cuda" else "default")}
+        default_decode = "reduce-overhead" if self.device.type == "cuda" and not decode_graph else "default"
+        self.modes = {"prefill": compile_mode, "decode": decode_mode or default_decode}
         self.enabled = {"prefill": compile_prefill, "decode": compile_decode}
         self.fullgraph = {"prefill": fullgraph, "decode": fullgraph}
         self.notes: list[str] = []
         self._fns: dict = {}
         self._cache = None
         self._cache_shape: tuple | None = None
+        self._graph: dict | None = None  # decode_graph: the captured step and its static buffers
         if compile_prefill or compile_decode:
             _raise_recompile_limit()
 
@@ -159,7 +174,7 @@ class CompiledRunner:
                 "decode_compile_mode": self.modes["decode"] if self.enabled["decode"] else None,
                 "compile_backend": self.backend, "static_cache": True,
                 "cuda_graphs": {s: self.cuda_graphs(s) for s in ("prefill", "decode")},
-                "fullgraph": dict(self.fullgraph)}
+                "decode_graph": self.decode_graph, "fullgraph": dict(self.fullgraph)}
 
     def _compiled(self, stage: str):
         if stage not in self._fns:
@@ -195,6 +210,7 @@ class CompiledRunner:
             return self._cache
         from transformers import StaticCache
 
+        self._graph = None  # a captured step reads the old cache's addresses
         self._cache = None  # release the old one before allocating
         self._cache = StaticCache(config=self.model.config, max_cache_len=length)
         self._cache_shape = (batch, length)
@@ -216,9 +232,13 @@ class CompiledRunner:
         tokens (batch, steps + 1), last-position logits (steps + 1, batch, vocab) in fp32) - the last two only
         with ``keep``."""
         cache = self.static_cache(prompt.shape[0], prompt.shape[1] + steps)
+        if self.decode_graph and self._graph is None:
+            self._graph = self._capture(prompt)
         kw = {self.cache_kw: cache}
         out = self.model(input_ids=prompt, use_cache=True, **kw)
         nxt = out.logits[:, -1:].argmax(dim=-1)
+        if self.decode_graph:
+            return self._graph_decode(out, nxt, steps, keep)
         toks = [nxt] if keep else None
         logits = [out.logits[:, -1].to(torch.float32, copy=True)] if keep else None
         del out
@@ -232,6 +252,53 @@ class CompiledRunner:
                 logits.append(out.logits[:, -1].to(torch.float32, copy=True))
             del out
         _sync(prompt.device)
+        dt = time.perf_counter() - t0
+        if not keep:
+            return dt, None, None
+        return dt, torch.cat(toks, dim=1), torch.stack(logits)
+
+    def _capture(self, prompt: torch.Tensor) -> dict:
+        """Warm up (compile) the decode step on a side stream after a prompt pass, then capture step = compiled
+        forward + greedy pick into one CUDA graph over a static token buffer. The cache advances its own position
+        (a device tensor in transformers' static cache), so a replay is a whole step. The cache is reset afterwards:
+        the caller's prompt pass starts from a clean state."""
+        cache = self._cache
+        kw = {self.cache_kw: cache}
+        self.model(input_ids=prompt, use_cache=True, **kw)
+        ids = torch.zeros(prompt.shape[0], 1, dtype=torch.long, device=self.device)
+
+        def step():  # through _call: a failed fullgraph compile falls back to graph breaks in the warm-up
+            out = self._call("decode", input_ids=ids, use_cache=True, **kw)
+            logits = out.logits[:, -1]
+            ids.copy_(logits.argmax(dim=-1, keepdim=True))
+            return logits
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        cache.reset()
+        return {"graph": graph, "ids": ids, "logits": logits}
+
+    def _graph_decode(self, out, nxt: torch.Tensor, steps: int, keep: bool):
+        g = self._graph
+        toks = [nxt] if keep else None
+        logits = [out.logits[:, -1].to(torch.float32, copy=True)] if keep else None
+        del out
+        g["ids"].copy_(nxt)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            g["graph"].replay()
+            if keep:
+                toks.append(g["ids"].clone())
+                logits.append(g["logits"].to(torch.float32, copy=True))
+        _sync(self.device)
         dt = time.perf_counter() - t0
         if not keep:
             return dt, None, None
@@ -267,15 +334,21 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
             prefill_len: int = 512, decode_batch: int = 1, prompt_len: int = 32, decode_tokens: int = 32,
             seed: int = 0, progress=None, log=None, compile: bool = False, compile_mode: str = "default",
             decode_compile_mode: str | None = None, compile_backend: str = "inductor",
-            fullgraph: bool = True) -> dict:
+            fullgraph: bool = True, decode_graph: bool = False, compile_prefill: bool = True,
+            runners_out: dict | None = None) -> dict:
     """Time both models (interleaved), return tokens/s, latencies, measured and ideal speed-ups.
 
     ``compile=True``: both models through a :class:`CompiledRunner` (compiled prefill, static KV cache, decode
     step compiled with ``decode_compile_mode``, default "reduce-overhead" = CUDA graphs on a GPU); the warm-up
     (at least one round) compiles, and each model's warm-up seconds and their excess over the median are reported
-    as ``first_call_seconds`` and ``compile_seconds``. ``log``: an optional callable given progress lines."""
+    as ``first_call_seconds`` and ``compile_seconds``. ``log``: an optional callable given progress lines.
+    ``decode_graph``: see :class:`CompiledRunner`; ``compile_prefill=False`` keeps the prefill eager (for timings
+    that are about decoding: skips a compile). ``runners_out``: a dict that receives the two compiled runners
+    (to profile or reuse them without compiling again)."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
+    if decode_graph and not compile:
+        raise ValueError("decode_graph captures the compiled decode step: it needs compile=True")
     kw = dict(prefill_batch=prefill_batch, prefill_len=prefill_len, decode_batch=decode_batch,
               prompt_len=prompt_len, decode_tokens=decode_tokens, seed=seed)
     models = {"dense": dense, "pruned": pruned}
@@ -284,7 +357,9 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
         # compilation must happen before the timed repeats; a CUDA graph is recorded at a step's second call
         warmup = max(warmup, 1 if decode_tokens >= 2 else 2)
         runners = {k: CompiledRunner(m, compile_mode=compile_mode, decode_mode=decode_compile_mode,
-                                     backend=compile_backend, fullgraph=fullgraph) for k, m in models.items()}
+                                     backend=compile_backend, fullgraph=fullgraph, decode_graph=decode_graph,
+                                     compile_prefill=compile_prefill)
+                   for k, m in models.items()}
     first: dict[str, dict] = {}
     for w in range(warmup):
         for name, m in models.items():
@@ -301,6 +376,8 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
             runs[name].append(measure(m, runner=runners[name], **kw))
         if progress is not None:
             progress(r + 1, repeats)
+    if runners_out is not None:
+        runners_out.update(runners)
     out: dict = {"settings": {**kw, "repeats": repeats, "warmup": warmup,
                               "device": str(next(dense.parameters()).device),
                               "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
