@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU session 5, call 1 (nvidia-h200-x2; random weights, no model files): issue 5, batched decoding of the
+# GPU session 5, call 1 (one H200; random weights, no model files): issue 5, batched decoding of the
 # Llama-2-7B architecture at the coupled 70% structure with the whole decode step captured as one CUDA graph
 # (`--decode-graph`), with a profile of where the step's time goes, against the earlier reduce-overhead path.
 # Also stages the first GGUF half and the gguf wheel for call 2. Results are tarred into $OUT/res.tgz.
@@ -19,19 +19,10 @@ step() { name=$1; lim=$2; shift 2; L=$(( $(left) - 5 )); [ $L -lt $lim ] && lim=
   timeout $lim python3 "$@" --json $RES/$name.json > $RES/$name.log 2>&1
   echo "$name rc=$? at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
   tar czf $OUT/res.tgz -C $RES . ; }
-export -f step left; export RES T0 M7 DEC OUT
-(
-  export CUDA_VISIBLE_DEVICES=0
-  step graph_b16 300 $M7 --decode-graph --prefill-batch 8 --prefill-len 2048 --decode-batch 16 --prompt-len 32 \
-    --decode-tokens 64 --check-decode --profile-steps 64
-  step graph_b256 200 $M7 --decode-graph $DEC --decode-batch 256 --prompt-len 32 --decode-tokens 32 --check-decode
-) &
-(
-  export CUDA_VISIBLE_DEVICES=1
-  step graph_b64 200 $M7 --decode-graph $DEC --decode-batch 64 --prompt-len 32 --decode-tokens 64 --check-decode \
-    --profile-steps 64
-  step ro_b16 200 $M7 $DEC --decode-batch 16 --prompt-len 32 --decode-tokens 64 --profile-steps 64
-) &
-wait
+step graph_b16 270 $M7 --decode-graph --prefill-batch 8 --prefill-len 2048 --decode-batch 16 --prompt-len 32 \
+  --decode-tokens 64 --check-decode --profile-steps 64
+step graph_b64 150 $M7 --decode-graph $DEC --decode-batch 64 --prompt-len 32 --decode-tokens 64 --check-decode \
+  --profile-steps 64
+step graph_b256 150 $M7 --decode-graph $DEC --decode-batch 256 --prompt-len 32 --decode-tokens 32 --check-decode
 echo "all done at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
 tar czf $OUT/res.tgz -C $RES .
