@@ -516,6 +516,91 @@ def materialize_cmd(
         write_json(json_out, report)
 
 
+@app.command("report")
+def report_cmd(
+    pruned: Annotated[Optional[Path], typer.Argument(
+        help="Pruned (zeroed) structured/coupled model folder, e.g. a `surgeon prune` output.")] = None,
+    dense: Annotated[Optional[Path], typer.Option(
+        "--dense", help="The dense model folder the pruned one came from (needed to measure).")] = None,
+    kept: Annotated[Optional[Path], typer.Option(
+        "--kept", help="Measure a run's structure without its weights: the kept-units JSON that --save-kept wrote "
+                       "(the dense weights are sliced at those units; sizes and speed depend on shapes only).")] = None,
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu (fp32), cuda (bf16, compiled prefill, decode step as one CUDA graph) or auto.")] = "cpu",
+    save_kept: Annotated[Optional[Path], typer.Option(
+        "--save-kept", help="Write the pruned model's kept units (JSON, a few kB) for --kept on another machine; "
+                            "with no --dense nothing is measured.")] = None,
+    run_id: Annotated[Optional[str], typer.Option(
+        "--run-id", help="Log the report with this MLflow run (a GPU report beside the run's CPU one).")] = None,
+    attach: Annotated[Optional[Path], typer.Option(
+        "--attach", help="Log this report JSON, measured on another machine, with --run-id after checking that it "
+                         "timed the run's structure (same per-layer sizes and parameter counts).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads while timing.", min=1)] = None,
+    json_out: JsonOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Parameters, file sizes and prefill/decode speed of a structured output materialized vs its dense model (the
+    report a structured `surgeon prune` run logs), here or on a GPU; or attach a report measured elsewhere."""
+    json_out = check_output_file(json_out)
+    if attach is not None:
+        if run_id is None or pruned is not None or kept is not None or dense is not None:
+            raise SurgeonError("--attach takes a report JSON and --run-id, nothing to measure")
+        if not attach.is_file():
+            raise SurgeonError(f"report file not found: {attach}")
+        from tasks import tracking
+
+        report = json.loads(attach.read_text())
+        prefix = tracking.attach_structure_report(run_id, report)
+        print(f"attached {attach} to run {run_id} ({prefix}/* metrics, device "
+              f"{report['speed'].get('device_name', 'cpu')})")
+        return
+    if (pruned is None) == (kept is None):
+        raise SurgeonError("give the pruned model folder or --kept FILE (exactly one)")
+    if pruned is not None and not pruned.is_dir():
+        raise SurgeonError(f"pruned model folder not found: {pruned}")
+    if save_kept is not None:
+        if pruned is None:
+            raise SurgeonError("--save-kept reads the kept units of a pruned folder: give it")
+        from transformers import AutoModelForCausalLM
+
+        from surgeon_core.adapters import adapter_for
+        from surgeon_core.materialize import find_kept
+
+        from .materialize import kept_to_json
+        from .utils import atomic_write
+
+        model = AutoModelForCausalLM.from_pretrained(pruned, dtype="float32", local_files_only=True)
+        adapter = adapter_for(model)
+        units = find_kept(model, adapter, adapter.head_layout(model.config))
+        atomic_write(save_kept, json.dumps(kept_to_json(units)))
+        print(f"wrote the kept units of {len(units)} layers to {save_kept}")
+        if dense is None:
+            return
+    if dense is None or not dense.is_dir():
+        raise SurgeonError(f"dense model folder not found: {dense} (--dense)")
+    if kept is not None and not kept.is_file():
+        raise SurgeonError(f"kept-units file not found: {kept}")
+    from .speed import structure_report
+
+    try:
+        report = structure_report(str(pruned) if pruned else None, str(dense),
+                                  kept=json.loads(kept.read_text()) if kept else None, threads=threads,
+                                  device=device)
+    except ValueError as exc:
+        raise SurgeonError(str(exc)) from exc
+    sp, pa = report["speed"], report["parameters"]
+    print(f"parameters {pa['dense_total']:,} -> {pa['materialized_total']:,} (prunable kept "
+          f"{pa['prunable_fraction']:.4f}); {sp['device_name']}: prefill x{sp['prefill_speedup']:.3f}, decode "
+          f"x{sp['decode_speedup']:.3f} (ideal x{sp['ideal_speedup']:.3f})")
+    if run_id is not None:
+        from tasks import tracking
+
+        tracking.log_structure_report(run_id, report)
+        print(f"logged with run {run_id}")
+    if json_out is not None:
+        write_json(json_out, report)
+
+
 @app.command("verify")
 def verify_cmd(
     folder: Annotated[Path, typer.Argument(help="A `surgeon prune` output folder.")],

@@ -416,8 +416,9 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
     return out
 
 
-def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = None, prefill_len: int = 256,
-                     decode_tokens: int = 16, repeats: int = 3, align: int = 64, device: str = "cpu") -> dict:
+def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | None = None,
+                     threads: int | None = None, prefill_len: int = 256, decode_tokens: int = 16, repeats: int = 3,
+                     align: int = 64, device: str = "cpu") -> dict:
     """The honest report of a structured output: parameters, file sizes and speed of the materialized model.
 
     The zeroed model in ``pruned_dir`` is materialized in memory (all-zero FFN units and heads dropped, widths
@@ -425,6 +426,12 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
     ``dense_dir`` are then timed (:func:`compare`, batch 1) on ``device``: "cpu" (fp32), "cuda" (bf16, compiled
     prefill and CUDA-graph decode, the launch overhead of eager decoding would hide the smaller matmuls) or
     "auto" (CUDA when there is a GPU).
+
+    ``kept`` (a kept-units JSON as :func:`surgeon.materialize.kept_to_json` writes it, e.g. from ``surgeon report
+    --save-kept`` on the machine that holds the pruned model) replaces ``pruned_dir``: the materialized model then
+    has exactly the pruned model's shapes, with the dense weights at the kept units. Sizes and speed depend on
+    shapes only, so this measures a run's structure on a machine that does not hold its weights; the report says
+    which weights it timed (``source``), and its ``layers`` are what :func:`surgeon.tracking`'s attach checks.
     """
     import tempfile
     from pathlib import Path
@@ -434,7 +441,7 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
     from surgeon_core.adapters import adapter_for
     from surgeon_core.materialize import count_parameters
 
-    from .materialize import materialize_model, safetensors_bytes, save_materialized
+    from .materialize import kept_from_json, materialize_model, safetensors_bytes, save_materialized
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -442,26 +449,37 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
         raise ValueError(f"structure report device must be cpu, cuda or auto, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("structure report device 'cuda' asked for, but torch sees no GPU")
+    if (pruned_dir is None) == (kept is None):
+        raise ValueError("structure report: give the pruned folder or the kept units, exactly one of them")
     on_gpu = device == "cuda"
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+
     try:
-        dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, local_files_only=True).eval()
-        pruned = AutoModelForCausalLM.from_pretrained(pruned_dir, dtype=torch.float32, local_files_only=True).eval()
+        dense = load(dense_dir)
         adapter = adapter_for(dense)
         before = count_parameters(dense, adapter)
-        pruned, mat = materialize_model(pruned, align=align)
+        if kept is None:
+            pruned, mat = materialize_model(load(pruned_dir), align=align)
+            source = {"pruned": str(pruned_dir), "weights": "the pruned model's own"}
+        else:
+            pruned, mat = materialize_model(load(dense_dir), kept_from_json(kept), align=align)
+            source = {"kept_units": True, "weights": "dense weights at the kept units (the pruned model's shapes)"}
         after = count_parameters(pruned.eval(), adapter)
         with tempfile.TemporaryDirectory() as tmp:
             save_materialized(pruned, Path(tmp) / "m")
-            files = {"dense": safetensors_bytes(dense_dir), "zeroed": safetensors_bytes(pruned_dir),
-                     "materialized": safetensors_bytes(Path(tmp) / "m")}
+            files = {"dense": safetensors_bytes(dense_dir), "materialized": safetensors_bytes(Path(tmp) / "m")}
+            if pruned_dir is not None:
+                files["zeroed"] = safetensors_bytes(pruned_dir)
         seqlen = min(prefill_len, getattr(dense.config, "max_position_embeddings", prefill_len))
         if on_gpu:  # after the file sizes: bf16 copies on the GPU
             dense, pruned = (m.to(device="cuda", dtype=torch.bfloat16) for m in (dense, pruned))
         res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
-                      prompt_len=min(32, seqlen), compile=on_gpu)
+                      prompt_len=min(32, seqlen), compile=on_gpu, decode_graph=on_gpu)
         res["device_name"] = torch.cuda.get_device_name() if on_gpu else "cpu"
         for k in ("dense", "pruned"):
             res[k].pop("runs", None)
@@ -471,5 +489,5 @@ def structure_report(pruned_dir: str, dense_dir: str, *, threads: int | None = N
         "parameters": {"dense_total": before["total"], "materialized_total": after["total"],
                        "dense_prunable": before["prunable"], "materialized_prunable": after["prunable"],
                        "prunable_fraction": after["prunable"] / before["prunable"]},
-        "file_bytes": files, "align": align, "layers": mat["layers"], "speed": res,
+        "file_bytes": files, "align": align, "layers": mat["layers"], "source": source, "speed": res,
     }

@@ -221,26 +221,68 @@ def log_outcome(run_id: str, *, recipe_yaml: str, shot_reports: list[dict], ppl_
     client.log_batch(run_id, metrics=_metrics({f"final/{k}": v for k, v in final.items()}, step=0))
 
 
+def _report_names(report: dict) -> tuple[str, str]:
+    """(metric prefix, artifact file) of a structure report: the CPU one keeps the plain names, a GPU one gets its
+    own, so one run can hold both."""
+    if report["speed"].get("device_name", "cpu") == "cpu":
+        return "structure", "structure_report.json"
+    return "structure_gpu", "structure_report_gpu.json"
+
+
 def log_structure_report(run_id: str, report: dict) -> None:
-    """Metrics + ``structure_report.json`` of a structured output (see surgeon.speed.structure_report)."""
+    """Metrics + ``structure_report.json`` (``structure_report_gpu.json`` for a GPU timing) of a structured output
+    (see surgeon.speed.structure_report)."""
     client = _client()
+    prefix, artifact = _report_names(report)
     sp, pa, fb = report["speed"], report["parameters"], report["file_bytes"]
-    values = {"structure/params_dense": pa["dense_total"], "structure/params_materialized": pa["materialized_total"],
-              "structure/prunable_fraction": pa["prunable_fraction"],
-              "structure/file_mb_dense": fb["dense"] / 2**20, "structure/file_mb_materialized": fb["materialized"] / 2**20,
-              "structure/ideal_speedup": sp["ideal_speedup"]}
+    values = {"params_dense": pa["dense_total"], "params_materialized": pa["materialized_total"],
+              "prunable_fraction": pa["prunable_fraction"],
+              "file_mb_dense": fb["dense"] / 2**20, "file_mb_materialized": fb["materialized"] / 2**20,
+              "ideal_speedup": sp["ideal_speedup"]}
     for work in ("prefill", "decode"):
-        values[f"structure/{work}_speedup"] = sp[f"{work}_speedup"]
+        values[f"{work}_speedup"] = sp[f"{work}_speedup"]
         for who in ("dense", "pruned"):
-            values[f"structure/{work}_tokens_per_s_{who}"] = sp[who][f"{work}_tokens_per_s"]
-        values[f"structure/{work}_ms_per_token_pruned"] = sp["pruned"][f"{work}_ms_per_token"]
-        values[f"structure/{work}_ms_per_token_dense"] = sp["dense"][f"{work}_ms_per_token"]
-    client.log_batch(run_id, metrics=_metrics(values, step=0))
-    client.set_tag(run_id, "structure/device", sp.get("device_name", "cpu"))
+            values[f"{work}_tokens_per_s_{who}"] = sp[who][f"{work}_tokens_per_s"]
+        values[f"{work}_ms_per_token_pruned"] = sp["pruned"][f"{work}_ms_per_token"]
+        values[f"{work}_ms_per_token_dense"] = sp["dense"][f"{work}_ms_per_token"]
+    client.log_batch(run_id, metrics=_metrics({f"{prefix}/{k}": v for k, v in values.items()}, step=0))
+    client.set_tag(run_id, f"{prefix}/device", sp.get("device_name", "cpu"))
     with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
-        path = Path(tmp) / "structure_report.json"
+        path = Path(tmp) / artifact
         path.write_text(json.dumps(report, indent=1, default=str))
         client.log_artifact(run_id, str(path))
+
+
+def run_structure_report(run_id: str) -> dict | None:
+    """The CPU structure report logged with a run (``structure_report.json``), or None when it has none."""
+    client = _client()
+    client.get_run(run_id)  # a clear error for an unknown run id
+    with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, "structure_report.json", tmp)
+        except Exception:  # noqa: BLE001 - mlflow raises several kinds for a missing artifact
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def attach_structure_report(run_id: str, report: dict) -> str:
+    """Log a structure report measured elsewhere (e.g. ``surgeon report --kept`` on a GPU machine) with a run,
+    after checking that it timed the run's structure: the per-layer sizes and the parameter counts must equal those
+    of the run's own (CPU) report. Returns the metric prefix used."""
+    from surgeon.errors import SurgeonError
+
+    own = run_structure_report(run_id)
+    if own is None:
+        raise SurgeonError(f"run {run_id} has no structure_report.json to check the report against (a structured "
+                           "or coupled run logs one)")
+    mismatches = [k for k in ("dense_total", "materialized_total", "dense_prunable", "materialized_prunable")
+                  if own["parameters"][k] != report["parameters"][k]]
+    if own["layers"] != report["layers"] or mismatches:
+        diff = [i for i, (a, b) in enumerate(zip(own["layers"], report["layers"])) if a != b]
+        raise SurgeonError(f"the report timed a different structure than run {run_id}: parameter counts differ in "
+                           f"{mismatches or 'none'}, layers differ at {diff[:10] or 'their number'}")
+    log_structure_report(run_id, report)
+    return _report_names(report)[0]
 
 
 def _metric_name(name: str) -> str:
