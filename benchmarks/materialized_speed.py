@@ -62,8 +62,9 @@ def weights_bytes(model: torch.nn.Module) -> int:
 
 def check_decode(model, runner, batch: int, prompt_len: int, steps: int) -> dict:
     """The compiled runner's greedy decode against eager steps over the same static cache (same prompt): the
-    fraction of equal tokens and the largest logit gap (compiled kernels round differently, so bf16 near-ties
-    may flip a token, after which the sequences part)."""
+    fraction of equal tokens, the mean length of each sequence's identical prefix and the largest logit gap where
+    both decodes had the same inputs (compiled kernels round differently, so bf16 near-ties may flip a token, after
+    which that sequence's continuations part)."""
     vocab = model.get_input_embeddings().num_embeddings
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(7))
     prompt = prompt.to(next(model.parameters()).device)
@@ -71,10 +72,15 @@ def check_decode(model, runner, batch: int, prompt_len: int, steps: int) -> dict
     eager = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False)
     _, ref_tok, ref_logit = eager.decode(prompt, steps, keep=True)
     del eager
-    first = (tok != ref_tok).any(dim=0).nonzero()
-    upto = int(first[0]) if len(first) else tok.shape[1]  # logits compared while both saw the same tokens
-    out = {"tokens_equal_fraction": (tok == ref_tok).double().mean().item(), "steps_identical": upto,
-           "max_logit_gap_while_identical": (logit[:upto] - ref_logit[:upto]).abs().max().item() if upto else None,
+    # per sequence: positions up to and including its first differing token had identical inputs in both decodes
+    differ = tok != ref_tok  # (batch, steps + 1)
+    first = torch.where(differ.any(dim=1), differ.float().argmax(dim=1), torch.full_like(differ[:, 0], tok.shape[1],
+                                                                                         dtype=torch.long))
+    same_input = torch.arange(tok.shape[1], device=tok.device)[None, :] <= first[:, None]  # (batch, steps + 1)
+    gap = (logit - ref_logit).abs().amax(dim=-1).transpose(0, 1)  # (batch, steps + 1)
+    out = {"tokens_equal_fraction": (tok == ref_tok).double().mean().item(),
+           "mean_identical_prefix": first.double().mean().item(),
+           "max_logit_gap_same_inputs": gap[same_input].max().item(),
            "logit_scale": ref_logit.abs().max().item()}
     print(f"decode check: {out}", flush=True)
     return out

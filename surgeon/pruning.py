@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgeon_core.shot import (NonFiniteCurvatureError, PruneOptions, ShotReport, Structure, linear_schedule,
-                                model_size, prune, prune_shot)
+from surgeon_core.shot import (NonFiniteCurvatureError, PruneOptions, RoundedCurvatureError, ShotReport, Structure,
+                                linear_schedule, model_size, prune, prune_shot)
 
 from .config import PruneConfig
 from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
@@ -238,7 +238,8 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
 def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, target_size: float, shot: int,
                        num_shots: int, progress=None, log: logging.Logger | None = None) -> ShotReport:
     """One shot; if calibration overflows under fp16/bf16 compute (NaN/Inf curvature factors, detected before any
-    weight changes) it is logged and the shot reruns in fp32. Damping escalations (factors that were not positive
+    weight changes) it is logged and the shot reruns in fp32; if bf16 factor matmuls on a CPU left factors that are
+    not positive definite (:class:`RoundedCurvatureError`), it reruns with fp32 factor matmuls. Damping escalations (factors that were not positive
     definite) are logged too; ``report.extra`` records both."""
     log = log or _log
     try:
@@ -247,8 +248,10 @@ def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, targ
     except NonFiniteCurvatureError as exc:
         if opts.autocast_dtype is None and opts.gram_dtype is None:
             raise
-        log.warning("shot %d: %s; rerunning the shot in fp32", shot, exc)
-        fp32 = dataclasses.replace(opts, autocast_dtype=None, gram_dtype=None)
+        rounded = isinstance(exc, RoundedCurvatureError)  # only the factor matmuls need fp32 then
+        log.warning("shot %d: %s; rerunning the shot in fp32%s", shot, exc, " factor matmuls" if rounded else "")
+        fp32 = dataclasses.replace(opts, gram_dtype=None) if rounded else \
+            dataclasses.replace(opts, autocast_dtype=None, gram_dtype=None)
         rep = prune_shot(model, windows, options=fp32, target_size=target_size, shot=shot, num_shots=num_shots,
                          progress=progress)
         rep.extra["fp32_retry"] = str(exc)

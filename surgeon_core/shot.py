@@ -17,12 +17,13 @@ from . import distributed
 from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
-from .curvature import KFACFactors, estimate_kfac
+from .curvature import KFACFactors, damp, estimate_kfac
 from .update import newton_step, obs_update_columns, obs_update_elements_batched, obs_update_rows
 
 __all__ = [
     "Structure",
     "NonFiniteCurvatureError",
+    "RoundedCurvatureError",
     "check_factors",
     "MethodSpec",
     "METHODS",
@@ -169,19 +170,43 @@ class NonFiniteCurvatureError(FloatingPointError):
     Raised before any weight is changed, so the caller may rerun the shot in fp32 on the same model."""
 
 
-def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None) -> None:
-    """Raise :class:`NonFiniteCurvatureError` if any K-FAC factor holds NaN/Inf."""
+class RoundedCurvatureError(NonFiniteCurvatureError):
+    """Reduced-precision factor matmuls whose per-batch results were rounded (bf16 Gram on a CPU) left curvature
+    factors that are not positive definite even with the configured damping. Raised before any weight is changed:
+    rerun the shot with fp32 factor matmuls."""
+
+
+def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None, *,
+                  rounded_damping: tuple[float, float] | None = None) -> None:
+    """Raise :class:`NonFiniteCurvatureError` if any K-FAC factor holds NaN/Inf.
+
+    ``rounded_damping`` = (damping_a, damping_g), given when the factor matmuls rounded each batch's result to bf16
+    (no fp32-output bf16 matmul on that device): then every damped factor must also be positive definite (a float64
+    Cholesky), else :class:`RoundedCurvatureError` - rounded entries break the Gram matrices' positive
+    semi-definiteness, which ruined a coupled A1 run on the CPU (BENCHMARKS.md) while escalating damping hid it."""
     tensors = [*factors.A.items(), *factors.G.items()]
     if not tensors:
         return
     finite = torch.stack([torch.isfinite(M).all().to("cpu") for _, M in tensors])
-    if bool(finite.all()):
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
+        dtype = str(compute_dtype).replace("torch.", "") if compute_dtype is not None else "float32"
+        raise NonFiniteCurvatureError(
+            f"calibration overflow: curvature factors of {len(bad)} layer(s) hold NaN/Inf under {dtype} compute "
+            f"(first: {bad[0]})")
+    if rounded_damping is None:
         return
-    bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
-    dtype = str(compute_dtype).replace("torch.", "") if compute_dtype is not None else "float32"
-    raise NonFiniteCurvatureError(
-        f"calibration overflow: curvature factors of {len(bad)} layer(s) hold NaN/Inf under {dtype} compute "
-        f"(first: {bad[0]})")
+    bad = []
+    for kind, group, frac in (("A", factors.A, rounded_damping[0]), ("G", factors.G, rounded_damping[1])):
+        for name, M in group.items():
+            if M.dim() != 2:  # diagonal-only factors hold no off-diagonal rounding
+                continue
+            if int(torch.linalg.cholesky_ex(damp(M.double(), frac))[1]) != 0:
+                bad.append(f"{kind}[{name}]")
+    if bad:
+        raise RoundedCurvatureError(
+            f"bf16 factor matmuls on {next(iter(factors.A.values()), tensors[0][1]).device.type} rounded each "
+            f"batch's Gram matrix to bf16: {len(bad)} damped factor(s) are not positive definite (first: {bad[0]})")
 
 
 @dataclass
@@ -582,7 +607,9 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
         seconds["curvature"] = factors.seconds["curvature"]
         if "allreduce" in factors.seconds:
             seconds["allreduce"] = factors.seconds["allreduce"]
-        check_factors(factors, opts.autocast_dtype)
+        rounded = opts.gram_dtype not in (None, torch.float32) and device.type != "cuda"
+        check_factors(factors, opts.autocast_dtype,
+                      rounded_damping=(opts.damping_a, opts.damping_g) if rounded else None)
 
     if opts.structure_spec.kind == "coupled":
         if dp is not None and not dp.is_main:

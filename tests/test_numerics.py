@@ -99,3 +99,37 @@ def test_overflow_in_fp32_too_is_a_clear_error_and_no_nan_weights():
     with pytest.raises(FloatingPointError, match="calibration overflow.*float32"):
         shot_with_fallback(model, tiny_windows(4, 32), bf16, target_size=0.8, shot=1, num_shots=1)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _rank_deficient_setup():
+    """16 calibration tokens for 64-wide inputs: the input factors have rank <= 16, so with a tiny damping only exact
+    (fp32) Gram matrices stay positive definite, not ones whose entries were rounded to bf16."""
+    opts = dict(method="llm-surgeon", structure="unstructured", damping_a=1e-5, damping_g=1e-5)
+    return tiny_windows(2, 8), opts
+
+
+def test_rounded_bf16_factors_are_caught_before_any_weight_changes():
+    from surgeon_core.shot import RoundedCurvatureError
+
+    windows, opts = _rank_deficient_setup()
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RoundedCurvatureError, match="not positive definite"):
+        prune_shot(model, windows, options=PruneOptions(**opts, gram_dtype=torch.bfloat16), target_size=0.8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    prune_shot(model, windows, options=PruneOptions(**opts), target_size=0.8)  # exact Gram matrices: no error
+
+
+def test_rounded_bf16_factors_rerun_with_fp32_factor_matmuls(caplog):
+    from surgeon.pruning import shot_with_fallback
+
+    windows, opts = _rank_deficient_setup()
+    model = tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="surgeon.pruning"):
+        report = shot_with_fallback(model, windows, PruneOptions(**opts, gram_dtype=torch.bfloat16), target_size=0.8,
+                                    shot=1, num_shots=1)
+    assert "rerunning the shot in fp32 factor matmuls" in caplog.text
+    assert "bf16 factor matmuls" in report.extra["fp32_retry"]
+    reference = tiny_model("llama")
+    prune_shot(reference, windows, options=PruneOptions(**opts), target_size=0.8)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

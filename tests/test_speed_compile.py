@@ -107,6 +107,27 @@ def test_cuda_graph_decode_matches_eager(models):
         assert not runner.notes
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_whole_step_cuda_graph_decode_matches_eager(models):
+    """On a GPU: the whole step (compiled forward + greedy pick) captured as one CUDA graph gives the eager tokens,
+    also on calls after the capture (the cache is reset and reused) and for a second prompt."""
+    for name in ("dense", "pruned"):
+        model = copy.deepcopy(models[name]).cuda()
+        runner = speed.CompiledRunner(model, decode_graph=True)
+        assert not runner.cuda_graphs("decode")  # inductor's own graphs stay off inside ours
+        for seed in (1, 1, 2):
+            prompt = _prompt(seed=seed).cuda()
+            ref_tokens, ref_logits = speed.greedy_decode(model, prompt, 6)
+            _, tokens, logits = runner.decode(prompt, 6, keep=True)
+            assert torch.equal(tokens, ref_tokens)
+            assert (logits - ref_logits).abs().max() <= 1e-3
+        assert not runner.notes
+        res = speed.compare(models["dense"].cuda(), model, compile=True, decode_graph=True, repeats=1,
+                            prefill_len=16, prompt_len=8, decode_tokens=4)
+        assert res["settings"]["decode_graph"] is True and res["decode_speedup"] > 0
+
+
 def test_structure_report_device_is_checked_before_any_work():
     from surgeon.speed import structure_report
 
