@@ -99,9 +99,21 @@ def multi_row_costs(W: torch.Tensor, A: torch.Tensor | None, G_inv: torch.Tensor
     M = WR @ A.double() @ WR.transpose(1, 2) if A is not None else WR @ WR.transpose(1, 2)  # (U, k, k)
     if G_inv is None:
         return 0.5 * torch.diagonal(M, dim1=1, dim2=2).sum(dim=1)
-    B = G_inv.double()[groups[:, :, None], groups[:, None, :]]  # (U, k, k)
-    X = torch.linalg.solve(B, M)  # B⁻¹ M; tr(M B⁻¹) = tr(B⁻¹ M)
-    return 0.5 * torch.diagonal(X, dim1=1, dim2=2).sum(dim=1)
+    B = G_inv.double()[groups[:, :, None], groups[:, None, :]]  # (U, k, k), principal blocks of a PD inverse
+    return 0.5 * torch.diagonal(_spd_solve(B, M), dim1=1, dim2=2).sum(dim=1)  # tr(M B⁻¹) = tr(B⁻¹ M)
+
+
+def _spd_solve(B: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """B⁻¹ M for a batch of symmetric positive definite B, through a batched Cholesky.
+
+    Not ``torch.linalg.solve``: its batched LU on the CPU with more than one thread (torch 2.13, MKL) returns
+    garbage for blocks of 192 (costs of ±1e100, "DLASWP parameter 6" errors) - a coupled SmolLM2 run with 2 threads
+    reached ppl 1.4e6. A block whose Cholesky fails (not positive definite by rounding) is solved on its own."""
+    L, info = torch.linalg.cholesky_ex(B)
+    X = torch.cholesky_solve(M, L)
+    for u in torch.nonzero(info).flatten().tolist():
+        X[u] = torch.linalg.solve(B[u], M[u])
+    return X
 
 
 def unit_costs(fam: UnitFamily, W: dict[str, torch.Tensor], A: dict, G: dict, A_inv: dict, G_inv: dict,

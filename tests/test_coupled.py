@@ -135,3 +135,28 @@ def test_offloading_inverses_between_phases_changes_nothing(monkeypatch):
     a = _coupled_weights(device, False, monkeypatch)
     b = _coupled_weights(device, True, monkeypatch)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_joint_costs_of_large_blocks_with_threads_match_one_at_a_time():
+    """Blocks of 192 rows (a SmolLM2 kv group's query rows) batched, with 2 threads: the same costs as each block
+    alone. torch.linalg.solve's batched CPU LU (torch 2.13, MKL, >1 thread) returned ±1e100 here."""
+    g = torch.Generator().manual_seed(0)
+    R, Cp, k, U = 576, 96, 192, 3
+    X = torch.randn(R, R + 8, generator=g, dtype=torch.float64)
+    G_inv = (X @ X.T / R + 0.1 * torch.eye(R, dtype=torch.float64)).float()
+    Y = torch.randn(Cp, Cp + 8, generator=g, dtype=torch.float64)
+    A = (Y @ Y.T / Cp).float()
+    W = torch.randn(R, Cp, generator=g)
+    groups = torch.arange(U * k).view(U, k)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batched = multi_row_costs(W, A, G_inv, groups)
+    finally:
+        torch.set_num_threads(old)
+    for u in range(U):
+        rows = groups[u]
+        B = G_inv.double()[rows][:, rows]
+        M = W[rows].double() @ A.double() @ W[rows].double().T
+        alone = 0.5 * torch.trace(torch.linalg.inv(B) @ M)
+        assert batched[u].item() == pytest.approx(alone.item(), rel=1e-9)
