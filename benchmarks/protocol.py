@@ -88,6 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--save-at", default="", help="comma-separated target sizes at which to save the model")
     p.add_argument("--save-dir", help="folder for --save-at models (one Hugging Face folder per size: size-0.9, ...)")
+    p.add_argument("--checkpoint", metavar="DIR", help="after every shot keep the weights and the results so far in "
+                   "DIR; a rerun with the same arguments resumes after the last finished shot (runs longer than one "
+                   "GPU call: 40-shot unstructured / 2:4)")
     p.add_argument("--json")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -153,7 +156,37 @@ def main(argv=None) -> int:
                                  cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", ""),
         "shots_report": [],
     }
-    if not args.no_dense_eval:
+    start_shot = 0
+    ckpt = Path(args.checkpoint) if args.checkpoint else None
+    # what must match for a resume: everything that shapes the run (not the output paths)
+    signature = {k: v for k, v in vars(args).items() if k not in ("json", "checkpoint", "save_dir", "tag", "threads",
+                                                                   "max_shots", "eval_batch_size")}
+    if ckpt is not None and (ckpt / "state.json").is_file():
+        from safetensors.torch import load_model
+
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["signature"] != signature:
+            raise SystemExit(f"--checkpoint {ckpt} holds another run: "
+                             f"{sorted(k for k in signature if state['signature'].get(k) != signature[k])} differ")
+        load_model(model, str(ckpt / "model.safetensors"), device=str(device))
+        start_shot = state["shot"]
+        result = {**state["result"], "resumed": state["result"].get("resumed", []) + [
+            {"after_shot": start_shot, "load_seconds": load_s}]}
+        print(f"resumed from {ckpt} after shot {start_shot}", flush=True)
+
+    def checkpoint(shot, elapsed):
+        from safetensors.torch import save_model
+
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt / "model.safetensors.tmp"
+        save_model(model, str(tmp))  # tied embeddings / head stored once
+        tmp.replace(ckpt / "model.safetensors")  # weights first, then the state that names them
+        tmp = ckpt / "state.json.tmp"
+        tmp.write_text(json.dumps({"shot": shot, "signature": signature, "result": {**result,
+                                                                                    "elapsed_seconds": elapsed}}))
+        tmp.replace(ckpt / "state.json")
+
+    if not args.no_dense_eval and start_shot == 0:
         d = ev()
         result["dense_ppl"] = d["ppl"]
         result["eval_seconds"] = d["seconds"]
@@ -185,15 +218,19 @@ def main(argv=None) -> int:
               f"{secs} ppl {row.get('ppl', float('nan')):.3f}", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
+        if ckpt is not None:
+            checkpoint(rep.shot, prior + time.perf_counter() - t0)
         if args.max_shots and rep.shot >= args.max_shots:
             raise _Stop
 
+    prior = result.pop("elapsed_seconds", 0.0)  # pruning seconds of the earlier calls of a resumed run
     t0 = time.perf_counter()
     try:
-        prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot)
+        prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot,
+              start_shot=start_shot)
     except _Stop:
         result["stopped_after_shots"] = args.max_shots
-    result["total_seconds"] = time.perf_counter() - t0
+    result["total_seconds"] = prior + time.perf_counter() - t0
     prune_s = [sum(v for k, v in r["seconds"].items()) for r in result["shots_report"]]
     result["seconds_per_shot"] = sum(prune_s) / max(1, len(prune_s))
     result.update(peak_memory(device))
