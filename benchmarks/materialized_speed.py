@@ -150,6 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
     p.add_argument("--decode-graph", action="store_true", help="with --compile on a GPU: capture the whole decode "
                    "step (compiled forward, greedy pick, position advance) as one CUDA graph, replayed per token")
+    p.add_argument("--sdpa", default="default", choices=["default", "efficient", "math"],
+                   help="attention kernels on CUDA for both models: default (PyTorch's choice: cuDNN on an H200), "
+                        "efficient (memory-efficient attention; cuDNN and flash off) or math")
     p.add_argument("--eager-prefill", action="store_true", help="with --compile: keep the prefill eager (a "
                    "decode-only timing; saves its compile)")
     p.add_argument("--check-decode", action="store_true", help="after timing, decode once more with the compiled "
@@ -168,6 +171,12 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.sdpa != "default" and device.type == "cuda":  # process-wide, before anything is compiled
+        cuda_backends = torch.backends.cuda
+        cuda_backends.enable_cudnn_sdp(False)
+        cuda_backends.enable_flash_sdp(False)
+        cuda_backends.enable_mem_efficient_sdp(args.sdpa == "efficient")
+        cuda_backends.enable_math_sdp(True)
 
     def make_dense():
         if args.model:
@@ -248,7 +257,7 @@ def main(argv=None) -> int:
         models = {"dense": dense, "pruned": pruned}
         info["decode_profile"] = {k: profile_decode(models[k], runners.get(k), args.decode_batch, args.prompt_len,
                                                     args.profile_steps) for k in models}
-    out = {"model": args.model or args.arch, "align": args.align, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
+    out = {"model": args.model or args.arch, "align": args.align, "sdpa": args.sdpa, "source": args.pruned or args.kept or f"coupled {args.prune_coupled}",
            **info, "speed": res, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
            "loadavg": os.getloadavg(), "torch": torch.__version__,
