@@ -2,7 +2,9 @@
 
 Commands: ``fetch-model`` (download + convert a known model), ``eval`` (paper-protocol perplexity and/or zero-shot
 accuracy with lm-eval), ``make-task`` (an offline lm-eval task from a text file), ``prune``, ``sweep`` and
-``promote`` (the Prefect flows in ``flows/``, tracked in MLflow).
+``promote`` (the Prefect flows in ``flows/``, tracked in MLflow), ``materialize`` (the really smaller model),
+``report`` (its size and speed, here or on a GPU; attach a GPU report to a run) and ``verify`` (an output's
+manifest).
 
 Errors a user can cause print one line ``error: ...`` on stderr and exit with status 2 (no traceback unless
 ``--debug``); files (``--json``) are written atomically at the very end, so a failed command writes nothing.
