@@ -37,14 +37,17 @@ def _exact_lowest(costs: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     def high(key):  # 0..65535, in key order
         return (key >> 16) + (bins // 2)
 
-    hist = sum(torch.bincount(high(_order_keys(c)), minlength=bins).cpu() for c in costs)
-    cum = hist.cumsum(0)
+    def histogram(per_tensor) -> torch.Tensor:  # summed where the first tensor lies; one transfer at the end
+        total = None
+        for c in costs:
+            h = per_tensor(_order_keys(c))
+            total = h if total is None else total.add_(h.to(total.device))
+        return total.cpu()
+
+    cum = histogram(lambda key: torch.bincount(high(key), minlength=bins)).cumsum(0)
     hi = int(torch.searchsorted(cum, k))  # first bin whose cumulative count reaches k
     below = int(cum[hi - 1]) if hi > 0 else 0
-    hist = 0
-    for c in costs:
-        key = _order_keys(c)
-        hist = hist + torch.bincount(key[high(key) == hi] & 0xFFFF, minlength=bins).cpu()
+    hist = histogram(lambda key: torch.bincount(key[high(key) == hi] & 0xFFFF, minlength=bins))
     lo = int(torch.searchsorted(hist.cumsum(0), k - below))
     tau = ((hi - bins // 2) << 16) | lo  # the key of the k-th smallest cost
     out, need = [], k

@@ -738,12 +738,12 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
 
 
 def _finite_sum(costs: list[torch.Tensor], selections: list[torch.Tensor]) -> float:
-    """Sum of the selected costs, leaving out the −inf of entries removed in earlier shots."""
-    total = 0.0
+    """Sum of the selected costs, leaving out the −inf of entries removed in earlier shots (one sync per device)."""
+    sums: dict = {}
     for c, s in zip(costs, selections):
-        chosen = c[s.to(c.device)]
-        total += float(chosen[torch.isfinite(chosen)].sum())
-    return total
+        part = torch.where(s.to(c.device) & torch.isfinite(c), c, 0).sum(dtype=torch.float64)
+        sums[c.device] = sums[c.device] + part if c.device in sums else part
+    return float(sum(float(v) for v in sums.values()))
 
 
 def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_size, shot, num_shots,

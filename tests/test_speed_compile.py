@@ -123,7 +123,7 @@ def test_whole_step_cuda_graph_decode_matches_eager(models):
             assert torch.equal(tokens, ref_tokens)
             assert (logits - ref_logits).abs().max() <= 1e-3
         assert not runner.notes
-        res = speed.compare(models["dense"].cuda(), model, compile=True, decode_graph=True, repeats=1,
+        res = speed.compare(copy.deepcopy(models["dense"]).cuda(), model, compile=True, decode_graph=True, repeats=1,
                             prefill_len=16, prompt_len=8, decode_tokens=4)
         assert res["settings"]["decode_graph"] is True and res["decode_speedup"] > 0
 
