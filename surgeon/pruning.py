@@ -239,8 +239,8 @@ def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, targ
                        num_shots: int, progress=None, log: logging.Logger | None = None) -> ShotReport:
     """One shot; if calibration overflows under fp16/bf16 compute (NaN/Inf curvature factors, detected before any
     weight changes) it is logged and the shot reruns in fp32; if bf16 factor matmuls on a CPU left factors that are
-    not positive definite (:class:`RoundedCurvatureError`), it reruns with fp32 factor matmuls. Damping escalations (factors that were not positive
-    definite) are logged too; ``report.extra`` records both."""
+    not positive definite (:class:`RoundedCurvatureError`), it reruns with fp32 factor matmuls. Damping escalations
+    (factors that were not positive definite) are logged too; ``report.extra`` records both."""
     log = log or _log
     try:
         rep = prune_shot(model, windows, options=opts, target_size=target_size, shot=shot, num_shots=num_shots,

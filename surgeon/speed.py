@@ -237,20 +237,28 @@ class CompiledRunner:
         kw = {self.cache_kw: cache}
         out = self.model(input_ids=prompt, use_cache=True, **kw)
         nxt = out.logits[:, -1:].argmax(dim=-1)
-        if self.decode_graph:
-            return self._graph_decode(out, nxt, steps, keep)
         toks = [nxt] if keep else None
         logits = [out.logits[:, -1].to(torch.float32, copy=True)] if keep else None
         del out
+        g = self._graph
+        if g is not None:
+            g["ids"].copy_(nxt)
+
+        def step(nxt):  # -> (next tokens, last-position logits)
+            if g is not None:  # one replay = forward, greedy pick and position advance
+                g["graph"].replay()
+                return g["ids"], g["logits"]
+            out = self._call("decode", input_ids=nxt, use_cache=True, **kw)
+            return out.logits[:, -1:].argmax(dim=-1), out.logits[:, -1]
+
         _sync(prompt.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            out = self._call("decode", input_ids=nxt, use_cache=True, **kw)
-            nxt = out.logits[:, -1:].argmax(dim=-1)
-            if keep:
-                toks.append(nxt)
-                logits.append(out.logits[:, -1].to(torch.float32, copy=True))
-            del out
+            nxt, last = step(nxt)
+            if keep:  # copies: a graph's buffers are overwritten by the next replay
+                toks.append(nxt.clone())
+                logits.append(last.to(torch.float32, copy=True))
+            del last  # no reference into a step's (CUDA-graph) outputs survives into the next step
         _sync(prompt.device)
         dt = time.perf_counter() - t0
         if not keep:
@@ -284,25 +292,6 @@ class CompiledRunner:
             logits = step()
         cache.reset()
         return {"graph": graph, "ids": ids, "logits": logits}
-
-    def _graph_decode(self, out, nxt: torch.Tensor, steps: int, keep: bool):
-        g = self._graph
-        toks = [nxt] if keep else None
-        logits = [out.logits[:, -1].to(torch.float32, copy=True)] if keep else None
-        del out
-        g["ids"].copy_(nxt)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            g["graph"].replay()
-            if keep:
-                toks.append(g["ids"].clone())
-                logits.append(g["logits"].to(torch.float32, copy=True))
-        _sync(self.device)
-        dt = time.perf_counter() - t0
-        if not keep:
-            return dt, None, None
-        return dt, torch.cat(toks, dim=1), torch.stack(logits)
 
 
 def greedy_decode(model: nn.Module, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

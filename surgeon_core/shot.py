@@ -205,7 +205,7 @@ def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None
                 bad.append(f"{kind}[{name}]")
     if bad:
         raise RoundedCurvatureError(
-            f"bf16 factor matmuls on {next(iter(factors.A.values()), tensors[0][1]).device.type} rounded each "
+            f"bf16 factor matmuls on {tensors[0][1].device.type} rounded each "
             f"batch's Gram matrix to bf16: {len(bad)} damped factor(s) are not positive definite (first: {bad[0]})")
 
 
@@ -742,7 +742,7 @@ def _finite_sum(costs: list[torch.Tensor], selections: list[torch.Tensor]) -> fl
     sums: dict = {}
     for c, s in zip(costs, selections):
         part = torch.where(s.to(c.device) & torch.isfinite(c), c, 0).sum(dtype=torch.float64)
-        sums[c.device] = sums[c.device] + part if c.device in sums else part
+        sums[c.device] = sums.get(c.device, 0) + part
     return float(sum(float(v) for v in sums.values()))
 
 
