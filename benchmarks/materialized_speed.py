@@ -150,9 +150,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: dynamo only)")
     p.add_argument("--decode-graph", action="store_true", help="with --compile on a GPU: capture the whole decode "
                    "step (compiled forward, greedy pick, position advance) as one CUDA graph, replayed per token")
-    p.add_argument("--sdpa", default="default", choices=["default", "efficient", "math"],
+    p.add_argument("--sdpa", default="default", choices=["default", "efficient", "flash", "math"],
                    help="attention kernels on CUDA for both models: default (PyTorch's choice: cuDNN on an H200), "
-                        "efficient (memory-efficient attention; cuDNN and flash off) or math")
+                        "efficient (memory-efficient attention), flash (FlashAttention) or math (the others off)")
     p.add_argument("--eager-prefill", action="store_true", help="with --compile: keep the prefill eager (a "
                    "decode-only timing; saves its compile)")
     p.add_argument("--check-decode", action="store_true", help="after timing, decode once more with the compiled "
@@ -176,6 +176,7 @@ def main(argv=None) -> int:
         cuda_backends.enable_cudnn_sdp(False)
         cuda_backends.enable_flash_sdp(False)
         cuda_backends.enable_mem_efficient_sdp(args.sdpa == "efficient")
+        cuda_backends.enable_flash_sdp(args.sdpa == "flash")
         cuda_backends.enable_math_sdp(True)
 
     def make_dense():

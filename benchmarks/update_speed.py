@@ -37,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import surgeon_core.update as update_module  # noqa: E402
 from surgeon_core.update import (_ChunkPlan, _obs_update_elements_reference, _update_elements,  # noqa: E402
-                                 obs_update_elements_batched)
+                                 cholesky_blocked, obs_update_elements_batched)
 
 # layer type -> (rows R = out features, weight columns C = in features)
 SMOLLM2_SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -175,6 +176,7 @@ def bench_cholesky(args, dev, results, save) -> None:
             "batched_fp32": lambda: torch.linalg.cholesky_ex(S32),
             "loop_fp64": lambda: [torch.linalg.cholesky_ex(S64[b]) for b in range(B)],
             "loop_fp32": lambda: [torch.linalg.cholesky_ex(S32[b]) for b in range(B)],
+            **{f"blocked{blk}_fp64": (lambda blk=blk: cholesky_blocked(S64, blk)) for blk in args.chol_blocks},
         }
         for case, fn in cases.items():
             rec = {"backend": be or "default", "case": case, "B": B, "n": n}
@@ -185,6 +187,10 @@ def bench_cholesky(args, dev, results, save) -> None:
                 if case.startswith("batched"):
                     L, info = torch.linalg.cholesky_ex(S64 if case.endswith("64") else S32)
                     rec["all_info_zero"] = bool((info == 0).all())
+                if case.startswith("blocked"):
+                    L, info = fn()
+                    rec["all_info_zero"] = bool((info == 0).all())
+                    rec["max_diff_vs_torch_fp64"] = float((L - torch.linalg.cholesky_ex(S64)[0]).abs().max())
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             results["cholesky"].append(rec)
@@ -224,6 +230,11 @@ def main(argv=None) -> int:
     p.add_argument("--chol-batch", type=int, default=30)
     p.add_argument("--chol-n", type=int, default=2000)
     p.add_argument("--chol-repeats", type=int, default=3)
+    p.add_argument("--chol-blocks", type=int, nargs="*", default=[128, 256, 512],
+                   help="block sizes of the blocked Cholesky cases")
+    p.add_argument("--cholesky", choices=["auto", "torch"], default="auto",
+                   help="element updates: auto = the blocked factorization for large systems on a GPU (the library's "
+                        "default), torch = torch.linalg.cholesky_ex always")
     p.add_argument("--skip-update", action="store_true")
     p.add_argument("--skip-cholesky", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
@@ -233,6 +244,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    if args.cholesky == "torch":
+        update_module.BLOCKED_CHOLESKY_DEVICES = ()
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),

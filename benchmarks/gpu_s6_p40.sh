@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# GPU session 6, calls 2 and 3 (one H200, back to back so the machine keeps /root): issue 3, protocol P LLM Surgeon
+# unstructured 50% and 2:4 in 40 shots, the two runs sharing the GPU. Both keep a checkpoint after every shot in
+# /root (benchmarks/protocol.py --checkpoint), so the second call resumes them after their last finished shot.
+# Call 2 carries the second GGUF half (the first was staged by call 1) and converts the model first.
+set -u
+DATA=${DATA:-.gpudata}
+MODEL=/root/smolhf
+RES=/root/resp
+mkdir -p $RES /root/g
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
+T0=$(date +%s)
+DEADLINE=${DEADLINE:-575}
+[ -f .gguf2/gguf.part.ab ] && cp .gguf2/gguf.part.ab /root/g/
+[ -f $MODEL/model.safetensors ] || bash benchmarks/gpu_convert.sh > $RES/convert.log 2>&1
+echo "call start $(date -u +%FT%TZ), model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
+P="--calibration $DATA/p/calibration_windows.npy --eval $DATA/p/eval_ids.npy --eval-seqlen 2048"
+FAST="--batch-size 16 --autocast bf16 --gram bf16 --shots 40 --target-size 0.5 --eval-at 0.5 --tag P-40"
+L=$(( DEADLINE - ($(date +%s) - T0) ))
+run() { name=$1; shift
+  timeout $L python3 benchmarks/protocol.py --model $MODEL $P $FAST "$@" --checkpoint /root/ck_$name \
+    --json $RES/$name.json >> $RES/$name.log 2>&1
+  echo "$name rc=$? at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt; }
+run p_unstructured40 --structure unstructured &
+run p_24_40 --structure 2:4 --no-dense-eval &
+while [ $(( $(date +%s) - T0 )) -lt $(( DEADLINE + 5 )) ] && [ -n "$(jobs -r)" ]; do
+  sleep 20; tar czf $OUT/res.tgz -C $RES . 2>/dev/null; done
+wait
+nvidia-smi > $RES/nvidia-smi.txt 2>&1; tar czf $OUT/res.tgz -C $RES .
