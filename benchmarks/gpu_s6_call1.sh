@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# Ran at commit a1b9aed, whose blocked Cholesky (--cholesky, --chol-blocks) was removed after this measurement showed
+# no gain in the whole update (BENCHMARKS.md, "Element update").
 # GPU session 6, call 1 (one H200; random data and weights, no model files): issue 3, the blocked batched Cholesky
 # of the element-update systems against torch's (alone, then the whole 50% update on SmolLM2 shapes with each);
 # issue 5, batched decoding of the Llama-2-7B architecture at the coupled 70% structure with math attention

@@ -88,9 +88,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--save-at", default="", help="comma-separated target sizes at which to save the model")
     p.add_argument("--save-dir", help="folder for --save-at models (one Hugging Face folder per size: size-0.9, ...)")
-    p.add_argument("--cholesky", choices=["auto", "torch"], default="auto",
-                   help="element updates: auto = blocked factorization of large systems on a GPU (the library's "
-                        "default), torch = torch.linalg.cholesky_ex always")
     p.add_argument("--checkpoint", metavar="DIR", help="after every shot keep the weights and the results so far in "
                    "DIR; a rerun with the same arguments resumes after the last finished shot (runs longer than one "
                    "GPU call: 40-shot unstructured / 2:4)")
@@ -101,10 +98,6 @@ def main(argv=None) -> int:
         p.error("--save-at needs --save-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cholesky == "torch":
-        import surgeon_core.update
-
-        surgeon_core.update.BLOCKED_CHOLESKY_DEVICES = ()
     from transformers import AutoModelForCausalLM
 
     device = torch.device(args.device)

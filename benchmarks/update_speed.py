@@ -10,8 +10,9 @@ one batch per layer type, as ``surgeon_core.shot`` groups them. For every --drop
   layers, timed the same way, and the largest difference from the new result relative to max |W|.
 
 Then ``torch.linalg.cholesky_ex`` on (B, n, n) SPD matrices (default 2000, the chunk size): batched float64 and
-float32, a Python loop of single-matrix calls, and ``cholesky_solve``; on CUDA once per linalg backend (cusolver,
-magma), to see what the batched solver does.
+float32, a Python loop of single-matrix calls, and the solve with one right-hand side (the library's two triangular
+solves and ``torch.cholesky_solve``); on CUDA once per linalg backend (default, cusolver, magma), to see what the
+batched solvers do. ``--solve cholesky_solve`` runs the updates with ``torch.cholesky_solve`` instead.
 
     # H200 (about 2-4 minutes):
     PYTHONUNBUFFERED=1 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.1 0.5 \
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgeon_core.update as update_module  # noqa: E402
 from surgeon_core.update import (_ChunkPlan, _obs_update_elements_reference, _update_elements,  # noqa: E402
-                                 cholesky_blocked, obs_update_elements_batched)
+                                 obs_update_elements_batched)
 
 # layer type -> (rows R = out features, weight columns C = in features)
 SMOLLM2_SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -151,7 +152,7 @@ def bench_cholesky(args, dev, results, save) -> None:
     B, n = args.chol_batch, args.chol_n
     backends = [None]
     if dev.type == "cuda":
-        backends = ["cusolver", "magma"]
+        backends = [None, "cusolver", "magma"]
     gen = torch.Generator(device=dev).manual_seed(args.seed)
     X = torch.randn(B, n, n, device=dev, dtype=torch.float64, generator=gen)
     S64 = torch.bmm(X, X.mT) / n + torch.eye(n, device=dev, dtype=torch.float64)
@@ -176,7 +177,6 @@ def bench_cholesky(args, dev, results, save) -> None:
             "batched_fp32": lambda: torch.linalg.cholesky_ex(S32),
             "loop_fp64": lambda: [torch.linalg.cholesky_ex(S64[b]) for b in range(B)],
             "loop_fp32": lambda: [torch.linalg.cholesky_ex(S32[b]) for b in range(B)],
-            **{f"blocked{blk}_fp64": (lambda blk=blk: cholesky_blocked(S64, blk)) for blk in args.chol_blocks},
         }
         for case, fn in cases.items():
             rec = {"backend": be or "default", "case": case, "B": B, "n": n}
@@ -187,15 +187,21 @@ def bench_cholesky(args, dev, results, save) -> None:
                 if case.startswith("batched"):
                     L, info = torch.linalg.cholesky_ex(S64 if case.endswith("64") else S32)
                     rec["all_info_zero"] = bool((info == 0).all())
-                if case.startswith("blocked"):
-                    L, info = fn()
-                    rec["all_info_zero"] = bool((info == 0).all())
-                    rec["max_diff_vs_torch_fp64"] = float((L - torch.linalg.cholesky_ex(S64)[0]).abs().max())
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             results["cholesky"].append(rec)
             print(json.dumps(rec), flush=True)
             save()
+        rec = {"backend": be or "default", "case": "triangular_solves_fp64", "B": B, "n": n}
+        try:
+            L = torch.linalg.cholesky_ex(S64)[0]
+            rec["best_s"] = best(lambda: update_module.cholesky_solve(rhs, L))
+            x = update_module.cholesky_solve(rhs, L)
+            rec["residual"] = float((torch.bmm(S64, x) - rhs).abs().max())
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+        results["cholesky"].append(rec)
+        print(json.dumps(rec), flush=True)
         rec = {"backend": be or "default", "case": "cholesky_solve_fp64", "B": B, "n": n}
         try:
             L = torch.linalg.cholesky_ex(S64)[0]
@@ -230,11 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--chol-batch", type=int, default=30)
     p.add_argument("--chol-n", type=int, default=2000)
     p.add_argument("--chol-repeats", type=int, default=3)
-    p.add_argument("--chol-blocks", type=int, nargs="*", default=[128, 256, 512],
-                   help="block sizes of the blocked Cholesky cases")
-    p.add_argument("--cholesky", choices=["auto", "torch"], default="auto",
-                   help="element updates: auto = the blocked factorization for large systems on a GPU (the library's "
-                        "default), torch = torch.linalg.cholesky_ex always")
+    p.add_argument("--solve", choices=["triangular", "cholesky_solve"], default="triangular",
+                   help="element updates: two batched triangular solves (the library's default) or torch.cholesky_solve")
     p.add_argument("--skip-update", action="store_true")
     p.add_argument("--skip-cholesky", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")
@@ -244,8 +247,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    if args.cholesky == "torch":
-        update_module.BLOCKED_CHOLESKY_DEVICES = ()
+    update_module.TRIANGULAR_SOLVES = args.solve == "triangular"
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),

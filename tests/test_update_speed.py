@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from surgeon_core.update import (_obs_update_elements_reference, _row_chunks, _row_chunks_reference, cholesky_blocked,
+from surgeon_core.update import (_obs_update_elements_reference, _row_chunks, _row_chunks_reference,
                                  obs_update_elements, obs_update_elements_batched)
 
 
@@ -91,38 +91,14 @@ def test_row_chunks_match_the_greedy_loop():
     assert _row_chunks(torch.zeros(4, dtype=torch.long), 3).tolist() == [-1] * 4
 
 
-def _spd(B: int, n: int, g: torch.Generator) -> torch.Tensor:
-    X = torch.randn(B, n, n, generator=g, dtype=torch.float64)
-    return X @ X.mT / n + 0.1 * torch.eye(n, dtype=torch.float64)
+def test_triangular_cholesky_solve_equals_torch():
+    from surgeon_core.update import cholesky_solve
 
-
-@pytest.mark.parametrize("n,block", [(50, 16), (48, 16), (10, 16), (33, 1)])
-def test_blocked_cholesky_equals_torch(n, block):
-    C = _spd(3, n, torch.Generator().manual_seed(n + block))
-    C_upper_garbage = C + torch.triu(torch.full_like(C, 7.0), 1)  # only the lower triangle is read
-    L, info = cholesky_blocked(C_upper_garbage, block)
-    assert torch.equal(info, torch.zeros(3, dtype=torch.int32))
-    assert torch.equal(L, L.tril())
-    assert (L - torch.linalg.cholesky(C)).abs().max() < 1e-12 * C.abs().max()
-
-
-def test_blocked_cholesky_reports_the_first_failing_minor_like_torch():
-    C = _spd(3, 40, torch.Generator().manual_seed(1))
-    C[1, 25, 25] = -5.0  # leading minor 26 of matrix 1 is not positive definite (inside the second block)
-    C[2, 3, 3] = -5.0  # minor 4 of matrix 2 (first block)
-    _, info = cholesky_blocked(C, 16)
-    _, ref = torch.linalg.cholesky_ex(C)
-    assert info.tolist() == ref.tolist() and info.tolist()[0] == 0 and info.tolist()[1] == 26
-
-
-def test_element_update_with_the_blocked_cholesky(monkeypatch):
-    import surgeon_core.update as upd
-
-    W, drop, G_inv, A_inv = _problem(11, B=3, R=24, C=20, bias=True, dtype=torch.float64)
-    plain = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=40)
-    monkeypatch.setattr(upd, "BLOCKED_CHOLESKY_DEVICES", ("cpu", "cuda"))
-    monkeypatch.setattr(upd, "BLOCKED_CHOLESKY_MIN_N", 8)
-    monkeypatch.setattr(upd, "CHOLESKY_BLOCK", 8)
-    blocked = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=40)
-    assert (blocked - plain).abs().max() <= 1e-10 * W.abs().max()
-    assert (blocked[:, :, :20][drop] == 0).all()
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    C = X @ X.mT / 40 + 0.1 * torch.eye(40, dtype=torch.float64)
+    b = torch.randn(3, 40, 2, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(C)
+    x = cholesky_solve(b, L)
+    assert (x - torch.cholesky_solve(b, L)).abs().max() < 1e-10
+    assert (C @ x - b).abs().max() < 1e-10
