@@ -218,6 +218,38 @@ def bench_cholesky(args, dev, results, save) -> None:
             torch.backends.cuda.preferred_linalg_library("default")
         except Exception:
             pass
+    # does the batched factorization use the GPU better with more systems per call, or several calls on streams?
+    # (the element update factors one batch of <= 30 systems per chunk step and layer type)
+    for mult in args.chol_scan:
+        rec = {"case": "batch_scan_fp64", "B": B * mult, "n": n}
+        try:
+            big = S64.repeat(mult, 1, 1)
+            rec["best_s"] = best(lambda: torch.linalg.cholesky_ex(big))
+            rec["per_matrix_ms"] = 1e3 * rec["best_s"] / (B * mult)
+            del big
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {e}"
+        results["cholesky"].append(rec)
+        print(json.dumps(rec), flush=True)
+        if dev.type == "cuda" and mult > 1:  # the same work as ``mult`` batches of B on as many streams
+            rec = {"case": "streams_fp64", "streams": mult, "B": B, "n": n}
+            streams = [torch.cuda.Stream(dev) for _ in range(mult)]
+
+            def on_streams():
+                torch.cuda.current_stream(dev).synchronize()
+                for st in streams:
+                    with torch.cuda.stream(st):
+                        torch.linalg.cholesky_ex(S64)
+                for st in streams:
+                    torch.cuda.current_stream(dev).wait_stream(st)
+            try:
+                rec["best_s"] = best(on_streams)
+                rec["per_matrix_ms"] = 1e3 * rec["best_s"] / (B * mult)
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {e}"
+            results["cholesky"].append(rec)
+            print(json.dumps(rec), flush=True)
+        save()
 
 
 def main(argv=None) -> int:
@@ -236,6 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--chol-batch", type=int, default=30)
     p.add_argument("--chol-n", type=int, default=2000)
     p.add_argument("--chol-repeats", type=int, default=3)
+    p.add_argument("--chol-scan", type=int, nargs="*", default=[],
+                   help="also factor k x --chol-batch systems in one call (and on CUDA: k batches on k streams)")
     p.add_argument("--solve", choices=["triangular", "cholesky_solve"], default="triangular",
                    help="element updates: two batched triangular solves (the library's default) or torch.cholesky_solve")
     p.add_argument("--skip-update", action="store_true")
