@@ -93,6 +93,8 @@ def main(argv=None) -> int:
                    "checkpointing (less memory, same factors)")
     p.add_argument("--update-batch-layers", type=int, default=0, help="same-shaped layers per batched element "
                    "update (0: all on the GPU)")
+    p.add_argument("--update-concurrent", type=int, default=1, metavar="N", help="element updates: N batches of "
+                   "same-shaped layers solved at once (CUDA: one stream each; same results, more memory)")
     p.add_argument("--fb-baseline", action="store_true", help="first time a plain forward+backward pass over the "
                    "same tokens (no hooks), so the curvature time splits into forward/backward and accumulation")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
                         max_correlate=args.max_correlate,
                         gram_dtype=torch.bfloat16 if args.gram == "bf16" else None,
                         update_batch_layers=args.update_batch_layers, factor_device=args.factor_device,
+                        update_concurrent_batches=args.update_concurrent,
                         checkpoint_layers=args.checkpoint_layers)
     fb_seconds = forward_backward_seconds(model, windows, opts, device) if args.fb_baseline else None
     if device.type == "cuda":

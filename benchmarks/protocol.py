@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--save-at", default="", help="comma-separated target sizes at which to save the model")
     p.add_argument("--save-dir", help="folder for --save-at models (one Hugging Face folder per size: size-0.9, ...)")
+    p.add_argument("--update-concurrent", type=int, default=1, metavar="N", help="element updates: N batches of "
+                   "same-shaped layers solved at once (CUDA: one stream each; same results, more memory)")
     p.add_argument("--checkpoint", metavar="DIR", help="after every shot keep the weights and the results so far in "
                    "DIR; a rerun with the same arguments resumes after the last finished shot (runs longer than one "
                    "GPU call: 40-shot unstructured / 2:4)")
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
                         autocast_dtype=autocast, gram_dtype=DTYPES[args.gram] if args.gram != "fp32" else None,
                         device=str(device), max_correlate=args.max_correlate,
                         damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed,
-                        structured_update=args.structured_update, true_sequential=args.true_sequential)
+                        structured_update=args.structured_update, true_sequential=args.true_sequential,
+                        update_concurrent_batches=args.update_concurrent)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     # what must match for a resume: everything that shapes the run (not the output paths)
     signature = {k: v for k, v in vars(args).items() if k not in ("json", "checkpoint", "save_dir", "tag", "threads",
-                                                                   "max_shots", "eval_batch_size")}
+                                                                   "max_shots", "eval_batch_size", "update_concurrent")}
     if ckpt is not None and (ckpt / "state.json").is_file():
         from safetensors.torch import load_model
 

@@ -17,6 +17,9 @@ batched solvers do. ``--solve cholesky_solve`` runs the updates with ``torch.cho
     # H200 (about 2-4 minutes):
     PYTHONUNBUFFERED=1 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.1 0.5 \
         --reference-layers 8 --json $OUT/update_speed_h200.json
+    # H200: do more systems per call, or the shapes' batches on streams of their own, use the GPU better?
+    PYTHONUNBUFFERED=1 python3 benchmarks/update_speed.py --device cuda --drop-frac 0.5 --concurrent \
+        --chol-scan 1 2 4 7 --json $OUT/update_concurrent_h200.json
     # CPU, small:
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/update_speed.py --device cpu --layers 2 --drop-frac 0.1 0.4 \
         --reference-layers 2 --chol-batch 2 --json /tmp/update_speed_cpu.json
@@ -40,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import surgeon_core.update as update_module  # noqa: E402
 from surgeon_core.update import (_ChunkPlan, _obs_update_elements_reference, _update_elements,  # noqa: E402
-                                 obs_update_elements_batched)
+                                 obs_update_elements_batched, obs_update_elements_concurrent)
 
 # layer type -> (rows R = out features, weight columns C = in features)
 SMOLLM2_SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
@@ -139,6 +142,22 @@ def bench_update(args, dev, dtype, results, save) -> None:
             save()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+        if args.concurrent:  # every shape's batch at once: interleaved chunk steps, one CUDA stream per batch
+            try:
+                problems = [make_problem(args.layers, R, C, frac, args.pattern, args.bias, dev, dtype, args.seed + i)
+                            for i, (name, (R, C)) in enumerate(SMOLLM2_SHAPES.items())
+                            if not args.shapes or name in args.shapes]
+                seq, tot["one_after_another_s"] = timed(lambda: [obs_update_elements_batched(
+                    *p, max_correlate=args.max_correlate) for p in problems], dev)
+                con, tot["concurrent_s"] = timed(lambda: obs_update_elements_concurrent(
+                    problems, max_correlate=args.max_correlate), dev)
+                tot["concurrent_identical"] = all(torch.equal(a, b) for a, b in zip(seq, con))
+                del problems, seq, con
+            except Exception as e:
+                tot["concurrent_error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+            print(f"== drop {frac}: one after another {tot.get('one_after_another_s', float('nan')):.3f} s, "
+                  f"concurrent {tot.get('concurrent_s', float('nan')):.3f} s", flush=True)
         tot["frac"] = frac
         results["update_totals"].append(tot)
         print(f"== drop {frac}: total {tot['total_s']:.3f} s; phases (instrumented) "
@@ -272,6 +291,8 @@ def main(argv=None) -> int:
                    help="also factor k x --chol-batch systems in one call (and on CUDA: k batches on k streams)")
     p.add_argument("--solve", choices=["triangular", "cholesky_solve"], default="triangular",
                    help="element updates: two batched triangular solves (the library's default) or torch.cholesky_solve")
+    p.add_argument("--concurrent", action="store_true", help="also time every shape's batch solved at once "
+                   "(obs_update_elements_concurrent) against one after another")
     p.add_argument("--skip-update", action="store_true")
     p.add_argument("--skip-cholesky", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave)")

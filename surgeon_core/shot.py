@@ -18,7 +18,8 @@ from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
 from .curvature import KFACFactors, damp, estimate_kfac
-from .update import newton_step, obs_update_columns, obs_update_elements_batched, obs_update_rows
+from .update import (newton_step, obs_update_columns, obs_update_elements_batched, obs_update_elements_concurrent,
+                     obs_update_rows)
 
 __all__ = [
     "Structure",
@@ -104,6 +105,9 @@ class PruneOptions:
     # "sequential": rows, then the columns of the row-updated W
     structured_update: str = "sum"
     update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
+    # element updates: this many of those batches (e.g. one per layer shape) are solved at once, on CUDA each on a
+    # stream of its own (same results; their working memory is alive together)
+    update_concurrent_batches: int = 1
     checkpoint_layers: bool = False  # curvature pass: recompute decoder-layer activations in backward (less memory)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
@@ -128,6 +132,8 @@ class PruneOptions:
             self.damping_g = 0.01 if self.structure_spec.kind in ("structured", "coupled") else 0.1
         if self.max_correlate is None:
             self.max_correlate = 0 if self.structure_spec.kind in ("structured", "coupled") else 2000
+        if self.update_concurrent_batches < 1:
+            raise ValueError("update_concurrent_batches must be at least 1")
         if self.damping_a < 0 or self.damping_g < 0:
             raise ValueError("damping must be non-negative")
         if self.structured_update not in ("sequential", "sum"):
@@ -438,18 +444,25 @@ def _apply_elements_grouped(layers: list[_Layer], drops: list[torch.Tensor], opt
     for i, l in enumerate(layers):
         shape = (l.lin.out_features, l.lin.in_features + (l.lin.bias is not None))
         by_shape.setdefault((l.name.rsplit(".", 1)[-1], shape), []).append(i)
-    for idx in by_shape.values():
-        for s in range(0, len(idx), batch_layers):
-            part = idx[s : s + batch_layers]
+    parts = [idx[s : s + batch_layers] for idx in by_shape.values() for s in range(0, len(idx), batch_layers)]
+    at_once = opts.update_concurrent_batches
+    for g in range(0, len(parts), at_once):
+        group = parts[g : g + at_once]
+        for part in group:
             for i in part:
                 prepare(layers[i])
-            W = obs_update_elements_batched(
-                torch.stack([layers[i].W for i in part]), torch.stack([drops[i] for i in part]),
-                torch.stack([layers[i].G_inv for i in part]), torch.stack([layers[i].A_inv for i in part]),
-                max_correlate=opts.max_correlate)
+        problems = [(torch.stack([layers[i].W for i in part]), torch.stack([drops[i] for i in part]),
+                     torch.stack([layers[i].G_inv for i in part]), torch.stack([layers[i].A_inv for i in part]))
+                    for part in group]
+        if len(group) == 1:
+            new_W = [obs_update_elements_batched(*problems[0], max_correlate=opts.max_correlate)]
+        else:
+            new_W = obs_update_elements_concurrent(problems, max_correlate=opts.max_correlate)
+        del problems
+        for part, W in zip(group, new_W):
             for k, i in enumerate(part):
                 write(layers[i], W[k])
-            del W
+        del new_W
 
 
 def prune_shot(

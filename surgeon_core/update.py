@@ -12,12 +12,13 @@ by the previous chunks (Gauss-Seidel, the reference code's ``--addupdate``). Rem
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
 
 import torch
 
 __all__ = ["obs_update_rows", "obs_update_columns", "obs_update_elements", "obs_update_elements_batched",
-           "newton_step", "quadratic_loss"]
+           "obs_update_elements_concurrent", "newton_step", "quadratic_loss"]
 
 
 def _solve_pd(C: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -186,10 +187,57 @@ def obs_update_elements_batched(W: torch.Tensor, drop: torch.Tensor, G_inv: torc
     return _update_elements(W, drop, G_inv, A_inv, max_correlate=max_correlate)
 
 
+def obs_update_elements_concurrent(problems: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                                   max_correlate: int = 2000, streams: bool = True) -> list[torch.Tensor]:
+    """:func:`obs_update_elements_batched` for several independent batches (e.g. one per layer shape) at once.
+
+    The batches advance one chunk step each in turn; on CUDA each batch issues its work on a stream of its own, so
+    the GPU can overlap their factorizations (one batched Cholesky of <= 30 systems may not fill the GPU). Results
+    equal those of solving the batches one after another. All batches' working memory is alive at the same time.
+    """
+    steps = [_update_steps(*p, max_correlate=max_correlate) for p in problems]
+    if not steps:
+        return []
+    dev = problems[0][0].device
+    own_streams = streams and dev.type == "cuda" and len(steps) > 1
+    if own_streams:
+        main = torch.cuda.current_stream(dev)
+        side = [torch.cuda.Stream(dev) for _ in steps]
+        for st in side:
+            st.wait_stream(main)  # the inputs were made on the main stream
+    results: list = [None] * len(steps)
+    live = list(range(len(steps)))
+    while live:
+        for i in list(live):
+            with torch.cuda.stream(side[i]) if own_streams else contextlib.nullcontext():
+                try:
+                    next(steps[i])
+                except StopIteration as done:
+                    results[i] = done.value
+                    live.remove(i)
+    if own_streams:
+        for st in side:
+            main.wait_stream(st)
+        torch.cuda.synchronize(dev)  # the side streams' memory goes back to the allocator only after their work
+    return results
+
+
 def _update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
                      max_correlate: int, strict: bool = False, phases: dict | None = None) -> torch.Tensor:
     """Implementation of :func:`obs_update_elements_batched`. ``strict``: check every Cholesky at once and jitter
     (host sync per step; the fallback for failed layers). ``phases``: accumulate synchronised phase timings."""
+    steps = _update_steps(W, drop, G_inv, A_inv, max_correlate=max_correlate, strict=strict, phases=phases)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
+                  max_correlate: int, strict: bool = False, phases: dict | None = None):
+    """:func:`_update_elements` as a generator that pauses after every chunk step (its return value is the new W),
+    so that several batches can be interleaved (:func:`obs_update_elements_concurrent`)."""
     B, R, Cp = W.shape
     dev = W.device
     inputs = (W, drop, G_inv, A_inv)
@@ -240,6 +288,7 @@ def _update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A
         T = torch.bmm(M.view(k, P + 1, Cp)[:, :P], A_inv[:k])
         W[:k].baddbmm_(Gcols, T, alpha=-1)
         t0 = _tick(phases, "update", t0, dev)
+        yield
     W[:, :, : drop.shape[2]].masked_fill_((drop.index_select(0, plan.order.to(drop.device)) if permuted
                                            else drop).to(dev), 0)
     if permuted:

@@ -62,6 +62,22 @@ def test_deterministic_for_a_seed():
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("structure,batch_layers", [("unstructured", 0), ("2:4", 1)])
+def test_concurrent_update_batches_give_the_same_weights(structure, batch_layers):
+    """Several batches of same-shaped layers solved together (interleaved chunk steps; CUDA streams on a GPU)
+    change nothing but the schedule: bit-identical weights."""
+    outs = []
+    for at_once in (1, 3, 50):
+        model = tiny_model("llama")
+        prune(model, tiny_windows(4, 16), options=PruneOptions(structure=structure, max_correlate=40,
+                                                                update_batch_layers=batch_layers,
+                                                                update_concurrent_batches=at_once),
+              target_size=0.6, num_shots=2)
+        outs.append(torch.cat([l.weight.flatten() for l in prunable_linears(model).values()]))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert (outs[0] == 0).float().mean() > 0.3
+
+
 def test_hooks_removed_after_exception():
     model = tiny_model("opt")
     bad = torch.full((2, 8), 10_000)  # token ids beyond the vocabulary: the forward pass raises

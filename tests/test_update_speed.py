@@ -102,3 +102,15 @@ def test_triangular_cholesky_solve_equals_torch():
     x = cholesky_solve(b, L)
     assert (x - torch.cholesky_solve(b, L)).abs().max() < 1e-10
     assert (C @ x - b).abs().max() < 1e-10
+
+
+def test_concurrent_batches_equal_one_after_another():
+    from surgeon_core.update import obs_update_elements_concurrent
+
+    problems = [_problem(20, B=3, R=24, C=20, bias=True), _problem(21, B=2, R=10, C=12, bias=False),
+                _problem(22, B=4, R=16, C=8, bias=True, kind="nm")]
+    problems[1][1][:] = False  # a batch with nothing to remove finishes at once
+    together = obs_update_elements_concurrent(problems, max_correlate=30)
+    for p, W in zip(problems, together):
+        assert torch.equal(W, obs_update_elements_batched(*p, max_correlate=30))
+    assert obs_update_elements_concurrent([]) == []
