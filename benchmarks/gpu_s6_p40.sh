@@ -3,6 +3,8 @@
 # unstructured 50% and 2:4 in 40 shots, the two runs sharing the GPU. Both keep a checkpoint after every shot in
 # /root (benchmarks/protocol.py --checkpoint), so the second call resumes them after their last finished shot.
 # Call 2 carries the second GGUF half (the first was staged by call 1) and converts the model first.
+# Reusable: RUNS="unstructured" (or "24", default both) picks the runs, EXTRA adds protocol.py flags to both
+# (e.g. EXTRA="--update-concurrent 7"), DEADLINE the seconds the runs may take.
 set -u
 DATA=${DATA:-.gpudata}
 MODEL=/root/smolhf
@@ -21,8 +23,9 @@ run() { name=$1; shift
   timeout $L python3 benchmarks/protocol.py --model $MODEL $P $FAST "$@" --checkpoint /root/ck_$name \
     --json $RES/$name.json >> $RES/$name.log 2>&1
   echo "$name rc=$? at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt; }
-run p_unstructured40 --structure unstructured &
-run p_24_40 --structure 2:4 --no-dense-eval &
+RUNS=${RUNS:-"unstructured 24"}
+case " $RUNS " in *" unstructured "*) run p_unstructured40 --structure unstructured ${EXTRA:-} & ;; esac
+case " $RUNS " in *" 24 "*) run p_24_40 --structure 2:4 --no-dense-eval ${EXTRA:-} & ;; esac
 while [ $(( $(date +%s) - T0 )) -lt $(( DEADLINE + 5 )) ] && [ -n "$(jobs -r)" ]; do
   sleep 20; tar czf $OUT/res.tgz -C $RES . 2>/dev/null; done
 wait
