@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--damping-g", type=float)
     p.add_argument("--fisher", default="empirical")
     p.add_argument("--structured-update", default="sum", choices=["sequential", "sum"])
+    p.add_argument("--coupled-score", default="cost", choices=["cost", "per_param"],
+                   help="coupled structures: greedy order by cost or by cost per parameter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--true-sequential", action="store_true", help="layer-wise baselines: calibrate q/k/v, o, "
                    "gate/up, down one after another, each on the outputs of the already-pruned ones")
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
                         device=str(device), max_correlate=args.max_correlate,
                         damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed,
                         structured_update=args.structured_update, true_sequential=args.true_sequential,
-                        update_concurrent_batches=args.update_concurrent)
+                        update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))

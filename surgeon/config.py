@@ -20,7 +20,7 @@ __all__ = ["PruneConfig", "load_recipe", "parse_overrides", "WEIGHT_FIELDS"]
 WEIGHT_FIELDS = (
     "model", "method", "structure", "target_size", "shots", "calibration", "calibration_column",
     "calibration_split", "nsamples", "seqlen", "calibration_seed", "seed", "damping_a", "damping_g", "fisher",
-    "fisher_samples", "max_correlate", "structured_update", "batch_size", "compute_dtype", "gram_dtype", "finetune_steps", "final_finetune_steps",
+    "fisher_samples", "max_correlate", "structured_update", "coupled_score", "batch_size", "compute_dtype", "gram_dtype", "finetune_steps", "final_finetune_steps",
     "finetune_lr", "finetune_train", "finetune_schedule", "finetune_warmup", "finetune_batch_size", "first_order",
     "first_order_scale", "finetune_holdout", "finetune_validate_every",
 )
@@ -66,6 +66,9 @@ class PruneConfig(BaseModel):
     fisher_samples: int = 1
     max_correlate: int | None = None
     structured_update: Literal["sum", "sequential"] = "sum"
+    # coupled structures: greedy order by cost (the paper's rule) or by cost per parameter (heads and kv groups are
+    # 40-170x the size of an FFN unit)
+    coupled_score: Literal["cost", "per_param"] = "cost"
     batch_size: int = 1
     compute_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # overflow in bf16/fp16 -> the shot reruns in fp32
     # dtype of the K-FAC factor matmuls (sums stay fp32): bf16 is ~4x faster on CPUs with AVX512-BF16 / on GPUs,

@@ -57,7 +57,7 @@ def peak_rss_gb() -> float:
 def options_from_config(cfg: PruneConfig) -> PruneOptions:
     return PruneOptions(method=cfg.method, structure=cfg.structure, damping_a=cfg.damping_a, damping_g=cfg.damping_g,
                         fisher=cfg.fisher, fisher_samples=cfg.fisher_samples, max_correlate=cfg.max_correlate,
-                        structured_update=cfg.structured_update,
+                        structured_update=cfg.structured_update, coupled_score=cfg.coupled_score,
                         batch_size=cfg.batch_size, autocast_dtype=_DTYPES[cfg.compute_dtype], device=cfg.device,
                         gram_dtype=_DTYPES[cfg.gram_dtype], checkpoint_layers=cfg.checkpoint_layers,
                         seed=cfg.seed, first_order=cfg.first_order, first_order_scale=cfg.first_order_scale)

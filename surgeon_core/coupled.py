@@ -11,7 +11,10 @@ Under the block-diagonal K-FAC (each linear its own G ⊗ A) the joint OBS cost 
 linears of the multi-row cost ½ tr(W_R A W_Rᵀ (G⁻¹[R,R])⁻¹) (producers) or multi-column cost
 ½ tr(W_Cᵀ G W_C (A⁻¹[C,C])⁻¹) (consumer); the update is ``obs_update_rows`` / ``obs_update_columns`` per
 member.
-One global greedy selection over all units of all layers, cheapest first, with exact parameter accounting.
+One global greedy selection over all units of all layers, cheapest first, with exact parameter accounting; the
+order is by cost (``score="cost"``, as the paper's threshold on structure costs) or by cost per parameter
+(``score="per_param"``: the greedy rule of a knapsack, which does not favour the small FFN units over heads and kv
+groups 40-170 times their size merely for being small).
 """
 
 from __future__ import annotations
@@ -137,17 +140,27 @@ def _dead(fam: UnitFamily, W: dict[str, torch.Tensor]) -> torch.Tensor:
     return alive == 0
 
 
+SCORES = ("cost", "per_param")
+
+
 def select_units(costs: list[torch.Tensor], parts: list[list[tuple]], part_params: dict[tuple, int],
-                 n_remove: int) -> list[torch.Tensor]:
+                 n_remove: int, score: str = "cost") -> list[torch.Tensor]:
     """Greedy cheapest-first over all units until ``n_remove`` parameters are removed (never more).
 
+    ``score``: "cost" orders by the unit's cost, "per_param" by its cost divided by its parameter count.
     A unit's price is the parameters of its parts not yet taken (a kv group after some of its heads); dead units
     come with cost −inf and are always taken. Taking the last query head of a kv group takes the group's k/v rows
     too (they then feed nothing). Returns a boolean mask per family.
     """
+    if score not in SCORES:
+        raise ValueError(f"unknown coupled score {score!r}; choose from {', '.join(SCORES)}")
     flat = torch.cat([c.double().cpu() for c in costs])
     owner = [(f, u) for f, c in enumerate(costs) for u in range(c.numel())]
-    order = torch.argsort(flat, stable=True).tolist()
+    key = flat
+    if score == "per_param":
+        size = torch.tensor([float(sum(part_params[p] for p in parts[f][u])) for f, u in owner], dtype=torch.float64)
+        key = flat / size  # dead units stay at -inf
+    order = torch.argsort(key, stable=True).tolist()
     kv_heads: dict[tuple, list[tuple]] = {}
     head_kv: dict[tuple, tuple] = {}
     for fp in parts:
@@ -243,9 +256,10 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
                  get_factors: Callable[[int, str], tuple[torch.Tensor | None, torch.Tensor | None]],
                  augmented: Callable[[nn.Linear], torch.Tensor], write_back: Callable[[nn.Linear, torch.Tensor], None],
                  n_remove: int, kind: str, update: bool, damping_a: float, damping_g: float,
-                 max_correlate: int = 0, offload: torch.device | str | None = None) -> tuple[float, int]:
+                 max_correlate: int = 0, offload: torch.device | str | None = None, score: str = "cost"
+                 ) -> tuple[float, int]:
     """One coupled shot over all decoder layers: costs → global greedy selection → per-member updates.
-    Returns (estimated loss increase, damping escalations).
+    Returns (estimated loss increase, damping escalations). ``score``: the selection order (``select_units``).
 
     ``offload`` (e.g. "cpu"): where each layer's weights and factor inverses wait between the cost phase and the
     update phase; without it every layer's inverses are alive at once (about the size of all K-FAC factors again,
@@ -276,7 +290,7 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
             st.to(torch.device(offload))
         states.append(st)
     all_fams = [f for s in states for f in s.fams]
-    masks = select_units([f.costs for f in all_fams], [f.parts for f in all_fams], part_params, n_remove)
+    masks = select_units([f.costs for f in all_fams], [f.parts for f in all_fams], part_params, n_remove, score=score)
     estimated = float(sum(f.costs[m & torch.isfinite(f.costs)].sum() for f, m in zip(all_fams, masks)))
     k = 0
     for layer, st, dev in zip(layers, states, devices):

@@ -115,6 +115,8 @@ class PruneOptions:
     true_sequential: bool = False  # layer-wise baselines: calibrate each input group after pruning the earlier ones
     # coupled structures: (num_heads, num_kv_heads, head_dim) from the model config (None: read model.config)
     head_layout: tuple[int, int, int] | None = None
+    # coupled structures: greedy order by "cost" (the paper's threshold on costs) or "per_param" (cost / parameters)
+    coupled_score: str = "cost"
     # first-order term (docs/method.md): the mean loss gradient, collected in the curvature pass, enters the costs
     # and updates (LLM Surgeon: OBS at the Newton point W − s·G⁻¹∇W A⁻¹; K-OBD: −s·⟨∇W, W⟩ in the costs)
     first_order: bool = False
@@ -132,6 +134,8 @@ class PruneOptions:
             self.damping_g = 0.01 if self.structure_spec.kind in ("structured", "coupled") else 0.1
         if self.max_correlate is None:
             self.max_correlate = 0 if self.structure_spec.kind in ("structured", "coupled") else 2000
+        if self.coupled_score not in ("cost", "per_param"):
+            raise ValueError(f"coupled_score must be 'cost' or 'per_param', not {self.coupled_score!r}")
         if self.update_concurrent_batches < 1:
             raise ValueError("update_concurrent_batches must be at least 1")
         if self.damping_a < 0 or self.damping_g < 0:
@@ -786,7 +790,7 @@ def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_s
         layers, adapter, layout, get_factors=get_factors, augmented=lambda lin: _augmented(lin, device),
         write_back=_write_back, n_remove=round((1.0 - target_size) * total), kind=spec.cost_kind,
         update=spec.update, damping_a=opts.damping_a, damping_g=opts.damping_g, max_correlate=opts.max_correlate,
-        offload="cpu" if device.type == "cuda" else None)
+        offload="cpu" if device.type == "cuda" else None, score=opts.coupled_score)
     seconds["coupled"] = time.perf_counter() - t0
     size, per_layer, per_type = model_size(model, adapter)
     return ShotReport(shot=shot, num_shots=num_shots, target_size=target_size, achieved_size=size,

@@ -55,6 +55,11 @@ def test_structure_parse_and_config():
     from surgeon.config import load_recipe
 
     assert load_recipe(None, [], model="x", structure="coupled").structure == "coupled"
+    per_param = load_recipe(None, ["coupled_score=per_param"], model="x", structure="coupled")
+    assert per_param.coupled_score == "per_param"
+    assert per_param.config_hash() != load_recipe(None, [], model="x", structure="coupled").config_hash()
+    with pytest.raises(Exception):
+        load_recipe(None, ["coupled_score=ratio"], model="x", structure="coupled")
     with pytest.raises(Exception):
         load_recipe(None, [], model="x", structure="coupled", method="wanda")
 
@@ -111,6 +116,34 @@ def test_select_units_budget_and_overlap():
     dead = [torch.tensor([float("-inf"), 1.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])]
     m = select_units(dead, [parts_h, parts_kv], pp, 0)
     assert m[0].tolist() == [True, False, False, False]  # dead units always taken
+
+
+def test_select_units_per_param_order():
+    """By cost, ten cheap small FFN units go before one head; per parameter, the head (0.05 per parameter against
+    0.1) goes first and costs half as much for the same 100 parameters."""
+    parts_f = [((0, "ffn", u),) for u in range(10)]
+    parts_h = [((0, "head", 0),)]
+    pp = {**{p: 10 for u in parts_f for p in u}, (0, "head", 0): 100}
+    costs = [torch.full((10,), 1.0), torch.tensor([5.0])]
+    by_cost = select_units(costs, [parts_f, parts_h], pp, 100)
+    assert by_cost[0].all() and not by_cost[1].any()
+    per_param = select_units(costs, [parts_f, parts_h], pp, 100, score="per_param")
+    assert not per_param[0].any() and per_param[1].all()
+    dead = [torch.tensor([float("-inf")] + [1.0] * 9), torch.tensor([5.0])]
+    assert select_units(dead, [parts_f, parts_h], pp, 0, score="per_param")[0][0]  # dead units still always taken
+    with pytest.raises(ValueError, match="coupled score"):
+        select_units(costs, [parts_f, parts_h], pp, 100, score="ratio")
+    with pytest.raises(ValueError, match="coupled_score"):
+        PruneOptions(structure="coupled", coupled_score="ratio")
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_coupled_per_param_reaches_target_in_whole_units(family):
+    model = tiny_model(family)
+    reports = prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled", coupled_score="per_param"),
+                    target_size=0.7, num_shots=2)
+    assert abs(reports[-1].achieved_size - 0.7) < 0.01
+    _check_whole_units(model)
 
 
 def _coupled_weights(device: str, offload: bool, monkeypatch) -> dict:
