@@ -16,10 +16,10 @@ from torch import nn
 from . import distributed
 from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
+from .coupled import SCORES as COUPLED_SCORES
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
 from .curvature import KFACFactors, damp, estimate_kfac
-from .update import (newton_step, obs_update_columns, obs_update_elements_batched, obs_update_elements_concurrent,
-                     obs_update_rows)
+from .update import newton_step, obs_update_columns, obs_update_elements_concurrent, obs_update_rows
 
 __all__ = [
     "Structure",
@@ -134,8 +134,8 @@ class PruneOptions:
             self.damping_g = 0.01 if self.structure_spec.kind in ("structured", "coupled") else 0.1
         if self.max_correlate is None:
             self.max_correlate = 0 if self.structure_spec.kind in ("structured", "coupled") else 2000
-        if self.coupled_score not in ("cost", "per_param"):
-            raise ValueError(f"coupled_score must be 'cost' or 'per_param', not {self.coupled_score!r}")
+        if self.coupled_score not in COUPLED_SCORES:
+            raise ValueError(f"coupled_score must be one of {', '.join(COUPLED_SCORES)}, not {self.coupled_score!r}")
         if self.update_concurrent_batches < 1:
             raise ValueError("update_concurrent_batches must be at least 1")
         if self.damping_a < 0 or self.damping_g < 0:
@@ -458,10 +458,7 @@ def _apply_elements_grouped(layers: list[_Layer], drops: list[torch.Tensor], opt
         problems = [(torch.stack([layers[i].W for i in part]), torch.stack([drops[i] for i in part]),
                      torch.stack([layers[i].G_inv for i in part]), torch.stack([layers[i].A_inv for i in part]))
                     for part in group]
-        if len(group) == 1:
-            new_W = [obs_update_elements_batched(*problems[0], max_correlate=opts.max_correlate)]
-        else:
-            new_W = obs_update_elements_concurrent(problems, max_correlate=opts.max_correlate)
+        new_W = obs_update_elements_concurrent(problems, max_correlate=opts.max_correlate)  # one: no side streams
         del problems
         for part, W in zip(group, new_W):
             for k, i in enumerate(part):
