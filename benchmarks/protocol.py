@@ -51,6 +51,21 @@ def load_windows(path: str, seqlen: int | None, max_windows: int | None) -> torc
     return windows_from_ids(arr, seqlen, max_windows)
 
 
+def phase_printer(every: float = 0.1):
+    """``progress(phase, done, total)`` printing a line on stderr about every ``every`` of each phase's way."""
+    last: dict[str, int] = {}
+    t0 = time.perf_counter()
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if done < last.get(phase, 0):  # a new shot starts the phase again
+            last[phase] = 0
+        if done == total or done - last.get(phase, 0) >= max(1, int(total * every)):
+            last[phase] = done
+            print(f"  {phase} {done}/{total} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    return progress
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -232,7 +247,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot,
-              start_shot=start_shot)
+              start_shot=start_shot, progress=phase_printer())
     except _Stop:
         result["stopped_after_shots"] = args.max_shots
     result["total_seconds"] = prior + time.perf_counter() - t0

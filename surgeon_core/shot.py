@@ -821,7 +821,8 @@ def prune(
             model, windows, method=options.method, sparsity=1.0 - target_size if st.kind != "nm" else 1 - st.n / st.m,
             n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
             block_size=options.block_size, dampening_frac=options.baseline_damping,
-            true_sequential=options.true_sequential)
+            true_sequential=options.true_sequential,
+            progress=(lambda i, n: progress("layers", i, n)) if progress else None)
         size, per_layer, per_type = model_size(model, adapter)
         report = ShotReport(shot=1, num_shots=1, target_size=target_size, achieved_size=size, estimated_loss=float("nan"),
                             layer_sizes=per_layer, type_sizes=per_type,

@@ -241,3 +241,12 @@ def test_checkpoint_layers_recipe_key_reaches_the_shot():
     cfg = load_recipe(None, ["checkpoint_layers=true"], model="some/model")
     assert cfg.checkpoint_layers and options_from_config(cfg).checkpoint_layers
     assert not options_from_config(load_recipe(None, model="some/model")).checkpoint_layers
+
+
+def test_layerwise_baseline_reports_progress_per_decoder_layer():
+    model = tiny_model("llama")
+    calls = []
+    prune(model, tiny_windows(2, 8), options=PruneOptions(method="wanda", structure="2:4"), target_size=0.5,
+          progress=lambda phase, done, total: calls.append((phase, done, total)))
+    n = model.config.num_hidden_layers
+    assert calls == [("layers", i, n) for i in range(1, n + 1)]
