@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from surgeon_core.evaluate import perplexity, windows_from_ids  # noqa: E402
+from surgeon.utils import phase_logger  # noqa: E402  (stdlib only: runs on the GPU image)
 from surgeon_core.shot import PruneOptions, linear_schedule, prune  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,19 +53,16 @@ def load_windows(path: str, seqlen: int | None, max_windows: int | None) -> torc
     return windows_from_ids(arr, seqlen, max_windows)
 
 
-def phase_printer(every: float = 0.1):
-    """``progress(phase, done, total)`` printing a line on stderr about every ``every`` of each phase's way."""
-    last: dict[str, int] = {}
-    t0 = time.perf_counter()
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if done < last.get(phase, 0):  # a new shot starts the phase again
-            last[phase] = 0
-        if done == total or done - last.get(phase, 0) >= max(1, int(total * every)):
-            last[phase] = done
-            print(f"  {phase} {done}/{total} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-
-    return progress
+def _stderr_log() -> logging.Logger:
+    """Phase progress on stderr (stdout keeps the result lines)."""
+    log = logging.getLogger("protocol")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("  %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def main(argv=None) -> int:
@@ -247,7 +246,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         prune(model, calib, options=opts, target_size=args.target_size, num_shots=args.shots, on_shot=on_shot,
-              start_shot=start_shot, progress=phase_printer())
+              start_shot=start_shot, progress=phase_logger(_stderr_log()))
     except _Stop:
         result["stopped_after_shots"] = args.max_shots
     result["total_seconds"] = prior + time.perf_counter() - t0

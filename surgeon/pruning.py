@@ -27,7 +27,7 @@ from .data import calibration_windows, check_seqlen, data_id, eval_windows, load
 from .errors import SurgeonError
 from .models import load_model, model_content_hash, save_model
 from .outputs import check_output, manifest_files, output_lock
-from .utils import atomic_write, cache_dir, sha256_file
+from .utils import atomic_write, cache_dir, phase_logger, sha256_file
 
 __all__ = ["ModelRef", "DataRef", "phase_logger", "prepare_model", "validate_model", "build_calibration", "build_eval",
            "preflight", "run_shot", "shot_with_fallback", "evaluate_dir", "export", "prune_run", "options_from_config",
@@ -186,19 +186,6 @@ def _load_for_pruning(source_dir: str, cfg: PruneConfig):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return model, tok
-
-
-def phase_logger(log, every: float = 0.1):
-    """A ``progress(phase, done, total)`` callback that logs each phase about every ``every`` of its way."""
-    last: dict[str, int] = {}
-
-    def progress(phase: str, done: int, total: int) -> None:
-        step = max(1, int(total * every))
-        if done == total or done - last.get(phase, 0) >= step:
-            last[phase] = done
-            log.info("%s %d/%d (%.0f%%)", phase, done, total, 100.0 * done / total)
-
-    return progress
 
 
 def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt_dir: str,

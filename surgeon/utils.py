@@ -131,3 +131,18 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def phase_logger(log, every: float = 0.1):
+    """A ``progress(phase, done, total)`` callback that logs each phase about every ``every`` of its way (a phase
+    that starts again, as in the next shot, is followed from its start again)."""
+    last: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if done < last.get(phase, 0):
+            last[phase] = 0
+        if done == total or done - last.get(phase, 0) >= max(1, int(total * every)):
+            last[phase] = done
+            log.info("%s %d/%d (%.0f%%)", phase, done, total, 100.0 * done / total)
+
+    return progress

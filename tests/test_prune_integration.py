@@ -250,3 +250,20 @@ def test_layerwise_baseline_reports_progress_per_decoder_layer():
           progress=lambda phase, done, total: calls.append((phase, done, total)))
     n = model.config.num_hidden_layers
     assert calls == [("layers", i, n) for i in range(1, n + 1)]
+
+
+def test_phase_logger_follows_every_shot_not_only_the_first():
+    from surgeon.utils import phase_logger
+
+    class Log:
+        lines: list = []
+
+        def info(self, fmt, *args):
+            self.lines.append(fmt % args)
+
+    log = Log()
+    progress = phase_logger(log, every=0.5)
+    for _shot in range(2):
+        for done in range(1, 5):
+            progress("update", done, 4)
+    assert log.lines == ["update 2/4 (50%)", "update 4/4 (100%)"] * 2
