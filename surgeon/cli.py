@@ -396,6 +396,9 @@ def prune_cmd(
              "AVX512-BF16; on CUDA the matmul writes fp32: the paper-protocol structured run keeps fp32 quality).")
     ] = None,
     device: Annotated[Optional[str], typer.Option(help="torch device.")] = None,
+    update_concurrent: Annotated[Optional[int], typer.Option(
+        help="Element updates (unstructured / N:M): layer shapes solved at once, each on its own CUDA stream "
+             "(same weights; ~30% faster on an H200 at 7; more memory).", min=1)] = None,
     nproc: Annotated[Optional[int], typer.Option(
         "--nproc", help="Processes per shot on this machine (torchrun): the calibration windows are shared out and "
                         "the curvature all-reduced; one GPU each (NCCL) for a CUDA device, else CPU (gloo).",
@@ -436,6 +439,7 @@ def prune_cmd(
                       shots=shots, output=output, eval_data=eval_data, eval_seqlen=eval_seqlen,
                       eval_max_windows=eval_max_windows, seed=seed, batch_size=batch_size,
                       max_correlate=max_correlate, compute_dtype=compute_dtype, gram_dtype=gram_dtype, device=device,
+                      update_concurrent=update_concurrent,
                       threads=threads,
                       finetune_steps=finetune_steps, final_finetune_steps=final_finetune_steps,
                       finetune_lr=finetune_lr, finetune_train=finetune_train, finetune_holdout=finetune_holdout,

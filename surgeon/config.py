@@ -77,6 +77,9 @@ class PruneConfig(BaseModel):
     # curvature pass: recompute each decoder layer's activations in the backward pass instead of keeping them
     # (less memory for large batches or models; same factors, about one more forward pass of time)
     checkpoint_layers: bool = False
+    # element updates (unstructured / N:M): solve this many layer shapes' systems at once, on CUDA each on a stream
+    # of its own: the same weights, ~30% faster on an H200 at 7 (BENCHMARKS.md, "Element update"); more memory
+    update_concurrent: int = Field(default=1, ge=1)
     device: str = "cpu"
     threads: int | None = None
     nproc: int = 1  # processes per shot (data-parallel curvature on one machine: one GPU each, or CPU/gloo)

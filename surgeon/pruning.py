@@ -60,6 +60,7 @@ def options_from_config(cfg: PruneConfig) -> PruneOptions:
                         structured_update=cfg.structured_update, coupled_score=cfg.coupled_score,
                         batch_size=cfg.batch_size, autocast_dtype=_DTYPES[cfg.compute_dtype], device=cfg.device,
                         gram_dtype=_DTYPES[cfg.gram_dtype], checkpoint_layers=cfg.checkpoint_layers,
+                        update_concurrent_batches=cfg.update_concurrent,
                         seed=cfg.seed, first_order=cfg.first_order, first_order_scale=cfg.first_order_scale)
 
 

@@ -243,6 +243,17 @@ def test_checkpoint_layers_recipe_key_reaches_the_shot():
     assert not options_from_config(load_recipe(None, model="some/model")).checkpoint_layers
 
 
+def test_update_concurrent_recipe_key_reaches_the_shot_and_is_validated():
+    from surgeon.config import load_recipe
+    from surgeon.errors import SurgeonError
+    from surgeon.pruning import options_from_config
+
+    assert options_from_config(load_recipe(None, ["update_concurrent=7"], model="some/model")).update_concurrent_batches == 7
+    assert options_from_config(load_recipe(None, model="some/model")).update_concurrent_batches == 1
+    with pytest.raises(SurgeonError, match="update_concurrent"):
+        load_recipe(None, ["update_concurrent=0"], model="some/model")
+
+
 def test_layerwise_baseline_reports_progress_per_decoder_layer():
     model = tiny_model("llama")
     calls = []
@@ -267,3 +278,18 @@ def test_phase_logger_follows_every_shot_not_only_the_first():
         for done in range(1, 5):
             progress("update", done, 4)
     assert log.lines == ["update 2/4 (50%)", "update 4/4 (100%)"] * 2
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    import yaml
+
+    from surgeon.config import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "deployments" / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        if "sweep" in (yaml.safe_load(path.read_text()) or {}):
+            continue  # a sweep file (surgeon sweep) names a recipe and its grid, not a recipe itself
+        load_recipe(path)
