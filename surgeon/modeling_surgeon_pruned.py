@@ -12,6 +12,8 @@ registers the classes so ``trust_remote_code`` is not needed then.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
@@ -40,7 +42,22 @@ class SurgeonPrunedOPTConfig(OPTConfig, _PerLayerSizes):
 
 
 def _linear(old: nn.Linear, n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    with warnings.catch_warnings():  # zero-width FFN: "Initializing zero-element tensors is a no-op"
+        warnings.simplefilter("ignore", UserWarning)
+        return nn.Linear(n_in, n_out, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+
+
+class _EmptyMLP(nn.Module):
+    """A Llama-like FFN with no unit left (intermediate size 0): its output is exactly zero, so it returns a zero
+    scalar without any work; the zero-width linears stay as children (same state-dict keys)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x, *args, **kwargs):
+        return x.new_zeros(())
 
 
 def _shrink(layers, config, *, attn: str, mlp: str, mlp_in, mlp_out, q, k, v, o, head_dim) -> None:
@@ -54,6 +71,8 @@ def _shrink(layers, config, *, attn: str, mlp: str, mlp_in, mlp_out, q, k, v, o,
             setattr(m, n, _linear(old, old.in_features, inter))
         old = getattr(m, mlp_out)
         setattr(m, mlp_out, _linear(old, inter, old.out_features))
+        if inter == 0 and mlp:  # Llama-like (no biases); OPT's fc2 keeps adding its bias through zero-width linears
+            setattr(layer, mlp, _EmptyMLP(m))
         a = getattr(layer, attn)
         for n, heads in ((q, nh), (k, nkv), (v, nkv)):
             old = getattr(a, n)

@@ -47,6 +47,10 @@ class ArchitectureAdapter:
     attention_out: str = ""
     mlp_in: tuple[str, ...] = field(default=())
     mlp_out: str = ""
+    # the module holding mlp_in/mlp_out whose output is exactly zero once it has no unit left (no biases):
+    # materialization replaces it by an EmptyMLP that does no work ("" = keep zero-width linears, e.g. OPT's
+    # fc2 still adds its bias)
+    mlp_block: str = ""
 
     def layer_type(self, linear_name: str) -> str:
         """'q_proj' for 'model.layers.3.self_attn.q_proj'."""
@@ -85,6 +89,7 @@ _LLAMA_LIKE = dict(
     attention_out="self_attn.o_proj",
     mlp_in=("mlp.gate_proj", "mlp.up_proj"),
     mlp_out="mlp.down_proj",
+    mlp_block="mlp",
 )
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (

@@ -6,7 +6,10 @@ Removable (exact, the logits do not change):
 - query head h: its o columns are zero (q rows alone are not enough: zero scores still average v);
 - kv group g: all its query heads are removable (then k/v rows feed nothing).
 GQA needs the same number of query heads per kept kv group, so each kept group keeps max-over-groups heads, padded
-with removable (zero-output) heads. Every layer keeps at least one FFN unit and one head.
+with removable (zero-output) heads. Every layer keeps at least one head. A layer whose FFN has no unit left keeps
+zero-width linears (their weights have 0 rows/columns); where the adapter names the FFN module (``mlp_block``:
+Llama-like, no biases) that module becomes an :class:`EmptyMLP`, which returns zero without any work, so the
+layer skips its FFN matmuls altogether instead of multiplying by zeros.
 
 Alignment: matmuls whose width is not a multiple of 64 run much slower (measured: a 1083-wide FFN projection took
 as long as the dense 1536-wide one on the CPU, and materialized SmolLM2 ran 0.7x dense on the H200), so
@@ -16,12 +19,14 @@ are all-zero units, so the function is unchanged; they cost their parameters (co
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, get_submodule
 
-__all__ = ["find_kept", "pad_kept", "slice_linear", "materialize_", "count_parameters"]
+__all__ = ["find_kept", "pad_kept", "slice_linear", "materialize_", "count_parameters", "EmptyMLP"]
 
 
 def _zero_rows(lin: nn.Linear) -> torch.Tensor:
@@ -40,8 +45,6 @@ def find_kept(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[int,
         dead = down.weight.abs().sum(dim=0) == 0
         prod = torch.stack([_zero_rows(get_submodule(layer, n)) for n in adapter.mlp_in]).all(dim=0)
         ffn = torch.nonzero(~(dead | prod)).flatten().cpu()
-        if ffn.numel() == 0:
-            ffn = torch.tensor([0])
         o = get_submodule(layer, adapter.attention_out)
         head_alive = o.weight.abs().reshape(o.out_features, n_heads, hd).sum(dim=(0, 2)) > 0  # (n_heads,)
         per_group = head_alive.reshape(n_kv, group)
@@ -83,7 +86,9 @@ def slice_linear(lin: nn.Linear, *, rows: torch.Tensor | None = None, cols: torc
         W = W[rows]
     if cols is not None:
         W = W[:, cols]
-    new = nn.Linear(W.shape[1], W.shape[0], bias=lin.bias is not None, device=W.device, dtype=W.dtype)
+    with warnings.catch_warnings():  # a zero-width layer: "Initializing zero-element tensors is a no-op"
+        warnings.simplefilter("ignore", UserWarning)
+        new = nn.Linear(W.shape[1], W.shape[0], bias=lin.bias is not None, device=W.device, dtype=W.dtype)
     new.weight.copy_(W)
     if lin.bias is not None:
         new.bias.copy_(lin.bias[rows] if rows is not None else lin.bias)
@@ -116,6 +121,8 @@ def materialize_(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[i
         for n in adapter.mlp_in:
             _set(layer, n, slice_linear(get_submodule(layer, n), rows=kp["ffn"]))
         _set(layer, adapter.mlp_out, slice_linear(get_submodule(layer, adapter.mlp_out), cols=kp["ffn"]))
+        if kp["ffn"].numel() == 0 and adapter.mlp_block:
+            _set(layer, adapter.mlp_block, EmptyMLP(get_submodule(layer, adapter.mlp_block)))
         qr, kvr = _head_rows(kp["heads"], hd), _head_rows(kp["kv"], hd)
         _set(layer, q, slice_linear(get_submodule(layer, q), rows=qr))
         _set(layer, k, slice_linear(get_submodule(layer, k), rows=kvr))
@@ -126,6 +133,20 @@ def materialize_(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[i
         set_head_counts(attn, nh, nkv)
         sizes.append({"intermediate_size": int(kp["ffn"].numel()), "num_heads": nh, "num_kv_heads": nkv})
     return sizes
+
+
+class EmptyMLP(nn.Module):
+    """An FFN with no unit left, whose output is exactly zero: returns a zero scalar (broadcast by the residual add)
+    without touching its input. Keeps the original's (zero-width) children, so module paths and state-dict keys
+    stay those of the family."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x.new_zeros(())
 
 
 def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:

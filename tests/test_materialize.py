@@ -144,3 +144,54 @@ def test_pad_kept_rejects_bad_align():
 
     with pytest.raises(ValueError, match="align"):
         pad_kept([{"ffn": torch.tensor([0, 1])}], 8, 0)
+
+
+def _empty_ffn(model, layer=1):
+    """Zero every FFN unit of one decoder layer (its consumer columns), as a pruning run that removed them all."""
+    ad = adapter_for(model)
+    with torch.no_grad():
+        get_submodule(get_submodule(model, ad.layers)[layer], ad.mlp_out).weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_layer_without_ffn_units_is_materialized_empty(family):
+    """No unit left: the layer keeps no placeholder unit (nor alignment padding); a Llama-like FFN becomes an
+    EmptyMLP that does no work, OPT keeps zero-width fc1/fc2 (fc2 still adds its bias); logits unchanged."""
+    from surgeon_core.materialize import EmptyMLP
+
+    model = _empty_ffn(_pruned(family))
+    ad = adapter_for(model)
+    layout = ad.head_layout(model.config)
+    x = tiny_windows(2, 16, seed=1)
+    ref = _logits(model, x)
+    sizes = materialize_(model, ad, layout, align=8)
+    assert sizes[1]["intermediate_size"] == 0 and sizes[0]["intermediate_size"] > 0
+    layer = get_submodule(model, ad.layers)[1]
+    assert get_submodule(layer, ad.mlp_out).weight.shape[1] == 0
+    assert isinstance(get_submodule(layer, "mlp"), EmptyMLP) == (family == "llama")
+    assert (_logits(model, x) - ref).abs().max() <= 1e-5
+
+
+def test_empty_ffn_saves_and_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgeon.materialize import materialize_dir
+
+    model = _empty_ffn(_pruned("llama"))
+    x = tiny_windows(2, 16, seed=1)
+    ref = _logits(model, x)
+    model.save_pretrained(tmp_path / "src")
+    report = materialize_dir(tmp_path / "src", tmp_path / "out")
+    assert report["layers"][1]["intermediate_size"] == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(loaded.model.layers[1].mlp).__name__ == "_EmptyMLP"
+    assert (_logits(loaded, x) - ref).abs().max() <= 1e-4
+    torch.save((x, ref), tmp_path / "io.pt")
+    code = ("import torch; from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained(r'{tmp_path / 'out'}', trust_remote_code=True).eval()\n"
+            "assert type(m.model.layers[1].mlp).__name__ == '_EmptyMLP'\n"
+            f"x, ref = torch.load(r'{tmp_path / 'io.pt'}')\n"
+            "with torch.no_grad(): d = (m(x).logits - ref).abs().max().item()\n"
+            "assert d <= 1e-4, d\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -13,13 +13,13 @@ from tiny_models import VOCAB, tiny_model
 pytestmark = pytest.mark.integration
 
 
-def _materialized(dense):
+def _materialized(dense, layer1_ffn=64):
     """A copy of ``dense`` sliced to per-layer sizes: layer 0 keeps 40 FFN units, 4 heads in 2 kv groups; layer 1
-    keeps 64 units, 2 heads in 1 kv group (so the layers' kv-head counts differ: 2 vs 1)."""
+    keeps ``layer1_ffn`` units (0: an EmptyMLP), 2 heads in 1 kv group (so the layers' kv-head counts differ)."""
     from surgeon.materialize import materialize_model
 
     kept = [{"ffn": torch.arange(40), "heads": torch.tensor([0, 1, 2, 3]), "kv": torch.tensor([0, 1])},
-            {"ffn": torch.arange(10, 74), "heads": torch.tensor([2, 3]), "kv": torch.tensor([1])}]
+            {"ffn": torch.arange(10, 10 + layer1_ffn), "heads": torch.tensor([2, 3]), "kv": torch.tensor([1])}]
     model, report = materialize_model(copy.deepcopy(dense), kept, align=1)
     assert [x["num_kv_heads"] for x in report["layers"]] == [2, 1]
     return model.eval()
@@ -28,7 +28,7 @@ def _materialized(dense):
 @pytest.fixture(scope="module")
 def models():
     dense = tiny_model("llama", seed=0)
-    return {"dense": dense, "pruned": _materialized(dense)}
+    return {"dense": dense, "pruned": _materialized(dense), "no_ffn": _materialized(dense, layer1_ffn=0)}
 
 
 def _prompt(batch=3, length=8, seed=1):
@@ -44,18 +44,18 @@ def _check_same(model, runner, steps=6):
         assert (logits - ref_logits).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["dense", "pruned"])
+@pytest.mark.parametrize("name", ["dense", "pruned", "no_ffn"])
 def test_static_cache_decode_matches_eager(models, name):
     model = models[name]
     runner = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False)
     _check_same(model, runner)
     layers = runner._cache.layers
-    if name == "pruned":  # one static tensor pair per layer, each with that layer's own kv-head count
+    if name != "dense":  # one static tensor pair per layer, each with that layer's own kv-head count
         assert [layer.keys.shape[1] for layer in layers] == [2, 1]
     assert all(layer.keys.shape[2] == 8 + 6 for layer in layers)
 
 
-@pytest.mark.parametrize("name", ["dense", "pruned"])
+@pytest.mark.parametrize("name", ["dense", "pruned", "no_ffn"])
 def test_compiled_step_decode_matches_eager(models, name):
     """dynamo traces the decode step (fullgraph, static cache); the eager backend keeps this fast on a CPU."""
     model = models[name]
@@ -94,7 +94,7 @@ def test_inductor_decode_and_compare(models):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager(models):
     """On a GPU: the decode step as a replayed CUDA graph (reduce-overhead) gives the eager tokens."""
-    for name in ("dense", "pruned"):
+    for name in ("dense", "pruned", "no_ffn"):
         model = copy.deepcopy(models[name]).cuda()
         runner = speed.CompiledRunner(model)
         assert runner.cuda_graphs("decode")
@@ -112,7 +112,7 @@ def test_cuda_graph_decode_matches_eager(models):
 def test_whole_step_cuda_graph_decode_matches_eager(models):
     """On a GPU: the whole step (compiled forward + greedy pick) captured as one CUDA graph gives the eager tokens,
     also on calls after the capture (the cache is reset and reused) and for a second prompt."""
-    for name in ("dense", "pruned"):
+    for name in ("dense", "pruned", "no_ffn"):
         model = copy.deepcopy(models[name]).cuda()
         runner = speed.CompiledRunner(model, decode_graph=True)
         assert not runner.cuda_graphs("decode")  # inductor's own graphs stay off inside ours
