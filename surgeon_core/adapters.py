@@ -161,11 +161,14 @@ def adapter_for(model: nn.Module) -> ArchitectureAdapter:
 
 
 def prunable_linears(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> dict[str, nn.Linear]:
-    """Ordered {full name: nn.Linear} of every prunable linear (decoder blocks only; never embeddings/head)."""
+    """Ordered {full name: nn.Linear} of every prunable linear (decoder blocks only; never embeddings/head).
+    Zero-width linears (a materialized layer whose FFN lost every unit) hold nothing to prune and are left out."""
     adapter = adapter or adapter_for(model)
     layers = get_submodule(model, adapter.layers)
     out: dict[str, nn.Linear] = {}
     for i, layer in enumerate(layers):
         for name in adapter.linears:
-            out[f"{adapter.layers}.{i}.{name}"] = get_submodule(layer, name)
+            lin = get_submodule(layer, name)
+            if lin.weight.numel():
+                out[f"{adapter.layers}.{i}.{name}"] = lin
     return out

@@ -281,6 +281,8 @@ def _apply_rule(
     """
     report, zeros, total = {}, 0, 0
     for name, linear in linears.items():
+        if not linear.weight.numel():  # a materialized layer's empty FFN: nothing to prune (no input either)
+            continue
         start = time.perf_counter()
         W_new, loss = rule(name, linear)
         linear.weight.copy_(W_new.to(device=linear.weight.device, dtype=linear.weight.dtype))
@@ -289,7 +291,7 @@ def _apply_rule(
         report[name] = {"sparsity": n_zero / linear.weight.numel(), "seconds": time.perf_counter() - start}
         if loss is not None:
             report[name]["loss"] = float(loss)
-    return {"sparsity": zeros / total, "linears": report}
+    return {"sparsity": zeros / total if total else 0.0, "linears": report}
 
 
 def _magnitude_pruned(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None, device) -> torch.Tensor:

@@ -771,6 +771,9 @@ def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_s
     if getattr(model.config, "layer_num_heads", None) is not None:
         raise ValueError("coupled pruning of a materialized model (per-layer head counts) is not supported; "
                          "prune the zeroed model, then materialize")
+    if any(not get_submodule(layer, n).weight.numel() for layer in layers for n in adapter.linears):
+        raise ValueError("coupled pruning of a materialized model (a layer without FFN units) is not supported; "
+                         "prune the zeroed model, then materialize")
     layout = tuple(opts.head_layout) if opts.head_layout else adapter.head_layout(model.config)
 
     a_moved: dict = {}  # one device copy of an input factor shared by q/k/v or gate/up (its inverse is cached by id)

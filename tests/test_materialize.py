@@ -195,3 +195,28 @@ def test_empty_ffn_saves_and_loads(tmp_path):
             "with torch.no_grad(): d = (m(x).logits - ref).abs().max().item()\n"
             "assert d <= 1e-4, d\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("method,structure", [("llm-surgeon", "unstructured"), ("llm-surgeon", "2:4"),
+                                              ("llm-surgeon", "structured"), ("wanda", "2:4"),
+                                              ("sparsegpt", "unstructured"), ("magnitude", "unstructured")])
+def test_materialized_model_with_empty_ffn_can_be_pruned_again(method, structure):
+    """Zero-width linears hold nothing to prune: every method leaves them out and prunes the rest."""
+    from surgeon_core.adapters import prunable_linears
+
+    model = _empty_ffn(tiny_model("llama", seed=0))
+    ad = adapter_for(model)
+    materialize_(model, ad, ad.head_layout(model.config))
+    names = list(prunable_linears(model, ad))
+    assert not any(n.startswith("model.layers.1.mlp.") for n in names) and "model.layers.0.mlp.up_proj" in names
+    prune(model, tiny_windows(2, 16), options=PruneOptions(method=method, structure=structure), target_size=0.5)
+    after = count_parameters(model, ad)
+    assert after["nonzero_prunable"] <= 0.52 * after["prunable"]
+
+
+def test_coupled_pruning_of_a_materialized_model_with_empty_ffn_is_refused():
+    model = _empty_ffn(tiny_model("llama", seed=0))
+    ad = adapter_for(model)
+    materialize_(model, ad, ad.head_layout(model.config))
+    with pytest.raises(ValueError, match="materialized"):
+        prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled"), target_size=0.5)
