@@ -23,6 +23,7 @@ from .sequential import run_layerwise
 __all__ = [
     "METHODS",
     "flatten_inputs",
+    "math_dtype",
     "accumulate_hessian_",
     "accumulate_sq_norms_",
     "InputStats",
@@ -40,9 +41,14 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def flatten_inputs(x: torch.Tensor) -> torch.Tensor:
-    """(..., C) activations -> (N, C) float32: every token is one sample (OPT's fc1/fc2 already see (N, C))."""
-    return x.reshape(-1, x.shape[-1]).float()
+def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The baselines' arithmetic: fp32 for bf16/fp16/fp32 weights, float64 when a tensor is float64 (exact checks)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def flatten_inputs(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(..., C) activations -> (N, C) in ``dtype``: every token is one sample (OPT's fc1/fc2 already see (N, C))."""
+    return x.reshape(-1, x.shape[-1]).to(dtype)
 
 
 def accumulate_hessian_(H: torch.Tensor, n: int, X: torch.Tensor) -> int:
@@ -61,17 +67,19 @@ def accumulate_sq_norms_(s: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 class InputStats:
     """Streaming statistics of one linear's inputs (or of a group of linears reading the same input).
 
-    ``H`` (C, C) fp32 for SparseGPT, ``sq_norms`` (C,) fp32 for Wanda; both live on ``device``.
+    ``H`` (C, C) for SparseGPT, ``sq_norms`` (C,) for Wanda, both in ``dtype`` (fp32 unless the model is float64)
+    on ``device``.
     """
 
-    def __init__(self, in_features: int, *, hessian: bool, sq_norms: bool, device: torch.device | str):
+    def __init__(self, in_features: int, *, hessian: bool, sq_norms: bool, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32):
         self.n = 0
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
-        self.sq_norms = torch.zeros(in_features, dtype=torch.float32, device=device) if sq_norms else None
+        self.H = torch.zeros(in_features, in_features, dtype=dtype, device=device) if hessian else None
+        self.sq_norms = torch.zeros(in_features, dtype=dtype, device=device) if sq_norms else None
 
     def update(self, x: torch.Tensor) -> None:
         target = self.H if self.H is not None else self.sq_norms
-        X = flatten_inputs(x.to(target.device))  # (N, C)
+        X = flatten_inputs(x.to(target.device), target.dtype)  # (N, C)
         if self.sq_norms is not None:
             accumulate_sq_norms_(self.sq_norms, X)
         if self.H is not None:
@@ -142,7 +150,7 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
         (d_out, d_in) bool, True = kept.
     """
     _check_target(sparsity, n_m, W.shape[1])
-    scores = W.detach().abs().float()
+    scores = W.detach().abs().to(math_dtype(W))
     prune = _prune_n_m(scores, n_m) if n_m is not None else _prune_smallest(scores, sparsity)
     return ~prune
 
@@ -164,7 +172,8 @@ def wanda_mask(
     _check_target(sparsity, n_m, W.shape[1])
     if col_sq_norms.shape != (W.shape[1],):
         raise ValueError(f"col_sq_norms must have shape ({W.shape[1]},), got {tuple(col_sq_norms.shape)}")
-    scores = W.detach().abs().float() * col_sq_norms.to(W.device).float().sqrt()  # (d_out, d_in)
+    dtype = math_dtype(W, col_sq_norms)
+    scores = W.detach().abs().to(dtype) * col_sq_norms.to(device=W.device, dtype=dtype).sqrt()  # (d_out, d_in)
     prune = _prune_n_m(scores, n_m) if n_m is not None else _prune_smallest_per_row(scores, sparsity)
     return ~prune
 
@@ -226,8 +235,8 @@ def sparsegpt_prune(
     """SparseGPT: OBS pruning column by column with lazy batched updates between column blocks.
 
     Args:
-        W: (d_out, d_in) weight, any float dtype; the math runs in fp32 on H's device.
-        H: (d_in, d_in) fp32 Hessian 2/n Σ x xᵀ of the layer's inputs (not modified).
+        W: (d_out, d_in) weight, any float dtype; the math runs in fp32 (float64 if W or H is) on H's device.
+        H: (d_in, d_in) fp32 (or float64) Hessian 2/n Σ x xᵀ of the layer's inputs (not modified).
         sparsity: fraction pruned; unstructured chooses floor(sparsity * d_out * b) weights of each block of b
             columns by W² / diag(H⁻¹)².
         n_m: (N, M) keeps N of every M consecutive inputs of each row, chosen every M columns.
@@ -235,8 +244,8 @@ def sparsegpt_prune(
         dampening_frac: λ = dampening_frac * mean(diag H) added to diag H (x10 retries if Cholesky fails).
 
     Returns:
-        (W_new (d_out, d_in) in W's dtype, mask (d_out, d_in) bool with True = kept, loss: 0-dim fp32 tensor,
-        the summed OBS estimate Σ (w - q)² / (2 [H⁻¹]_jj²)).
+        (W_new (d_out, d_in) in W's dtype, mask (d_out, d_in) bool with True = kept, loss: 0-dim tensor in the
+        math dtype, the summed OBS estimate Σ (w - q)² / (2 [H⁻¹]_jj²)).
     """
     rows, cols = W.shape
     _check_target(sparsity, n_m, cols)
@@ -246,16 +255,16 @@ def sparsegpt_prune(
         raise ValueError(f"block_size must be a positive multiple of M, got {block_size} for n_m={n_m}")
     if dampening_frac < 0:
         raise ValueError(f"dampening_frac must be >= 0, got {dampening_frac}")
-    out_dtype = W.dtype
-    H = H.detach().float().clone()
-    W = W.detach().to(device=H.device, dtype=torch.float32).clone()  # (d_out, d_in)
+    out_dtype, dtype = W.dtype, math_dtype(W, H)
+    H = H.detach().to(dtype).clone()
+    W = W.detach().to(device=H.device, dtype=dtype).clone()  # (d_out, d_in)
     dead = H.diagonal() == 0  # inputs that were always zero: the weight is free to prune and H needs a 1
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     Hinv = _inverse_cholesky(H, dampening_frac)  # (d_in, d_in) upper Cholesky factor of H⁻¹
     del H
     mask = torch.ones_like(W, dtype=torch.bool)
-    loss = torch.zeros((), dtype=torch.float32, device=W.device)
+    loss = torch.zeros((), dtype=dtype, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()
@@ -361,7 +370,7 @@ def prune_model_layerwise(
     else:
         def make_stats(linear: nn.Linear) -> InputStats:
             return InputStats(linear.in_features, hessian=method == "sparsegpt", sq_norms=method == "wanda",
-                              device=linear.weight.device)
+                              device=linear.weight.device, dtype=math_dtype(linear.weight))
 
         def rule(name: str, linear: nn.Linear, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor | None]:
             if method == "wanda":

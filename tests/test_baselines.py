@@ -19,6 +19,7 @@ from surgeon_core.baselines import (
     accumulate_sq_norms_,
     flatten_inputs,
     magnitude_mask,
+    math_dtype,
     prune_model_layerwise,
     sparsegpt_prune,
     wanda_mask,
@@ -60,6 +61,17 @@ def test_streaming_statistics_equal_batch_formulas():
 def test_flatten_inputs_is_float32_tokens_by_features():
     x = torch.ones(2, 3, 5, dtype=torch.bfloat16)
     assert flatten_inputs(x).shape == (6, 5) and flatten_inputs(x).dtype == torch.float32
+    assert flatten_inputs(x, torch.float64).dtype == torch.float64
+
+
+def test_statistics_follow_a_float64_model():
+    X = _correlated_inputs(6, 40, seed=0).double()
+    stats = InputStats(6, hessian=True, sq_norms=True, device="cpu", dtype=torch.float64)
+    stats.update(X.view(4, 10, 6))
+    assert stats.H.dtype == stats.sq_norms.dtype == torch.float64
+    torch.testing.assert_close(stats.H, 2 / 40 * X.T @ X, rtol=1e-14, atol=1e-14)
+    assert math_dtype(torch.ones(1, dtype=torch.bfloat16)) == torch.float32
+    assert math_dtype(torch.ones(1), torch.ones(1, dtype=torch.float64)) == torch.float64
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -172,6 +184,22 @@ def test_sparsegpt_dead_columns_and_dtype():
     assert H[3, 3] == 0  # the caller's H is untouched
 
 
+def test_sparsegpt_lazy_blocks_are_exact_in_float64():
+    # Lazy batching only defers the updates of later columns; with N:M (chosen every M columns on the weights as
+    # updated so far) the result cannot depend on the block size. In float64 that holds to rounding level.
+    d_out, d_in = 8, 32
+    X = _correlated_inputs(d_in, 128, seed=3).double()
+    W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    H = torch.zeros(d_in, d_in, dtype=torch.float64)
+    accumulate_hessian_(H, 0, X)
+    W4, mask4, loss4 = sparsegpt_prune(W, H, 0.5, (2, 4), block_size=4)
+    W32, mask32, loss32 = sparsegpt_prune(W, H, 0.5, (2, 4), block_size=32)
+    assert W4.dtype == loss4.dtype == torch.float64
+    assert torch.equal(mask4, mask32)
+    torch.testing.assert_close(W4, W32, rtol=0, atol=1e-12)
+    torch.testing.assert_close(loss4, loss32, rtol=1e-12, atol=0)
+
+
 def test_sparsegpt_singular_hessian_escalates_damping():
     X = _correlated_inputs(16, 4, 0)  # 4 samples for 16 features: H has rank 4
     H = torch.zeros(16, 16)
@@ -236,6 +264,21 @@ def test_sparsegpt_hessian_does_not_depend_on_batching():
     prune_model_layerwise(b, windows, method="sparsegpt", sparsity=0.5, batch_size=4)
     for (name, la), lb in zip(prunable_linears(a).items(), prunable_linears(b).values()):
         torch.testing.assert_close(la.weight, lb.weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_float64_model_is_pruned_in_float64(method):
+    # A float64 model keeps float64 statistics and math (exact cross-checks), so batching changes nothing beyond
+    # float64 rounding, far below the fp32 tolerance of the test above.
+    a, b = tiny_model("llama").double(), tiny_model("llama").double()
+    windows = tiny_windows(4, 16)
+    prune_model_layerwise(a, windows, method=method, sparsity=0.5, n_m=(2, 4), batch_size=1)
+    prune_model_layerwise(b, windows, method=method, sparsity=0.5, n_m=(2, 4), batch_size=4)
+    for (name, la), lb in zip(prunable_linears(a).items(), prunable_linears(b).values()):
+        assert la.weight.dtype == torch.float64
+        assert torch.equal(la.weight != 0, lb.weight != 0), name
+        torch.testing.assert_close(la.weight, lb.weight, rtol=0, atol=1e-10, msg=name)
 
 
 @pytest.mark.integration
