@@ -78,6 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--structure", default="structured")
     p.add_argument("--target-size", type=float, required=True)
     p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--heldout", help="also evaluate held-out calibration-domain windows (.npy, from "
+                   "benchmarks/heldout_windows.py) wherever --eval is evaluated: the criterion for choosing settings, "
+                   "since the evaluation text must not be tuned on")
+    p.add_argument("--heldout-max-windows", type=int)
     p.add_argument("--eval-at", default="", help="comma-separated target sizes (or 'all') to evaluate at")
     p.add_argument("--no-dense-eval", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
@@ -94,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-correlate", type=int)
     p.add_argument("--damping-a", type=float, default=0.01)
     p.add_argument("--damping-g", type=float)
+    p.add_argument("--fisher-samples", type=int, default=1, help="labels drawn per token for --fisher sampled")
     p.add_argument("--fisher", default="empirical")
     p.add_argument("--structured-update", default="sum", choices=["sequential", "sum"])
     p.add_argument("--coupled-score", default="cost", choices=["cost", "per_param"],
@@ -124,11 +129,13 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
     calib = load_windows(args.calibration, None, args.nsamples) if args.calibration else None
     evalw = load_windows(args.eval, args.eval_seqlen, args.eval_max_windows)
+    heldw = load_windows(args.heldout, None, args.heldout_max_windows) if args.heldout else None
     autocast = None if args.autocast == "none" else DTYPES[args.autocast]
     opts = PruneOptions(method=args.method, structure=args.structure, batch_size=args.batch_size,
                         autocast_dtype=autocast, gram_dtype=DTYPES[args.gram] if args.gram != "fp32" else None,
                         device=str(device), max_correlate=args.max_correlate,
-                        damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher, seed=args.seed,
+                        damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher,
+                        fisher_samples=args.fisher_samples, seed=args.seed,
                         structured_update=args.structured_update, true_sequential=args.true_sequential,
                         update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
@@ -161,14 +168,20 @@ def main(argv=None) -> int:
         print(f"saved {out}", flush=True)
 
     def ev():
-        return perplexity(model, evalw, batch_size=args.eval_batch_size, device=device,
-                          autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+        res = perplexity(model, evalw, batch_size=args.eval_batch_size, device=device,
+                         autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+        if heldw is not None:
+            h = perplexity(model, heldw, batch_size=args.eval_batch_size, device=device,
+                           autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+            res = {**res, "heldout_ppl": h["ppl"], "seconds": res["seconds"] + h["seconds"]}
+        return res
 
     result = {
         "tag": args.tag, "model": args.model, "method": args.method, "structure": args.structure,
         "target_size": args.target_size, "shots": args.shots, "options": opts.to_dict(),
         "calibration": args.calibration, "calibration_shape": list(calib.shape) if calib is not None else None,
         "eval": args.eval, "eval_shape": list(evalw.shape), "device": str(device),
+        "heldout": args.heldout, "heldout_shape": list(heldw.shape) if heldw is not None else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "load_seconds": load_s,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -209,7 +222,10 @@ def main(argv=None) -> int:
         d = ev()
         result["dense_ppl"] = d["ppl"]
         result["eval_seconds"] = d["seconds"]
-        print(f"dense ppl {d['ppl']:.3f} ({d['seconds']:.1f}s)", flush=True)
+        if "heldout_ppl" in d:
+            result["dense_heldout_ppl"] = d["heldout_ppl"]
+        print(f"dense ppl {d['ppl']:.3f} held-out {d.get('heldout_ppl', float('nan')):.3f} ({d['seconds']:.1f}s)",
+              flush=True)
 
     def on_shot(rep):
         row = {"shot": rep.shot, "target_size": rep.target_size, "achieved_size": rep.achieved_size,
@@ -229,12 +245,15 @@ def main(argv=None) -> int:
             e = ev()
             row["ppl"] = e["ppl"]
             row["eval_seconds"] = e["seconds"]
+            if "heldout_ppl" in e:
+                row["heldout_ppl"] = e["heldout_ppl"]
         result["shots_report"].append(row)
         if rep.shot - 1 in save_sizes:
             save(rep)
         secs = " ".join(f"{k}={v:.1f}s" for k, v in rep.seconds.items())
         print(f"shot {rep.shot}/{rep.num_shots} size {rep.achieved_size:.4f} (target {rep.target_size:.4f}) "
-              f"{secs} ppl {row.get('ppl', float('nan')):.3f}", flush=True)
+              f"{secs} ppl {row.get('ppl', float('nan')):.3f} held-out {row.get('heldout_ppl', float('nan')):.3f}",
+              flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         if ckpt is not None:
