@@ -7,7 +7,9 @@
 #   call B: SHOTS=40 FISHERS=<held-out winner> runs it in 40 shots (about 450 s; --checkpoint resumes it in a
 #           further call if the time runs out).
 # The model: the second GGUF half is carried in this call (.gguf2), the first staged by an earlier call in /root/g
-# (benchmarks/gpu_convert.sh); a warm machine keeps /root/smolhf between calls.
+# (benchmarks/gpu_convert.sh); a warm machine keeps /root/smolhf between calls. Carry: .gpudata (a1/, p/ and
+# heldout/ from `python benchmarks/heldout_windows.py --tokenizer models/smollm2-135m --out .gpudata/heldout`),
+# .gguf2, and in the first call .gguf1 and .whl (gguf wheel, installed to /root/site).
 set -u
 DATA=${DATA:-.gpudata}
 MODEL=/root/smolhf
