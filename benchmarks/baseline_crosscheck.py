@@ -192,9 +192,10 @@ def main(argv=None) -> int:
         prune(ours, calib, options=PruneOptions(method=args.method, structure=args.structure, batch_size=1),
               target_size=0.5)
     t2 = time.perf_counter()
-    per_type, per_layer, diff, total = {}, [], 0, 0
-    for i, (a, b) in enumerate(zip(theirs.model.layers, ours.model.layers if ours is not None else [])):
+    per_type, per_layer, weight_diff, diff, total = {}, [], [], 0, 0
+    for a, b in zip(theirs.model.layers, ours.model.layers if ours is not None else []):
         layer_diff = layer_total = 0
+        weight_diff.append(max(float((_sub(a, n).weight - _sub(b, n).weight).abs().max()) for n in LINEARS))
         for name in LINEARS:
             ma, mb = _sub(a, name).weight != 0, _sub(b, name).weight != 0
             d = int((ma != mb).sum())
@@ -204,10 +205,8 @@ def main(argv=None) -> int:
             diff, total = diff + d, total + ma.numel()
             layer_diff, layer_total = layer_diff + d, layer_total + ma.numel()
         per_layer.append(layer_diff / layer_total)
-    weight_diff = [max(float((_sub(a, n).weight - _sub(b, n).weight).abs().max()) for n in LINEARS)
-                   for a, b in zip(theirs.model.layers, ours.model.layers if ours is not None else [])]
-    out = {"model": args.model, "method": args.method, "dtype": args.dtype, "structure": args.structure, "calibration": args.calibration,
-           "calibration_shape": list(calib.shape), "mask_entries": total, "mask_entries_differing": diff,
+    out = {"model": args.model, "method": args.method, "dtype": args.dtype, "structure": args.structure,
+           "calibration": args.calibration, "calibration_shape": list(calib.shape), "mask_entries": total, "mask_entries_differing": diff,
            "mask_fraction_differing": diff / total if total else None,
            "per_type_fraction_differing": {k: v[0] / v[1] for k, v in per_type.items()},
            "per_layer_fraction_differing": per_layer, "per_layer_max_abs_weight_difference": weight_diff,

@@ -11,12 +11,11 @@ set -u
 DATA=${DATA:-.gpudata}
 MODEL=/root/smolhf
 RES=/root/resp
-mkdir -p $RES /root/g
+mkdir -p $RES
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
 T0=$(date +%s)
 DEADLINE=${DEADLINE:-575}
-[ -f .gguf2/gguf.part.ab ] && cp .gguf2/gguf.part.ab /root/g/
-[ -f $MODEL/model.safetensors ] || bash benchmarks/gpu_convert.sh > $RES/convert.log 2>&1
+bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
 echo "call start $(date -u +%FT%TZ), model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
 P="--calibration $DATA/p/calibration_windows.npy --eval $DATA/p/eval_ids.npy --eval-seqlen 2048"
 FAST="--batch-size 16 --autocast bf16 --gram bf16 --shots 40 --target-size 0.5 --eval-at 0.5 --tag P-40"

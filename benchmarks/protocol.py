@@ -168,11 +168,13 @@ def main(argv=None) -> int:
         print(f"saved {out}", flush=True)
 
     def ev():
-        res = perplexity(model, evalw, batch_size=args.eval_batch_size, device=device,
-                         autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+        def run(windows):
+            return perplexity(model, windows, batch_size=args.eval_batch_size, device=device,
+                              autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+
+        res = run(evalw)
         if heldw is not None:
-            h = perplexity(model, heldw, batch_size=args.eval_batch_size, device=device,
-                           autocast_dtype=None if args.eval_autocast == "none" else DTYPES[args.eval_autocast])
+            h = run(heldw)
             res = {**res, "heldout_ppl": h["ppl"], "seconds": res["seconds"] + h["seconds"]}
         return res
 
