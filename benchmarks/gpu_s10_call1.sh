@@ -16,9 +16,9 @@ step() { name=$1; lim=$2; shift 2; L=$(( $(left) - 5 )); [ $L -lt $lim ] && lim=
 KEPT=benchmarks/results/gpu-2026-12-05/kept_llama7b_obs70_empty.json
 M7="benchmarks/materialized_speed.py --arch llama-2-7b --kept $KEPT --dtype bf16 --compile --repeats 3 --decode-graph"
 step empty_prefill_b4 200 $M7 --prefill-batch 8 --prefill-len 2048 --prompt-len 32 --decode-tokens 64 --decode-batch 4
-step empty_b64 170 $M7 --eager-prefill --prefill-batch 1 --prefill-len 16 --prompt-len 32 --decode-tokens 64 \
-  --decode-batch 64
 step empty_b16_r5 150 ${M7/--repeats 3/--repeats 5} --eager-prefill --prefill-batch 1 --prefill-len 16 --prompt-len 32 \
   --decode-tokens 64 --decode-batch 16
+step empty_b64 170 $M7 --eager-prefill --prefill-batch 1 --prefill-len 16 --prompt-len 32 --decode-tokens 64 \
+  --decode-batch 64
 nvidia-smi > $RES/nvidia-smi.txt 2>&1; tar czf $OUT/res.tgz -C $RES .
 cat $RES/timeline.txt; grep -h "ideal" $RES/empty_*.log | head
