@@ -345,9 +345,13 @@ def estimate_kfac(
                 generators = [_window_generator(seed, mine.start + j) for j in range(i, i + batch.shape[0])] \
                     if fisher == "sampled" else None
                 for s in range(k):
-                    stats.collect_inputs = s == 0
                     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        labels = sample_labels(model, batch, generator=generators) if fisher == "sampled" else None
+                        labels = None
+                        if fisher == "sampled":  # the drawing pass adds nothing to A and builds no graph
+                            stats.collect_inputs = False
+                            with torch.no_grad():
+                                labels = sample_labels(model, batch, generator=generators)
+                        stats.collect_inputs = s == 0  # A once per batch, from the loss pass
                         loss = sequence_nll(model, batch, labels=labels).sum()
                     loss.backward()
                 if progress is not None:

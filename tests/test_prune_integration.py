@@ -234,6 +234,23 @@ def test_layer_checkpointing_keeps_the_factors(family, fisher):
         assert not m._forward_hooks and not m._backward_hooks
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sampled_fisher_counts_each_input_once(family):
+    """A = E[a aᵀ] does not depend on the Fisher estimator: the pass that draws the labels adds nothing to it
+    (it once did, doubling A under the sampled Fisher), whatever the number of label samples."""
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.curvature import estimate_kfac
+
+    model, windows = tiny_model(family), tiny_windows(4, 16)
+    adapter = adapter_for(model)
+    emp = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
+    for k in (1, 2):
+        smp = estimate_kfac(model, windows, adapter=adapter, batch_size=2, fisher="sampled", fisher_samples=k)
+        for key in emp.A:
+            assert torch.allclose(smp.A[key], emp.A[key], rtol=1e-5, atol=1e-7), (k, key)
+        assert any(not torch.allclose(smp.G[n], emp.G[n]) for n in emp.G)  # G does depend on the labels
+
+
 def test_checkpoint_layers_recipe_key_reaches_the_shot():
     from surgeon.config import load_recipe
     from surgeon.pruning import options_from_config
