@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Next GPU session (one H200), issue 3: which untested lever closes the last 0.8% to 0.8x the best baseline at 50%
-# unstructured under P (40 shots, empirical Fisher: 42.217 against Wanda's 52.34). Settings are chosen on held-out
+# Issue 3: does the sampled-label Fisher close the last 0.8% to 0.8x the best baseline at 50% unstructured under P
+# (40 shots, empirical Fisher: 42.217 against Wanda's 52.34)? Low priority since the eleventh session: on the CPU
+# (A1, structured, 6 shots; BENCHMARKS.md) the sampled Fisher was 5x worse on held-out text. Settings are chosen on held-out
 # Python-docs windows (benchmarks/heldout_windows.py -> .gpudata/heldout/heldout_p.npy: text no calibration window
 # touches), never on WikiText, which is evaluated alongside only to report.
 #   call A: SHOTS=5 (default) runs the empirical and the sampled-label Fisher at 5 shots (a few minutes each);
