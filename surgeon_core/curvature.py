@@ -110,7 +110,7 @@ class KFACFactors:
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     has_bias: dict[str, bool] = field(default_factory=dict)
     tokens: int = 0
-    collect_inputs: bool = True  # switched off while extra label samples reuse the same inputs
+    collect_inputs: bool = True  # off while sampled labels are drawn and while extra label samples reuse the inputs
     seconds: dict[str, float] = field(default_factory=dict)
     a_sizes: dict[str, int] = field(default_factory=dict)  # input-group key -> side of A (C, or C+1 with a bias)
     g_sizes: dict[str, int] = field(default_factory=dict)  # linear name -> side of G (R)
