@@ -37,6 +37,7 @@ __all__ = [
     "capture_kfac",
     "estimate_kfac",
     "damp",
+    "symmetrize_upper_",
 ]
 
 
@@ -74,22 +75,68 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
             flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
 
 
+# The CPU's fp32 Gram in column blocks: only the blocks on and above the diagonal are multiplied (xᵀx is symmetric),
+# (k+1)/2k of the products for k blocks. Blocks narrower than this are not worth a separate matmul.
+_MIN_GRAM_BLOCK = 192
+
+
+def _upper_gram_blocks(x: torch.Tensor, dtype: torch.dtype | None) -> int:
+    """How many column blocks the Gram of ``x`` (N, D) is split into (1 = one full matmul).
+
+    Only for the fp32 Gram on the CPU, measured there (dev CPU, 2 threads, 2048 tokens: 1.25-1.4x for D = 576 and
+    1536; BENCHMARKS.md). CUDA keeps its one matmul (its bf16 path writes an fp32 result that cannot accumulate in
+    place)."""
+    if x.device.type != "cpu" or (dtype is not None and dtype != torch.float32):
+        return 1
+    return max(1, min(4, x.shape[1] // _MIN_GRAM_BLOCK))
+
+
+def _add_upper_gram_(acc: torch.Tensor, x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """acc[b, b:] += x[:, b]ᵀ x[:, b:] for each column block b: the upper block triangle of xᵀx, in place.
+
+    The blocks below the diagonal are left as they are; :func:`symmetrize_upper_` completes the matrix."""
+    D = x.shape[1]
+    step = -(-D // blocks)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for i in range(0, D, step):
+            acc[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
+    return acc
+
+
+def symmetrize_upper_(M: torch.Tensor) -> torch.Tensor:
+    """Replace the strict lower triangle of the square ``M`` by the transpose of its strict upper one, in place."""
+    upper = M.triu(1)
+    M.triu_().add_(upper.T)
+    return M
+
+
+def _accumulate(S: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype | None, upper_only: bool) -> torch.Tensor:
+    blocks = _upper_gram_blocks(x, dtype) if upper_only else 1
+    if blocks > 1:
+        if S is None:
+            S = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+        return _add_upper_gram_(S, x, blocks)
+    G = _gram(x, dtype)
+    return G if S is None else S.add_(G)
+
+
 def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool,
-                            dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A += Σ_tokens a aᵀ (unnormalised); with ``bias`` the input is augmented with a 1 (bias column last)."""
+                            dtype: torch.dtype | None = None, upper_only: bool = False) -> torch.Tensor:
+    """A += Σ_tokens a aᵀ (unnormalised); with ``bias`` the input is augmented with a 1 (bias column last).
+
+    ``upper_only``: only the upper triangle (diagonal included) of the sum is exact; the caller completes it with
+    :func:`symmetrize_upper_` once all tokens are in (fewer products on the CPU)."""
     a = _flatten(inp)  # (N, C)
     if bias:
         a = torch.cat([a, torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)], dim=1)  # (N, C+1)
-    S = _gram(a, dtype)
-    return S if A is None else A.add_(S)
+    return _accumulate(A, a, dtype, upper_only)
 
 
 def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor,
-                             dtype: torch.dtype | None = None) -> torch.Tensor:
-    """G += Σ_tokens g gᵀ (unnormalised)."""
+                             dtype: torch.dtype | None = None, upper_only: bool = False) -> torch.Tensor:
+    """G += Σ_tokens g gᵀ (unnormalised); ``upper_only`` as in :func:`accumulate_input_factor`."""
     g = _flatten(grad_out)  # (N, R)
-    S = _gram(g, dtype)
-    return S if G is None else G.add_(S)
+    return _accumulate(G, g, dtype, upper_only)
 
 
 def damp(M: torch.Tensor, frac: float) -> torch.Tensor:
@@ -168,7 +215,8 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                  placement: dict[str, torch.device] | None = None) -> Iterator[KFACFactors]:
     """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
 
-    The yielded factors hold *sums*; :func:`estimate_kfac` normalises them. ``gram_dtype``: see :func:`_gram`.
+    The yielded factors hold *sums*, complete (symmetric) once the block exits; inside it only their upper
+    triangles are (see :func:`accumulate_input_factor`). :func:`estimate_kfac` normalises them. ``gram_dtype``: see :func:`_gram`.
     ``placement`` (from :func:`spread_devices`) overrides ``device`` per factor key.
     """
     stats = KFACFactors()
@@ -184,7 +232,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                 x = inputs[0].detach()
                 dev = where(group_key)
                 stats.A[group_key] = accumulate_input_factor(A, x.to(dev) if dev else x, bias=bias,
-                                                             dtype=gram_dtype)
+                                                             dtype=gram_dtype, upper_only=True)
             return None
         return hook
 
@@ -195,7 +243,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                     g = grad.detach()
                     dev = where(name)
                     stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(dev) if dev else g,
-                                                             gram_dtype)
+                                                             gram_dtype, upper_only=True)
                 output.register_hook(grad_hook)
             return None
         return hook
@@ -211,6 +259,8 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                 stats.g_sizes[name] = linear.out_features
                 handles.append(linear.register_forward_hook(on_linear_forward(name)))
         yield stats
+        for M in (*stats.A.values(), *stats.G.values()):  # the hooks summed upper triangles only
+            symmetrize_upper_(M)
     finally:
         for h in handles:
             h.remove()
@@ -313,6 +363,9 @@ def estimate_kfac(
     windows = windows[mine]
     n = windows.shape[0]
     k = fisher_samples if fisher == "sampled" else 1
+    # Vocabulary-head chunk of the loss: on the CPU a whole batch of up to 4096 tokens at once, without recomputing
+    # its logits in the backward pass (a few GB at most for a 49k vocabulary); accelerators keep 1024-token chunks.
+    head_chunk = 4096 if device.type == "cpu" else 1024
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     model.eval()
@@ -352,7 +405,7 @@ def estimate_kfac(
                             with torch.no_grad():
                                 labels = sample_labels(model, batch, generator=generators)
                         stats.collect_inputs = s == 0  # A once per batch, from the loss pass
-                        loss = sequence_nll(model, batch, labels=labels).sum()
+                        loss = sequence_nll(model, batch, labels=labels, chunk_tokens=head_chunk).sum()
                     loss.backward()
                 if progress is not None:
                     progress(min(i + batch_size, n), n)

@@ -35,17 +35,19 @@ def sequence_nll(
 ) -> torch.Tensor:
     """Summed next-token NLL per sequence, shape (B,), over positions 1..L-1.
 
-    ``labels`` (B, L-1) replaces the true next tokens (sampled-label Fisher). With autograd on, each chunk of
-    the vocabulary head is checkpointed, so the (B, L, V) logits are never all alive at once.
+    ``labels`` (B, L-1) replaces the true next tokens (sampled-label Fisher). With autograd on and more than one
+    chunk of ``chunk_tokens``, each chunk of the vocabulary head is checkpointed, so the (B, L, V) logits are never
+    all alive at once.
     """
     head = model.get_output_embeddings()
     h = hidden_states(model, input_ids)[:, :-1]  # (B, L-1, D)
     targets = input_ids[:, 1:] if labels is None else labels  # (B, L-1)
     total = torch.zeros(input_ids.shape[0], device=h.device, dtype=torch.float32)
     step = max(1, chunk_tokens // max(1, input_ids.shape[0]))
+    chunked = h.shape[1] > step  # one chunk: nothing to save by recomputing it in the backward pass
     for s in range(0, h.shape[1], step):
         hs, ts = h[:, s : s + step], targets[:, s : s + step]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and chunked:
             total = total + checkpoint(_chunk_nll, head, hs, ts, use_reentrant=False)
         else:
             total = total + _chunk_nll(head, hs, ts)

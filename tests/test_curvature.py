@@ -1,0 +1,98 @@
+"""K-FAC factor accumulation on the CPU: the upper-triangle Gram and the vocabulary head's single-chunk loss."""
+
+import pytest
+import torch
+
+import surgeon_core.curvature as curvature
+import surgeon_core.lm as lm
+from surgeon_core.adapters import adapter_for
+from surgeon_core.curvature import (accumulate_input_factor, accumulate_output_factor, estimate_kfac,
+                                    symmetrize_upper_)
+from tiny_models import tiny_model, tiny_windows
+
+
+def _batches(D: int, n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(D)
+    scale = torch.rand(D, generator=g) * 3  # columns of different sizes, as in real activations
+    return [torch.randn(2, 50, D, generator=g) * scale for _ in range(n)]
+
+
+def test_gram_is_split_only_where_it_pays():
+    assert curvature._upper_gram_blocks(torch.empty(8, 383), None) == 1
+    assert curvature._upper_gram_blocks(torch.empty(8, 384), None) == 2
+    assert curvature._upper_gram_blocks(torch.empty(8, 1536), torch.float32) == 4
+    assert curvature._upper_gram_blocks(torch.empty(8, 1536), torch.bfloat16) == 1  # the bf16 path is unchanged
+
+
+@pytest.mark.parametrize("D", [100, 384, 577, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_upper_triangle_input_factor_equals_the_full_gram(D, bias):
+    batches = _batches(D)
+
+    def augmented(x):
+        a = x.reshape(-1, D).double()
+        return torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1) if bias else a
+
+    ref = sum(augmented(x).T @ augmented(x) for x in batches)
+    upper = full = None
+    for x in batches:
+        upper = accumulate_input_factor(upper, x, bias=bias, upper_only=True)
+        full = accumulate_input_factor(full, x, bias=bias)
+    if D >= 384:  # only the upper block triangle was written: the blocks below it are still zero
+        assert float(upper[-1, 0]) == 0.0
+    symmetrize_upper_(upper)
+    assert upper.dtype == torch.float32 and upper.shape == (D + bias, D + bias)
+    assert torch.equal(upper, upper.T)
+    assert torch.allclose(upper.double(), ref, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(upper, full, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("D", [192, 1000])
+def test_upper_triangle_output_factor_equals_the_full_gram(D):
+    batches = _batches(D)
+    ref = sum(x.reshape(-1, D).double().T @ x.reshape(-1, D).double() for x in batches)
+    G = None
+    for x in batches:
+        G = accumulate_output_factor(G, x, upper_only=True)
+    symmetrize_upper_(G)
+    assert torch.equal(G, G.T)
+    assert torch.allclose(G.double(), ref, rtol=1e-5, atol=1e-3)
+
+
+def test_estimated_factors_are_symmetric_and_match_one_full_matmul(monkeypatch):
+    """A tiny Llama whose FFN is 400 wide, so the down_proj input and the gate/up output factors are split."""
+    model, windows = tiny_model("llama", intermediate_size=400), tiny_windows(4, 16)
+    adapter = adapter_for(model)
+    split = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
+    monkeypatch.setattr(curvature, "_upper_gram_blocks", lambda x, dtype: 1)
+    whole = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
+    assert split.A.keys() == whole.A.keys() and split.G.keys() == whole.G.keys()
+    sides = {M.shape[0] for M in [*split.A.values(), *split.G.values()]}
+    assert 400 in sides
+    for M, R in [*zip(split.A.values(), whole.A.values()), *zip(split.G.values(), whole.G.values())]:
+        assert torch.equal(M, M.T)
+        assert torch.allclose(M, R, rtol=1e-5, atol=1e-8)
+
+
+def test_single_chunk_loss_skips_the_recompute_and_gives_the_same_gradients(monkeypatch):
+    model, windows = tiny_model("llama"), tiny_windows(2, 16)
+    calls = []
+    real = lm.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "checkpoint", counting)
+    emb = model.get_input_embeddings()
+    results = {}
+    for chunk in (8, 4096):  # 4 chunks of 2 x 4 tokens, then all 30 tokens at once
+        calls.clear()
+        model.zero_grad()
+        loss = lm.sequence_nll(model, windows, chunk_tokens=chunk)
+        loss.sum().backward()
+        results[chunk] = (loss.detach(), emb.weight.grad.clone(), len(calls))
+    assert results[8][2] == 4 and results[4096][2] == 0
+    assert torch.allclose(results[8][0], results[4096][0], rtol=1e-6)
+    scale = float(results[8][1].abs().max())
+    assert scale > 0 and float((results[8][1] - results[4096][1]).abs().max()) <= 1e-5 * scale
