@@ -38,10 +38,12 @@ def damped_inverse(M: torch.Tensor, frac: float, *, max_escalations: int = 6) ->
     if not torch.isfinite(d):
         raise FloatingPointError("curvature factor contains NaN/Inf")
     d = d.clamp_min(1e-30)
-    eye = torch.eye(M.shape[0], dtype=M64.dtype, device=M.device)
     used = frac
     for _ in range(max_escalations + 1):
-        L, info = torch.linalg.cholesky_ex(M64 + used * d * eye)
+        damped = M64.clone()
+        damped.diagonal().add_(used * d)  # M + λ·mean(diag)·I without building I
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inv = torch.cholesky_inverse(L)
             if torch.isfinite(inv).all():
