@@ -61,8 +61,9 @@ def main(argv=None) -> int:
         row = {"width": D, "tokens": args.tokens, "blocks": _upper_gram_blocks(x, None), "median_ms": med,
                "speedup_upper_vs_full": med["fp32 full"] / med["fp32 upper triangle"], "max_rel_error": err}
         rows.append(row)
-        print(f"D={D} tokens={args.tokens} blocks={row['blocks']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
-              + f" -> upper triangle {row['speedup_upper_vs_full']:.2f}x faster than full fp32 (max rel. error {err:.1e})")
+        timings = ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+        print(f"D={D} tokens={args.tokens} blocks={row['blocks']}: {timings} -> upper triangle "
+              f"{row['speedup_upper_vs_full']:.2f}x faster than full fp32 (max rel. error {err:.1e})")
     if args.json:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip()

@@ -83,8 +83,8 @@ _MIN_GRAM_BLOCK = 192
 def _upper_gram_blocks(x: torch.Tensor, dtype: torch.dtype | None) -> int:
     """How many column blocks the Gram of ``x`` (N, D) is split into (1 = one full matmul).
 
-    Only for the fp32 Gram on the CPU, measured there (dev CPU, 2 threads, 2048 tokens: 1.25-1.4x for D = 576 and
-    1536; BENCHMARKS.md). CUDA keeps its one matmul (its bf16 path writes an fp32 result that cannot accumulate in
+    Only for the fp32 Gram on the CPU, measured there (dev CPU, 2 threads, 2048 tokens: 1.27x for D = 576, 1.44x for
+    D = 1536; BENCHMARKS.md). CUDA keeps its one matmul (its bf16 path writes an fp32 result that cannot accumulate in
     place)."""
     if x.device.type != "cpu" or (dtype is not None and dtype != torch.float32):
         return 1
@@ -216,7 +216,8 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
     """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
 
     The yielded factors hold *sums*, complete (symmetric) once the block exits; inside it only their upper
-    triangles are (see :func:`accumulate_input_factor`). :func:`estimate_kfac` normalises them. ``gram_dtype``: see :func:`_gram`.
+    triangles are (see :func:`accumulate_input_factor`). :func:`estimate_kfac` normalises them.
+    ``gram_dtype``: see :func:`_gram`.
     ``placement`` (from :func:`spread_devices`) overrides ``device`` per factor key.
     """
     stats = KFACFactors()
