@@ -4,14 +4,7 @@
 # (batch 16 was 89.7-89.8% of the ideal speed-up with 64, batch 64 86.7%).
 set -u
 RES=/root/res12
-mkdir -p $RES
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=8
-T0=$(date +%s)
-left() { echo $(( ${DEADLINE:-540} - ($(date +%s) - T0) )); }
-step() { name=$1; lim=$2; shift 2; L=$(( $(left) - 5 )); [ $L -lt $lim ] && lim=$L; [ $lim -gt 20 ] || return 0
-  timeout $lim python3 "$@" --json $RES/$name.json > $RES/$name.log 2>&1
-  echo "$name rc=$? at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
-  tar czf $OUT/res.tgz -C $RES . ; }
+source benchmarks/gpu_steps.sh
 KEPT=benchmarks/results/gpu-2026-12-05/kept_llama7b_obs70_empty.json
 M7="benchmarks/materialized_speed.py --arch llama-2-7b --kept $KEPT --dtype bf16 --compile --decode-graph --eager-prefill \
   --prefill-batch 1 --prefill-len 16 --prompt-len 32 --decode-tokens 64"
