@@ -68,3 +68,27 @@ def test_checkpoint_of_another_run_is_refused(setup):
             "--device", "cpu", "--threads", "1", "--checkpoint", str(tmp / "other")]
     other = subprocess.run(args, capture_output=True, text=True, cwd=tmp)
     assert other.returncode != 0 and "holds another run" in other.stderr and "target_size" in other.stderr
+
+
+def test_interleaved_finetuning_keeps_masks_and_resumes_exactly(setup):
+    """--finetune-steps: the weights move between shots (so the run differs from one without it), every pruned
+    weight stays exactly 0, and a resumed run ends with the same weights as an uninterrupted one."""
+    tmp = setup
+    ft = ("--finetune-steps", "2", "--finetune-lr", "1e-3")
+    full = _run(tmp, *ft, "--checkpoint", str(tmp / "ft_full"), "--json", str(tmp / "ft_full.json"))
+    assert full.returncode == 0, full.stderr
+    part = _run(tmp, *ft, "--checkpoint", str(tmp / "ft_part"), "--max-shots", "1")
+    assert part.returncode == 0, part.stderr
+    resumed = _run(tmp, *ft, "--checkpoint", str(tmp / "ft_part"))
+    assert resumed.returncode == 0 and "after shot 1" in resumed.stdout, resumed.stderr
+    a, b = _final_weights(tmp / "ft_full"), _final_weights(tmp / "ft_part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = _run(tmp, "--checkpoint", str(tmp / "ft_plain"))
+    assert plain.returncode == 0, plain.stderr
+    c = _final_weights(tmp / "ft_plain")
+    lin = [k for k in a if k.endswith("proj.weight") and ".layers." in k]
+    assert lin and any(not torch.equal(a[k], c[k]) for k in lin)  # the correction changed the kept weights
+    for k in lin:  # about the same sparsity per linear (the script exits non-zero if a pruned weight moved)
+        assert abs(float((a[k] == 0).float().mean()) - float((c[k] == 0).float().mean())) < 0.05
+    rows = json.loads((tmp / "ft_full.json").read_text())["shots_report"]
+    assert [len(r["interleaved"]) > 0 for r in rows] == [True, True, True]
