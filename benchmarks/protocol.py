@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     prune_s = [sum(v for k, v in r["seconds"].items()) for r in result["shots_report"]]
     result["seconds_per_shot"] = sum(prune_s) / max(1, len(prune_s))
     result.update(peak_memory(device))
+    if "peak_gpu_gb" in result:  # interleaved fine-tuning resets CUDA's peak counter: keep the shots' peaks too
+        result["peak_gpu_gb"] = max([result["peak_gpu_gb"]] + [r.get("peak_gpu_gb", 0.0)
+                                                                for r in result["shots_report"]])
     print(json.dumps({k: result[k] for k in ("method", "structure", "seconds_per_shot", "total_seconds",
                                               "peak_rss_gb")}), flush=True)
     if args.json:
