@@ -20,26 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import surgeon_core.sequential as seq  # noqa: E402
 
 
-def _two_stages(i, layer, linears, batches, groups, make_stats, prune_layer, device, adapter) -> dict:
+def _two_stages(groups, adapter) -> list[list[tuple[str, ...]]]:
     attention = set(adapter.attention_in) | {adapter.attention_out}
-    stages = [[g for g in groups if g[0] in attention], [g for g in groups if g[0] not in attention]]
-    merged: dict = {}
-    for stage in stages:
-        stats = seq._calibrate(layer, linears, batches, stage, make_stats, device)
-        rep = prune_layer(i, {n: linears[n] for g in stage for n in g}, stats) or {}
-        del stats
-        for key, value in rep.items():
-            if key == "linears":
-                merged.setdefault("linears", {}).update(value)
-            elif key != "sparsity":
-                merged[key] = value
-    zeros = sum(int((lin.weight == 0).sum()) for lin in linears.values())
-    merged["sparsity"] = zeros / sum(lin.weight.numel() for lin in linears.values())
-    return merged
+    return [[g for g in groups if g[0] in attention], [g for g in groups if g[0] not in attention]]
 
 
 if __name__ == "__main__":
-    seq._prune_groups_in_order = _two_stages
+    seq._sequential_stages = _two_stages
     import protocol
 
     raise SystemExit(protocol.main(sys.argv[1:] + ["--true-sequential", "--tag", "two-stage"]))

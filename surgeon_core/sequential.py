@@ -149,14 +149,20 @@ def _calibrate(
     return stats
 
 
-def _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer, device, adapter) -> dict:
-    """True-sequential pruning of one layer: each input group is calibrated on the outputs of the groups already
-    pruned before it, then pruned; returns the merged report (``linears`` entries and the overall ``sparsity``)."""
+def _sequential_stages(groups: list[tuple[str, ...]], adapter: ArchitectureAdapter) -> list[list[tuple[str, ...]]]:
+    """True-sequential stages of a layer: each input group on its own, in forward order."""
     order = {name: k for k, name in enumerate(adapter.linears)}
+    return [[group] for group in sorted(groups, key=lambda g: min(order[n] for n in g))]
+
+
+def _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer, device, adapter) -> dict:
+    """True-sequential pruning of one layer: each stage of input groups (:func:`_sequential_stages`) is calibrated on
+    the outputs of the stages already pruned before it, then pruned; returns the merged report (``linears`` entries
+    and the overall ``sparsity``)."""
     merged: dict = {}
-    for group in sorted(groups, key=lambda g: min(order[n] for n in g)):
-        stats = _calibrate(layer, linears, batches, [group], make_stats, device)
-        rep = prune_layer(i, {name: linears[name] for name in group}, stats) or {}
+    for stage in _sequential_stages(groups, adapter):
+        stats = _calibrate(layer, linears, batches, stage, make_stats, device)
+        rep = prune_layer(i, {name: linears[name] for group in stage for name in group}, stats) or {}
         del stats
         for key, value in rep.items():
             if key == "linears":
