@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protocol import DTYPES, load_windows, peak_memory  # noqa: E402
+from protocol import DTYPES, interleaved_correction, load_windows, peak_memory  # noqa: E402
 
 from surgeon_core.evaluate import perplexity  # noqa: E402
 from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pruning_masks  # noqa: E402
@@ -145,11 +145,9 @@ def main(argv=None) -> int:
         row = {"shot": rep.shot, "target_size": rep.target_size, "achieved_size": rep.achieved_size,
                "seconds": rep.seconds, "extra": rep.extra}
         if args.finetune_steps:  # interleaved correction on the model itself, before the next shot
-            masks = pruning_masks(model)
-            fr = finetune(model, calib, options=ft_options(args.finetune_steps, args.finetune_lr, args.seed + rep.shot))
-            assert mask_violations(model, masks) == 0, "interleaved fine-tuning changed pruned weights"
-            row["interleaved"] = {"loss_first": fr.losses[0], "loss_last": fr.losses[-1], "seconds": fr.seconds}
-            interleaved_seconds += fr.seconds
+            row["interleaved"] = interleaved_correction(
+                model, calib, ft_options(args.finetune_steps, args.finetune_lr, args.seed + rep.shot), rep.shot)
+            interleaved_seconds += row["interleaved"]["seconds"]
         result["shots_report"].append(row)
         print(f"shot {rep.shot}/{len(schedule)} size {rep.achieved_size:.4f} "
               f"{' '.join(f'{k}={v:.1f}s' for k, v in rep.seconds.items())}", flush=True)

@@ -44,6 +44,16 @@ class _Stop(Exception):
     """Raised from the shot callback to end a timing run after --max-shots shots."""
 
 
+def interleaved_correction(model, calib: torch.Tensor, options: FinetuneOptions, shot: int) -> dict:
+    """Mask-preserving fine-tuning of the pruned model itself after a shot; stops the run if a pruned weight moved.
+    Returns the row entry {"loss_first", "loss_last", "seconds"}."""
+    masks = pruning_masks(model)
+    fr = finetune(model, calib, options=options)
+    if mask_violations(model, masks):
+        raise SystemExit(f"shot {shot}: interleaved fine-tuning changed pruned weights")
+    return {"loss_first": fr.losses[0], "loss_last": fr.losses[-1], "seconds": fr.seconds}
+
+
 def peak_memory(device: torch.device) -> dict:
     out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
     if device.type == "cuda":
@@ -243,13 +253,9 @@ def main(argv=None) -> int:
                "estimated_loss": rep.estimated_loss, "seconds": rep.seconds, "type_sizes": rep.type_sizes,
                "damping_escalations": rep.damping_escalations, **peak_memory(device)}
         if args.finetune_steps:  # interleaved correction on the pruned model itself, before evaluation / next shot
-            masks = pruning_masks(model)
-            fr = finetune(model, calib, options=FinetuneOptions(
+            row["interleaved"] = interleaved_correction(model, calib, FinetuneOptions(
                 steps=args.finetune_steps, lr=args.finetune_lr, schedule="constant", batch_size=args.ft_batch_size,
-                autocast_dtype=autocast, device=str(device), seed=args.seed + rep.shot))
-            if mask_violations(model, masks):
-                raise SystemExit(f"shot {rep.shot}: interleaved fine-tuning changed pruned weights")
-            row["interleaved"] = {"loss_first": fr.losses[0], "loss_last": fr.losses[-1], "seconds": fr.seconds}
+                autocast_dtype=autocast, device=str(device), seed=args.seed + rep.shot), rep.shot)
         if args.save_kept and rep.shot - 1 in eval_sizes:
             from surgeon.materialize import kept_to_json
             from surgeon_core.adapters import adapter_for
