@@ -153,6 +153,11 @@ def main(argv=None) -> int:
     p.add_argument("--sdpa", default="default", choices=["default", "efficient", "flash", "math"],
                    help="attention kernels on CUDA for both models: default (PyTorch's choice: cuDNN on an H200), "
                         "efficient (memory-efficient attention), flash (FlashAttention) or math (the others off)")
+    p.add_argument("--decode-attention", default="sdpa", choices=["sdpa", "flex"],
+                   help="attention of the decode steps for both models: sdpa (transformers' default, the mask over "
+                        "the whole static cache) or flex (FlexAttention's decoding kernel, skipping cache blocks not "
+                        "written yet; with --compile on a GPU)")
+    p.add_argument("--flex-block", type=int, default=32, help="cache positions per FlexAttention block")
     p.add_argument("--eager-prefill", action="store_true", help="with --compile: keep the prefill eager (a "
                    "decode-only timing; saves its compile)")
     p.add_argument("--check-decode", action="store_true", help="after timing, decode once more with the compiled "
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
                         compile_mode=args.compile_mode, decode_compile_mode=args.decode_compile_mode,
                         compile_backend=args.compile_backend, fullgraph=not args.no_fullgraph,
                         decode_graph=args.decode_graph, compile_prefill=not args.eager_prefill,
-                        runners_out=runners)
+                        runners_out=runners, decode_attention=args.decode_attention, flex_block=args.flex_block)
     for k in ("dense", "pruned"):
         res[k].pop("runs")  # keep the JSON small; medians are what is reported
     if args.check_decode and args.compile:

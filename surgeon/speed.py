@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["linear_flops_per_token", "measure", "compare", "CompiledRunner", "greedy_decode"]
+__all__ = ["linear_flops_per_token", "measure", "compare", "CompiledRunner", "greedy_decode", "set_decode_attention"]
 
 
 def linear_flops_per_token(model: nn.Module) -> int:
@@ -116,6 +116,61 @@ def _compile_counters() -> dict:
 
 
 _CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+DECODE_ATTENTION = ("sdpa", "flex")
+FLEX_DECODE = "surgeon_flex_decode"  # the attention implementation name registered with transformers
+
+
+def _flex_decode_mask(*args, block: int = 32, **kwargs):
+    """transformers' SDPA mask, except for one-token queries (decode steps), where the same boolean mask becomes a
+    FlexAttention ``BlockMask`` of ``block``-position blocks: built once per forward, and blocks of the static
+    cache not written yet are skipped by the kernel instead of read and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    from transformers.masking_utils import sdpa_mask
+
+    mask = sdpa_mask(*args, **kwargs)
+    if not (torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-2] == 1 and mask.dtype == torch.bool):
+        return mask  # prompt passes (or no mask needed): SDPA, unchanged
+    batch = kwargs.get("batch_size", args[0] if args else mask.shape[0])
+    mask = mask.expand(batch, -1, -1, -1).contiguous()
+
+    def mask_mod(b, h, q, kv):
+        return mask[b, 0, q, kv]
+
+    return create_block_mask(mask_mod, batch, None, 1, mask.shape[-1], device=mask.device, BLOCK_SIZE=block)
+
+
+def _flex_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Decode steps (a ``BlockMask`` from :func:`_flex_decode_mask`) through ``torch``'s FlexAttention, whose
+    decoding kernel inductor generates when the step is compiled; everything else through transformers' SDPA."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
+                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) -> None:
+    """Choose the attention of ``model``'s decode steps: "sdpa" (transformers' default SDPA, mask over the whole
+    static cache) or "flex" (FlexAttention for one-token queries, skipping unwritten cache blocks of ``block``
+    positions; prompt passes stay SDPA). "flex" needs the step compiled (:class:`CompiledRunner`): eager
+    FlexAttention is a slow reference path."""
+    if kind not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {kind!r}")
+    if kind == "sdpa":
+        model.set_attn_implementation("sdpa")
+        return
+    import functools
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(FLEX_DECODE, _flex_decode_attention)
+    AttentionMaskInterface.register(FLEX_DECODE, functools.partial(_flex_decode_mask, block=block))
+    model.set_attn_implementation(FLEX_DECODE)
 
 
 class CompiledRunner:
@@ -324,7 +379,7 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
             seed: int = 0, progress=None, log=None, compile: bool = False, compile_mode: str = "default",
             decode_compile_mode: str | None = None, compile_backend: str = "inductor",
             fullgraph: bool = True, decode_graph: bool = False, compile_prefill: bool = True,
-            runners_out: dict | None = None) -> dict:
+            runners_out: dict | None = None, decode_attention: str = "sdpa", flex_block: int = 32) -> dict:
     """Time both models (interleaved), return tokens/s, latencies, measured and ideal speed-ups.
 
     ``compile=True``: both models through a :class:`CompiledRunner` (compiled prefill, static KV cache, decode
@@ -333,9 +388,20 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
     as ``first_call_seconds`` and ``compile_seconds``. ``log``: an optional callable given progress lines.
     ``decode_graph``: see :class:`CompiledRunner`; ``compile_prefill=False`` keeps the prefill eager (for timings
     that are about decoding: skips a compile). ``runners_out``: a dict that receives the two compiled runners
-    (to profile or reuse them without compiling again)."""
+    (to profile or reuse them without compiling again). ``decode_attention="flex"`` switches both models' decode
+    steps to FlexAttention (:func:`set_decode_attention`, blocks of ``flex_block`` positions; compiled on a GPU
+    only) and leaves them so."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
+    if decode_attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+    if decode_attention == "flex":
+        if not (compile and next(dense.parameters()).device.type == "cuda"):
+            raise ValueError("flex decode attention is generated by inductor on a GPU: it needs compile=True and "
+                             "CUDA models (eager FlexAttention is a slow reference path; the CPU template does not "
+                             "compile transformers' static-cache step)")
+        for m in (dense, pruned):
+            set_decode_attention(m, "flex", block=flex_block)
     if decode_graph and not compile:
         raise ValueError("decode_graph captures the compiled decode step: it needs compile=True")
     kw = dict(prefill_batch=prefill_batch, prefill_len=prefill_len, decode_batch=decode_batch,
@@ -370,7 +436,9 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
     out: dict = {"settings": {**kw, "repeats": repeats, "warmup": warmup,
                               "device": str(next(dense.parameters()).device),
                               "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
-                              "threads": torch.get_num_threads(), "compile": bool(compile)}}
+                              "threads": torch.get_num_threads(), "compile": bool(compile),
+                              "decode_attention": decode_attention,
+                              "flex_block": flex_block if decode_attention == "flex" else None}}
     if compile:
         out["settings"].update(runners["dense"].settings())
         out["settings"]["compile_counters"] = _compile_counters()

@@ -136,3 +136,45 @@ def test_structure_report_device_is_checked_before_any_work():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU"):
             structure_report("no-such-dir", "no-such-dir", device="cuda")
+
+
+@pytest.mark.parametrize("name", ["dense", "pruned"])
+def test_flex_decode_attention_gives_the_sdpa_tokens(models, name):
+    """Decode steps through FlexAttention (a BlockMask from the static cache's mask, blocks of 4 positions, so the
+    unwritten ones are skipped) give the SDPA tokens; eager here (FlexAttention's reference path on a CPU), also
+    for layers with different kv-head counts; switching back restores SDPA."""
+    model = copy.deepcopy(models[name])
+    prompt = _prompt()
+    ref = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, 10, keep=True)
+    speed.set_decode_attention(model, "flex", block=4)
+    assert model.config._attn_implementation == speed.FLEX_DECODE
+    got = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, 10, keep=True)
+    assert torch.equal(got[1], ref[1])
+    assert (got[2] - ref[2]).abs().max() <= 1e-4
+    speed.set_decode_attention(model, "sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="decode attention must be one of"):
+        speed.set_decode_attention(model, "flash")
+
+
+def test_flex_decode_attention_needs_compiled_cuda_models(models):
+    with pytest.raises(ValueError, match="needs compile=True and CUDA"):
+        speed.compare(models["dense"], models["pruned"], decode_attention="flex", repeats=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_decode_in_whole_step_cuda_graph_matches_eager(models):
+    """On a GPU: FlexAttention's compiled decoding kernel inside the whole-step CUDA graph gives the eager SDPA
+    tokens, for the dense and the materialized model, over repeated calls."""
+    for name in ("dense", "pruned"):
+        model = copy.deepcopy(models[name]).cuda()
+        prompt = _prompt().cuda()
+        ref_tokens, ref_logits = speed.greedy_decode(model, prompt, 12)
+        speed.set_decode_attention(model, "flex", block=4)
+        runner = speed.CompiledRunner(model, decode_graph=True)
+        for _ in range(3):
+            _, tokens, logits = runner.decode(prompt, 12, keep=True)
+            assert torch.equal(tokens, ref_tokens)
+            assert (logits - ref_logits).abs().max() <= 1e-3
+        assert not runner.notes
