@@ -5,16 +5,16 @@
 # not written yet are skipped) against transformers' SDPA, both models each, at decode batch 16 and 64; first the
 # GPU tests of the flex path (tiny models: compiled flex decode in the whole-step graph gives the eager tokens).
 set -u
-RES=/root/res14
+RES=${RES:-/root/res14}
 source benchmarks/gpu_steps.sh
-timeout 150 python3 -m pytest -q -m gpu tests/test_speed_compile.py -p no:cacheprovider > $RES/gpu_tests.log 2>&1
+timeout 150 python3 -m pytest -q -m gpu tests/test_speed_compile.py -k flex -p no:cacheprovider > $RES/gpu_tests.log 2>&1
 echo "gpu_tests rc=$? at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
 KEPT=benchmarks/results/gpu-2026-12-05/kept_llama7b_obs70_empty.json
 M7="benchmarks/materialized_speed.py --arch llama-2-7b --kept $KEPT --dtype bf16 --compile --decode-graph --eager-prefill
   --prefill-batch 1 --prefill-len 16 --prompt-len 32 --decode-tokens 64"
 step flex_b16 110 $M7 --repeats 5 --decode-batch 16 --decode-attention flex
-step sdpa_b16 110 $M7 --repeats 5 --decode-batch 16
+#step sdpa_b16 110 $M7 --repeats 5 --decode-batch 16
 step flex_b64 110 $M7 --repeats 3 --decode-batch 64 --decode-attention flex
-step sdpa_b64 110 $M7 --repeats 3 --decode-batch 64
+#step sdpa_b64 110 $M7 --repeats 3 --decode-batch 64
 nvidia-smi > $RES/nvidia-smi.txt 2>&1; tar czf $OUT/res.tgz -C $RES .
 cat $RES/timeline.txt; tail -3 $RES/gpu_tests.log; grep -h "decode:" $RES/*_b*.log

@@ -168,6 +168,11 @@ def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) 
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    import torch._inductor.config as inductor_config
+
+    # inductor (torch 2.11) fuses the mask's computation into FlexAttention's kernel as a prologue and generates
+    # code that does not compile (NameError 'XBLOCK'): keep template prologues unfused (templates only)
+    inductor_config.prologue_fusion = False
     AttentionInterface.register(FLEX_DECODE, _flex_decode_attention)
     AttentionMaskInterface.register(FLEX_DECODE, functools.partial(_flex_decode_mask, block=block))
     model.set_attn_implementation(FLEX_DECODE)

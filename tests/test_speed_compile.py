@@ -171,7 +171,7 @@ def test_flex_decode_in_whole_step_cuda_graph_matches_eager(models):
         model = copy.deepcopy(models[name]).cuda()
         prompt = _prompt().cuda()
         ref_tokens, ref_logits = speed.greedy_decode(model, prompt, 12)
-        speed.set_decode_attention(model, "flex", block=4)
+        speed.set_decode_attention(model, "flex", block=16)  # 8 + 12 positions: the second block is skipped first
         runner = speed.CompiledRunner(model, decode_graph=True)
         for _ in range(3):
             _, tokens, logits = runner.decode(prompt, 12, keep=True)
