@@ -132,10 +132,17 @@ def _flex_decode_mask(*args, block: int = 32, **kwargs):
     if not (torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-2] == 1 and mask.dtype == torch.bool):
         return mask  # prompt passes (or no mask needed): SDPA, unchanged
     batch = kwargs.get("batch_size", args[0] if args else mask.shape[0])
-    mask = mask.expand(batch, -1, -1, -1).contiguous()
+    # the visible positions of a decode step over a static cache are a prefix of it (no padding in this harness):
+    # pass their count, a reduction, which inductor keeps as a buffer - a boolean mask read by the mask_mod is
+    # inlined as its computation into the attention kernel, which inductor (torch 2.11) then fails to compile
+    visible = mask.expand(batch, -1, -1, -1)[:, 0, 0, :]
+    if not torch.compiler.is_compiling() and not torch.equal(visible, visible.cummin(dim=-1).values):
+        raise ValueError("flex decode attention needs each sequence's visible cache positions to be a prefix "
+                         "(no padding)")
+    lengths = visible.sum(dim=-1)
 
     def mask_mod(b, h, q, kv):
-        return mask[b, 0, q, kv]
+        return kv < lengths[b]
 
     return create_block_mask(mask_mod, batch, None, 1, mask.shape[-1], device=mask.device, BLOCK_SIZE=block)
 
