@@ -533,6 +533,9 @@ def report_cmd(
                        "(the dense weights are sliced at those units; sizes and speed depend on shapes only).")] = None,
     device: Annotated[str, typer.Option(
         "--device", help="cpu (fp32), cuda (bf16, compiled prefill, decode step as one CUDA graph) or auto.")] = "cpu",
+    decode_attention: Annotated[str, typer.Option(
+        "--decode-attention", help="Decode-step attention on a GPU: sdpa (transformers' default) or flex "
+                                   "(FlexAttention's decoding kernel, skips the unwritten KV-cache blocks).")] = "sdpa",
     save_kept: Annotated[Optional[Path], typer.Option(
         "--save-kept", help="Write the pruned model's kept units (JSON, a few kB) for --kept on another machine; "
                             "with no --dense nothing is measured.")] = None,
@@ -591,7 +594,7 @@ def report_cmd(
     try:
         report = structure_report(str(pruned) if pruned else None, str(dense),
                                   kept=json.loads(kept.read_text()) if kept else None, threads=threads,
-                                  device=device)
+                                  device=device, decode_attention=decode_attention)
     except ValueError as exc:
         raise SurgeonError(str(exc)) from exc
     sp, pa = report["speed"], report["parameters"]

@@ -487,14 +487,15 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
 
 def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | None = None,
                      threads: int | None = None, prefill_len: int = 256, decode_tokens: int = 16, repeats: int = 3,
-                     align: int = 64, device: str = "cpu") -> dict:
+                     align: int = 64, device: str = "cpu", decode_attention: str = "sdpa") -> dict:
     """The honest report of a structured output: parameters, file sizes and speed of the materialized model.
 
     The zeroed model in ``pruned_dir`` is materialized in memory (all-zero FFN units and heads dropped, widths
     padded to ``align``) and written to a temporary folder for its file size; both it and the dense model in
     ``dense_dir`` are then timed (:func:`compare`, batch 1) on ``device``: "cpu" (fp32), "cuda" (bf16, compiled
     prefill and CUDA-graph decode, the launch overhead of eager decoding would hide the smaller matmuls) or
-    "auto" (CUDA when there is a GPU).
+    "auto" (CUDA when there is a GPU). ``decode_attention="flex"`` (CUDA only): FlexAttention decode steps for both
+    models (:func:`set_decode_attention`).
 
     ``kept`` (a kept-units JSON as :func:`surgeon.materialize.kept_to_json` writes it, e.g. from ``surgeon report
     --save-kept`` on the machine that holds the pruned model) replaces ``pruned_dir``: the materialized model then
@@ -518,6 +519,10 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         raise ValueError(f"structure report device must be cpu, cuda or auto, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("structure report device 'cuda' asked for, but torch sees no GPU")
+    if decode_attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+    if decode_attention == "flex" and device != "cuda":
+        raise ValueError("flex decode attention is for the GPU report: use --device cuda (or auto on a GPU machine)")
     if (pruned_dir is None) == (kept is None):
         raise ValueError("structure report: give the pruned folder or the kept units, exactly one of them")
     on_gpu = device == "cuda"
@@ -548,7 +553,8 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         if on_gpu:  # after the file sizes: bf16 copies on the GPU
             dense, pruned = (m.to(device="cuda", dtype=torch.bfloat16) for m in (dense, pruned))
         res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
-                      prompt_len=min(32, seqlen), compile=on_gpu, decode_graph=on_gpu)
+                      prompt_len=min(32, seqlen), compile=on_gpu, decode_graph=on_gpu,
+                      decode_attention=decode_attention)
         res["device_name"] = torch.cuda.get_device_name() if on_gpu else "cpu"
         for k in ("dense", "pruned"):
             res[k].pop("runs", None)

@@ -133,6 +133,10 @@ def test_structure_report_device_is_checked_before_any_work():
 
     with pytest.raises(ValueError, match="cpu, cuda or auto"):
         structure_report("no-such-dir", "no-such-dir", device="tpu")
+    with pytest.raises(ValueError, match="flex decode attention is for the GPU"):
+        structure_report("no-such-dir", "no-such-dir", device="cpu", decode_attention="flex")
+    with pytest.raises(ValueError, match="decode attention must be one of"):
+        structure_report("no-such-dir", "no-such-dir", decode_attention="flash")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU"):
             structure_report("no-such-dir", "no-such-dir", device="cuda")
