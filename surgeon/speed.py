@@ -177,8 +177,9 @@ def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) 
 
     import torch._inductor.config as inductor_config
 
-    # inductor (torch 2.11) fuses the mask's computation into FlexAttention's kernel as a prologue and generates
-    # code that does not compile (NameError 'XBLOCK'): keep template prologues unfused (templates only)
+    # template prologue fusion off, as in the measured GPU runs: it was the first suspect of inductor's (torch 2.11)
+    # failure to compile the flex kernel (NameError 'XBLOCK'), whose cause was the inlined boolean mask (see
+    # _flex_decode_mask); not retried with it on. It only concerns template kernels (flex, autotuned matmuls).
     inductor_config.prologue_fusion = False
     AttentionInterface.register(FLEX_DECODE, _flex_decode_attention)
     AttentionMaskInterface.register(FLEX_DECODE, functools.partial(_flex_decode_mask, block=block))
