@@ -103,6 +103,8 @@ class PruneConfig(BaseModel):
     # structured / coupled outputs: materialize in memory and log parameters, file sizes and CPU speed vs dense
     structure_report: bool = True
     structure_report_device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the report times the models
+    # decode-step attention of a GPU report: sdpa, or flex (FlexAttention's decoding kernel; needs cuda or auto)
+    structure_report_decode_attention: Literal["sdpa", "flex"] = "sdpa"
     register_model: bool = True
     model_name: str | None = None
     experiment: str = "llm-surgeon"
@@ -194,6 +196,9 @@ class PruneConfig(BaseModel):
                              "fisher 'empirical'")
         if self.first_order_scale < 0:
             raise ValueError("first_order_scale must be non-negative")
+        if self.structure_report_decode_attention == "flex" and self.structure_report_device == "cpu":
+            raise ValueError("structure_report_decode_attention 'flex' is for a GPU report: set "
+                             "structure_report_device to cuda or auto")
         return self
 
     @property

@@ -246,7 +246,8 @@ def structure_report(config: PruneConfig, output: str, model: ModelRef, run_id: 
 
     log = get_run_logger()
     try:
-        report = measure(output, model.path, threads=config.threads, device=config.structure_report_device)
+        report = measure(output, model.path, threads=config.threads, device=config.structure_report_device,
+                         decode_attention=config.structure_report_decode_attention)
     except SurgeonError as exc:  # a family materialize does not cover (e.g. Qwen): the run itself is fine
         log.warning("no structure report: %s", exc)
         return None

@@ -119,6 +119,8 @@ def bad_cases(inputs, root: Path) -> dict[str, tuple[dict, list[str], str]]:
         "N:M not dividing the inputs": ({"structure": "2:7", "target_size": None}, [], "divisible by 7"),
         "structured with a layer-wise method": ({"method": "wanda", "structure": "structured"}, [],
                                                 "does not support structured"),
+        "flex decode attention for a CPU report": ({"structure_report_decode_attention": "flex"}, [],
+                                                    "is for a GPU report"),
         "nsamples 0": ({"nsamples": 0}, [], "invalid recipe value for 'nsamples'"),
         "unknown compute dtype": ({"compute_dtype": "fp8"}, [], "invalid recipe value for 'compute_dtype'"),
         "eval_at out of range": ({"eval_at": [1.5]}, [], "eval_at sizes must be in (0, 1]"),
