@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-attention", default="sdpa", choices=["sdpa", "flex"],
                    help="attention of the decode steps for both models: sdpa (transformers' default, the mask over "
                         "the whole static cache) or flex (FlexAttention's decoding kernel, skipping cache blocks not "
-                        "written yet; with --compile on a GPU)")
+                        "written yet; needs --compile)")
     p.add_argument("--flex-block", type=int, default=32, help="cache positions per FlexAttention block")
     p.add_argument("--eager-prefill", action="store_true", help="with --compile: keep the prefill eager (a "
                    "decode-only timing; saves its compile)")

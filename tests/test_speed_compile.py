@@ -161,9 +161,29 @@ def test_flex_decode_attention_gives_the_sdpa_tokens(models, name):
         speed.set_decode_attention(model, "flash")
 
 
-def test_flex_decode_attention_needs_compiled_cuda_models(models):
-    with pytest.raises(ValueError, match="needs compile=True and CUDA"):
+def test_flex_decode_attention_needs_compiled_models(models):
+    with pytest.raises(ValueError, match="needs compile=True"):
         speed.compare(models["dense"], models["pruned"], decode_attention="flex", repeats=1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None, reason="inductor needs a C++ compiler")
+def test_flex_decode_compiled_by_inductor_on_cpu(models):
+    """inductor's C++ FlexAttention kernel in the compiled decode step: the eager SDPA tokens, fullgraph, and
+    compare runs end to end with it."""
+    for name in ("dense", "pruned"):
+        model = copy.deepcopy(models[name])
+        prompt = _prompt()
+        ref_tokens, ref_logits = speed.greedy_decode(model, prompt, 12)
+        speed.set_decode_attention(model, "flex", block=16)
+        runner = speed.CompiledRunner(model, compile_prefill=False)
+        _, tokens, logits = runner.decode(prompt, 12, keep=True)
+        assert torch.equal(tokens, ref_tokens)
+        assert (logits - ref_logits).abs().max() <= 1e-4
+        assert runner.fullgraph["decode"] and not runner.notes
+    res = speed.compare(copy.deepcopy(models["dense"]), copy.deepcopy(models["pruned"]), compile=True, repeats=1,
+                        prefill_len=16, prompt_len=8, decode_tokens=4, decode_attention="flex", flex_block=16)
+    assert res["settings"]["decode_attention"] == "flex" and res["decode_speedup"] > 0
 
 
 @pytest.mark.gpu
