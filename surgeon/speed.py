@@ -121,6 +121,11 @@ DECODE_ATTENTION = ("sdpa", "flex")
 FLEX_DECODE = "surgeon_flex_decode"  # the attention implementation name registered with transformers
 
 
+def _check_decode_attention(kind: str) -> None:
+    if kind not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {kind!r}")
+
+
 def _flex_decode_mask(*args, block: int = 32, **kwargs):
     """transformers' SDPA mask, except for one-token queries (decode steps), where the same boolean mask becomes a
     FlexAttention ``BlockMask`` of ``block``-position blocks: built once per forward, and blocks of the static
@@ -165,8 +170,7 @@ def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) 
     static cache) or "flex" (FlexAttention for one-token queries, skipping unwritten cache blocks of ``block``
     positions; prompt passes stay SDPA). "flex" needs the step compiled (:class:`CompiledRunner`; inductor generates
     the kernel, Triton on a GPU, C++ on a CPU): eager FlexAttention is a slow reference path."""
-    if kind not in DECODE_ATTENTION:
-        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {kind!r}")
+    _check_decode_attention(kind)
     if kind == "sdpa":
         model.set_attn_implementation("sdpa")
         return
@@ -406,8 +410,7 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
     leaves them so."""
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
-    if decode_attention not in DECODE_ATTENTION:
-        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+    _check_decode_attention(decode_attention)
     if decode_attention == "flex":
         if not compile:
             raise ValueError("flex decode attention is a kernel inductor generates: it needs compile=True (eager "
@@ -519,8 +522,7 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         raise ValueError(f"structure report device must be cpu, cuda or auto, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("structure report device 'cuda' asked for, but torch sees no GPU")
-    if decode_attention not in DECODE_ATTENTION:
-        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {decode_attention!r}")
+    _check_decode_attention(decode_attention)
     if decode_attention == "flex" and device != "cuda":
         raise ValueError("flex decode attention is for the GPU report: use --device cuda (or auto on a GPU machine)")
     if (pruned_dir is None) == (kept is None):
