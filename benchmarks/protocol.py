@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--true-sequential", action="store_true", help="layer-wise baselines: calibrate q/k/v, o, "
                    "gate/up, down one after another, each on the outputs of the already-pruned ones")
     p.add_argument("--threads", type=int)
+    p.add_argument("--tf32", action="store_true", help="on a GPU, let fp32 matmuls run as TF32 (a diagnostic: every "
+                   "fp32 figure of the project has it off, PyTorch's default)")
     p.add_argument("--save-at", default="", help="comma-separated target sizes at which to save the model")
     p.add_argument("--save-dir", help="folder for --save-at models (one Hugging Face folder per size: size-0.9, ...)")
     p.add_argument("--update-concurrent", type=int, default=1, metavar="N", help="element updates: N batches of "
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
         p.error("--save-at needs --save-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     from transformers import AutoModelForCausalLM
 
     device = torch.device(args.device)
@@ -205,6 +209,7 @@ def main(argv=None) -> int:
         "heldout": args.heldout, "heldout_shape": list(heldw.shape) if heldw is not None else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "load_seconds": load_s,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", ""),
         "shots_report": [],
