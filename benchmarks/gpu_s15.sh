@@ -7,6 +7,9 @@
 #     question, where the reference's Wanda 2:4 (203.51) comes from: protocol P, batch 1, Wanda and SparseGPT with
 #     --tf32 (fp32 matmuls run as TF32, a common harness default), and Wanda 2:4 in plain fp32 on this machine as the
 #     control; then the 8 x 2048 prefill of the 7B structure on this machine.
+#   calls C (STAGE=1 again on a fresh machine, then STAGE=3, carry .gguf2 and .gpudata with .gpudata/seeds from
+#     benchmarks/p_seed_windows.py): the references' spread over calibration seeds 0/1/2 (p/README.md: WikiText-2 read
+#     as is), like for like: Wanda and SparseGPT, 2:4 and 50%, batch 1, fp32, each seed's windows.
 set -u
 DATA=${DATA:-.gpudata}
 MODEL=/root/smolhf
@@ -18,10 +21,23 @@ DEC="$M7 --decode-graph --eager-prefill --prefill-batch 1 --prefill-len 16 --pro
 if [ "${STAGE:-0}" = 1 ]; then
   mkdir -p /root/g /root/site && cp .gguf1/gguf.part.aa /root/g/ && pip install -q --no-deps --target /root/site .whl/gguf-*.whl
   echo "staged at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
+  [ -n "${STAGE_ONLY:-}" ] && exit 0
   step flex_b4 170 $DEC --repeats 5 --decode-batch 4 --decode-attention flex
   step sdpa_b4 110 $DEC --repeats 5 --decode-batch 4
   step flex_b1 170 $DEC --repeats 5 --decode-batch 1 --decode-attention flex
   step sdpa_b1 110 $DEC --repeats 5 --decode-batch 1
+elif [ "${STAGE:-0}" = 3 ]; then
+  bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
+  echo "model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
+  NDE=""  # the first run also evaluates the dense model on the text read as is
+  for ms in "wanda 2:4" "sparsegpt 2:4" "wanda unstructured" "sparsegpt unstructured"; do set -- $ms
+    for seed in 0 1 2; do
+      step seed${seed}_${1}_${2/:/} 70 benchmarks/protocol.py --model $MODEL --calibration $DATA/seeds/calib_seed$seed.npy \
+        --eval $DATA/seeds/wikitext_raw_ids.npy --eval-seqlen 2048 --target-size 0.5 --batch-size 1 $NDE \
+        --method $1 --structure $2 --tag P-seed$seed-raw
+      NDE=--no-dense-eval
+    done
+  done
 else
   bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
   echo "model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
@@ -36,4 +52,4 @@ else
 fi
 nvidia-smi > $RES/nvidia-smi.txt 2>&1; tar czf $OUT/res.tgz -C $RES .
 cat $RES/timeline.txt; grep -h "decode:\|prefill:" $RES/*_b*.log $RES/prefill*.log 2>/dev/null | tail -12
-grep -o '"ppl": [0-9.]*' $RES/p_*.json 2>/dev/null; for f in $RES/p_*.log; do [ -f $f ] && tail -2 $f; done
+grep -o '"ppl": [0-9.]*' $RES/p_*.json $RES/seed*.json 2>/dev/null; for f in $RES/p_*.log; do [ -f $f ] && tail -2 $f; done
