@@ -18,6 +18,10 @@ source benchmarks/gpu_steps.sh
 KEPT=benchmarks/results/gpu-2026-12-05/kept_llama7b_obs70_empty.json
 M7="benchmarks/materialized_speed.py --arch llama-2-7b --kept $KEPT --dtype bf16 --compile"
 DEC="$M7 --decode-graph --eager-prefill --prefill-batch 1 --prefill-len 16 --prompt-len 32 --decode-tokens 64"
+if [ "${STAGE:-0}" != 1 ]; then  # stages 2 and 3 need SmolLM2
+  bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
+  echo "model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
+fi
 if [ "${STAGE:-0}" = 1 ]; then
   mkdir -p /root/g /root/site && cp .gguf1/gguf.part.aa /root/g/ && pip install -q --no-deps --target /root/site .whl/gguf-*.whl
   echo "staged at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
@@ -27,8 +31,6 @@ if [ "${STAGE:-0}" = 1 ]; then
   step flex_b1 170 $DEC --repeats 5 --decode-batch 1 --decode-attention flex
   step sdpa_b1 110 $DEC --repeats 5 --decode-batch 1
 elif [ "${STAGE:-0}" = 3 ]; then
-  bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
-  echo "model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
   NDE=""  # the first run also evaluates the dense model on the text read as is
   for ms in "wanda 2:4" "sparsegpt 2:4" "wanda unstructured" "sparsegpt unstructured"; do set -- $ms
     for seed in 0 1 2; do
@@ -39,8 +41,6 @@ elif [ "${STAGE:-0}" = 3 ]; then
     done
   done
 else
-  bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
-  echo "model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
   P="benchmarks/protocol.py --model $MODEL --calibration $DATA/p/calibration_windows.npy --eval $DATA/p/eval_ids.npy
     --eval-seqlen 2048 --target-size 0.5 --batch-size 1 --no-dense-eval"
   step p_wanda24_tf32 90 $P --method wanda --structure 2:4 --tf32 --tag P-bs1-tf32
