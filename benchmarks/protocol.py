@@ -135,6 +135,9 @@ def main(argv=None) -> int:
                    help="mask-preserving fine-tuning steps after every shot (interleaved correction), 0 = off")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="lr of the interleaved steps (AdamW, constant)")
     p.add_argument("--ft-batch-size", type=int, default=1, help="calibration windows per interleaved step")
+    p.add_argument("--first-order", action="store_true", help="llm-surgeon / kobd: the first-order term (mean loss "
+                   "gradient) in the costs and updates, scaled by --first-order-scale")
+    p.add_argument("--first-order-scale", type=float, default=1e-3)
     p.add_argument("--json")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -160,7 +163,8 @@ def main(argv=None) -> int:
                         damping_a=args.damping_a, damping_g=args.damping_g, fisher=args.fisher,
                         fisher_samples=args.fisher_samples, seed=args.seed,
                         structured_update=args.structured_update, true_sequential=args.true_sequential,
-                        update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score)
+                        update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score,
+                        first_order=args.first_order, first_order_scale=args.first_order_scale)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))
