@@ -24,10 +24,10 @@ echo "call STAGE=${STAGE:-0} start $(date -u +%FT%TZ), model ready at $(( $(date
 if [ "${STAGE:-0}" = 2 ]; then
   step u5_base 100 $P --shots 5 --tag P-5-base
   step u5_fo 110 $P --shots 5 --first-order --tag P-5-first-order
-  step u5_g003 100 $P --shots 5 --damping-g 0.03 --tag P-5-g0.03
-  step u5_g03 100 $P --shots 5 --damping-g 0.3 --tag P-5-g0.3
-  step u5_a003 100 $P --shots 5 --damping-a 0.003 --tag P-5-a0.003
-  step u5_a003x 100 $P --shots 5 --damping-a 0.03 --tag P-5-a0.03
+  step u5_g0.03 100 $P --shots 5 --damping-g 0.03 --tag P-5-g0.03
+  step u5_g0.3 100 $P --shots 5 --damping-g 0.3 --tag P-5-g0.3
+  step u5_a0.003 100 $P --shots 5 --damping-a 0.003 --tag P-5-a0.003
+  step u5_a0.03 100 $P --shots 5 --damping-a 0.03 --tag P-5-a0.03
 else
   step u40_${NAME:-best} 600 $P --shots 40 ${CONFIG:-} --checkpoint /root/ck_u40 --tag P-40-${NAME:-best}
 fi
