@@ -179,15 +179,20 @@ def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) 
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    import torch._inductor.config as inductor_config
-
-    # template prologue fusion off, as in the measured GPU runs: it was the first suspect of inductor's (torch 2.11)
-    # failure to compile the flex kernel (NameError 'XBLOCK'), whose cause was the inlined boolean mask (see
-    # _flex_decode_mask); not retried with it on. It only concerns template kernels (flex, autotuned matmuls).
-    inductor_config.prologue_fusion = False
     AttentionInterface.register(FLEX_DECODE, _flex_decode_attention)
     AttentionMaskInterface.register(FLEX_DECODE, functools.partial(_flex_decode_mask, block=block))
     model.set_attn_implementation(FLEX_DECODE)
+
+
+def _inductor_options(model: nn.Module) -> dict:
+    """inductor options for compiling ``model``, scoped to that compile (the global config is left alone).
+
+    With FlexAttention decode steps, template prologue fusion is off, as in every measured GPU run: it was the first
+    suspect of inductor's (torch 2.11) failure to compile the flex kernel (NameError 'XBLOCK'), whose cause was the
+    inlined boolean mask (see _flex_decode_mask); not retried with it on. It only concerns template kernels."""
+    if getattr(model.config, "_attn_implementation", None) == FLEX_DECODE:
+        return {"prologue_fusion": False}
+    return {}
 
 
 class CompiledRunner:
@@ -252,7 +257,12 @@ class CompiledRunner:
         if stage not in self._fns:
             kw: dict = {"dynamic": False, "fullgraph": self.fullgraph[stage], "backend": self.backend}
             if self.backend == "inductor":
-                kw["mode"] = self.modes[stage]
+                extra = _inductor_options(self.model)
+                if extra:  # torch.compile takes a mode or options, not both: the mode's options plus ours
+                    from torch._inductor import list_mode_options
+                    kw["options"] = {**list_mode_options(self.modes[stage], False), **extra}
+                else:
+                    kw["mode"] = self.modes[stage]
             self._fns[stage] = torch.compile(self.model, **kw)
         return self._fns[stage]
 

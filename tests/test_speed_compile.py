@@ -150,13 +150,18 @@ def test_flex_decode_attention_gives_the_sdpa_tokens(models, name):
     model = copy.deepcopy(models[name])
     prompt = _prompt()
     ref = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, 10, keep=True)
+    import torch._inductor.config as inductor_config
+
+    before = inductor_config.get_config_copy()
     speed.set_decode_attention(model, "flex", block=4)
     assert model.config._attn_implementation == speed.FLEX_DECODE
+    assert inductor_config.get_config_copy() == before  # nothing global: the option goes with this model's compile
+    assert speed._inductor_options(model) == {"prologue_fusion": False}
     got = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, 10, keep=True)
     assert torch.equal(got[1], ref[1])
     assert (got[2] - ref[2]).abs().max() <= 1e-4
     speed.set_decode_attention(model, "sdpa")
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and speed._inductor_options(model) == {}
     with pytest.raises(ValueError, match="decode attention must be one of"):
         speed.set_decode_attention(model, "flash")
 
