@@ -45,4 +45,4 @@ else
   step u40_${NAME:-best} 600 $P --shots 40 ${CONFIG:-} --checkpoint /root/ck_u40 --tag P-40-${NAME:-best}
 fi
 nvidia-smi > $RES/nvidia-smi.txt 2>&1; tar czf $OUT/res.tgz -C $RES .
-cat $RES/timeline.txt; grep -h "^shot" $RES/u*.log | tail -12
+cat $RES/timeline.txt; grep -h "^shot [0-9]*/[0-9]* .*ppl [0-9]" $RES/u*.log $RES/s*.log 2>/dev/null | tail -12
