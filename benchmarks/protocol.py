@@ -135,6 +135,10 @@ def main(argv=None) -> int:
                    help="mask-preserving fine-tuning steps after every shot (interleaved correction), 0 = off")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="lr of the interleaved steps (AdamW, constant)")
     p.add_argument("--ft-batch-size", type=int, default=1, help="calibration windows per interleaved step")
+    p.add_argument("--inverse-dtype", default="fp64", choices=["fp64", "fp32"], help="dtype of the damped factors' "
+                   "Cholesky inverses (fp32: 2.4x faster on a CPU)")
+    p.add_argument("--system-malloc", action="store_true", help="CPU: leave glibc's malloc as it is (default: keep "
+                   "and reuse freed memory, surgeon.utils.keep_freed_memory, as `surgeon prune` does)")
     p.add_argument("--first-order", action="store_true", help="llm-surgeon / kobd: the first-order term (mean loss "
                    "gradient) in the costs and updates, scaled by --first-order-scale")
     p.add_argument("--first-order-scale", type=float, default=1e-3)
@@ -145,6 +149,11 @@ def main(argv=None) -> int:
         p.error("--save-at needs --save-dir")
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc_kept = False
+    if args.device == "cpu" and not args.system_malloc:
+        from surgeon.utils import keep_freed_memory
+
+        malloc_kept = keep_freed_memory()
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     from transformers import AutoModelForCausalLM
@@ -164,7 +173,8 @@ def main(argv=None) -> int:
                         fisher_samples=args.fisher_samples, seed=args.seed,
                         structured_update=args.structured_update, true_sequential=args.true_sequential,
                         update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score,
-                        first_order=args.first_order, first_order_scale=args.first_order_scale)
+                        first_order=args.first_order, first_order_scale=args.first_order_scale,
+                        inverse_dtype=torch.float64 if args.inverse_dtype == "fp64" else torch.float32)
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))
@@ -212,7 +222,7 @@ def main(argv=None) -> int:
         "eval": args.eval, "eval_shape": list(evalw.shape), "device": str(device),
         "heldout": args.heldout, "heldout_shape": list(heldw.shape) if heldw is not None else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "load_seconds": load_s,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc_kept": malloc_kept, "load_seconds": load_s,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", ""),

@@ -27,7 +27,7 @@ from .data import calibration_windows, check_seqlen, data_id, eval_windows, load
 from .errors import SurgeonError
 from .models import load_model, model_content_hash, save_model
 from .outputs import check_output, manifest_files, output_lock
-from .utils import atomic_write, cache_dir, phase_logger, sha256_file
+from .utils import atomic_write, cache_dir, keep_freed_memory, phase_logger, sha256_file
 
 __all__ = ["ModelRef", "DataRef", "phase_logger", "prepare_model", "validate_model", "build_calibration", "build_eval",
            "preflight", "run_shot", "shot_with_fallback", "evaluate_dir", "export", "prune_run", "options_from_config",
@@ -60,6 +60,7 @@ def options_from_config(cfg: PruneConfig) -> PruneOptions:
                         structured_update=cfg.structured_update, coupled_score=cfg.coupled_score,
                         batch_size=cfg.batch_size, autocast_dtype=_DTYPES[cfg.compute_dtype], device=cfg.device,
                         gram_dtype=_DTYPES[cfg.gram_dtype], checkpoint_layers=cfg.checkpoint_layers,
+                        inverse_dtype=torch.float64 if cfg.inverse_dtype == "fp64" else torch.float32,
                         update_concurrent_batches=cfg.update_concurrent,
                         seed=cfg.seed, first_order=cfg.first_order, first_order_scale=cfg.first_order_scale)
 
@@ -186,6 +187,8 @@ def _load_for_pruning(source_dir: str, cfg: PruneConfig):
     model, tok, _ = load_model(source_dir, dtype=torch.float32, device=cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # reuse the batches' large buffers instead of page-faulting them in again
     return model, tok
 
 

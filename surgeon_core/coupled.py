@@ -256,8 +256,8 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
                  get_factors: Callable[[int, str], tuple[torch.Tensor | None, torch.Tensor | None]],
                  augmented: Callable[[nn.Linear], torch.Tensor], write_back: Callable[[nn.Linear, torch.Tensor], None],
                  n_remove: int, kind: str, update: bool, damping_a: float, damping_g: float,
-                 max_correlate: int = 0, offload: torch.device | str | None = None, score: str = "cost"
-                 ) -> tuple[float, int]:
+                 max_correlate: int = 0, offload: torch.device | str | None = None, score: str = "cost",
+                 inverse_dtype: torch.dtype = torch.float64) -> tuple[float, int]:
     """One coupled shot over all decoder layers: costs → global greedy selection → per-member updates.
     Returns (estimated loss increase, damping escalations). ``score``: the selection order (``select_units``).
 
@@ -277,9 +277,9 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
             if kind == "obs" and A[n] is not None:
                 key = id(A[n])
                 if key not in a_inv_cache:
-                    a_inv_cache[key] = damped_inverse(A[n], damping_a)
+                    a_inv_cache[key] = damped_inverse(A[n], damping_a, dtype=inverse_dtype)
                 st.A_inv[n], used_a = a_inv_cache[key]
-                st.G_inv[n], used_g = damped_inverse(G[n], damping_g)
+                st.G_inv[n], used_g = damped_inverse(G[n], damping_g, dtype=inverse_dtype)
                 escalations += int(used_a != damping_a) + int(used_g != damping_g)
         for fam in fams:
             c = unit_costs(fam, st.W, A, G, st.A_inv, st.G_inv, kind=kind).float().cpu()

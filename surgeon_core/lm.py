@@ -20,9 +20,47 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+class _SoftmaxNLL(torch.autograd.Function):
+    """Per-token NLL of (N, V) logits, its gradient (softmax − one-hot) formed in the forward pass.
+
+    The same values as ``F.cross_entropy(logits.float(), targets, reduction="none")`` and its backward, with one
+    exponential per logit instead of two and no (N, V) fp32 tensors kept: the softmax is taken in fp32 blocks of
+    rows (float64 logits stay float64) and the gradient is kept in the logits' dtype, which is the dtype autograd would hand the vocabulary head's
+    backward anyway (bf16 under autocast)."""
+
+    ROWS = 256  # rows per fp32 block
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n = logits.shape[0]
+        work = torch.promote_types(logits.dtype, torch.float32)  # fp32, or float64 for float64 logits
+        nll = torch.empty(n, dtype=work, device=logits.device)
+        d = torch.empty_like(logits)
+        for s in range(0, n, _SoftmaxNLL.ROWS):
+            x = logits[s : s + _SoftmaxNLL.ROWS].to(work, copy=True)
+            t = targets[s : s + _SoftmaxNLL.ROWS, None]
+            x.sub_(x.amax(dim=1, keepdim=True))
+            picked = x.gather(1, t)
+            e = x.exp_()
+            total = e.sum(dim=1, keepdim=True)
+            nll[s : s + _SoftmaxNLL.ROWS] = (total.log() - picked).squeeze(1)
+            e.div_(total).scatter_add_(1, t, torch.full_like(total, -1.0))
+            d[s : s + _SoftmaxNLL.ROWS] = e
+        ctx.save_for_backward(d)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        return d * grad.to(d.dtype)[:, None], None
+
+
 def _chunk_nll(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (B, l, V) fp32 for a stable log-softmax
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    logits = head(h)  # (B, l, V)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        nll = _SoftmaxNLL.apply(logits.flatten(0, 1), targets.flatten())
+    else:  # evaluation: fp32 for a stable log-softmax
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     return nll.view(targets.shape).sum(dim=1)  # (B,)
 
 

@@ -193,3 +193,36 @@ def test_batched_element_update_equals_one_layer_at_a_time():
     for (W, A, G, Ainv, Ginv), d, Wb in zip(layers, drops, batched):
         torch.testing.assert_close(Wb, obs_update_elements(W, d, Ginv, Ainv, max_correlate=7))
         assert (Wb[d] == 0).all()
+
+
+def test_float32_inverse_option_is_close_and_validated():
+    """inverse_dtype=float32: the same damped inverse to fp32 accuracy on a well-conditioned factor (the float64
+    default is the reference's); anything else is refused; the config's default keeps earlier recipes' hashes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 60, generator=g) * torch.rand(60, generator=g) * 3
+    M = x.T @ x
+    inv64, used64 = damped_inverse(M, 0.01)
+    inv32, used32 = damped_inverse(M, 0.01, dtype=torch.float32)
+    assert used64 == used32 == 0.01 and inv32.dtype == inv64.dtype == torch.float32
+    assert float((inv32 - inv64).abs().max() / inv64.abs().max()) < 1e-4
+    from surgeon_core.shot import PruneOptions
+
+    assert PruneOptions(inverse_dtype=torch.float32).to_dict()["inverse_dtype"] == "float32"
+    with pytest.raises(ValueError, match="inverse_dtype"):
+        PruneOptions(inverse_dtype=torch.float16)
+    from surgeon.config import load_recipe
+    from surgeon.pruning import options_from_config
+
+    base = load_recipe(None, [], model="x")
+    fast = load_recipe(None, ["inverse_dtype=fp32"], model="x")
+    assert options_from_config(fast).inverse_dtype == torch.float32
+    assert options_from_config(base).inverse_dtype == torch.float64
+    assert fast.config_hash() != base.config_hash()
+    import hashlib
+    import json
+
+    from surgeon.config import WEIGHT_FIELDS
+
+    d = base.model_dump()
+    earlier = {k: d[k] for k in WEIGHT_FIELDS} | {"target_size": base.final_target}  # the hash before the option
+    assert base.config_hash() == hashlib.sha256(json.dumps(earlier, sort_keys=True, default=str).encode()).hexdigest()[:16]
