@@ -98,28 +98,32 @@ def test_single_chunk_loss_skips_the_recompute_and_gives_the_same_gradients(monk
     assert scale > 0 and float((results[8][1] - results[4096][1]).abs().max()) <= 1e-5 * scale
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-5)])
-def test_softmax_nll_matches_cross_entropy_and_its_gradient(dtype, tol):
-    """The loss pass's fused NLL: the values and gradients of F.cross_entropy on fp32 (float64) logits; under bf16
-    the gradient differs by the one bf16 rounding both hand the vocabulary head's backward (at most one ulp)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_softmax_nll_is_cross_entropy_bit_for_bit(dtype):
+    """The loss pass's blocked NLL: the values of F.cross_entropy on fp32 (float64) logits and, for a summed loss
+    (the curvature pass), the very same gradient, in every dtype; a weighted loss gets it to one rounding."""
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(300, 700, generator=g, dtype=torch.float64) * 6).to(dtype)  # more rows than one block
     targets = torch.randint(0, 700, (300,), generator=g)
     weights = torch.rand(300, generator=g, dtype=torch.float64)
-    out = {}
-    for name in ("fused", "reference"):
-        x = logits.clone().requires_grad_()
-        if name == "fused":
-            nll = lm._SoftmaxNLL.apply(x, targets)
+    for weighted in (False, True):
+        out = {}
+        for name in ("fused", "reference"):
+            x = logits.clone().requires_grad_()
+            if name == "fused":
+                nll = lm._SoftmaxNLL.apply(x, targets)
+            else:
+                nll = torch.nn.functional.cross_entropy(x if dtype == torch.float64 else x.float(), targets,
+                                                        reduction="none")
+            (nll * weights.to(nll.dtype) if weighted else nll).sum().backward()
+            out[name] = (nll.detach(), x.grad)
+            assert torch.equal(x.detach(), logits)  # the logits are not modified in place
+        assert torch.equal(out["fused"][0], out["reference"][0])
+        if not weighted:
+            assert torch.equal(out["fused"][1], out["reference"][1])
         else:
-            nll = torch.nn.functional.cross_entropy(x if dtype == torch.float64 else x.float(), targets,
-                                                    reduction="none")
-        (nll.double() * weights).sum().backward()
-        out[name] = (nll.detach().double(), x.grad.double())
-        assert torch.equal(x.detach(), logits)  # the logits are not modified in place
-    assert torch.allclose(out["fused"][0], out["reference"][0], rtol=0, atol=tol * 10)
-    diff = (out["fused"][1] - out["reference"][1]).abs().max()
-    assert diff <= (tol if dtype != torch.bfloat16 else 2 ** -8)
+            diff = (out["fused"][1].double() - out["reference"][1].double()).abs().max()
+            assert diff <= {torch.float64: 1e-15, torch.float32: 1e-7, torch.bfloat16: 2 ** -8}[dtype]
 
 
 def test_softmax_nll_gradcheck():
