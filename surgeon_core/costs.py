@@ -35,14 +35,14 @@ def damped_inverse(M: torch.Tensor, frac: float, *, max_escalations: int = 6,
     A factor that is not positive definite (zero rows, rounding) escalates the damping ×10 until the Cholesky
     succeeds, so no NaN/Inf ever reaches the weights.
     """
-    M64 = M.to(dtype)
-    d = torch.diagonal(M64).mean()
+    Mw = M.to(dtype)
+    d = torch.diagonal(Mw).mean()
     if not torch.isfinite(d):
         raise FloatingPointError("curvature factor contains NaN/Inf")
     d = d.clamp_min(1e-30)
     used = frac
     for _ in range(max_escalations + 1):
-        damped = M64.clone()
+        damped = Mw.clone()
         damped.diagonal().add_(used * d)  # M + λ·mean(diag)·I without building I
         L, info = torch.linalg.cholesky_ex(damped)
         del damped
