@@ -499,6 +499,13 @@ def _print_materialize(report: dict) -> None:
     print(f"materialized {report['output']}: parameters {b['total']:,} -> {a['total']:,} "
           f"(prunable {b['prunable']:,} -> {a['prunable']:,}); weights {fb['source'] / 2**20:.1f} -> "
           f"{fb['materialized'] / 2**20:.1f} MiB")
+    eq = report.get("equivalence", {})
+    if "same_function" in eq:
+        print(f"checked on {eq['tokens']} tokens: the zeroed model's function (max |Δlogit| float64 "
+              f"{eq['float64_max_abs_diff']:.2g}; fp32 {eq['fp32_max_abs_diff']:.2g}, against the zeroed model's own "
+              f"fp32 rounding {eq['fp32_rounding_of_zeroed']:.2g})")
+    elif eq:
+        print(f"logit check skipped {eq['skipped']}")
 
 
 @app.command("materialize")
@@ -508,6 +515,10 @@ def materialize_cmd(
     align: Annotated[int, typer.Option(
         help="Pad each layer's FFN width to a multiple of this with all-zero units (unaligned matmuls are slow; "
              "1 = no padding).", min=1)] = 64,
+    verify: Annotated[Optional[bool], typer.Option(
+        "--verify/--no-verify",
+        help="Check the smaller model's logits against the zeroed model's, in fp32 and float64, before writing "
+             "(default: for models up to 1e9 parameters; float64 doubles the memory).")] = None,
     json_out: JsonOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -516,7 +527,7 @@ def materialize_cmd(
     from .materialize import materialize_dir
 
     json_out = check_output_file(json_out)
-    report = materialize_dir(source, output, align=align)
+    report = materialize_dir(source, output, align=align, verify=verify)
     _print_materialize(report)
     if json_out is not None:
         write_json(json_out, report)

@@ -24,8 +24,8 @@ from . import modeling_surgeon_pruned as mp
 from .errors import SurgeonError
 from .utils import atomic_dir
 
-__all__ = ["materialize_model", "save_materialized", "materialize_dir", "safetensors_bytes", "kept_to_json",
-           "kept_from_json", "MODELING_FILE"]
+__all__ = ["materialize_model", "materialize_checked", "logit_check", "save_materialized", "materialize_dir",
+           "safetensors_bytes", "kept_to_json", "kept_from_json", "MODELING_FILE"]
 
 MODELING_FILE = "modeling_surgeon_pruned.py"
 _FAMILIES = {  # source model_type -> (config class, model class)
@@ -80,6 +80,71 @@ def materialize_model(model, kept: list[dict] | None = None, align: int = DEFAUL
     return model, {"layers": sizes, "parameters_before": before, "parameters_after": after, "align": align}
 
 
+VERIFY_MAX_PARAMETERS = 1_000_000_000  # the float64 check holds the model in float64 (8 bytes per parameter)
+FLOAT64_TOLERANCE = 1e-6  # max |Δlogit| in float64 between zeroed and materialized (float64 rounding: ~1e-12)
+
+
+def _verification_ids(vocab_size: int, batch: int = 2, length: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def _logits_fp32_and_float64(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits on ``ids`` in float32, then in float64 (the model is converted in place and back: the
+    float32 -> float64 -> float32 round trip is exact)."""
+    fp32 = model(input_ids=ids, use_cache=False).logits.float()
+    model.double()
+    try:
+        f64 = model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.float()
+    return fp32, f64
+
+
+def logit_check(zeroed: tuple[torch.Tensor, torch.Tensor], materialized: tuple[torch.Tensor, torch.Tensor],
+                tolerance: float = FLOAT64_TOLERANCE) -> dict:
+    """Compare the (fp32, float64) logits of the zeroed and the materialized model on the same tokens.
+
+    ``same_function`` is the float64 verdict (the two compute the same function when their float64 logits agree to
+    ``tolerance``); the fp32 difference is reported beside the zeroed model's own fp32 rounding error (its fp32 vs
+    its float64 logits), because narrower matmuls add the same products in other groups (BENCHMARKS.md)."""
+    (z32, z64), (m32, m64) = zeroed, materialized
+    d64 = float((m64 - z64).abs().max())
+    return {"tokens": int(z32.shape[0] * z32.shape[1]), "max_abs_logit": float(z64.abs().max()),
+            "float64_max_abs_diff": d64, "fp32_max_abs_diff": float((m32 - z32).abs().max()),
+            "fp32_rounding_of_zeroed": float((z32.double() - z64).abs().max()),
+            "float64_tolerance": tolerance, "same_function": d64 <= tolerance}
+
+
+def materialize_checked(model, kept: list[dict] | None = None, align: int = DEFAULT_ALIGN,
+                        verify: bool | None = None) -> tuple[object, dict]:
+    """:func:`materialize_model` with a check that the smaller model computes the zeroed model's function: both
+    models' logits on 2 x 64 seeded random tokens in fp32 and in float64 (``report["equivalence"]``, see
+    :func:`logit_check`). A float64 difference above the tolerance raises :class:`SurgeonError` (the kept units
+    dropped something that was not zero). ``verify=None`` checks models up to ``VERIFY_MAX_PARAMETERS``
+    parameters (float64 doubles the memory); True / False force it on / off."""
+    n = sum(p.numel() for p in model.parameters())
+    if verify is None:
+        verify = n <= VERIFY_MAX_PARAMETERS
+    if not verify:
+        model, report = materialize_model(model, kept, align)
+        report["equivalence"] = {"skipped": f"({n:,} parameters; verify={verify})"}
+        return model, report
+    model.eval()
+    ids = _verification_ids(model.config.vocab_size,
+                            length=min(64, getattr(model.config, "max_position_embeddings", None) or 64))
+    zeroed = _logits_fp32_and_float64(model, ids)
+    model, report = materialize_model(model, kept, align)
+    check = logit_check(zeroed, _logits_fp32_and_float64(model, ids))
+    report["equivalence"] = check
+    if not check["same_function"]:
+        raise SurgeonError(f"the materialized model does not compute the zeroed model's function: float64 logits "
+                           f"differ by {check['float64_max_abs_diff']:.3g} (tolerance {check['float64_tolerance']:g}); "
+                           "a dropped unit was not entirely zero")
+    return model, report
+
+
 def save_materialized(model, out_dir: str | Path, *, tokenizer=None, report: dict | None = None) -> Path:
     """save_pretrained (safetensors) + the modelling file + materialize.json (sizes and parameter counts)."""
     out = Path(out_dir).expanduser()
@@ -93,8 +158,10 @@ def save_materialized(model, out_dir: str | Path, *, tokenizer=None, report: dic
     return out
 
 
-def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_ALIGN) -> dict:
-    """Load a pruned model folder, drop its all-zero units, write the smaller model; returns the report."""
+def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_ALIGN,
+                    verify: bool | None = None) -> dict:
+    """Load a pruned model folder, drop its all-zero units, check the smaller model's logits against the zeroed
+    model's (:func:`materialize_checked`; nothing is written if it fails), write it; returns the report."""
     src = Path(src).expanduser()
     if not (src / "config.json").is_file():
         raise SurgeonError(f"not a model folder (no config.json): {src}")
@@ -110,7 +177,7 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
-    model, report = materialize_model(model.eval(), align=align)
+    model, report = materialize_checked(model.eval(), align=align, verify=verify)
     with atomic_dir(out) as tmp:  # a crash leaves no half-written model behind
         save_materialized(model, tmp, tokenizer=tokenizer, report=report)
     report["output"] = str(out)

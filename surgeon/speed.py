@@ -524,7 +524,8 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
     from surgeon_core.adapters import adapter_for
     from surgeon_core.materialize import count_parameters
 
-    from .materialize import kept_from_json, materialize_model, safetensors_bytes, save_materialized
+    from .materialize import (kept_from_json, materialize_checked, materialize_model, safetensors_bytes,
+                              save_materialized)
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -550,7 +551,7 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         adapter = adapter_for(dense)
         before = count_parameters(dense, adapter)
         if kept is None:
-            pruned, mat = materialize_model(load(pruned_dir), align=align)
+            pruned, mat = materialize_checked(load(pruned_dir), align=align)  # logits checked vs the zeroed model
             source = {"pruned": str(pruned_dir), "weights": "the pruned model's own"}
         else:
             pruned, mat = materialize_model(load(dense_dir), kept_from_json(kept), align=align)
@@ -577,4 +578,5 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
                        "dense_prunable": before["prunable"], "materialized_prunable": after["prunable"],
                        "prunable_fraction": after["prunable"] / before["prunable"]},
         "file_bytes": files, "align": align, "layers": mat["layers"], "source": source, "speed": res,
+        "equivalence": mat.get("equivalence", {"skipped": "kept units on the dense weights: no zeroed model"}),
     }

@@ -126,6 +126,9 @@ def test_prune_flow_tracks_exports_and_registers(first_run):
     assert rep["speed"]["dense"]["prefill_tokens_per_s"] > 0 and rep["speed"]["pruned"]["decode_ms_per_token"] > 0
     assert c.get_metric_history(r["run_id"], "structure/params_materialized")[0].value == \
         rep["parameters"]["materialized_total"]
+    assert rep["equivalence"]["same_function"]  # the materialized model was checked against the zeroed one
+    assert c.get_metric_history(r["run_id"], "structure/logits_float64_max_abs_diff")[0].value == \
+        rep["equivalence"]["float64_max_abs_diff"]
     assert "structure_report.json" in files
 
 

@@ -220,3 +220,49 @@ def test_coupled_pruning_of_a_materialized_model_with_empty_ffn_is_refused():
     materialize_(model, ad, ad.head_layout(model.config))
     with pytest.raises(ValueError, match="materialized"):
         prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled"), target_size=0.5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_materialize_checked_reports_the_logit_check(family):
+    """Materialization checks itself: the float64 logits of the smaller model equal the zeroed model's."""
+    from surgeon.materialize import materialize_checked
+
+    model = _pruned(family)
+    _, report = materialize_checked(model)
+    eq = report["equivalence"]
+    assert eq["same_function"] and eq["float64_max_abs_diff"] <= 1e-9
+    assert eq["fp32_max_abs_diff"] <= 1e-4 and eq["tokens"] == 2 * 64
+    assert eq["max_abs_logit"] > 0 and eq["fp32_rounding_of_zeroed"] >= 0
+    assert next(model.parameters()).dtype == torch.float32  # back from the float64 pass
+
+
+def test_materialize_check_catches_a_dropped_nonzero_unit(tmp_path, monkeypatch):
+    """A kept list that drops a unit that is not zero changes the function: refused, and nothing is written."""
+    import surgeon_core.materialize as scm
+    from surgeon.errors import SurgeonError
+    from surgeon.materialize import materialize_checked, materialize_dir
+
+    model = _pruned("llama")
+    ad = adapter_for(model)
+    layout = ad.head_layout(model.config)
+    bad = find_kept(model, ad, layout)
+    bad[0] = dict(bad[0], ffn=bad[0]["ffn"][1:])  # drop a kept (nonzero) FFN unit of layer 0
+    with pytest.raises(SurgeonError, match="does not compute the zeroed model's function"):
+        materialize_checked(_pruned("llama"), [dict(k) for k in bad], align=1)
+    model.save_pretrained(tmp_path / "src")
+    monkeypatch.setattr(scm, "find_kept", lambda *a: [dict(k) for k in bad])
+    with pytest.raises(SurgeonError, match="does not compute"):
+        materialize_dir(tmp_path / "src", tmp_path / "out", align=1)
+    assert not (tmp_path / "out").exists()
+    _, report = materialize_checked(_pruned("llama"), [dict(k) for k in bad], align=1, verify=False)
+    assert "skipped" in report["equivalence"]
+
+
+def test_cli_materialize_prints_the_check(tmp_path, capsys):
+    from surgeon.cli import main
+
+    _pruned("opt").save_pretrained(tmp_path / "src")
+    assert main(["materialize", str(tmp_path / "src"), "--output", str(tmp_path / "a")]) == 0
+    assert "the zeroed model's function (max |Δlogit| float64" in capsys.readouterr().out
+    assert main(["materialize", str(tmp_path / "src"), "--output", str(tmp_path / "b"), "--no-verify"]) == 0
+    assert "logit check skipped" in capsys.readouterr().out
