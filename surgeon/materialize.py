@@ -170,6 +170,7 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
         raise SurgeonError("materialize: --output must differ from the source folder")
     if out.exists() and any(out.iterdir()):
         raise SurgeonError(f"output {out} exists and is not empty")
+    source_dtype = getattr(AutoConfig.from_pretrained(src, local_files_only=True), "dtype", None)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
     try:
         from transformers import AutoTokenizer
@@ -178,6 +179,8 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
     model, report = materialize_checked(model.eval(), align=align, verify=verify)
+    if isinstance(source_dtype, torch.dtype) and source_dtype.is_floating_point and source_dtype != torch.float32:
+        model.to(source_dtype)  # written in the source's dtype (a bf16 model stays bf16: the round trip is exact)
     with atomic_dir(out) as tmp:  # a crash leaves no half-written model behind
         save_materialized(model, tmp, tokenizer=tokenizer, report=report)
     report["output"] = str(out)

@@ -266,3 +266,22 @@ def test_cli_materialize_prints_the_check(tmp_path, capsys):
     assert "the zeroed model's function (max |Δlogit| float64" in capsys.readouterr().out
     assert main(["materialize", str(tmp_path / "src"), "--output", str(tmp_path / "b"), "--no-verify"]) == 0
     assert "logit check skipped" in capsys.readouterr().out
+
+
+def test_materialize_keeps_the_source_dtype(tmp_path):
+    """A bf16 zeroed model is written as a bf16 materialized model (smaller, same weights), not upcast to fp32."""
+    from safetensors import safe_open
+
+    from surgeon.materialize import materialize_dir
+
+    model = _pruned("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    report = materialize_dir(tmp_path / "src", tmp_path / "out", align=1)
+    assert report["equivalence"]["same_function"]
+    assert report["file_bytes"]["materialized"] < report["file_bytes"]["source"]
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        w = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert dtypes == {torch.bfloat16}
+    kept = find_kept(model, adapter_for(model), adapter_for(model).head_layout(model.config))[0]["ffn"]
+    assert torch.equal(w[:, : len(kept)], model.model.layers[0].mlp.down_proj.weight[:, kept])
