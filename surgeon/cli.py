@@ -446,6 +446,9 @@ def prune_cmd(
                       first_order=first_order,
                       nproc=nproc, register_model=register, overwrite=overwrite or None)
     check_model_ref(cfg.model)
+    if materialize and cfg.structure not in ("structured", "coupled"):
+        raise SurgeonError(f"--materialize needs --structure structured or coupled (whole units removed); "
+                           f"{cfg.structure} zeros stay inside dense matrices")
     for ref in (cfg.calibration, cfg.eval_data):
         if ref is not None:
             check_data_ref(ref)

@@ -179,6 +179,9 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
     model, report = materialize_checked(model.eval(), align=align, verify=verify)
+    if report["parameters_after"]["total"] >= report["parameters_before"]["total"]:
+        raise SurgeonError(f"no FFN unit or attention head of {src} is entirely zero: nothing to drop (materialize "
+                           "needs a structured or coupled pruning; unstructured and N:M zeros stay in dense matrices)")
     if isinstance(source_dtype, torch.dtype) and source_dtype.is_floating_point and source_dtype != torch.float32:
         model.to(source_dtype)  # written in the source's dtype (a bf16 model stays bf16: the round trip is exact)
     with atomic_dir(out) as tmp:  # a crash leaves no half-written model behind

@@ -285,3 +285,16 @@ def test_materialize_keeps_the_source_dtype(tmp_path):
     assert dtypes == {torch.bfloat16}
     kept = find_kept(model, adapter_for(model), adapter_for(model).head_layout(model.config))[0]["ffn"]
     assert torch.equal(w[:, : len(kept)], model.model.layers[0].mlp.down_proj.weight[:, kept])
+
+
+def test_materialize_refuses_a_model_with_nothing_to_drop(tmp_path, capsys):
+    """A model without an all-zero unit (dense, or unstructured zeros) is refused in one line, nothing written."""
+    from surgeon.cli import main
+    from tiny_models import tiny_model as _tiny
+
+    _tiny("llama").save_pretrained(tmp_path / "src")
+    capsys.readouterr()
+    assert main(["materialize", str(tmp_path / "src"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to drop" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

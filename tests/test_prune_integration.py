@@ -132,6 +132,7 @@ def test_prune_cli_writes_loadable_model(tmp_path):
     (["--method", "foo"], "method"),
     (["--method", "wanda"], "structured"),
     (["unknown_key=3"], "unknown recipe key 'unknown_key'"),
+    (["--structure", "2:4", "--materialize"], "--materialize needs --structure structured or coupled"),
 ])
 def test_prune_cli_bad_input_one_line(tmp_path, capsys, args, needle):
     from surgeon.cli import main
