@@ -232,7 +232,7 @@ def test_materialize_checked_reports_the_logit_check(family):
     eq = report["equivalence"]
     assert eq["same_function"] and eq["float64_max_abs_diff"] <= 1e-9
     assert eq["fp32_max_abs_diff"] <= 1e-4 and eq["tokens"] == 2 * 64
-    assert eq["max_abs_logit"] > 0 and eq["fp32_rounding_of_zeroed"] >= 0
+    assert eq["max_abs_logit"] > 0 and 0 < eq["fp32_rounding_of_zeroed"] < 1e-3
     assert next(model.parameters()).dtype == torch.float32  # back from the float64 pass
 
 
