@@ -37,7 +37,7 @@ from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pr
 from surgeon.utils import phase_logger  # noqa: E402  (stdlib only: runs on the GPU image)
 from surgeon_core.shot import PruneOptions, linear_schedule, prune  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
 class _Stop(Exception):
