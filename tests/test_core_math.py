@@ -195,9 +195,10 @@ def test_batched_element_update_equals_one_layer_at_a_time():
         assert (Wb[d] == 0).all()
 
 
-def test_float32_inverse_option_is_close_and_validated():
+def test_float32_inverse_option_is_close_and_validated(monkeypatch):
     """inverse_dtype=float32: the same damped inverse to fp32 accuracy on a well-conditioned factor (the float64
-    default is the reference's); anything else is refused; the config's default keeps earlier recipes' hashes."""
+    default is the reference's), computed in float32 (not bit-equal), and the shot's inverses use it; anything else
+    is refused; the config's default keeps earlier recipes' hashes."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400, 60, generator=g) * torch.rand(60, generator=g) * 3
     M = x.T @ x
@@ -205,7 +206,23 @@ def test_float32_inverse_option_is_close_and_validated():
     inv32, used32 = damped_inverse(M, 0.01, dtype=torch.float32)
     assert used64 == used32 == 0.01 and inv32.dtype == inv64.dtype == torch.float32
     assert float((inv32 - inv64).abs().max() / inv64.abs().max()) < 1e-4
-    from surgeon_core.shot import PruneOptions
+    assert not torch.equal(inv32, inv64)  # the float32 Cholesky really ran (an ignored dtype gives inv64 exactly)
+    import surgeon_core.shot as shot_mod
+    from surgeon_core.shot import PruneOptions, prune_shot
+    from tiny_models import tiny_model, tiny_windows
+
+    for dtype in (torch.float32, torch.float64):  # the option reaches every inverse of a shot
+        calls = []
+
+        def spy(M, frac, *, dtype=torch.float64, _calls=calls, **kw):
+            _calls.append(dtype)
+            return damped_inverse(M, frac, dtype=dtype, **kw)
+
+        monkeypatch.setattr(shot_mod, "damped_inverse", spy)
+        prune_shot(tiny_model("llama"), tiny_windows(2, 16), options=PruneOptions(inverse_dtype=dtype),
+                   target_size=0.8)
+        assert calls and set(calls) == {dtype}
+    monkeypatch.undo()
 
     assert PruneOptions(inverse_dtype=torch.float32).to_dict()["inverse_dtype"] == "float32"
     with pytest.raises(ValueError, match="inverse_dtype"):

@@ -1,5 +1,7 @@
 """Coupled structures (FFN units, heads, kv groups): target size, whole-unit zeros, joint cost, allocation."""
 
+import math
+
 import pytest
 import torch
 
@@ -34,12 +36,27 @@ def _check_whole_units(model):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "mistral"])
-def test_coupled_reaches_target_in_whole_units(family):
+def test_coupled_reaches_target_in_whole_units(family, monkeypatch):
+    import surgeon_core.coupled as coupled
+
+    selections = []  # (unit costs, selected masks) of each shot's global selection
+    original = coupled.select_units
+
+    def spy(costs, *args, **kwargs):
+        masks = original(costs, *args, **kwargs)
+        selections.append(([c.clone() for c in costs], masks))
+        return masks
+
+    monkeypatch.setattr(coupled, "select_units", spy)
     model = tiny_model(family)
     reports = prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled"), target_size=0.7,
                     num_shots=2)
     assert abs(reports[-1].achieved_size - 0.7) < 0.01
-    assert reports[-1].estimated_loss >= 0
+    loss = reports[-1].estimated_loss
+    assert math.isfinite(loss) and loss > 0  # the shot removed units with a positive joint cost
+    assert len(selections) == 2
+    costs, masks = selections[-1]  # the estimate is the summed finite cost of the units the last shot selected
+    assert loss == pytest.approx(float(sum(c[m & torch.isfinite(c)].sum() for c, m in zip(costs, masks))))
     _check_whole_units(model)
 
 
@@ -58,9 +75,11 @@ def test_structure_parse_and_config():
     per_param = load_recipe(None, ["coupled_score=per_param"], model="x", structure="coupled")
     assert per_param.coupled_score == "per_param"
     assert per_param.config_hash() != load_recipe(None, [], model="x", structure="coupled").config_hash()
-    with pytest.raises(Exception):
+    from surgeon.errors import SurgeonError
+
+    with pytest.raises(SurgeonError, match="invalid recipe value for 'coupled_score'.*'cost' or 'per_param'"):
         load_recipe(None, ["coupled_score=ratio"], model="x", structure="coupled")
-    with pytest.raises(Exception):
+    with pytest.raises(SurgeonError, match="method wanda does not support structured pruning"):
         load_recipe(None, [], model="x", structure="coupled", method="wanda")
 
 
@@ -146,28 +165,79 @@ def test_coupled_per_param_reaches_target_in_whole_units(family):
     _check_whole_units(model)
 
 
-def _coupled_weights(device: str, offload: bool, monkeypatch) -> dict:
+def _coupled_weights(device: str, offload: bool, monkeypatch, moves: list | None = None) -> dict:
+    """Prune a tiny llama with coupled structure. With ``moves``, spy on ``_LayerState.to`` (the offload move): a
+    real device move gives new tensor objects, so (also on CPU) every ``Tensor.to`` inside it returns a copy; each
+    call is recorded as (target device, the state's tensors before, its tensors after)."""
     import surgeon_core.coupled as coupled
 
-    original = coupled.coupled_shot
+    with monkeypatch.context() as mp:  # undone on return: a second call must wrap the real coupled_shot
+        original = coupled.coupled_shot
 
-    def shot(*args, **kwargs):
-        kwargs["offload"] = "cpu" if offload else None
-        return original(*args, **kwargs)
+        def shot(*args, **kwargs):
+            kwargs["offload"] = "cpu" if offload else None
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(coupled, "coupled_shot", shot)
-    model = tiny_model("llama", seed=3).to(device)
-    prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled", device=device), target_size=0.6)
+        mp.setattr(coupled, "coupled_shot", shot)
+        if moves is not None:
+            original_to = coupled._LayerState.to
+            tensor_to = torch.Tensor.to
+
+            def spy_to(self, dev):
+                before = [t for d in (self.W, self.A_inv, self.G_inv) for t in d.values() if t is not None]
+                with monkeypatch.context() as m:
+                    m.setattr(torch.Tensor, "to", lambda t, *a, **k: tensor_to(t, *a, **k).clone())
+                    original_to(self, dev)
+                moves.append((torch.device(dev), before, {"W": dict(self.W), "A_inv": dict(self.A_inv),
+                                                          "G_inv": dict(self.G_inv)}))
+
+            mp.setattr(coupled._LayerState, "to", spy_to)
+        model = tiny_model("llama", seed=3).to(device)
+        prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled", device=device), target_size=0.6)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _check_offload_moves(moves: list, n_layers: int, device: str) -> None:
+    """Each shot moves every layer to the CPU (cost phase done) and then back (update phase); the moved state is on
+    the target device, made of new tensors, and the input-factor inverse shared by q/k/v and by gate/up stays one
+    tensor (moved once)."""
+    ad = adapter_for(tiny_model("llama"))
+    assert moves and len(moves) % (2 * n_layers) == 0
+    for s in range(0, len(moves), 2 * n_layers):
+        shot = [m[0].type for m in moves[s: s + 2 * n_layers]]
+        assert shot == ["cpu"] * n_layers + [torch.device(device).type] * n_layers
+    for dev, before, st in moves:
+        tensors = [t for d in st.values() for t in d.values()]
+        assert all(t.device.type == dev.type for t in tensors)
+        assert not {id(t) for t in tensors} & {id(t) for t in before}  # new tensors (a move), none kept in place
+        assert st["A_inv"] and st["G_inv"]
+        for group in (ad.attention_in, ad.mlp_in):
+            assert len({id(st["A_inv"][n]) for n in group}) == 1  # q/k/v (gate/up) share one A inverse
+        assert len({id(st["G_inv"][n]) for n in ad.linears}) == len(ad.linears)  # G inverses stay separate
 
 
 def test_offloading_inverses_between_phases_changes_nothing(monkeypatch):
     """Parking each layer's weights and inverses on the CPU between the cost and update phases (what a 7B model
-    needs on one GPU) gives the same weights; on CUDA it really moves them."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = _coupled_weights(device, False, monkeypatch)
-    b = _coupled_weights(device, True, monkeypatch)
+    needs on one GPU) gives the same weights. On CPU the move is made real by copying in ``Tensor.to``: every layer
+    is moved out and back each shot and the shared input-factor inverses stay shared."""
+    n_layers = tiny_model("llama").config.num_hidden_layers
+    a = _coupled_weights("cpu", False, monkeypatch)
+    moves: list = []
+    b = _coupled_weights("cpu", True, monkeypatch, moves)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _check_offload_moves(moves, n_layers, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloading_inverses_to_cpu_from_cuda_changes_nothing(monkeypatch):
+    """On CUDA the offload really moves each layer's state to the CPU and back, with the same pruned weights."""
+    n_layers = tiny_model("llama").config.num_hidden_layers
+    a = _coupled_weights("cuda", False, monkeypatch)
+    moves: list = []
+    b = _coupled_weights("cuda", True, monkeypatch, moves)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _check_offload_moves(moves, n_layers, "cuda")
 
 
 def test_joint_costs_of_large_blocks_with_threads_match_one_at_a_time():

@@ -158,14 +158,25 @@ def test_builtin_default_is_prose_and_deterministic():
 
 # ------------------------------------------------------------------------------------------- tokens
 
-def test_tokenize_once_no_special_tokens_and_cached(tok):
+def test_tokenize_once_no_special_tokens_and_cached(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))  # a fresh cache: this call's file alone
+    cache = D.cache_dir("tokens")
+    assert not list(cache.glob("*.npy"))
     ids = D.tokenize(tok, TEXT)
     assert ids.dtype == torch.long and ids.dim() == 1
     assert ids.tolist() == tok.backend_tokenizer.encode(TEXT, add_special_tokens=False).ids
     assert tok.bos_token_id not in ids.tolist()
-    cache = D.cache_dir("tokens")
-    assert len(list(cache.glob("*.npy"))) >= 1
-    assert torch.equal(D.tokenize(tok, TEXT), ids)
+    files = list(cache.glob("*.npy"))  # the one cache file of this text, holding its ids
+    assert len(files) == 1 and np.load(files[0]).tolist() == ids.tolist()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("tokenize encoded again instead of reading its cache")
+
+    monkeypatch.setattr(D, "_encode", no_encoding)
+    again = D.tokenize(tok, TEXT)
+    assert again.dtype == torch.long and torch.equal(again, ids)
+    with pytest.raises(AssertionError, match="encoded again"):  # the spy is live: new text is encoded
+        D.tokenize(tok, TEXT + " more")
 
 
 def test_tokenizer_hash_distinguishes(tok):

@@ -197,12 +197,36 @@ def test_json_output_is_a_folder(inputs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
-def test_unwritable_output_parent(inputs, tmp_path, capsys):
+def test_unwritable_output_parent(inputs, tmp_path, capsys, monkeypatch):
+    """An output whose nearest existing folder is not writable: one line ``error: ...`` (exit 2) through the CLI,
+    the same SurgeonError through the API, nothing created. ``os.access`` (as surgeon.outputs looks it up) says the
+    folder is not writable, so this runs as root too (root may write into a mode-0500 folder)."""
+    import surgeon.outputs as outputs
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ro = tmp_path / "ro"
     ro.mkdir(mode=0o500)
-    with pytest.raises(SurgeonError, match="is not writable"):
+    real_access = os.access
+    asked = []
+
+    def access(path, mode, *args, **kwargs):
+        if Path(path).resolve() == ro.resolve() and mode & os.W_OK:
+            asked.append(path)
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "access", access)
+    message = f"cannot create output {ro / 'out'}: {ro} is not writable"
+    rc, _, err = cli(capsys, "prune", "--model", inputs["model"], "--calibration", inputs["text"], "--nsamples", 4,
+                     "--seqlen", 16, "--output", ro / "out", "--json", tmp_path / "result.json")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and errors == [f"error: {message}"], err
+    assert err.rstrip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    with pytest.raises(SurgeonError) as exc:
         prune_run(load_recipe(None, [], **recipe(inputs, ro / "out")))
+    assert str(exc.value) == message
+    assert asked and not list(ro.iterdir()) and not (tmp_path / "result.json").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # ----------------------------------------------------------------------------------------------- outputs

@@ -143,13 +143,33 @@ def test_structure_report_device_is_checked_before_any_work():
 
 
 @pytest.mark.parametrize("name", ["dense", "pruned"])
-def test_flex_decode_attention_gives_the_sdpa_tokens(models, name):
+def test_flex_decode_attention_gives_the_sdpa_tokens(models, name, monkeypatch):
     """Decode steps through FlexAttention (a BlockMask from the static cache's mask, blocks of 4 positions, so the
     unwritten ones are skipped) give the SDPA tokens; eager here (FlexAttention's reference path on a CPU), also
-    for layers with different kv-head counts; switching back restores SDPA."""
+    for layers with different kv-head counts; switching back restores SDPA. The flex kernel really runs: once per
+    layer in every decode step (the prompt pass stays SDPA)."""
+    import torch.nn.attention.flex_attention as flex_mod
+    import transformers.integrations.sdpa_attention as sdpa_mod
+
+    calls = {"flex": 0, "sdpa": 0}  # _flex_decode_attention imports both names when called: spied there
+    real_flex, real_sdpa = flex_mod.flex_attention, sdpa_mod.sdpa_attention_forward
+
+    def flex_spy(*args, **kwargs):
+        calls["flex"] += 1
+        assert isinstance(kwargs["block_mask"], flex_mod.BlockMask)
+        return real_flex(*args, **kwargs)
+
+    def sdpa_spy(*args, **kwargs):
+        calls["sdpa"] += 1
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(flex_mod, "flex_attention", flex_spy)
+    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", sdpa_spy)
     model = copy.deepcopy(models[name])
+    n_layers, steps = model.config.num_hidden_layers, 10
     prompt = _prompt()
-    ref = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, 10, keep=True)
+    ref = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, steps, keep=True)
+    assert calls == {"flex": 0, "sdpa": 0}  # plain SDPA does not go through the flex wrapper
     import torch._inductor.config as inductor_config
 
     before = inductor_config.get_config_copy()
@@ -157,7 +177,8 @@ def test_flex_decode_attention_gives_the_sdpa_tokens(models, name):
     assert model.config._attn_implementation == speed.FLEX_DECODE
     assert inductor_config.get_config_copy() == before  # nothing global: the option goes with this model's compile
     assert speed._inductor_options(model) == {"prologue_fusion": False}
-    got = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, 10, keep=True)
+    got = speed.CompiledRunner(model, compile_prefill=False, compile_decode=False).decode(prompt, steps, keep=True)
+    assert calls == {"flex": steps * n_layers, "sdpa": n_layers}  # 10 steps x 2 layers flex; the prompt pass SDPA
     assert torch.equal(got[1], ref[1])
     assert (got[2] - ref[2]).abs().max() <= 1e-4
     speed.set_decode_attention(model, "sdpa")
