@@ -485,13 +485,17 @@ def _materialize_output(output: str) -> dict:
     """``--materialize``: the exported folder -> OUTPUT-materialized (an earlier one is replaced)."""
     import shutil
 
-    from .materialize import materialize_dir
+    from .materialize import NothingToMaterialize, materialize_dir
 
     dest = Path(f"{str(output).rstrip('/')}-materialized")
     if dest.exists() and (dest / "materialize.json").exists():
         shutil.rmtree(dest)
     stage(f"materializing {output} -> {dest}")
-    report = materialize_dir(output, dest)
+    try:
+        report = materialize_dir(output, dest)
+    except NothingToMaterialize as exc:  # the pruning itself succeeded: say so, do not fail the command
+        print(f"warning: not materialized: {exc}", file=sys.stderr)
+        return {"skipped": str(exc)}
     _print_materialize(report)
     return report
 

@@ -24,10 +24,14 @@ from . import modeling_surgeon_pruned as mp
 from .errors import SurgeonError
 from .utils import atomic_dir
 
-__all__ = ["materialize_model", "materialize_checked", "logit_check", "save_materialized", "materialize_dir",
-           "safetensors_bytes", "kept_to_json", "kept_from_json", "MODELING_FILE"]
+__all__ = ["NothingToMaterialize", "materialize_model", "materialize_checked", "logit_check", "save_materialized",
+           "materialize_dir", "safetensors_bytes", "kept_to_json", "kept_from_json", "MODELING_FILE"]
 
 MODELING_FILE = "modeling_surgeon_pruned.py"
+
+
+class NothingToMaterialize(SurgeonError):
+    """The folder has no all-zero FFN unit or attention head (dense, or only unstructured / N:M zeros)."""
 _FAMILIES = {  # source model_type -> (config class, model class)
     "llama": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
     "mistral": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
@@ -180,8 +184,9 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
         tokenizer = None
     model, report = materialize_checked(model.eval(), align=align, verify=verify)
     if report["parameters_after"]["total"] >= report["parameters_before"]["total"]:
-        raise SurgeonError(f"no FFN unit or attention head of {src} is entirely zero: nothing to drop (materialize "
-                           "needs a structured or coupled pruning; unstructured and N:M zeros stay in dense matrices)")
+        raise NothingToMaterialize(f"no FFN unit or attention head of {src} is entirely zero: nothing to drop "
+                                   "(materialize needs a structured or coupled pruning; unstructured and N:M zeros "
+                                   "stay in dense matrices)")
     if isinstance(source_dtype, torch.dtype) and source_dtype.is_floating_point and source_dtype != torch.float32:
         model.to(source_dtype)  # written in the source's dtype (a bf16 model stays bf16: the round trip is exact)
     with atomic_dir(out) as tmp:  # a crash leaves no half-written model behind

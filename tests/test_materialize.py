@@ -298,3 +298,15 @@ def test_materialize_refuses_a_model_with_nothing_to_drop(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nothing to drop" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_materialize_step_warns_when_nothing_can_be_dropped(tmp_path, capsys):
+    """After a pruning whose output has no all-zero unit, `prune --materialize` warns instead of failing the run."""
+    from surgeon.cli import _materialize_output
+    from tiny_models import tiny_model as _tiny
+
+    _tiny("opt").save_pretrained(tmp_path / "pruned")
+    report = _materialize_output(str(tmp_path / "pruned"))
+    assert "nothing to drop" in report["skipped"]
+    assert "warning: not materialized" in capsys.readouterr().err
+    assert not (tmp_path / "pruned-materialized").exists()
