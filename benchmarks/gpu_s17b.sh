@@ -18,9 +18,9 @@ bash benchmarks/gpu_convert.sh >> $RES/convert.log 2>&1
 echo "model ready at $(( $(date +%s) - T0 )) s" >> $RES/timeline.txt
 P="benchmarks/protocol.py --model $MODEL --calibration $DATA/p/calibration_windows.npy --eval $DATA/p/eval_ids.npy
   --eval-seqlen 2048 --target-size 0.5 --batch-size 1 --no-dense-eval --dtype fp64 --tag P-bs1-fp64"
-step p_wanda24_fp64 120 $P --method wanda --structure 2:4
 step p_sparsegpt24_fp64 150 $P --method sparsegpt --structure 2:4
-step p_wanda50_fp64 120 $P --method wanda --structure unstructured
 step p_sparsegpt50_fp64 150 $P --method sparsegpt --structure unstructured
+step p_wanda50_fp64 120 $P --method wanda --structure unstructured
+step p_wanda24_fp64 120 $P --method wanda --structure 2:4
 nvidia-smi > $RES/nvidia-smi.txt 2>&1; tar czf $OUT/res.tgz -C $RES .
 cat $RES/timeline.txt; grep -o '"ppl": [0-9.]*' $RES/p_*.json; for f in $RES/p_*.log; do tail -2 $f; done
