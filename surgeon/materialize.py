@@ -32,6 +32,8 @@ MODELING_FILE = "modeling_surgeon_pruned.py"
 
 class NothingToMaterialize(SurgeonError):
     """The folder has no all-zero FFN unit or attention head (dense, or only unstructured / N:M zeros)."""
+
+
 _FAMILIES = {  # source model_type -> (config class, model class)
     "llama": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
     "mistral": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
