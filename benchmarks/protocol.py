@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                         structured_update=args.structured_update, true_sequential=args.true_sequential,
                         update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score,
                         first_order=args.first_order, first_order_scale=args.first_order_scale,
-                        inverse_dtype=torch.float64 if args.inverse_dtype == "fp64" else torch.float32)
+                        inverse_dtype=DTYPES[args.inverse_dtype])
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))
@@ -222,7 +222,8 @@ def main(argv=None) -> int:
         "eval": args.eval, "eval_shape": list(evalw.shape), "device": str(device),
         "heldout": args.heldout, "heldout_shape": list(heldw.shape) if heldw is not None else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc_kept": malloc_kept, "load_seconds": load_s,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "malloc_kept": malloc_kept,
+        "load_seconds": load_s,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=Path(__file__).parent).stdout.strip() or os.environ.get("SURGEON_COMMIT", ""),

@@ -216,28 +216,27 @@ def _check_offload_moves(moves: list, n_layers: int, device: str) -> None:
         assert len({id(st["G_inv"][n]) for n in ad.linears}) == len(ad.linears)  # G inverses stay separate
 
 
+def _offload_changes_nothing(device: str, monkeypatch) -> None:
+    """The same pruned weights with and without offloading, and every offload move checked."""
+    a = _coupled_weights(device, False, monkeypatch)
+    moves: list = []
+    b = _coupled_weights(device, True, monkeypatch, moves)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _check_offload_moves(moves, tiny_model("llama").config.num_hidden_layers, device)
+
+
 def test_offloading_inverses_between_phases_changes_nothing(monkeypatch):
     """Parking each layer's weights and inverses on the CPU between the cost and update phases (what a 7B model
     needs on one GPU) gives the same weights. On CPU the move is made real by copying in ``Tensor.to``: every layer
     is moved out and back each shot and the shared input-factor inverses stay shared."""
-    n_layers = tiny_model("llama").config.num_hidden_layers
-    a = _coupled_weights("cpu", False, monkeypatch)
-    moves: list = []
-    b = _coupled_weights("cpu", True, monkeypatch, moves)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    _check_offload_moves(moves, n_layers, "cpu")
+    _offload_changes_nothing("cpu", monkeypatch)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offloading_inverses_to_cpu_from_cuda_changes_nothing(monkeypatch):
     """On CUDA the offload really moves each layer's state to the CPU and back, with the same pruned weights."""
-    n_layers = tiny_model("llama").config.num_hidden_layers
-    a = _coupled_weights("cuda", False, monkeypatch)
-    moves: list = []
-    b = _coupled_weights("cuda", True, monkeypatch, moves)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    _check_offload_moves(moves, n_layers, "cuda")
+    _offload_changes_nothing("cuda", monkeypatch)
 
 
 def test_joint_costs_of_large_blocks_with_threads_match_one_at_a_time():
