@@ -101,6 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-dense-eval", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", default="fp32", choices=DTYPES)
+    p.add_argument("--baseline-dtype", default="model", choices=["model", *DTYPES],
+                   help="SparseGPT/Wanda: dtype of the input statistics and the mask/OBS math ('model': fp32, "
+                        "float64 for --dtype fp64)")
     p.add_argument("--autocast", default="none", choices=["none", "bf16", "fp16"],
                    help="compute dtype of the calibration forward/backward (factors stay fp32)")
     p.add_argument("--gram", default="fp32", choices=["fp32", "bf16"],
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
                         structured_update=args.structured_update, true_sequential=args.true_sequential,
                         update_concurrent_batches=args.update_concurrent, coupled_score=args.coupled_score,
                         first_order=args.first_order, first_order_scale=args.first_order_scale,
-                        inverse_dtype=DTYPES[args.inverse_dtype])
+                        inverse_dtype=DTYPES[args.inverse_dtype],
+                        baseline_dtype=None if args.baseline_dtype == "model" else DTYPES[args.baseline_dtype])
     schedule = linear_schedule(args.target_size, args.shots) if not opts.layerwise else [args.target_size]
     if args.eval_at == "all":
         eval_sizes = set(range(len(schedule)))

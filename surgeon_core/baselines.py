@@ -323,6 +323,7 @@ def prune_model_layerwise(
     dampening_frac: float = 0.01,
     progress: Callable[[int, int], None] | None = None,
     true_sequential: bool = False,
+    stats_dtype: torch.dtype | None = None,
 ) -> dict:
     """Prune every prunable linear of ``model`` in place with a layer-wise baseline (lm_head/embeddings untouched).
 
@@ -336,6 +337,9 @@ def prune_model_layerwise(
         block_size, dampening_frac: SparseGPT settings.
         true_sequential: calibrate each input group on the outputs of the already-pruned groups of the same layer
             (``sequential.run_layerwise``); default False, the Wanda/SparseGPT scripts' default.
+        stats_dtype: dtype of the input statistics (SparseGPT's Hessian, Wanda's column norms) and so of the masks'
+            and OBS updates' math; None: fp32 (float64 for a float64 model). float64 with an fp32 model keeps the
+            forward passes in fp32 and takes fp32 rounding out of the solver only.
 
     Returns:
         ``{"method", "sparsity", "n_m", "achieved_sparsity", "seconds", "layers"}``; ``layers`` holds one dict per
@@ -370,7 +374,7 @@ def prune_model_layerwise(
     else:
         def make_stats(linear: nn.Linear) -> InputStats:
             return InputStats(linear.in_features, hessian=method == "sparsegpt", sq_norms=method == "wanda",
-                              device=linear.weight.device, dtype=math_dtype(linear.weight))
+                              device=linear.weight.device, dtype=stats_dtype or math_dtype(linear.weight))
 
         def rule(name: str, linear: nn.Linear, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor | None]:
             if method == "wanda":

@@ -116,6 +116,8 @@ class PruneOptions:
     block_size: int = 128
     baseline_damping: float = 0.01
     true_sequential: bool = False  # layer-wise baselines: calibrate each input group after pruning the earlier ones
+    # layer-wise baselines: dtype of their input statistics and mask/OBS math (None: fp32; float64 for a float64 model)
+    baseline_dtype: torch.dtype | None = None
     # coupled structures: (num_heads, num_kv_heads, head_dim) from the model config (None: read model.config)
     head_layout: tuple[int, int, int] | None = None
     # coupled structures: greedy order by "cost" (the paper's threshold on costs) or "per_param" (cost / parameters)
@@ -145,6 +147,8 @@ class PruneOptions:
             raise ValueError("damping must be non-negative")
         if self.inverse_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"inverse_dtype must be torch.float64 or torch.float32, not {self.inverse_dtype}")
+        if self.baseline_dtype not in (None, torch.float64, torch.float32):
+            raise ValueError(f"baseline_dtype must be None, torch.float64 or torch.float32, not {self.baseline_dtype}")
         if self.structured_update not in ("sequential", "sum"):
             raise ValueError("structured_update must be 'sequential' or 'sum'")
         if self.fisher_samples < 1:
@@ -174,7 +178,7 @@ class PruneOptions:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
-        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype"):
+        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "baseline_dtype"):
             d[key] = str(d[key]).replace("torch.", "") if d[key] else None
         return d
 
@@ -829,7 +833,7 @@ def prune(
             model, windows, method=options.method, sparsity=1.0 - target_size if st.kind != "nm" else 1 - st.n / st.m,
             n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
             block_size=options.block_size, dampening_frac=options.baseline_damping,
-            true_sequential=options.true_sequential,
+            true_sequential=options.true_sequential, stats_dtype=options.baseline_dtype,
             progress=(lambda i, n: progress("layers", i, n)) if progress else None)
         size, per_layer, per_type = model_size(model, adapter)
         report = ShotReport(shot=1, num_shots=1, target_size=target_size, achieved_size=size, estimated_loss=float("nan"),
