@@ -132,6 +132,24 @@ def test_prune_flow_tracks_exports_and_registers(first_run):
     assert "structure_report.json" in files
 
 
+def test_coupled_flow_reports_a_really_smaller_model(tiny_recipe, tmp_path):
+    """A coupled run drops whole FFN units and heads: the structure report's materialized model is strictly smaller
+    (parameters and file), checked against the zeroed model, and its figures are the run's metrics."""
+    from flows.prune import prune_flow
+
+    r = prune_flow({**tiny_recipe, "structure": "coupled", "shots": 1, "target_size": 0.6,
+                    "model_name": "tiny-llama-coupled", "output": str(tmp_path / "coupled")})
+    rep = r["structure_report"]
+    pa = rep["parameters"]
+    assert pa["materialized_total"] < pa["dense_total"] and rep["file_bytes"]["materialized"] < rep["file_bytes"]["dense"]
+    # FFN widths are padded back up to multiples of 64 with zero units (fast matmuls), so at most that much is kept
+    assert r["achieved_size"] - 0.01 <= pa["prunable_fraction"] < 1 and rep["align"] == 64
+    assert rep["equivalence"]["same_function"] and rep["equivalence"]["float64_max_abs_diff"] <= 1e-6
+    c = client()
+    assert c.get_metric_history(r["run_id"], "structure/params_materialized")[0].value == pa["materialized_total"]
+    assert c.get_model_version("tiny-llama-coupled", r["registered_version"]).tags["structure"] == "coupled"
+
+
 def test_rerun_to_another_output_reuses_cached_shots(first_run, tiny_recipe, shot_calls, tmp_path):
     from flows.prune import prune_flow
 
