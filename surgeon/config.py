@@ -76,6 +76,9 @@ class PruneConfig(BaseModel):
     gram_dtype: Literal["fp32", "bf16"] = "fp32"
     # dtype of the damped factors' Cholesky inverses: fp64 (the reference's) or fp32 (2.4x faster on a CPU)
     inverse_dtype: Literal["fp64", "fp32"] = "fp64"
+    # SparseGPT / Wanda: dtype of their input statistics and mask / OBS math (forward passes stay in compute_dtype):
+    # fp64 takes fp32 rounding out of SparseGPT's solver (P, 50%: 55.85 vs 57.0-57.2 ppl, BENCHMARKS.md)
+    baseline_dtype: Literal["fp32", "fp64"] = "fp32"
     # curvature pass: recompute each decoder layer's activations in the backward pass instead of keeping them
     # (less memory for large batches or models; same factors, about one more forward pass of time)
     checkpoint_layers: bool = False
@@ -217,6 +220,8 @@ class PruneConfig(BaseModel):
         payload["target_size"] = self.final_target
         if self.inverse_dtype != "fp64":  # added later: the default keeps earlier recipes' hashes (cached shots)
             payload["inverse_dtype"] = self.inverse_dtype
+        if self.baseline_dtype != "fp32":
+            payload["baseline_dtype"] = self.baseline_dtype
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -61,6 +61,7 @@ def options_from_config(cfg: PruneConfig) -> PruneOptions:
                         batch_size=cfg.batch_size, autocast_dtype=_DTYPES[cfg.compute_dtype], device=cfg.device,
                         gram_dtype=_DTYPES[cfg.gram_dtype], checkpoint_layers=cfg.checkpoint_layers,
                         inverse_dtype=torch.float64 if cfg.inverse_dtype == "fp64" else torch.float32,
+                        baseline_dtype=torch.float64 if cfg.baseline_dtype == "fp64" else None,
                         update_concurrent_batches=cfg.update_concurrent,
                         seed=cfg.seed, first_order=cfg.first_order, first_order_scale=cfg.first_order_scale)
 

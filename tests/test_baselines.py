@@ -283,6 +283,42 @@ def test_float64_model_is_pruned_in_float64(method):
         torch.testing.assert_close(la.weight, lb.weight, rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_float64_statistics_with_an_fp32_model(method, monkeypatch):
+    """stats_dtype=float64 (PruneOptions.baseline_dtype, recipe key baseline_dtype: fp64): the statistics and the
+    mask/OBS math run in float64 while the model and its forward passes stay fp32; the default stays fp32."""
+    import surgeon_core.baselines as bl
+    from surgeon.config import load_recipe
+    from surgeon.pruning import options_from_config
+    from surgeon_core.shot import PruneOptions, prune
+
+    seen = []
+    real_wanda, real_sparsegpt = bl.wanda_mask, bl.sparsegpt_prune
+    monkeypatch.setattr(bl, "wanda_mask", lambda W, s, *a, **k: seen.append((W.dtype, s.dtype)) or real_wanda(W, s, *a, **k))
+    monkeypatch.setattr(bl, "sparsegpt_prune",
+                        lambda W, H, *a, **k: seen.append((W.dtype, H.dtype)) or real_sparsegpt(W, H, *a, **k))
+    windows = tiny_windows(4, 16)
+    models = {}
+    for dtype in (None, torch.float64):
+        seen.clear()
+        models[dtype] = m = tiny_model("llama")
+        prune(m, windows, options=PruneOptions(method=method, structure="2:4", baseline_dtype=dtype), target_size=0.5)
+        assert seen and set(seen) == {(torch.float32, dtype or torch.float32)}
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+    for (name, a), b in zip(prunable_linears(models[None]).items(), prunable_linears(models[torch.float64]).values()):
+        valid = (b.weight != 0).view(b.weight.shape[0], -1, 4).sum(-1) <= 2
+        assert valid.all(), name
+        if method == "sparsegpt":  # the OBS updates ran in another precision: close, not the same bits
+            torch.testing.assert_close(a.weight, b.weight, rtol=1e-3, atol=1e-4, msg=name)
+    if method == "sparsegpt":
+        assert any(not torch.equal(a.weight, b.weight) for a, b in
+                   zip(prunable_linears(models[None]).values(), prunable_linears(models[torch.float64]).values()))
+    assert options_from_config(load_recipe(None, ["baseline_dtype=fp64"], model="x")).baseline_dtype == torch.float64
+    assert options_from_config(load_recipe(None, [], model="x")).baseline_dtype is None
+    with pytest.raises(ValueError, match="baseline_dtype"):
+        PruneOptions(baseline_dtype=torch.float16)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_driver_layer_outputs_match_full_forward(family):
