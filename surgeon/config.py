@@ -77,7 +77,8 @@ class PruneConfig(BaseModel):
     # dtype of the damped factors' Cholesky inverses: fp64 (the reference's) or fp32 (2.4x faster on a CPU)
     inverse_dtype: Literal["fp64", "fp32"] = "fp64"
     # SparseGPT / Wanda: dtype of their input statistics and mask / OBS math (forward passes stay in compute_dtype):
-    # fp64 takes fp32 rounding out of SparseGPT's solver (P, 50%: 55.85 vs 57.0-57.2 ppl, BENCHMARKS.md)
+    # fp64 takes fp32 rounding out of SparseGPT's statistics and solver (P, 50%: 55.78-55.85 on every machine vs
+    # 57.0-57.2 in fp32; A1: 0.9% higher than fp32, BENCHMARKS.md): a machine-independent, not a better, SparseGPT
     baseline_dtype: Literal["fp32", "fp64"] = "fp32"
     # curvature pass: recompute each decoder layer's activations in the backward pass instead of keeping them
     # (less memory for large batches or models; same factors, about one more forward pass of time)
