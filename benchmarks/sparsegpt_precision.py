@@ -1,49 +1,61 @@
-"""Diagnostic: which part of SparseGPT's arithmetic moves its perplexity when fp32 becomes float64? Runs
-``protocol.py`` (SparseGPT; same arguments otherwise) with the Hessian accumulated in one dtype and the solver (damped
-Cholesky inverse, lazy-block OBS loop) run in another; the model's forward passes stay fp32 throughout.
+"""How much does arithmetic precision move SparseGPT? An fp32 model pruned with SparseGPT whose input statistics and
+OBS math run in fp32 (the default, as the paper's script) or in float64 (``--math float64``: surgeon_core's
+``baselines.math_dtype`` is overridden for this run only), evaluated in fp32.
 
-    --split h32-s32   fp32 Hessian, fp32 solver (the product's default, the SparseGPT code's arithmetic)
-    --split h64-s64   float64 Hessian and solver (= protocol.py --baseline-dtype fp64)
-    --split h32-s64   fp32 Hessian, cast to float64 for the solver
-    --split h64-s32   float64 Hessian, rounded to fp32 for the solver
-
-Not a product option.
-
-    python benchmarks/sparsegpt_precision.py --split h32-s64 --model models/smollm2-135m \\
+    python benchmarks/sparsegpt_precision.py --model models/smollm2-135m \\
         --calibration ../shared/data/a1/calibration_windows.npy --eval ../shared/data/a1/eval_windows.npy \\
-        --method sparsegpt --structure unstructured --target-size 0.5 --no-dense-eval --threads 2 --json out.json
+        --structure 2:4 --batch-size 4 --math float64
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import surgeon_core.baselines as bl  # noqa: E402
 
-SPLITS = {"h32-s32": ("fp32", torch.float32), "h64-s64": ("fp64", torch.float64),
-          "h32-s64": ("fp32", torch.float64), "h64-s32": ("fp64", torch.float32)}
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--calibration", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--structure", default="2:4")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--math", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    import surgeon_core.baselines as baselines
+    from surgeon_core import PruneOptions, prune
+    from surgeon_core.evaluate import perplexity
+
+    if args.math == "float64":
+        baselines.math_dtype = lambda *_tensors: torch.float64  # statistics, Cholesky and OBS updates in float64
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    calib = torch.from_numpy(np.load(args.calibration).astype(np.int64))
+    evalw = torch.from_numpy(np.load(args.eval).astype(np.int64))
+    t0 = time.perf_counter()
+    prune(model, calib, options=PruneOptions(method="sparsegpt", structure=args.structure,
+                                             batch_size=args.batch_size), target_size=0.5)
+    seconds = time.perf_counter() - t0
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself stays fp32
+    out = {"structure": args.structure, "math": args.math, "batch_size": args.batch_size, "prune_seconds": seconds,
+           "ppl": perplexity(model, evalw, batch_size=4)["ppl"], "threads": args.threads, "torch": torch.__version__}
+    print(json.dumps(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--split" not in argv or argv[argv.index("--split") + 1] not in SPLITS:
-        raise SystemExit(f"give --split, one of {', '.join(SPLITS)}")
-    i = argv.index("--split")
-    split = argv[i + 1]
-    del argv[i:i + 2]
-    hessian_dtype, solver_dtype = SPLITS[split]
-    real = bl.sparsegpt_prune
-
-    def sparsegpt_prune(W, H, *args, **kwargs):
-        assert H.dtype == (torch.float64 if hessian_dtype == "fp64" else torch.float32)
-        return real(W, H.to(solver_dtype), *args, **kwargs)
-
-    bl.sparsegpt_prune = sparsegpt_prune
-    import protocol
-
-    raise SystemExit(protocol.main(argv + ["--baseline-dtype", hessian_dtype, "--tag", f"sparsegpt-{split}"]))
+    sys.exit(main())
