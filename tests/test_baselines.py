@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import surgeon_core.baselines as baselines_module
 from surgeon_core.adapters import adapter_for, get_submodule, prunable_linears
 from surgeon_core.baselines import (
     InputStats,
@@ -73,6 +74,35 @@ def test_statistics_follow_a_float64_model():
     torch.testing.assert_close(stats.H, 2 / 40 * X.T @ X, rtol=1e-14, atol=1e-14)
     assert math_dtype(torch.ones(1, dtype=torch.bfloat16)) == torch.float32
     assert math_dtype(torch.ones(1), torch.ones(1, dtype=torch.float64)) == torch.float64
+
+
+def test_float64_statistics_widen_fp32_inputs_in_chunks(monkeypatch):
+    """float64 statistics of fp32 inputs are accumulated a row chunk at a time (bounded transient copies): the
+    same statistics as one widened copy to float64 rounding, with the sample count intact; fp32 statistics of fp32
+    inputs take the one-copy path unchanged (bit for bit)."""
+    X = _correlated_inputs(6, 40, seed=1)
+    monkeypatch.setattr(InputStats, "WIDEN_CHUNK_BYTES", 7 * 6 * 8)  # 7 rows per chunk: 6 chunks, the last short
+    calls = []
+    original = baselines_module.accumulate_hessian_
+    monkeypatch.setattr(baselines_module, "accumulate_hessian_",
+                        lambda H, n, Xc: calls.append(len(Xc)) or original(H, n, Xc))
+    stats = InputStats(6, hessian=True, sq_norms=True, device="cpu", dtype=torch.float64)
+    stats.update(X.view(4, 10, 6))
+    assert calls == [7, 7, 7, 7, 7, 5] and stats.n == 40
+    Xd = X.double()
+    torch.testing.assert_close(stats.H, 2 / 40 * Xd.T @ Xd, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(stats.sq_norms, (Xd**2).sum(0), rtol=1e-13, atol=1e-13)
+    calls.clear()
+    fp32 = InputStats(6, hessian=True, sq_norms=False, device="cpu")
+    fp32.update(X.view(4, 10, 6))
+    assert calls == [40]
+    assert torch.equal(fp32.H, _one_copy_hessian(X))
+
+
+def _one_copy_hessian(X: torch.Tensor) -> torch.Tensor:
+    H = torch.zeros(X.shape[1], X.shape[1], dtype=X.dtype)
+    accumulate_hessian_(H, 0, X)
+    return H
 
 
 # ---------------------------------------------------------------------------------------------------------------
