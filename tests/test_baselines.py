@@ -317,15 +317,15 @@ def test_float64_model_is_pruned_in_float64(method):
 def test_float64_statistics_with_an_fp32_model(method, monkeypatch):
     """stats_dtype=float64 (PruneOptions.baseline_dtype, recipe key baseline_dtype: fp64): the statistics and the
     mask/OBS math run in float64 while the model and its forward passes stay fp32; the default stays fp32."""
-    import surgeon_core.baselines as bl
     from surgeon.config import load_recipe
     from surgeon.pruning import options_from_config
     from surgeon_core.shot import PruneOptions, prune
 
     seen = []
-    real_wanda, real_sparsegpt = bl.wanda_mask, bl.sparsegpt_prune
-    monkeypatch.setattr(bl, "wanda_mask", lambda W, s, *a, **k: seen.append((W.dtype, s.dtype)) or real_wanda(W, s, *a, **k))
-    monkeypatch.setattr(bl, "sparsegpt_prune",
+    real_wanda, real_sparsegpt = baselines_module.wanda_mask, baselines_module.sparsegpt_prune
+    monkeypatch.setattr(baselines_module, "wanda_mask",
+                        lambda W, s, *a, **k: seen.append((W.dtype, s.dtype)) or real_wanda(W, s, *a, **k))
+    monkeypatch.setattr(baselines_module, "sparsegpt_prune",
                         lambda W, H, *a, **k: seen.append((W.dtype, H.dtype)) or real_sparsegpt(W, H, *a, **k))
     windows = tiny_windows(4, 16)
     models = {}
