@@ -22,7 +22,7 @@ from surgeon import outputs
 from surgeon.config import PruneConfig, load_recipe, parse_overrides
 from surgeon.finetuning import finetune_steps_after
 from surgeon.pruning import options_from_config
-from surgeon_core.shot import linear_schedule
+from surgeon_core.schedule import plan
 from tasks import reporting, steps, tracking
 
 __all__ = ["prune_flow", "resolve_config", "schedule", "eval_shots"]
@@ -39,9 +39,7 @@ def resolve_config(config: PruneConfig | dict | str, overrides: list[str] | None
 
 def schedule(cfg: PruneConfig) -> list[float]:
     """Target size after each shot (layer-wise baselines prune in one shot)."""
-    if options_from_config(cfg).layerwise:
-        return [cfg.final_target]
-    return linear_schedule(cfg.final_target, cfg.shots)
+    return [s.target_size for s in plan(cfg.final_target, cfg.shots, layerwise=options_from_config(cfg).layerwise)]
 
 
 def eval_shots(cfg: PruneConfig, targets: list[float]) -> set[int]:

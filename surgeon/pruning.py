@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from surgeon_core.schedule import Step, plan
 from surgeon_core.shot import (NonFiniteCurvatureError, PruneOptions, RoundedCurvatureError, ShotReport, Structure,
-                                linear_schedule, model_size, prune, prune_shot)
+                                model_size, prune_shot, run_step)
 
 from .config import PruneConfig
 from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
@@ -211,14 +212,10 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
     model, tok = _load_for_pruning(source_dir, cfg)
     opts = options_from_config(cfg)
     windows = _load_windows(calib_path)
-    if opts.layerwise:
-        if shot != 1:
-            raise SurgeonError(f"{cfg.method} is one-shot; shot {shot} does not exist")
-        rep = prune(model, windows, options=opts, target_size=cfg.final_target, num_shots=1)[0]
-    else:
-        target = linear_schedule(cfg.final_target, cfg.shots)[shot - 1]
-        rep = shot_with_fallback(model, windows, opts, target_size=target, shot=shot, num_shots=cfg.shots,
-                                 progress=progress)
+    steps = plan(cfg.final_target, cfg.shots, layerwise=opts.layerwise)
+    if not 1 <= shot <= len(steps):
+        raise SurgeonError(f"shot {shot} does not exist: the plan has {len(steps)}")
+    rep = shot_with_fallback(model, windows, opts, steps[shot - 1], progress=progress)
     report = rep.to_dict()
     report["peak_rss_gb"] = peak_rss_gb()
     state = {"shot": shot, "num_shots": cfg.shots, "config_hash": cfg.config_hash(), "report": report}
@@ -227,16 +224,16 @@ def run_shot(cfg: PruneConfig, source_dir: str, calib_path: str, shot: int, ckpt
     return report
 
 
-def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, target_size: float, shot: int,
-                       num_shots: int, progress=None, log: logging.Logger | None = None) -> ShotReport:
+def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, step: Step, progress=None,
+                       log: logging.Logger | None = None) -> ShotReport:
     """One shot; if calibration overflows under fp16/bf16 compute (NaN/Inf curvature factors, detected before any
     weight changes) it is logged and the shot reruns in fp32; if bf16 factor matmuls on a CPU left factors that are
     not positive definite (:class:`RoundedCurvatureError`), it reruns with fp32 factor matmuls. Damping escalations
     (factors that were not positive definite) are logged too; ``report.extra`` records both."""
     log = log or _log
+    shot = step.shot
     try:
-        rep = prune_shot(model, windows, options=opts, target_size=target_size, shot=shot, num_shots=num_shots,
-                         progress=progress)
+        rep = run_step(model, windows, options=opts, step=step, progress=progress)
     except NonFiniteCurvatureError as exc:
         if opts.autocast_dtype is None and opts.gram_dtype is None:
             raise
@@ -244,8 +241,7 @@ def shot_with_fallback(model, windows: torch.Tensor, opts: PruneOptions, *, targ
         log.warning("shot %d: %s; rerunning the shot in fp32%s", shot, exc, " factor matmuls" if rounded else "")
         fp32 = dataclasses.replace(opts, gram_dtype=None) if rounded else \
             dataclasses.replace(opts, autocast_dtype=None, gram_dtype=None)
-        rep = prune_shot(model, windows, options=fp32, target_size=target_size, shot=shot, num_shots=num_shots,
-                         progress=progress)
+        rep = run_step(model, windows, options=fp32, step=step, progress=progress)
         rep.extra["fp32_retry"] = str(exc)
     if rep.damping_escalations:
         log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite",
@@ -325,9 +321,10 @@ def _prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
     if cfg.zeroshot_tasks:
         result["dense_zeroshot"] = _zeroshot_in_memory(model, tok, cfg)
     opts = options_from_config(cfg)
-    schedule = [cfg.final_target] if opts.layerwise else linear_schedule(cfg.final_target, cfg.shots)
-    eval_shots = {min(range(len(schedule)), key=lambda i: abs(schedule[i] - s)) + 1 for s in cfg.eval_at}
-    eval_shots.add(len(schedule))
+    steps = plan(cfg.final_target, cfg.shots, layerwise=opts.layerwise, eval_at=cfg.eval_at,
+                 finetune_steps=cfg.finetune_steps, final_finetune_steps=cfg.final_finetune_steps)
+    eval_shots = {s.shot for s in steps if s.evaluate}
+    schedule = steps
 
     def shot_done(rep):
         row = rep.to_dict()
@@ -344,12 +341,8 @@ def _prune_run(cfg: PruneConfig, *, progress=None, on_shot=None) -> dict:
             on_shot(row)
 
     windows = _load_windows(calib.path)
-    if opts.layerwise:
-        prune(model, windows, options=opts, target_size=cfg.final_target, num_shots=1, on_shot=shot_done)
-    else:
-        for t, target in enumerate(schedule, start=1):
-            shot_done(shot_with_fallback(model, windows, opts, target_size=target, shot=t, num_shots=len(schedule),
-                                         progress=progress))
+    for step in steps:
+        shot_done(shot_with_fallback(model, windows, opts, step, progress=progress))
     final = result["shots"][-1]
     result["achieved_size"] = final["achieved_size"]
     if cfg.zeroshot_tasks:

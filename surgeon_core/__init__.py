@@ -9,7 +9,8 @@ __version__ = "0.1.1"
 
 from .adapters import adapter_for, prunable_linears  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
-from .shot import PruneOptions, ShotReport, prune, prune_shot  # noqa: E402
+from .schedule import Step, plan  # noqa: E402
+from .shot import PruneOptions, ShotReport, prune_shot, run_step  # noqa: E402
 
-__all__ = ["__version__", "PruneOptions", "ShotReport", "prune", "prune_shot", "perplexity", "adapter_for",
+__all__ = ["__version__", "PruneOptions", "ShotReport", "Step", "plan", "prune_shot", "run_step", "perplexity", "adapter_for",
            "prunable_linears"]

@@ -16,9 +16,11 @@ from torch import nn
 from . import distributed
 from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
+from .baselines import prune_model_layerwise
 from .coupled import SCORES as COUPLED_SCORES
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
 from .curvature import KFACFactors, damp, estimate_kfac
+from .schedule import Step
 from .update import newton_step, obs_update_columns, obs_update_elements_concurrent, obs_update_rows
 
 __all__ = [
@@ -30,9 +32,8 @@ __all__ = [
     "METHODS",
     "PruneOptions",
     "ShotReport",
-    "linear_schedule",
     "prune_shot",
-    "prune",
+    "run_step",
     "model_size",
 ]
 
@@ -243,15 +244,6 @@ class ShotReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def linear_schedule(target_size: float, num_shots: int) -> list[float]:
-    """Target size after each shot: α_t = 1 − t(1−α)/T, t = 1..T (the paper's linear schedule)."""
-    if not 0.0 < target_size <= 1.0:
-        raise ValueError(f"target size must be in (0, 1], got {target_size}")
-    if num_shots < 1:
-        raise ValueError(f"number of shots must be at least 1, got {num_shots}")
-    return [1.0 - t * (1.0 - target_size) / num_shots for t in range(1, num_shots + 1)]
 
 
 def model_size(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> tuple[float, dict, dict]:
@@ -807,47 +799,36 @@ def _coupled_shot(model, factors, linears, adapter, opts, spec, device, target_s
                       damping_escalations=escalations)
 
 
-def prune(
+def run_step(
     model: nn.Module,
     windows: torch.Tensor | None,
     *,
     options: PruneOptions,
-    target_size: float,
-    num_shots: int = 1,
-    start_shot: int = 0,
-    on_shot: Callable[[ShotReport], None] | None = None,
+    step: Step,
+    adapter: ArchitectureAdapter | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     process_group=None,
-) -> list[ShotReport]:
-    """Multi-shot pruning: shots ``start_shot+1 .. num_shots`` of the linear schedule, curvature re-estimated at the
-    current weights each shot. ``on_shot`` is called after every shot (evaluate, checkpoint, log...)."""
-    adapter = adapter_for(model)
-    if options.layerwise:
-        if distributed.resolve(process_group) is not None:
-            raise ValueError(f"{options.method} is a layer-wise baseline: it does not run data-parallel")
-        from .baselines import prune_model_layerwise  # local import: optional module
-
-        st = options.structure_spec
-        t0 = time.perf_counter()
-        info = prune_model_layerwise(
-            model, windows, method=options.method, sparsity=1.0 - target_size if st.kind != "nm" else 1 - st.n / st.m,
-            n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
-            block_size=options.block_size, dampening_frac=options.baseline_damping,
-            true_sequential=options.true_sequential, stats_dtype=options.baseline_dtype,
-            progress=(lambda i, n: progress("layers", i, n)) if progress else None)
-        size, per_layer, per_type = model_size(model, adapter)
-        report = ShotReport(shot=1, num_shots=1, target_size=target_size, achieved_size=size, estimated_loss=float("nan"),
-                            layer_sizes=per_layer, type_sizes=per_type,
-                            seconds={"total": time.perf_counter() - t0}, extra={"layerwise": True})
-        if on_shot:
-            on_shot(report)
-        return [report]
-    reports = []
-    schedule = linear_schedule(target_size, num_shots)
-    for t in range(start_shot, num_shots):
-        report = prune_shot(model, windows, options=options, target_size=schedule[t], shot=t + 1,
-                            num_shots=num_shots, adapter=adapter, progress=progress, process_group=process_group)
-        reports.append(report)
-        if on_shot:
-            on_shot(report)
-    return reports
+) -> ShotReport:
+    """Prune one step of the plan (surgeon_core.schedule) in place: a layer-wise baseline's single pass, or one
+    shot of the multi-shot algorithm with the curvature re-estimated at the current weights."""
+    adapter = adapter or adapter_for(model)
+    if not options.layerwise:
+        return prune_shot(model, windows, options=options, target_size=step.target_size, shot=step.shot,
+                          num_shots=step.num_shots, adapter=adapter, progress=progress, process_group=process_group)
+    if distributed.resolve(process_group) is not None:
+        raise ValueError(f"{options.method} is a layer-wise baseline: it does not run data-parallel")
+    if step.num_shots != 1:
+        raise ValueError(f"{options.method} is a layer-wise baseline: it prunes in one step, not {step.num_shots}")
+    st = options.structure_spec
+    t0 = time.perf_counter()
+    prune_model_layerwise(
+        model, windows, method=options.method,
+        sparsity=1.0 - step.target_size if st.kind != "nm" else 1 - st.n / st.m,
+        n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
+        block_size=options.block_size, dampening_frac=options.baseline_damping,
+        true_sequential=options.true_sequential, stats_dtype=options.baseline_dtype,
+        progress=(lambda i, n: progress("layers", i, n)) if progress else None)
+    size, per_layer, per_type = model_size(model, adapter)
+    return ShotReport(shot=1, num_shots=1, target_size=step.target_size, achieved_size=size,
+                      estimated_loss=float("nan"), layer_sizes=per_layer, type_sizes=per_type,
+                      seconds={"total": time.perf_counter() - t0}, extra={"layerwise": True})

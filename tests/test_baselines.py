@@ -319,7 +319,8 @@ def test_float64_statistics_with_an_fp32_model(method, monkeypatch):
     mask/OBS math run in float64 while the model and its forward passes stay fp32; the default stays fp32."""
     from surgeon.config import load_recipe
     from surgeon.pruning import options_from_config
-    from surgeon_core.shot import PruneOptions, prune
+    from surgeon_core.shot import PruneOptions
+    from tiny_models import prune
 
     seen = []
     real_wanda, real_sparsegpt = baselines_module.wanda_mask, baselines_module.sparsegpt_prune

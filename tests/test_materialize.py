@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from surgeon_core import PruneOptions, adapter_for, prune
+from surgeon_core import PruneOptions, adapter_for
 from surgeon_core.adapters import get_submodule
 from surgeon_core.materialize import count_parameters, find_kept, materialize_
-from tiny_models import tiny_model, tiny_windows
+from tiny_models import prune, tiny_model, tiny_windows
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ import torch
 
 from surgeon_core.adapters import prunable_linears
 from surgeon_core.costs import nm_groups  # noqa: F401  (import check)
-from surgeon_core.shot import PruneOptions, model_size, prune
+from surgeon_core.shot import PruneOptions, model_size
 from tiny_io import save_tiny
-from tiny_models import FAMILIES, tiny_model, tiny_windows
+from tiny_models import FAMILIES, prune, tiny_model, tiny_windows
 
 pytestmark = pytest.mark.integration
 

@@ -44,3 +44,16 @@ def tiny_windows(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "opt")
+
+
+def prune(model, windows, *, options, target_size: float, num_shots: int = 1, on_shot=None, progress=None):
+    """Every step of the plan in memory (the shape of the runner's loop, without its I/O)."""
+    from surgeon_core.schedule import plan
+    from surgeon_core.shot import run_step
+
+    reports = []
+    for step in plan(target_size, num_shots, layerwise=options.layerwise):
+        reports.append(run_step(model, windows, options=options, step=step, progress=progress))
+        if on_shot:
+            on_shot(reports[-1])
+    return reports
