@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from surgeon_core.shot import METHODS, Structure
+from surgeon_core.methods import METHODS, Structure
 
 from .errors import SurgeonError
 

@@ -10,7 +10,8 @@ __version__ = "0.1.1"
 from .adapters import adapter_for, prunable_linears  # noqa: E402
 from .evaluate import perplexity  # noqa: E402
 from .schedule import Step, plan  # noqa: E402
-from .shot import PruneOptions, ShotReport, prune_shot, run_step  # noqa: E402
+from .methods import METHODS, PruneOptions, Structure  # noqa: E402
+from .shot import ShotReport, prune_shot, run_step  # noqa: E402
 
-__all__ = ["__version__", "PruneOptions", "ShotReport", "Step", "plan", "prune_shot", "run_step", "perplexity", "adapter_for",
+__all__ = ["__version__", "METHODS", "Structure", "PruneOptions", "ShotReport", "Step", "plan", "prune_shot", "run_step", "perplexity", "adapter_for",
            "prunable_linears"]

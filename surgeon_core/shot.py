@@ -17,9 +17,9 @@ from . import distributed
 from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .baselines import prune_model_layerwise
-from .coupled import SCORES as COUPLED_SCORES
 from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
 from .curvature import KFACFactors, damp, estimate_kfac
+from .methods import METHODS, MethodSpec, PruneOptions, Structure
 from .schedule import Step
 from .update import newton_step, obs_update_columns, obs_update_elements_concurrent, obs_update_rows
 
@@ -36,152 +36,6 @@ __all__ = [
     "run_step",
     "model_size",
 ]
-
-
-@dataclass(frozen=True)
-class Structure:
-    """What is removed: ``unstructured`` elements, ``nm`` (n nonzeros in every m inputs), ``structured`` (rows and
-    columns of each linear independently) or ``coupled`` (FFN units, heads, kv groups: surgeon_core.coupled)."""
-
-    kind: str
-    n: int = 0
-    m: int = 0
-
-    @classmethod
-    def parse(cls, text: str) -> "Structure":
-        text = text.strip().lower()
-        if text in ("unstructured", "element", "elements"):
-            return cls("unstructured")
-        if text in ("structured", "rows-columns", "row-column"):
-            return cls("structured")
-        if text in ("coupled", "units"):
-            return cls("coupled")
-        if ":" in text:
-            a, _, b = text.partition(":")
-            if a.isdigit() and b.isdigit() and 0 < int(a) < int(b):
-                return cls("nm", int(a), int(b))
-        raise ValueError(f"unknown structure {text!r}: use 'unstructured', 'structured', 'coupled' "
-                         "or 'N:M' such as '2:4'")
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    curvature: str  # "kfac" | "activations" | "none"
-    cost_kind: str  # costs.CURVATURE_KINDS
-    update: bool
-    layerwise: bool = False  # SparseGPT/Wanda/magnitude baselines run per layer (surgeon_core.baselines)
-
-
-METHODS: dict[str, MethodSpec] = {
-    "llm-surgeon": MethodSpec("kfac", "obs", True),
-    "kobd": MethodSpec("kfac", "kfac-diag", False),
-    "lobd": MethodSpec("activations", "activations", False),
-    "magnitude": MethodSpec("none", "identity", False),
-    "sparsegpt": MethodSpec("none", "identity", True, layerwise=True),
-    "wanda": MethodSpec("none", "identity", False, layerwise=True),
-}
-
-
-@dataclass
-class PruneOptions:
-    """Everything a shot needs besides the model and data. Defaults follow the paper's scripts."""
-
-    method: str = "llm-surgeon"
-    structure: str = "structured"
-    damping_a: float = 0.01
-    damping_g: float | None = None  # None: 0.01 structured, 0.1 unstructured / N:M (the paper's scripts)
-    fisher: str = "empirical"
-    fisher_samples: int = 1
-    max_correlate: int | None = None  # None: 0 (all) structured, 2000 unstructured / N:M
-    batch_size: int = 1
-    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: bf16 compute, fp32 factors
-    gram_dtype: torch.dtype | None = None  # dtype of the factor matmuls (None: fp32); sums stay fp32
-    # dtype of the damped factors' Cholesky inverses: float64 (the reference's) or float32 (2.4x faster on a CPU at
-    # width 1536, BENCHMARKS.md); the inverses are stored in fp32 either way
-    inverse_dtype: torch.dtype = torch.float64
-    device: str | None = None
-    factor_device: str | None = None  # where K-FAC factors live (default: device); "spread": over all visible GPUs
-    seed: int = 0
-    # "sum": row and column updates from the same W, summed (the reference's form; measured better on A1 at 90%);
-    # "sequential": rows, then the columns of the row-updated W
-    structured_update: str = "sum"
-    update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
-    # element updates: this many of those batches (e.g. one per layer shape) are solved at once, on CUDA each on a
-    # stream of its own (same results; their working memory is alive together)
-    update_concurrent_batches: int = 1
-    checkpoint_layers: bool = False  # curvature pass: recompute decoder-layer activations in backward (less memory)
-    # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
-    block_size: int = 128
-    baseline_damping: float = 0.01
-    true_sequential: bool = False  # layer-wise baselines: calibrate each input group after pruning the earlier ones
-    # layer-wise baselines: dtype of their input statistics and mask/OBS math (None: fp32; float64 for a float64 model)
-    baseline_dtype: torch.dtype | None = None
-    # coupled structures: (num_heads, num_kv_heads, head_dim) from the model config (None: read model.config)
-    head_layout: tuple[int, int, int] | None = None
-    # coupled structures: greedy order by "cost" (the paper's threshold on costs) or "per_param" (cost / parameters)
-    coupled_score: str = "cost"
-    # first-order term (docs/method.md): the mean loss gradient, collected in the curvature pass, enters the costs
-    # and updates (LLM Surgeon: OBS at the Newton point W − s·G⁻¹∇W A⁻¹; K-OBD: −s·⟨∇W, W⟩ in the costs)
-    first_order: bool = False
-    first_order_scale: float = 1e-3  # s multiplies the gradient; 1 = the exact quadratic model, measured harmful
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        self.structure_spec = Structure.parse(self.structure)
-        spec = METHODS[self.method]
-        if spec.layerwise and self.structure_spec.kind in ("structured", "coupled"):
-            raise ValueError(f"method {self.method!r} does not support structured (rows/columns) pruning; "
-                             "use llm-surgeon, kobd, lobd or magnitude")
-        if self.damping_g is None:
-            self.damping_g = 0.01 if self.structure_spec.kind in ("structured", "coupled") else 0.1
-        if self.max_correlate is None:
-            self.max_correlate = 0 if self.structure_spec.kind in ("structured", "coupled") else 2000
-        if self.coupled_score not in COUPLED_SCORES:
-            raise ValueError(f"coupled_score must be one of {', '.join(COUPLED_SCORES)}, not {self.coupled_score!r}")
-        if self.update_concurrent_batches < 1:
-            raise ValueError("update_concurrent_batches must be at least 1")
-        if self.damping_a < 0 or self.damping_g < 0:
-            raise ValueError("damping must be non-negative")
-        if self.inverse_dtype not in (torch.float64, torch.float32):
-            raise ValueError(f"inverse_dtype must be torch.float64 or torch.float32, not {self.inverse_dtype}")
-        if self.baseline_dtype not in (None, torch.float64, torch.float32):
-            raise ValueError(f"baseline_dtype must be None, torch.float64 or torch.float32, not {self.baseline_dtype}")
-        if self.structured_update not in ("sequential", "sum"):
-            raise ValueError("structured_update must be 'sequential' or 'sum'")
-        if self.fisher_samples < 1:
-            raise ValueError("fisher_samples must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if self.first_order:
-            if self.spec.curvature != "kfac":
-                raise ValueError(f"the first-order term needs the K-FAC gradient pass: method {self.method!r} "
-                                 "does not support it (use llm-surgeon or kobd)")
-            if self.structure_spec.kind == "coupled":
-                raise ValueError("the first-order term is not supported for coupled structures")
-            if self.fisher != "empirical":
-                raise ValueError("the first-order term needs the true-label gradient: use fisher='empirical'")
-        if not self.first_order_scale >= 0:
-            raise ValueError("first_order_scale must be non-negative")
-
-    @property
-    def spec(self) -> MethodSpec:
-        return METHODS[self.method]
-
-    @property
-    def layerwise(self) -> bool:
-        """SparseGPT/Wanda always, magnitude on unstructured/N:M: per-layer uniform sparsity (as their papers)."""
-        return self.spec.layerwise or (self.method == "magnitude"
-                                       and self.structure_spec.kind not in ("structured", "coupled"))
-
-    def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items()}
-        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "baseline_dtype"):
-            d[key] = str(d[key]).replace("torch.", "") if d[key] else None
-        return d
 
 
 class NonFiniteCurvatureError(FloatingPointError):

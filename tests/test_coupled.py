@@ -8,7 +8,7 @@ import torch
 from surgeon_core import PruneOptions, adapter_for
 from surgeon_core.adapters import get_submodule
 from surgeon_core.coupled import layer_units, multi_row_costs, select_units, unit_costs
-from surgeon_core.shot import Structure
+from surgeon_core.methods import Structure
 from tiny_models import prune, tiny_model, tiny_windows
 
 pytestmark = pytest.mark.unit
