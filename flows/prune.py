@@ -1,8 +1,8 @@
 """The ``prune`` flow: one recipe in, a pruned, evaluated, tracked and registered model out.
 
-    load model -> calibration windows -> evaluate dense (perplexity; zero-shot accuracy if zeroshot_tasks)
-    for each shot t of the schedule:  prune shot t -> fine-tune (finetune_steps; + final_finetune_steps after the
-                                      last shot; pruned weights stay 0) -> evaluate (chosen shots)
+    load model -> calibration windows -> evaluate dense (perplexity; zero-shot accuracy if eval.zeroshot_tasks)
+    for each step of the plan:  prune the step's shot -> fine-tune (step.finetune_steps; pruned weights stay 0)
+                                -> evaluate (step.evaluate)
     export -> register
 
 Each shot is its own cached task whose checkpoint is the resume point; see ``tasks/steps.py``.
@@ -19,13 +19,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from surgeon import outputs
-from surgeon.config import PruneConfig, load_recipe, parse_overrides
-from surgeon.finetuning import finetune_steps_after
-from surgeon.pruning import options_from_config
-from surgeon_core.schedule import plan
+from surgeon.config import PruneConfig, build_config, load_recipe, merge, parse_overrides
 from tasks import reporting, steps, tracking
 
-__all__ = ["prune_flow", "resolve_config", "schedule", "eval_shots"]
+__all__ = ["prune_flow", "resolve_config"]
 
 
 def resolve_config(config: PruneConfig | dict | str, overrides: list[str] | None = None) -> PruneConfig:
@@ -33,28 +30,17 @@ def resolve_config(config: PruneConfig | dict | str, overrides: list[str] | None
     if isinstance(config, (str, Path)):
         return load_recipe(config, overrides or [])
     data = config.model_dump() if isinstance(config, PruneConfig) else dict(config)
-    data.update(parse_overrides(overrides or []))
-    return load_recipe(None, [], **data)
-
-
-def schedule(cfg: PruneConfig) -> list[float]:
-    """Target size after each shot (layer-wise baselines prune in one shot)."""
-    return [s.target_size for s in plan(cfg.final_target, cfg.shots, layerwise=options_from_config(cfg).layerwise)]
-
-
-def eval_shots(cfg: PruneConfig, targets: list[float]) -> set[int]:
-    """Shots (1-based) to evaluate at: the one nearest to each ``eval_at`` size, and always the last."""
-    nearest = {min(range(len(targets)), key=lambda i: abs(targets[i] - s)) + 1 for s in cfg.eval_at}
-    return nearest | {len(targets)}
+    return build_config(merge(data, parse_overrides(overrides or [])))
 
 
 def default_output(cfg: PruneConfig, name: str) -> str:
-    tag = f"{name}-{cfg.method}-{cfg.structure.replace(':', 'of')}-{cfg.final_target:g}-{cfg.config_hash()[:8]}"
+    m = cfg.method
+    tag = f"{name}-{m.name}-{m.structure.replace(':', 'of')}-{cfg.final_target:g}-{cfg.config_hash()[:8]}"
     return str(tracking.surgeon_home() / "outputs" / tag)
 
 
-def _prune_shot(task, *args) -> tuple[dict, bool]:
-    """Run one shot (or fine-tuning) task; a cache entry whose checkpoint was deleted since is recomputed."""
+def _cached_checkpoint(task, *args) -> tuple[dict, bool]:
+    """Run a checkpointing task; a cache entry whose checkpoint was deleted since is recomputed."""
     state = task(*args, return_state=True)
     out = state.result()
     if not Path(out["weights"].path, "state.json").is_file():
@@ -78,18 +64,19 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
     cfg = resolve_config(config, overrides)
     prune_shot, finetune, evaluate = steps.persisted(steps.prune_shot, steps.finetune, steps.evaluate)
     zeroshot = steps.persisted(steps.zeroshot)
-    name = tracking.registered_name(cfg.model, cfg.model_name)
+    name = tracking.registered_name(cfg.model, cfg.output.model_name)
     key = reporting.artifact_key("prune", name)
-    targets = schedule(cfg)
-    log.info("%s: %s %s to size %.4g in %d shot(s): %s", name, cfg.method, cfg.structure, cfg.final_target,
-             len(targets), ", ".join(f"{s:.4f}" for s in targets))
+    plan = cfg.plan()
+    m, zs_tasks = cfg.method, cfg.eval.zeroshot_tasks
+    log.info("%s: %s %s to size %.4g in %d shot(s): %s", name, m.name, m.structure, cfg.final_target,
+             len(plan), ", ".join(f"{s.target_size:.4f}" for s in plan))
 
     # the output policy (no silent overwrite) before any work; one writer per output folder for the whole run
-    output = cfg.output or default_output(cfg, name)
-    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.overwrite)
+    output = cfg.output.path or default_output(cfg, name)
+    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
     with outputs.output_lock(output), \
-            tracking.start_run(f"{name} {cfg.method} {cfg.structure} {cfg.final_target:g}", experiment=cfg.experiment,
-                               params=cfg.model_dump(), parent_run_id=parent_run_id,
+            tracking.start_run(f"{name} {m.name} {m.structure} {cfg.final_target:g}", experiment=cfg.output.experiment,
+                               params=cfg.flat(), parent_run_id=parent_run_id,
                                tags={**reporting.flow_run_tags(), "config_hash": cfg.config_hash()}) as run:
         log.info("MLflow run %s", run.url)
         model = steps.load_model(cfg)
@@ -98,67 +85,67 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         weights = steps.Weights(model.path, model.content_hash)
         dense = evaluate(cfg, weights, eval_data) if eval_data else None
         tracking.log_shot(run.run_id, 0, evaluation=dense)
-        dense_zs = zeroshot(cfg, weights) if cfg.zeroshot_tasks else None  # cached per model + task set
+        dense_zs = zeroshot(cfg, weights) if zs_tasks else None  # cached per model + task set
         tracking.log_zeroshot(run.run_id, 0, dense_zs, "dense")
 
-        progress = reporting.Progress(f"{key}-progress", len(targets), "shots")
-        rows, reports, ft_reports = [], [], []
-        for shot in range(1, len(targets) + 1):
-            out, cached = _prune_shot(prune_shot, cfg, weights, calibration, shot, model.content_hash)
+        progress = reporting.Progress(f"{key}-progress", len(plan), "shots")
+        rows, reports, ft_reports, zs = [], [], [], None
+        for step in plan:
+            out, cached = _cached_checkpoint(prune_shot, cfg, weights, calibration, step, model.content_hash)
             weights = out["weights"]
-            ft_steps = finetune_steps_after(cfg, shot, len(targets))
-            if ft_steps:  # mask-preserving fine-tuning: between shots, and longer after the last
-                ft, _ = _prune_shot(finetune, cfg, weights, calibration, ft_steps, shot)
+            if step.finetune_steps:  # mask-preserving fine-tuning: between shots, and longer after the last
+                ft, _ = _cached_checkpoint(finetune, cfg, weights, calibration, step)
                 weights = ft["weights"]
-                tracking.log_finetune(run.run_id, shot, ft["report"], first_step=sum(len(r["losses"])
-                                                                                     for r in ft_reports))
+                tracking.log_finetune(run.run_id, step.shot, ft["report"],
+                                      first_step=sum(len(r["losses"]) for r in ft_reports))
                 ft_reports.append(ft["report"])
-            evaluation = evaluate(cfg, weights, eval_data) if eval_data and shot in eval_shots(cfg, targets) else None
-            tracking.log_shot(run.run_id, shot, out["report"], evaluation)
-            zs = zeroshot(cfg, weights) if cfg.zeroshot_tasks and shot in eval_shots(cfg, targets) else None
-            tracking.log_zeroshot(run.run_id, shot, zs, f"shot-{shot}")
+            evaluation = evaluate(cfg, weights, eval_data) if step.evaluate else None
+            tracking.log_shot(run.run_id, step.shot, out["report"], evaluation)
+            zs = zeroshot(cfg, weights) if zs_tasks and step.evaluate else None
+            tracking.log_zeroshot(run.run_id, step.shot, zs, f"shot-{step.shot}")
             reports.append(out["report"])
-            rows.append(_row(shot, out["report"], evaluation, cached))
-            if cfg.zeroshot_tasks:
+            rows.append(_row(step.shot, out["report"], evaluation, cached))
+            if zs_tasks:
                 rows[-1]["acc_avg"] = zs["average"] if zs else None
-            if ft_steps:
+            if step.finetune_steps:
                 rows[-1]["finetune_loss"] = ft_reports[-1]["losses"][-1]
-            progress.update(shot)
+            progress.update(step.shot)
 
         final_ppl = rows[-1]["ppl"]
         dense_ppl = dense["ppl"] if dense else None
         summary = {
             "model": cfg.model, "model_name": name, "source_model_hash": model.content_hash,
             "config_hash": cfg.config_hash(), "calibration_id": calibration.data_id,
-            "eval_data_id": eval_data.data_id if eval_data else None, "method": cfg.method,
-            "structure": cfg.structure, "target_size": cfg.final_target, "shots": len(targets),
+            "eval_data_id": eval_data.data_id if eval_data else None, "method": m.name,
+            "structure": m.structure, "target_size": cfg.final_target, "shots": len(plan),
             "achieved_size": reports[-1]["achieved_size"], "dense_ppl": dense_ppl, "ppl": final_ppl,
             "ppl_ratio": final_ppl / dense_ppl if final_ppl and dense_ppl else None,
             "cached_shots": [r["shot"] for r in rows if r["cached"]], "rows": rows,
-            "dense_zeroshot": dense_zs, "zeroshot": zs if cfg.zeroshot_tasks else None,
+            "dense_zeroshot": dense_zs, "zeroshot": zs if zs_tasks else None,
             "layer_sizes": reports[-1]["layer_sizes"],
             "run_id": run.run_id, "run_url": run.url,
             "finetune_seconds": sum(r["seconds"] for r in ft_reports),
         }
         metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
         summary["output"] = steps.export(cfg, weights, output, metrics, model)
-        if cfg.structure_report and cfg.structure in ("structured", "coupled"):
+        if cfg.output.structure_report and m.structure in ("structured", "coupled"):
             summary["structure_report"] = steps.structure_report(cfg, summary["output"], model, run.run_id)
         tracking.log_outcome(run.run_id, recipe_yaml=cfg.to_yaml(), shot_reports=reports,
                              ppl_points=[(r["size"], r["ppl"]) for r in rows if r["ppl"] is not None]
                              + ([(1.0, dense_ppl)] if dense_ppl else []),
                              dense_ppl=dense_ppl, summary=summary, finetune_reports=ft_reports)
         summary["registered_version"] = None
-        if cfg.register_model:
-            tags = {"method": cfg.method, "structure": cfg.structure, "target_size": cfg.final_target,
+        if cfg.output.register_model:
+            tags = {"method": m.name, "structure": m.structure, "target_size": cfg.final_target,
                     "achieved_size": summary["achieved_size"], "dense_ppl": dense_ppl, "pruned_ppl": final_ppl,
                     "source_model_hash": model.content_hash, "config_hash": cfg.config_hash(),
-                    "promote_max_ppl_ratio": cfg.promote_max_ppl_ratio, "eval_data_id": summary["eval_data_id"],
+                    "promote_max_ppl_ratio": cfg.output.promote_max_ppl_ratio,
+                    "eval_data_id": summary["eval_data_id"],
                     "dense_zeroshot_acc": (dense_zs or {}).get("average"),
                     "pruned_zeroshot_acc": (summary["zeroshot"] or {}).get("average")}
             summary["registered_version"] = steps.register(run.run_id, summary["output"], name, tags)
         summary["seconds"] = time.perf_counter() - t0
         reporting.prune_summary(key, title=f"Prune {name}", rows=rows, summary=summary, run_url=run.url)
-        if cfg.zeroshot_tasks:
+        if zs_tasks:
             reporting.zeroshot_table(f"{key}-zeroshot", dense=dense_zs, pruned=summary["zeroshot"])
     return summary

@@ -28,13 +28,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.prune import prune_flow, resolve_config
-from surgeon.config import PruneConfig, parse_overrides
+from flows.prune import prune_flow
+from surgeon.config import PruneConfig, build_config, merge, parse_overrides, read_yaml
 from surgeon.errors import SurgeonError
 from tasks import plots, reporting, tracking
 
@@ -42,29 +41,27 @@ __all__ = ["sweep_flow", "sweep_configs", "variant_label", "run_sweep", "dask_ta
 
 
 def variant_label(cfg: PruneConfig) -> str:
-    return f"{cfg.method}-{cfg.structure.replace(':', 'of')}-{cfg.final_target:g}"
+    return f"{cfg.method.name}-{cfg.method.structure.replace(':', 'of')}-{cfg.final_target:g}"
 
 
 def sweep_configs(config: dict | str, overrides: list[str] | None = None) -> tuple[dict, list[PruneConfig]]:
     """(base recipe without ``sweep``, one validated config per variant); errors name the variant."""
     if isinstance(config, (str, Path)):
-        path = Path(config).expanduser()
-        if not path.is_file():
-            raise SurgeonError(f"recipe not found: {path}")
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        config = read_yaml(config)
     base = dict(config)
     variants = base.pop("sweep", None)
     if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
         raise SurgeonError("a sweep recipe needs 'sweep:', a non-empty list of key: value mappings (one per variant)")
-    base.update(parse_overrides(overrides or []))
+    base = merge(base, parse_overrides(overrides or []))
+    base_output = base.get("output", {}).get("path")
     configs = []
     for i, variant in enumerate(variants):
         try:
-            cfg = resolve_config({**base, **variant})
+            cfg = build_config(merge(base, variant))
         except SurgeonError as exc:
             raise SurgeonError(f"sweep[{i}]: {exc}") from exc
-        if base.get("output"):
-            cfg = cfg.model_copy(update={"output": str(Path(base["output"]) / variant_label(cfg))})
+        if base_output:
+            cfg.output.path = str(Path(base_output) / variant_label(cfg))
         configs.append(cfg)
     labels = [variant_label(c) for c in configs]
     if len(set(labels)) != len(labels):
@@ -84,12 +81,16 @@ def _dask_worker() -> str | int | None:
 
 def _worker_device(cfg: PruneConfig, worker: str | int | None) -> PruneConfig:
     """A run on device ``cuda`` inside local Dask worker i goes to GPU i (of the GPUs visible to the worker)."""
-    if cfg.device != "cuda" or not isinstance(worker, int):
+    if cfg.compute.device != "cuda" or not isinstance(worker, int):
         return cfg
     import torch
 
     count = torch.cuda.device_count()
-    return cfg.model_copy(update={"device": f"cuda:{worker % count}"}) if count > 1 else cfg
+    if count <= 1:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    cfg.compute.device = f"cuda:{worker % count}"
+    return cfg
 
 
 @task(name="sweep-run", cache_policy=NO_CACHE)
@@ -133,7 +134,7 @@ def run_sweep(config: dict | str, overrides: list[str] | None = None, *, dask: s
     if dask is None:
         return sweep_flow(config, overrides)
     _, configs = sweep_configs(config, overrides)
-    runner = dask_task_runner(dask, device=configs[0].device)
+    runner = dask_task_runner(dask, device=configs[0].compute.device)
     return sweep_flow.with_options(task_runner=runner)(config, overrides)
 
 
@@ -154,7 +155,7 @@ def sweep_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
         futures = [sweep_run.submit(cfg, run.run_id) for cfg in configs]
         results = [f.result() for f in futures]
 
-        rows = [{"variant": variant_label(c), "method": c.method, "structure": c.structure,
+        rows = [{"variant": variant_label(c), "method": c.method.name, "structure": c.method.structure,
                  "target_size": c.final_target, "size": r["achieved_size"], "ppl": r["ppl"],
                  "dense_ppl": r["dense_ppl"], "ppl_ratio": r["ppl_ratio"], "cached_shots": len(r["cached_shots"]),
                  "seconds": round(r["seconds"], 1), "version": r["registered_version"]}
@@ -166,13 +167,13 @@ def sweep_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
         dense_ppl = next((r["dense_ppl"] for r in results if r["dense_ppl"]), None)
         series: dict[str, list[tuple[float, float]]] = {}
         for c, r in zip(configs, results):  # each line starts at the dense model (size 1.0)
-            points = series.setdefault(f"{c.method} {c.structure}", [(1.0, dense_ppl)] if dense_ppl else [])
+            points = series.setdefault(f"{c.method.name} {c.method.structure}", [(1.0, dense_ppl)] if dense_ppl else [])
             points.extend((s["size"], s["ppl"]) for s in r["rows"] if s["ppl"] is not None)
         plots.write_comparison(out_dir, rows, series, dense_ppl)
         plots.write_report(  # report.md: methods x sizes (ppl, zero-shot), acc_vs_size.png, allocation heatmaps
             out_dir, title=f"Sweep {name} ({len(configs)} variants)", dense_ppl=dense_ppl,
             dense_zeroshot=next((r["dense_zeroshot"] for r in results if r.get("dense_zeroshot")), None),
-            variants=[{"label": variant_label(c), "method": c.method, "structure": c.structure,
+            variants=[{"label": variant_label(c), "method": c.method.name, "structure": c.method.structure,
                        "target_size": c.final_target, "size": r["achieved_size"], "ppl": r["ppl"],
                        "zeroshot": r.get("zeroshot"), "layer_sizes": r.get("layer_sizes") or {},
                        "points": [(s["size"], s["ppl"], s.get("acc_avg")) for s in r["rows"]]}

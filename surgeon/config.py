@@ -1,210 +1,123 @@
-"""One validated configuration (a "recipe") for a pruning run: YAML file + ``key=value`` overrides + CLI flags."""
+"""One validated configuration (a "recipe") for a pruning run, in sections by concern.
+
+    model: smollm2-135m
+    method:      {name: llm-surgeon, structure: structured, target_size: 0.7, shots: 12, <method options>}
+    calibration: {data: data/python-docs/python-docs.txt, nsamples: 32, seqlen: 512, seed: 0}
+    eval:        {data: data/wikitext-2-raw/wiki.test.raw, seqlen: 512, at: [0.9, 0.8]}
+    compute:     {device: cpu, dtype: fp32, batch_size: 1}
+    finetune:    {steps: 0, final_steps: 0, lr: 1.0e-5}
+    output:      {path: runs/pruned, register_model: true}
+
+The method options are those of the method registry (``surgeon_core.methods``), which also validates them and
+writes their help. Any field can be given as ``section.field=value``, as ``section_field=value`` or, where the name
+is unique across sections, as ``field=value``; ``method: NAME``, ``calibration: DATA`` and ``eval: DATA`` are short
+for their ``name``/``data`` field. The config hash covers what changes the weights, derived from the fields."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+import re
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from surgeon_core.methods import METHODS, Structure
+from surgeon_core.methods import DTYPES, METHODS, OPTIONS, PruneOptions, Structure
+from surgeon_core.schedule import Step, plan
 
 from .errors import SurgeonError
 
-__all__ = ["PruneConfig", "load_recipe", "parse_overrides", "WEIGHT_FIELDS"]
+__all__ = ["PruneConfig", "load_recipe", "build_config", "parse_overrides", "load_yaml", "read_yaml", "ALIASES",
+           "SECTIONS"]
 
-# fields that change the pruned weights (the cache key); output/tracking/evaluation fields are not in it
-WEIGHT_FIELDS = (
-    "model", "method", "structure", "target_size", "shots", "calibration", "calibration_column",
-    "calibration_split", "nsamples", "seqlen", "calibration_seed", "seed", "damping_a", "damping_g", "fisher",
-    "fisher_samples", "max_correlate", "structured_update", "coupled_score", "batch_size", "compute_dtype", "gram_dtype", "finetune_steps", "final_finetune_steps",
-    "finetune_lr", "finetune_train", "finetune_schedule", "finetune_warmup", "finetune_batch_size", "first_order",
-    "first_order_scale", "finetune_holdout", "finetune_validate_every",
-)
+NOT_WEIGHTS = {"weights": False}  # json_schema_extra of fields that do not change the pruned weights
 
 
-class PruneConfig(BaseModel):
-    """A pruning recipe. ``target_size`` is the fraction of prunable linear weights kept (0.7 = "70% size")."""
-
+class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: str = Field(description="local HF folder, .gguf file, Hub id, or a fetchable name such as smollm2-135m")
-    output: str | None = None
-    overwrite: bool = False  # replace an existing output folder that is not this recipe's earlier output
-    method: Literal["llm-surgeon", "sparsegpt", "wanda", "magnitude", "kobd", "lobd"] = "llm-surgeon"
-    structure: str = "structured"
-    target_size: float | None = None  # None: 0.7, or N/M for N:M structures
-    shots: int = 1
-    # calibration
-    calibration: str = "builtin:stdlib-docs"
-    calibration_split: str | None = None
-    calibration_column: str = "text"
-    nsamples: int = 32
-    seqlen: int = 512
-    calibration_seed: int = 0
-    # evaluation
-    eval_data: str | None = None
-    eval_split: str | None = None
-    eval_column: str = "text"
-    eval_seqlen: int | None = None
-    eval_max_windows: int | None = None
-    eval_at: list[float] = Field(default_factory=list, description="target sizes to evaluate at (final always)")
-    eval_batch_size: int = 1
-    # zero-shot accuracy (lm-eval) of the dense model and at the evaluated shots; not part of the weights' hash
-    zeroshot_tasks: list[str] = Field(default_factory=list, description="lm-eval task names ('a,b' works too); "
-                                      "'standard' = the usual suite (needs the Hub)")
-    task_dir: str | None = None  # folder of local task YAMLs (surgeon make-task)
-    zeroshot_limit: int | None = None  # first N documents per task
-    # method knobs (None = the paper's defaults for the structure)
-    seed: int = 0
-    damping_a: float = 0.01
-    damping_g: float | None = None
-    fisher: Literal["empirical", "sampled"] = "empirical"
-    fisher_samples: int = 1
-    max_correlate: int | None = None
-    structured_update: Literal["sum", "sequential"] = "sum"
-    # coupled structures: greedy order by cost (the paper's rule) or by cost per parameter (heads and kv groups are
-    # 40-170x the size of an FFN unit)
-    coupled_score: Literal["cost", "per_param"] = "cost"
-    batch_size: int = 1
-    compute_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # overflow in bf16/fp16 -> the shot reruns in fp32
-    # dtype of the K-FAC factor matmuls (sums stay fp32): bf16 is ~4x faster on CPUs with AVX512-BF16 / on GPUs,
-    # with ~1e-3 relative factor error (BENCHMARKS.md, A1 speed)
-    gram_dtype: Literal["fp32", "bf16"] = "fp32"
-    # dtype of the damped factors' Cholesky inverses: fp64 (the reference's) or fp32 (2.4x faster on a CPU)
-    inverse_dtype: Literal["fp64", "fp32"] = "fp64"
-    # SparseGPT / Wanda: dtype of their input statistics and mask / OBS math (forward passes stay in compute_dtype):
-    # fp64 takes fp32 rounding out of SparseGPT's statistics and solver (P, 50%: 55.78-55.85 on every machine vs
-    # 57.0-57.2 in fp32; A1: 0.9% higher than fp32, BENCHMARKS.md): a machine-independent, not a better, SparseGPT
-    baseline_dtype: Literal["fp32", "fp64"] = "fp32"
-    # curvature pass: recompute each decoder layer's activations in the backward pass instead of keeping them
-    # (less memory for large batches or models; same factors, about one more forward pass of time)
-    checkpoint_layers: bool = False
-    # element updates (unstructured / N:M): solve this many layer shapes' systems at once, on CUDA each on a stream
-    # of its own: the same weights, ~30% faster on an H200 at 7 (BENCHMARKS.md, "Element update"); more memory
-    update_concurrent: int = Field(default=1, ge=1)
-    device: str = "cpu"
-    threads: int | None = None
-    nproc: int = 1  # processes per shot (data-parallel curvature on one machine: one GPU each, or CPU/gloo)
-    # mask-preserving fine-tuning of the surviving weights (surgeon_core.finetune; 0 steps = off)
-    finetune_steps: int = 0  # after every shot (the paper's interleaved correction), on calibration windows
-    final_finetune_steps: int = 0  # added after the last shot
-    finetune_lr: float = 1e-5
-    finetune_train: Literal["linears", "norms", "both"] = "linears"
-    finetune_schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    finetune_warmup: int = 0
-    finetune_batch_size: int = 1
-    # held-out calibration windows for fine-tuning: the last fraction of the windows is not trained on; their mean
-    # loss is checked every ``finetune_validate_every`` steps (0: at the start and the end) and the best weights
-    # are kept, so fine-tuning never leaves the model worse on them (0.0 = off: train on every window)
-    finetune_holdout: float = 0.0
-    finetune_validate_every: int = 0
-    # first-order term: the loss gradient enters the costs and updates (llm-surgeon, kobd; empirical Fisher)
-    first_order: bool = False
-    first_order_scale: float = 1e-3  # 1 = the exact quadratic model: a Newton step far too long (docs/method.md)
-    # tracking / registry
-    # structured / coupled outputs: materialize in memory and log parameters, file sizes and CPU speed vs dense
-    structure_report: bool = True
-    structure_report_device: Literal["cpu", "cuda", "auto"] = "cpu"  # where the report times the models
-    # decode-step attention of a GPU report: sdpa, or flex (FlexAttention's decoding kernel; needs cuda or auto)
-    structure_report_decode_attention: Literal["sdpa", "flex"] = "sdpa"
-    register_model: bool = True
-    model_name: str | None = None
-    experiment: str = "llm-surgeon"
-    promote_max_ppl_ratio: float = 1.15
 
-    @field_validator("structure")
+def _positive(v: int) -> int:
+    if v < 1:
+        raise ValueError(f"must be at least 1, got {v}")
+    return v
+
+
+def _non_negative(v: int) -> int:
+    if v < 0:
+        raise ValueError(f"must be >= 0, got {v}")
+    return v
+
+
+def _option_field(opt) -> tuple:
+    kinds = {bool: bool, int: int, float: float, str: str}
+    typ = kinds.get(type(opt.default), float if opt.name.startswith("damping") else int)
+    if opt.choices:
+        typ = Literal[opt.choices]  # type: ignore[valid-type]
+    return (typ | None, Field(default=None, description=opt.help))
+
+
+_MethodOptions = create_model("_MethodOptions", __base__=_Section,
+                              **{name: _option_field(opt) for name, opt in OPTIONS.items()})
+
+
+class MethodSection(_MethodOptions):
+    """What is removed and how. Method options left unset take the registry's default (per structure)."""
+
+    name: str = Field(default="llm-surgeon", description=f"one of {', '.join(METHODS)}")
+    structure: str = Field(default="structured", description="unstructured, structured, coupled or N:M (2:4)")
+    target_size: float | None = Field(default=None, description="fraction of prunable weights kept (default 0.7; "
+                                      "N/M for N:M)")
+    shots: int = Field(default=1, description="shots of the linear schedule (layer-wise baselines take one)")
+    seed: int = Field(default=0, description="seed of the sampled Fisher's labels and of fine-tuning")
+
+    @field_validator("name")
     @classmethod
-    def _structure(cls, v: str) -> str:
-        return str(Structure.parse(v))
+    def _name(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose from {', '.join(METHODS)}")
+        return v
+
+    @field_validator("structure", mode="before")
+    @classmethod
+    def _structure(cls, v) -> str:
+        return str(Structure.parse(str(v)))
 
     @field_validator("target_size")
     @classmethod
     def _target(cls, v: float | None) -> float | None:
         if v is not None and not 0.0 < v <= 1.0:
-            raise ValueError(f"target_size must be in (0, 1] (fraction of weights kept), got {v}")
+            raise ValueError(f"must be in (0, 1] (fraction of weights kept), got {v}")
         return v
 
-    @field_validator("finetune_holdout")
-    @classmethod
-    def _holdout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"must be in [0, 1) (fraction of calibration windows held out), got {v}")
-        return v
-
-    @field_validator("finetune_steps", "final_finetune_steps", "finetune_warmup", "finetune_validate_every")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
-
-    @field_validator("finetune_lr")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"must be positive, got {v}")
-        return v
-
-    @field_validator("shots", "nsamples", "batch_size", "fisher_samples", "eval_batch_size", "nproc", "finetune_batch_size")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be at least 1, got {v}")
-        return v
-
-    @field_validator("zeroshot_tasks", mode="before")
-    @classmethod
-    def _tasks(cls, v):
-        if isinstance(v, str):
-            v = [t.strip() for t in v.split(",") if t.strip()]
-        return v
-
-    @field_validator("zeroshot_limit")
-    @classmethod
-    def _limit(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"must be at least 1, got {v}")
-        return v
-
-    @field_validator("seqlen", "eval_seqlen")
-    @classmethod
-    def _seqlen(cls, v: int | None) -> int | None:
-        if v is not None and v < 2:
-            raise ValueError(f"seqlen must be at least 2, got {v}")
-        return v
+    _shots = field_validator("shots")(classmethod(lambda cls, v: _positive(v)))
 
     @model_validator(mode="after")
-    def _cross(self) -> "PruneConfig":
-        st = Structure.parse(self.structure)
-        if METHODS[self.method].layerwise and st.kind in ("structured", "coupled"):
-            raise ValueError(f"method {self.method} does not support structured pruning")
+    def _registry(self) -> "MethodSection":
+        spec, st = METHODS[self.name], Structure.parse(self.structure)
+        if not spec.supports(st):
+            raise ValueError(f"method {self.name} does not support {st} pruning (use unstructured or N:M)")
         if st.kind == "nm" and self.target_size is not None and abs(self.target_size - st.n / st.m) > 1e-9:
-            raise ValueError(f"{st} sparsity keeps exactly {st.n / st.m:g} of the weights; "
-                             f"target_size {self.target_size} does not match")
-        for s in self.eval_at:
-            if not 0.0 < s <= 1.0:
-                raise ValueError(f"eval_at sizes must be in (0, 1], got {s}")
-        if self.damping_a < 0 or (self.damping_g is not None and self.damping_g < 0):
-            raise ValueError("damping must be non-negative")
-        if self.nproc > 1:
-            if METHODS[self.method].layerwise or METHODS[self.method].curvature == "none":
-                raise ValueError(f"nproc > 1 shares out the curvature pass; method {self.method} has none")
-            if self.nsamples < self.nproc:
-                raise ValueError(f"nproc {self.nproc} needs at least one calibration window per process "
-                                 f"(nsamples is {self.nsamples})")
-        if self.first_order and (METHODS[self.method].curvature != "kfac" or st.kind == "coupled"
-                                 or self.fisher != "empirical"):
-            raise ValueError("first_order needs method llm-surgeon or kobd, a structure other than coupled, and "
-                             "fisher 'empirical'")
-        if self.first_order_scale < 0:
-            raise ValueError("first_order_scale must be non-negative")
-        if self.structure_report_decode_attention == "flex" and self.structure_report_device == "cpu":
-            raise ValueError("structure_report_decode_attention 'flex' is for a GPU report: set "
-                             "structure_report_device to cuda or auto")
+            raise ValueError(f"{st} sparsity keeps exactly {st.n / st.m:g} of the weights; target_size "
+                             f"{self.target_size} does not match")
+        foreign = [k for k in OPTIONS if getattr(self, k) is not None and k not in spec.options]
+        if foreign:
+            raise ValueError(f"method {self.name} has no option {foreign[0]!r} (its options: "
+                             f"{', '.join(spec.options) or 'none'})")
+        for key in ("damping_a", "damping_g", "baseline_damping", "first_order_scale"):
+            v = getattr(self, key)
+            if v is not None and not v >= 0:
+                raise ValueError(f"{key} must be a non-negative number, got {v}")
+        for key in ("fisher_samples", "block_size"):
+            if getattr(self, key) is not None:
+                _positive(getattr(self, key))
+        if self.max_correlate is not None:
+            _non_negative(self.max_correlate)
+        if self.first_order and (spec.curvature != "kfac" or st.kind == "coupled" or self.fisher == "sampled"):
+            raise ValueError("first_order needs method llm-surgeon or kobd, a structure other than coupled, and the "
+                             "empirical Fisher")
         return self
 
     @property
@@ -214,29 +127,330 @@ class PruneConfig(BaseModel):
             return st.n / st.m
         return 0.7 if self.target_size is None else self.target_size
 
+    def options(self) -> dict[str, Any]:
+        """The method options that are set (the rest take the registry's defaults)."""
+        return {k: getattr(self, k) for k in OPTIONS if getattr(self, k) is not None}
+
+
+class CalibrationSection(_Section):
+    data: str = Field(default="builtin:stdlib-docs", description="text file, .npy token ids/windows, Hub dataset "
+                      "or builtin: name")
+    split: str | None = None
+    column: str = "text"
+    nsamples: int = Field(default=32, description="calibration windows")
+    seqlen: int = Field(default=512, description="tokens per calibration window")
+    seed: int = Field(default=0, description="seed of the window draw")
+
+    _n = field_validator("nsamples")(classmethod(lambda cls, v: _positive(v)))
+
+    @field_validator("seqlen")
+    @classmethod
+    def _seqlen(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"seqlen must be at least 2, got {v}")
+        return v
+
+
+class EvalSection(_Section):
+    data: str | None = Field(default=None, description="evaluation text or token ids (None: no perplexity)")
+    split: str | None = None
+    column: str = "text"
+    seqlen: int | None = Field(default=None, description="evaluation window (default: calibration.seqlen)")
+    max_windows: int | None = None
+    at: list[float] = Field(default_factory=list, description="target sizes to evaluate at (the last always)")
+    batch_size: int = 1
+    zeroshot_tasks: list[str] = Field(default_factory=list, description="lm-eval task names ('a,b' works too)")
+    task_dir: str | None = None
+    zeroshot_limit: int | None = None
+
+    @field_validator("zeroshot_tasks", mode="before")
+    @classmethod
+    def _tasks(cls, v):
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, v: list[float]) -> list[float]:
+        bad = [s for s in v if not 0.0 < s <= 1.0]
+        if bad:
+            raise ValueError(f"sizes must be in (0, 1], got {bad[0]}")
+        return v
+
+    @field_validator("seqlen")
+    @classmethod
+    def _seqlen(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(f"seqlen must be at least 2, got {v}")
+        return v
+
+    @field_validator("batch_size", "max_windows", "zeroshot_limit")
+    @classmethod
+    def _pos(cls, v: int | None) -> int | None:
+        return v if v is None else _positive(v)
+
+
+class ComputeSection(_Section):
+    device: str = Field(default="cpu", description="torch device", json_schema_extra=NOT_WEIGHTS)
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="compute dtype of the curvature "
+                                                   "pass (an overflow reruns the shot in fp32)")
+    gram_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype of the K-FAC factor matmuls "
+                                                "(sums stay fp32)")
+    inverse_dtype: Literal["fp64", "fp32"] = Field(default="fp64", description="dtype of the damped factors' "
+                                                   "Cholesky inverses")
+    batch_size: int = Field(default=1, description="windows per forward/backward pass")
+    threads: int | None = Field(default=None, description="CPU threads", json_schema_extra=NOT_WEIGHTS)
+    nproc: int = Field(default=1, description="processes per shot (data-parallel curvature)",
+                       json_schema_extra=NOT_WEIGHTS)
+    checkpoint_layers: bool = Field(default=False, description="recompute layer activations in the backward pass",
+                                    json_schema_extra=NOT_WEIGHTS)
+    update_concurrent: int = Field(default=1, description="element updates: layer shapes solved at once",
+                                   json_schema_extra=NOT_WEIGHTS)
+
+    @field_validator("batch_size", "nproc", "update_concurrent")
+    @classmethod
+    def _pos(cls, v: int) -> int:
+        return _positive(v)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | None) -> int | None:
+        return v if v is None else _positive(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        kind = v.split(":", 1)[0]
+        if kind not in ("cpu", "cuda", "mps", "xpu") or (":" in v and not v.split(":", 1)[1].isdigit()):
+            raise ValueError(f"unknown device {v!r}: use cpu, cuda or cuda:N")
+        return v
+
+
+class FinetuneSection(_Section):
+    steps: int = Field(default=0, description="mask-preserving steps after every shot (0: off)")
+    final_steps: int = Field(default=0, description="steps added after the last shot")
+    lr: float = 1e-5
+    train: Literal["linears", "norms", "both"] = "linears"
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup: int = 0
+    batch_size: int = 1
+    holdout: float = Field(default=0.0, description="fraction of calibration windows held out; the best weights "
+                           "on them are kept")
+    validate_every: int = 0
+
+    _nn = field_validator("steps", "final_steps", "warmup", "validate_every")(
+        classmethod(lambda cls, v: _non_negative(v)))
+    _bs = field_validator("batch_size")(classmethod(lambda cls, v: _positive(v)))
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be positive, got {v}")
+        return v
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1) (fraction of calibration windows held out), got {v}")
+        return v
+
+    @property
+    def active(self) -> bool:
+        return bool(self.steps or self.final_steps)
+
+
+class OutputSection(_Section):
+    path: str | None = Field(default=None, description="output model folder")
+    overwrite: bool = Field(default=False, description="replace an output that is not this recipe's own")
+    materialize: bool = Field(default=False, description="also write the smaller model (structured / coupled)")
+    register_model: bool = Field(default=True, description="register the pruned model in MLflow")
+    model_name: str | None = None
+    experiment: str = "llm-surgeon"
+    promote_max_ppl_ratio: float = 1.15
+    structure_report: bool = Field(default=True, description="structured / coupled: sizes and speed vs dense")
+    report_device: Literal["cpu", "cuda", "auto"] = "cpu"
+    report_decode_attention: Literal["sdpa", "flex"] = "sdpa"
+
+    @field_validator("promote_max_ppl_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0 < v < float("inf"):
+            raise ValueError(f"must be a positive finite number, got {v}")
+        return v
+
+
+SECTIONS: dict[str, type[_Section]] = {"method": MethodSection, "calibration": CalibrationSection,
+                                       "eval": EvalSection, "compute": ComputeSection, "finetune": FinetuneSection,
+                                       "output": OutputSection}
+WEIGHT_SECTIONS = ("method", "calibration", "compute", "finetune")
+
+
+def _aliases() -> dict[str, tuple[str, str] | list[str]]:
+    """Flat names -> (section, field): ``section.field``, ``section_field`` and unique bare ``field``; a bare name
+    shared by several sections maps to the list of its qualified names (ambiguous)."""
+    out: dict[str, Any] = {}
+    bare: dict[str, list[tuple[str, str]]] = {}
+    for sec, cls in SECTIONS.items():
+        for f in cls.model_fields:
+            out[f"{sec}.{f}"] = out[f"{sec}_{f}"] = (sec, f)
+            bare.setdefault(f, []).append((sec, f))
+    for f, where in bare.items():
+        if f in out:
+            continue
+        out[f] = where[0] if len(where) == 1 else [f"{s}.{n}" for s, n in where]
+    return out
+
+
+ALIASES = _aliases()
+SHORTHAND = {"method": "name", "calibration": "data", "eval": "data"}  # `method: wanda` = `method: {name: wanda}`
+
+
+class PruneConfig(BaseModel):
+    """A pruning recipe. ``method.target_size`` is the fraction of prunable linear weights kept (0.7 = 70% size)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field(description="local HF folder, .gguf file, Hub id, random:<arch>, or a fetchable name")
+    method: MethodSection = Field(default_factory=MethodSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    compute: ComputeSection = Field(default_factory=ComputeSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @model_validator(mode="after")
+    def _cross(self) -> "PruneConfig":
+        spec = METHODS[self.method.name]
+        if self.compute.nproc > 1:
+            if spec.layerwise or spec.curvature == "none":
+                raise ValueError(f"nproc > 1 shares out the curvature pass; method {self.method.name} has none")
+            if self.calibration.nsamples < self.compute.nproc:
+                raise ValueError(f"nproc {self.compute.nproc} needs at least one calibration window per process "
+                                 f"(nsamples is {self.calibration.nsamples})")
+        if self.output.report_decode_attention == "flex" and self.output.report_device == "cpu":
+            raise ValueError("output.report_decode_attention 'flex' is for a GPU report: set output.report_device "
+                             "to cuda or auto")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def final_target(self) -> float:
+        return self.method.final_target
+
+    def options(self) -> PruneOptions:
+        """The core's options for a step: the method's (registry defaults where unset) and the compute settings."""
+        opts = self.method.options()
+        if "baseline_dtype" in opts:
+            opts["baseline_dtype"] = DTYPES[opts["baseline_dtype"]]
+        c = self.compute
+        return PruneOptions(method=self.method.name, structure=self.method.structure, seed=self.method.seed,
+                            batch_size=c.batch_size, device=c.device, checkpoint_layers=c.checkpoint_layers,
+                            autocast_dtype=None if c.dtype == "fp32" else DTYPES[c.dtype],
+                            gram_dtype=None if c.gram_dtype == "fp32" else DTYPES[c.gram_dtype],
+                            inverse_dtype=DTYPES[c.inverse_dtype], update_concurrent_batches=c.update_concurrent,
+                            **opts)
+
+    def plan(self) -> list[Step]:
+        """The run's steps (surgeon_core.schedule.plan): targets, fine-tuning and evaluation points."""
+        return plan(self.final_target, self.method.shots, layerwise=self.options().layerwise,
+                    eval_at=self.eval.at if self.eval.data else (), finetune_steps=self.finetune.steps,
+                    final_finetune_steps=self.finetune.final_steps)
+
+    def weight_payload(self) -> dict:
+        """The fields that determine the pruned weights: the model and every field of the weight sections not
+        marked otherwise; fine-tuning only when it runs."""
+        payload: dict[str, Any] = {"model": self.model}
+        for sec in WEIGHT_SECTIONS:
+            section = getattr(self, sec)
+            if sec == "finetune" and not section.active:
+                continue
+            fields = type(section).model_fields
+            payload[sec] = {k: v for k, v in section.model_dump().items()
+                            if (fields[k].json_schema_extra or {}).get("weights", True)}
+        m = self.method
+        payload["method"] = {"name": m.name, "structure": m.structure, "target_size": self.final_target,
+                             "shots": m.shots, "seed": m.seed, **m.options()}
+        return payload
+
     def config_hash(self) -> str:
-        """Hash of the fields that determine the pruned weights (not output, tracking or evaluation)."""
+        """Hash of the fields that determine the pruned weights (not output, tracking, evaluation or placement)."""
+        blob = json.dumps(self.weight_payload(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """``section.field -> value`` (MLflow params, tables)."""
+        out: dict[str, Any] = {"model": self.model}
+        for sec in SECTIONS:
+            for k, v in getattr(self, sec).model_dump().items():
+                out[f"{sec}.{k}"] = v
+        return out
+
+    def recipe(self) -> dict:
+        """The config as a recipe mapping: sections in order, the method's unset options left out."""
         d = self.model_dump()
-        payload = {k: d[k] for k in WEIGHT_FIELDS}
-        payload["target_size"] = self.final_target
-        if self.inverse_dtype != "fp64":  # added later: the default keeps earlier recipes' hashes (cached shots)
-            payload["inverse_dtype"] = self.inverse_dtype
-        if self.baseline_dtype != "fp32":
-            payload["baseline_dtype"] = self.baseline_dtype
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        m = self.method
+        d["method"] = {"name": m.name, "structure": m.structure, "target_size": m.target_size, "shots": m.shots,
+                       "seed": m.seed, **m.options()}
+        return d
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+        return yaml.safe_dump(self.recipe(), sort_keys=False)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers, so ``structure: 2:4`` stays the string "2:4" (not 124)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if not (tag.endswith((":int", ":float")) and ":" in rx.pattern[1:])]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_INT = r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"
+_FLOAT = r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+)$"
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(_INT), list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Safe YAML (no Python tags) without base-60 numbers."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["shots=4", "eval_at=[0.9,0.8]"]`` -> dict; values are parsed as YAML scalars/lists."""
+    """``["shots=4", "eval.at=[0.9,0.8]"]`` -> dict of flat names; values are parsed as YAML scalars/lists."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise SurgeonError(f"override must look like key=value, got '{item}'")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else None
+        try:
+            out[key.strip().replace("-", "_")] = load_yaml(value) if value.strip() else None
+        except yaml.YAMLError as exc:
+            raise SurgeonError(f"override '{item}': the value is not valid YAML ({exc.__class__.__name__})") from exc
+    return out
+
+
+def nest(flat: dict) -> dict:
+    """Flat and sectioned keys -> the sectioned form (later keys win). Raises SurgeonError for unknown or
+    ambiguous names."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key == "model" or (key in SECTIONS and isinstance(value, dict)):
+            if key == "model":
+                out["model"] = value
+            else:
+                out.setdefault(key, {}).update(value)
+            continue
+        if key in SHORTHAND and not isinstance(value, dict):
+            out.setdefault(key, {})[SHORTHAND[key]] = value
+            continue
+        where = ALIASES.get(key)
+        if where is None:
+            raise SurgeonError(f"unknown recipe key '{key}'")
+        if isinstance(where, list):
+            raise SurgeonError(f"recipe key '{key}' is ambiguous: say {' or '.join(where)}")
+        sec, field = where
+        out.setdefault(sec, {})[field] = value
     return out
 
 
@@ -249,29 +463,55 @@ def _friendly(exc: ValidationError) -> str:
     return f"invalid recipe value for '{loc}': {msg}" if loc != "recipe" else f"invalid recipe: {msg}"
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None, **flags) -> PruneConfig:
-    """Build a validated config: YAML recipe (optional) < ``key=value`` overrides < explicit flags (not None)."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise SurgeonError(f"recipe not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise SurgeonError(f"malformed recipe YAML {p}{where}: {getattr(exc, 'problem', exc)}") from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise SurgeonError(f"recipe {p} must be a mapping of keys to values")
-        data.update(loaded)
-    data.update(parse_overrides(overrides or []))
-    data.update({k: v for k, v in flags.items() if v is not None})
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, with one-line errors (safe loader: no Python tags)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SurgeonError(f"recipe not found: {p}")
+    try:
+        loaded = load_yaml(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise SurgeonError(f"malformed recipe YAML {p}{where}: {getattr(exc, 'problem', exc)}") from exc
+    except UnicodeDecodeError as exc:
+        raise SurgeonError(f"recipe {p} is not UTF-8 text") from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise SurgeonError(f"recipe {p} must be a mapping of keys to values")
+    return loaded
+
+
+def merge(*layers: dict) -> dict:
+    """Sectioned dicts merged left to right (sections merge field by field)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in nest(layer).items():
+            if isinstance(value, dict):
+                out.setdefault(key, {}).update(value)
+            else:
+                out[key] = value
+    return out
+
+
+def build_config(data: dict) -> PruneConfig:
+    """Validate a (flat or sectioned) dict into a config, with one-line errors."""
+    data = merge(data)
     if "model" not in data:
         raise SurgeonError("no model given (recipe key 'model' or --model)")
     try:
         return PruneConfig(**data)
     except ValidationError as exc:
         raise SurgeonError(_friendly(exc)) from exc
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, *, extra: dict | None = None,
+                **flags) -> PruneConfig:
+    """A validated config: YAML recipe (optional) < ``extra`` < ``key=value`` overrides < explicit flags (not
+    None). Flags use the flat names (``target_size``, ``eval_data``, ``output_path`` ...)."""
+    layers = [read_yaml(path) if path is not None else {}]
+    layers.append({k: v for k, v in (extra or {}).items()})
+    layers.append(parse_overrides(overrides or []))
+    layers.append({k: v for k, v in flags.items() if v is not None})
+    return build_config(merge(*layers))

@@ -1,4 +1,4 @@
-"""Prefect tasks: thin adapters over :mod:`surgeon.pruning`. References (paths, hashes) in, references and small
+"""Prefect tasks: thin adapters over :mod:`surgeon.runner` and :mod:`surgeon.inputs`. References (paths, hashes) in, references and small
 dicts out; a model never crosses a task boundary.
 
 Caching. The expensive tasks (one per shot, fine-tuning, evaluation) carry an explicit ``cache_key_fn`` built from
@@ -33,12 +33,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import surgeon_core
-from surgeon import finetuning, pruning
+from surgeon import inputs, runner
 from surgeon import zeroshot as lm_zeroshot
 from surgeon.config import PruneConfig
 from surgeon.errors import SurgeonError
-from surgeon.pruning import DataRef, ModelRef
-from surgeon.utils import atomic_write, cache_dir, sha256_bytes
+from surgeon.inputs import DataRef, ModelRef
+from surgeon.utils import atomic_write, cache_dir, phase_logger, sha256_bytes
+from surgeon_core.schedule import Step
 
 from . import tracking
 
@@ -80,7 +81,7 @@ def code_version() -> str:
     """``surgeon_core.__version__`` plus a hash of the code that computes weights and metrics, so an algorithm
     change invalidates cached shots even when nobody bumps the version."""
     files = sorted(Path(surgeon_core.__file__).parent.glob("*.py"))
-    files += [Path(pruning.__file__).with_name(n) for n in ("pruning.py", "models.py", "data.py", "finetuning.py")]
+    files += [Path(runner.__file__).with_name(n) for n in ("runner.py", "inputs.py", "models.py", "data.py")]
     return f"{surgeon_core.__version__}+{sha256_bytes(b''.join(f.read_bytes() for f in files))[:12]}"
 
 
@@ -88,22 +89,21 @@ def _key(kind: str, *parts) -> str:
     return f"{kind}-" + sha256_bytes(json.dumps([*parts, code_version()], default=str))[:32]
 
 
-def shot_key(cfg: PruneConfig, source: Weights, calibration: DataRef, shot: int, model_hash: str) -> str:
-    return _key("shot", model_hash, source.key, calibration.data_id, cfg.config_hash(), shot)
+def shot_key(cfg: PruneConfig, source: Weights, calibration: DataRef, step: Step, model_hash: str) -> str:
+    return _key("shot", model_hash, source.key, calibration.data_id, cfg.config_hash(), step.shot)
 
 
 def _shot_cache_key(ctx, p) -> str:
-    return shot_key(p["config"], p["source"], p["calibration"], p["shot"], p["model_hash"])
+    return shot_key(p["config"], p["source"], p["calibration"], p["step"], p["model_hash"])
 
 
-def finetune_key(cfg: PruneConfig, weights: Weights, calibration: DataRef, steps: int, shot: int) -> str:
-    """The pruned weights' key, the data, the step count and the fine-tuning settings (also in the config hash)."""
-    return _key("finetune", weights.key, calibration.data_id, steps, shot, cfg.finetune_lr, cfg.finetune_train,
-                cfg.config_hash())
+def finetune_key(cfg: PruneConfig, weights: Weights, calibration: DataRef, step: Step) -> str:
+    """The pruned weights' key, the data, the step and the fine-tuning settings (in the config hash)."""
+    return _key("finetune", weights.key, calibration.data_id, step.finetune_steps, step.shot, cfg.config_hash())
 
 
 def _finetune_cache_key(ctx, p) -> str:
-    return finetune_key(p["config"], p["weights"], p["calibration"], p["steps"], p["shot"])
+    return finetune_key(p["config"], p["weights"], p["calibration"], p["step"])
 
 
 def _eval_cache_key(ctx, p) -> str:
@@ -113,7 +113,8 @@ def _eval_cache_key(ctx, p) -> str:
 def zeroshot_key(config: PruneConfig, weights: Weights) -> str:
     """Weights content key + the task set (names, local task files, limit, lm-eval version): the dense baseline is
     computed once per model and task set, and every sweep variant or rerun reuses it."""
-    fingerprint = lm_zeroshot.task_fingerprint(config.zeroshot_tasks, config.task_dir, config.zeroshot_limit)
+    e = config.eval
+    fingerprint = lm_zeroshot.task_fingerprint(e.zeroshot_tasks, e.task_dir, e.zeroshot_limit)
     return _key("zeroshot", weights.key, fingerprint)
 
 
@@ -124,21 +125,22 @@ def _zeroshot_cache_key(ctx, p) -> str:
 @task(name="load-model", cache_policy=NO_CACHE, **IO_RETRIES)
 def load_model(config: PruneConfig) -> ModelRef:
     """Resolve the recipe's model (fetching/converting it once) to a local folder and its content hash."""
-    ref = pruning.prepare_model(config)
+    ref = inputs.prepare_model(config)
     get_run_logger().info("model %s: %s (content %s)", config.model, ref.path, ref.content_hash[:12])
     return ref
 
 
 @task(name="build-calibration", cache_policy=NO_CACHE, **IO_RETRIES)
 def build_calibration(config: PruneConfig, model: ModelRef) -> DataRef:
-    data = pruning.build_calibration(config, model.path)
-    get_run_logger().info("calibration %s: %s windows (id %s)", config.calibration, data.shape, data.data_id[:12])
+    data = inputs.build_calibration(config, model.path)
+    get_run_logger().info("calibration %s: %s windows (id %s)", config.calibration.data, data.shape,
+                          data.data_id[:12])
     return data
 
 
 @task(name="build-eval", cache_policy=NO_CACHE, **IO_RETRIES)
 def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
-    return pruning.build_eval(config, model.path)
+    return inputs.build_eval(config, model.path)
 
 
 def _finished_checkpoint(ckpt: Path, key: str, log, what: str) -> dict | None:
@@ -153,48 +155,36 @@ def _finished_checkpoint(ckpt: Path, key: str, log, what: str) -> dict | None:
 
 
 @task(name="prune-shot", cache_key_fn=_shot_cache_key, persist_result=True)
-def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, shot: int, model_hash: str) -> dict:
-    """Prune shot ``shot`` (1-based) starting from ``source``; the checkpoint is the cache entry."""
-    key = shot_key(config, source, calibration, shot, model_hash)
+def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, step: Step, model_hash: str) -> dict:
+    """Prune ``step`` of the plan starting from ``source``; the checkpoint is the cache entry."""
+    shot = step.shot
+    key = shot_key(config, source, calibration, step, model_hash)
     ckpt = cache_root() / "shots" / key
     log = get_run_logger()
     report = _finished_checkpoint(ckpt, key, log, f"shot {shot}")
     if report is None:
-        log.info("shot %d/%d: curvature, costs, global threshold, updates (from %s)", shot, config.shots,
-                 source.path)
-        report = pruning.run_shot(config, source.path, calibration.path, shot, str(ckpt),
-                                  progress=pruning.phase_logger(log))
+        log.info("shot %d/%d of %s to size %.4f (from %s)", shot, step.num_shots, config.method.name,
+                 step.target_size, source.path)
+        report = runner.prune_step_dir(config, source.path, calibration.path, step, str(ckpt),
+                                       progress=phase_logger(log), log=log)
     log.info("shot %d: size %.4f (target %.4f), %s", shot, report["achieved_size"], report["target_size"],
              ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
-    if report.get("damping_escalations"):
-        log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite", shot,
-                    report["damping_escalations"])
-    if report.get("extra", {}).get("fp32_retry"):
-        log.warning("shot %d: %s; the shot was rerun in fp32", shot, report["extra"]["fp32_retry"])
     return {"weights": Weights(str(ckpt), key), "report": report}
 
 
 @task(name="finetune", cache_key_fn=_finetune_cache_key, persist_result=True)
-def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, steps: int, shot: int) -> dict:
-    """Mask-preserving fine-tuning of shot ``shot``'s weights for ``steps`` steps on the calibration windows; the
-    checkpoint (written atomically) is the cache entry and the next shot's source. ``steps == 0`` is a no-op."""
-    if steps == 0:
-        return {"weights": weights, "report": None}
-    key = finetune_key(config, weights, calibration, steps, shot)
+def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, step: Step) -> dict:
+    """Mask-preserving fine-tuning after ``step`` for ``step.finetune_steps`` steps on the calibration windows; the
+    checkpoint (written atomically) is the cache entry and the next shot's source."""
+    shot, steps = step.shot, step.finetune_steps
+    key = finetune_key(config, weights, calibration, step)
     ckpt = cache_root() / "finetune" / key
     log = get_run_logger()
     report = _finished_checkpoint(ckpt, key, log, f"fine-tuning after shot {shot}")
     if report is None:
         log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,
-                 config.finetune_lr, config.finetune_train)
-        every = max(1, steps // 10)
-
-        def on_step(step: int, loss: float, lr: float) -> None:
-            if step % every == 0 or step == steps:
-                log.info("finetune %d/%d loss %.4f lr %.3g", step, steps, loss, lr)
-
-        report = finetuning.run_finetune(config, weights.path, calibration.path, steps, shot, str(ckpt),
-                                         on_step=on_step)
+                 config.finetune.lr, config.finetune.train)
+        report = runner.finetune_step_dir(config, weights.path, calibration.path, step, str(ckpt), log=log)
     losses = report["losses"]
     log.info("fine-tuning after shot %d: loss %.4f -> %.4f in %.1f s", shot, losses[0], losses[-1],
              report["seconds"])
@@ -204,9 +194,7 @@ def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, steps:
 @task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True)
 def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
     """Paper-protocol perplexity of the weights over the evaluation windows."""
-    if config.threads:  # the dense evaluation runs before any shot has applied the recipe's thread count
-        torch.set_num_threads(config.threads)
-    result = pruning.evaluate_dir(weights.path, data.path, config)
+    result = runner.evaluate_dir(weights.path, data.path, config, progress=phase_logger(get_run_logger()))
     get_run_logger().info("ppl %.3f over %d windows x %d tokens (%.1f s)", result["ppl"], result["windows"],
                           result["seqlen"], result["seconds"])
     return result
@@ -216,13 +204,12 @@ def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
 def zeroshot(config: PruneConfig, weights: Weights) -> dict:
     """Zero-shot accuracy (lm-eval) of the weights on the recipe's tasks. Returns per-task metrics, their average
     and ``results_file``: lm-eval's full results JSON, kept under the cache root next to the cached result."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    log = get_run_logger()
-    log.info("zero-shot (lm-eval) on %s: %s", weights.path, ", ".join(config.zeroshot_tasks))
-    result = lm_zeroshot.evaluate_dir(weights.path, config.zeroshot_tasks, task_dir=config.task_dir,
-                                      limit=config.zeroshot_limit, batch_size=config.eval_batch_size,
-                                      device=config.device, log=log.info)
+    if config.compute.threads:
+        torch.set_num_threads(config.compute.threads)
+    log, e = get_run_logger(), config.eval
+    log.info("zero-shot (lm-eval) on %s: %s", weights.path, ", ".join(e.zeroshot_tasks))
+    result = lm_zeroshot.evaluate_dir(weights.path, e.zeroshot_tasks, task_dir=e.task_dir, limit=e.zeroshot_limit,
+                                      batch_size=e.batch_size, device=config.compute.device, log=log.info)
     path = cache_root() / "zeroshot" / f"{zeroshot_key(config, weights)}.json"
     atomic_write(path, json.dumps(result["results"], indent=1, default=str))
     out = {k: result[k] for k in ("tasks", "average", "seconds", "limit")}
@@ -233,7 +220,7 @@ def zeroshot(config: PruneConfig, weights: Weights) -> dict:
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
 def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, model: ModelRef) -> str:
-    path = pruning.export(weights.path, output, config, metrics, model)
+    path = runner.export(weights.path, output, config, metrics, model)
     get_run_logger().info("wrote %s", path)
     return path
 
@@ -246,8 +233,8 @@ def structure_report(config: PruneConfig, output: str, model: ModelRef, run_id: 
 
     log = get_run_logger()
     try:
-        report = measure(output, model.path, threads=config.threads, device=config.structure_report_device,
-                         decode_attention=config.structure_report_decode_attention)
+        report = measure(output, model.path, threads=config.compute.threads, device=config.output.report_device,
+                         decode_attention=config.output.report_decode_attention)
     except SurgeonError as exc:  # a family materialize does not cover (e.g. Qwen): the run itself is fine
         log.warning("no structure report: %s", exc)
         return None

@@ -1,0 +1,152 @@
+"""The run's inputs, resolved once before any work: the model (fetched or converted to a local folder, identified by
+its content hash) and the token windows of calibration and evaluation (cached as .npy, identified by a data id).
+Every function takes and returns references (paths, ids), never a model, so Prefect tasks can wrap them."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from surgeon_core.adapters import adapter_for, prunable_linears
+from surgeon_core.methods import Structure
+from transformers import AutoConfig, AutoTokenizer
+
+from .config import PruneConfig
+from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
+from .errors import SurgeonError
+from .fetch import fetch_model, known_models
+from .models import load_model, model_content_hash, save_model
+from .outputs import check_output
+from .utils import atomic_write, cache_dir, sha256_file
+
+__all__ = ["ModelRef", "DataRef", "prepare_model", "validate_model", "build_calibration", "build_eval",
+           "load_windows", "preflight"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: str
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class DataRef:
+    path: str
+    data_id: str
+    shape: tuple[int, ...]
+
+
+def prepare_model(cfg: PruneConfig) -> ModelRef:
+    """Resolve ``cfg.model`` to a local HF folder (fetching/converting registered names and GGUF files once)."""
+    ref = cfg.model
+    if ref in known_models():
+        path = fetch_model(ref, cache_dir("models") / ref)
+    elif ref.lower().endswith(".gguf"):
+        src = Path(ref).expanduser()
+        if not src.is_file():
+            raise SurgeonError(f"model path not found: {src}")
+        path = cache_dir("models") / f"gguf-{sha256_file(src)[:16]}"
+        if not (path / "config.json").exists():
+            model, tok, _ = load_model(src)
+            save_model(model, tok, path)
+    else:
+        path = Path(ref).expanduser()
+        if not path.is_dir():
+            model, tok, _ = load_model(ref)  # Hub id (fails fast offline) or a clear error
+            path = cache_dir("models") / ("hub-" + ref.replace("/", "--"))
+            save_model(model, tok, path)
+    path = Path(path).resolve()
+    content_hash = model_content_hash(path)
+    validate_model(str(path), cfg, content_hash)
+    return ModelRef(str(path), content_hash)
+
+
+def validate_model(model_path: str, cfg: PruneConfig, content_hash: str | None = None) -> None:
+    """Load the model once on the CPU and refuse, with one line, what a shot would fail on hours later: corrupt or
+    truncated files, an unsupported architecture, NaN/Inf weights (all in :func:`load_model`), and an N:M
+    structure whose M does not divide every prunable layer's input dimension. A success is remembered per content
+    hash and structure (``$SURGEON_CACHE/validated``), so a large model is read for this only once."""
+    marker = cache_dir("validated") / f"{content_hash[:32]}-{cfg.method.structure.replace(':', 'of')}" \
+        if content_hash else None
+    if marker is not None and marker.is_file():
+        return
+    model, _, _ = load_model(model_path, dtype=torch.float32, device="cpu")
+    st = Structure.parse(cfg.method.structure)
+    if st.kind == "nm":
+        bad = [(n, lin.in_features) for n, lin in prunable_linears(model, adapter_for(model)).items()
+               if lin.in_features % st.m]
+        if bad:
+            raise SurgeonError(f"{st} sparsity needs every prunable layer's input dimension divisible by {st.m}: "
+                               f"{bad[0][0]} has {bad[0][1]} inputs ({len(bad)} layer(s) affected)")
+    del model
+    if marker is not None:
+        atomic_write(marker, model_path)
+
+
+def _tokenizer(model_path: str):
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception:  # a folder without tokenizer: only .npy data can be used
+        return None
+
+
+def _save_windows(windows: torch.Tensor, did: str, kind: str) -> DataRef:
+    path = cache_dir("data") / f"{kind}-{did[:20]}.npy"
+    if not path.exists():
+        buf = io.BytesIO()
+        np.save(buf, windows.numpy().astype(np.int32))
+        atomic_write(path, buf.getvalue())
+    return DataRef(str(path), did, tuple(windows.shape))
+
+
+def _model_config(model_path: str):
+    return AutoConfig.from_pretrained(model_path)
+
+
+def build_calibration(cfg: PruneConfig, model_path: str) -> DataRef:
+    """Tokenize the calibration source once and draw ``nsamples`` windows of ``seqlen`` tokens (seeded)."""
+    c = cfg.calibration
+    check_seqlen(c.seqlen, _model_config(model_path))
+    ids = load_ids(c.data, _tokenizer(model_path), split=c.split, column=c.column, join=None)
+    if ids.dim() == 1 and ids.numel() < c.nsamples * c.seqlen:
+        raise SurgeonError(f"calibration corpus {c.data} has {ids.numel()} tokens, fewer than nsamples x "
+                           f"seqlen = {c.nsamples} x {c.seqlen} = {c.nsamples * c.seqlen} (the windows would "
+                           "mostly repeat); give more text or fewer/shorter windows")
+    windows = calibration_windows(ids, c.nsamples, c.seqlen, c.seed)
+    did = data_id(windows, source=c.data, seed=c.seed)
+    return _save_windows(windows, did, "calib")
+
+
+def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
+    e = cfg.eval
+    if e.data is None:
+        return None
+    seqlen = e.seqlen or cfg.calibration.seqlen
+    check_seqlen(seqlen, _model_config(model_path))
+    ids = load_ids(e.data, _tokenizer(model_path), split=e.split, column=e.column)
+    windows = eval_windows(ids, seqlen, e.max_windows)
+    did = data_id(windows, source=e.data)
+    return _save_windows(windows, did, "eval")
+
+
+def load_windows(path: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+
+
+def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None]:
+    """Every check that can fail on the user's input, before any pruning: the output folder (policy of
+    :func:`surgeon.outputs.check_output`), the model (:func:`validate_model`), calibration and evaluation data
+    (found, long enough, ``seqlen`` within the model's context). Raises :class:`SurgeonError`; writes nothing
+    but the caches (converted models, token ids). Returns what it resolved."""
+    out = cfg.output
+    if out.path:
+        check_output(out.path, config_hash=cfg.config_hash(), overwrite=out.overwrite)
+    src = prepare_model(cfg)
+    if out.path:
+        check_output(out.path, config_hash=cfg.config_hash(), source_model=src.content_hash,
+                     overwrite=out.overwrite)
+    return src, build_calibration(cfg, src.path), build_eval(cfg, src.path)

@@ -1,0 +1,338 @@
+"""The runner: executes the steps of a run's plan (``PruneConfig.plan()``) on a model: prune (a shot of LLM Surgeon
+or a layer-wise baseline's pass), mask-preserving fine-tuning, evaluation. No Prefect and no MLflow, so it runs on
+a bare GPU image.
+
+Two ways in, one implementation:
+- :func:`run`: the whole run in one process (``surgeon bench``, scripts): the one loop over the plan, with an
+  optional checkpoint folder after every step from which a later call resumes.
+- :func:`prune_step_dir`, :func:`finetune_step_dir`, :func:`evaluate_dir`: one phase of one step from a checkpoint
+  folder to a checkpoint folder (the Prefect flow's cached tasks, the torchrun worker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from surgeon_core.evaluate import perplexity
+from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pruning_masks
+from surgeon_core.methods import PruneOptions
+from surgeon_core.schedule import Step
+from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, ShotReport, model_size, run_step
+
+from . import launcher
+from .config import PruneConfig
+from .errors import SurgeonError
+from .inputs import DataRef, ModelRef, load_windows, preflight
+from .models import load_model, save_model
+from .outputs import check_output, manifest_files, output_lock
+from .utils import atomic_write, keep_freed_memory
+
+__all__ = ["Runner", "run", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
+           "shot_with_fallback"]
+
+_log = logging.getLogger("surgeon.runner")
+SIZE_TOLERANCE = 0.05  # a shot's achieved size may differ from its target by whole rows/units, never by more
+Progress = Callable[[str, int, int], None]
+
+
+def peak_memory(device: str | torch.device = "cpu") -> dict:
+    """Peak resident memory of this process, and of the GPU when ``device`` is one."""
+    out = {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    device = torch.device(device)
+    if device.type == "cuda":
+        out["peak_gpu_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return out
+
+
+def shot_with_fallback(model, windows: torch.Tensor | None, opts: PruneOptions, step: Step,
+                       progress: Progress | None = None, log: logging.Logger | None = None) -> ShotReport:
+    """One step; if calibration overflowed under fp16/bf16 compute (NaN/Inf factors, found before any weight
+    changes) the step reruns in fp32, and if bf16 factor matmuls on a CPU left factors that are not positive
+    definite, with fp32 factor matmuls. Both, and damping escalations, are logged and kept in ``report.extra``."""
+    log = log or _log
+    try:
+        rep = run_step(model, windows, options=opts, step=step, progress=progress)
+    except NonFiniteCurvatureError as exc:
+        if opts.autocast_dtype is None and opts.gram_dtype is None:
+            raise
+        rounded = isinstance(exc, RoundedCurvatureError)  # only the factor matmuls need fp32 then
+        log.warning("shot %d: %s; rerunning the shot in fp32%s", step.shot, exc, " factor matmuls" if rounded else "")
+        fp32 = dataclasses.replace(opts, gram_dtype=None) if rounded else \
+            dataclasses.replace(opts, autocast_dtype=None, gram_dtype=None)
+        rep = run_step(model, windows, options=fp32, step=step, progress=progress)
+        rep.extra["fp32_retry"] = str(exc)
+    if rep.damping_escalations:
+        log.warning("shot %d: damping escalated for %d curvature factor(s) that were not positive definite",
+                    step.shot, rep.damping_escalations)
+    return rep
+
+
+def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions:
+    """The recipe's fine-tuning settings for ``steps`` steps after shot ``shot`` (its own data order per shot).
+    bf16 compute follows ``compute.dtype: bf16`` (fp32 master weights and AdamW state); fp16 fine-tunes in fp32."""
+    f = cfg.finetune
+    return FinetuneOptions(steps=steps, lr=f.lr, train=f.train, schedule=f.schedule,
+                           warmup_steps=min(f.warmup, steps), batch_size=f.batch_size,
+                           autocast_dtype=torch.bfloat16 if cfg.compute.dtype == "bf16" else None,
+                           device=cfg.compute.device, seed=cfg.method.seed + 1000 * shot)
+
+
+def load_for_pruning(source: str, cfg: PruneConfig):
+    """The model (fp32, on the compute device) and tokenizer of a folder, with the recipe's thread count."""
+    model, tok, _ = load_model(source, dtype=torch.float32, device=cfg.compute.device)
+    if cfg.compute.threads:
+        torch.set_num_threads(cfg.compute.threads)
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # reuse the batches' large buffers instead of page-faulting them in again
+    return model, tok
+
+
+class Runner:
+    """The phases of a step on one in-memory model: :meth:`prune`, :meth:`finetune`, :meth:`evaluate`."""
+
+    def __init__(self, cfg: PruneConfig, model, calibration: torch.Tensor | None, evaluation: torch.Tensor | None = None,
+                 *, progress: Progress | None = None, log: logging.Logger | None = None):
+        self.cfg, self.model = cfg, model
+        self.calibration, self.evaluation = calibration, evaluation
+        self.options = cfg.options()
+        self.progress, self.log = progress, log or _log
+
+    def prune(self, step: Step) -> dict:
+        rep = shot_with_fallback(self.model, self.calibration, self.options, step, progress=self.progress,
+                                 log=self.log)
+        if abs(rep.achieved_size - step.target_size) > SIZE_TOLERANCE:
+            raise SurgeonError(f"shot {step.shot} left size {rep.achieved_size:.4f} against its target "
+                               f"{step.target_size:.4f}: the costs could not rank the weights (non-finite or "
+                               "degenerate weights?)")
+        return {**rep.to_dict(), **peak_memory(self.cfg.compute.device)}
+
+    def finetune(self, step: Step) -> dict:
+        """Mask-preserving fine-tuning after ``step``; every pruned weight is checked to be exactly 0 after it."""
+        cfg, windows = self.cfg, self.calibration
+        masks = pruning_masks(self.model)
+        validate, train = None, windows
+        n_val = int(round(cfg.finetune.holdout * windows.shape[0]))
+        if cfg.finetune.holdout > 0:
+            if not 0 < n_val < windows.shape[0]:
+                raise SurgeonError(f"finetune.holdout {cfg.finetune.holdout} of {windows.shape[0]} calibration "
+                                   "windows leaves no window to train or to validate on")
+            train, held = windows[:-n_val], windows[-n_val:]
+            validate = lambda m: self._loss(m, held)  # noqa: E731
+        every = max(1, step.finetune_steps // 10)
+
+        def on_step(i: int, loss: float, lr: float) -> None:
+            if i % every == 0 or i == step.finetune_steps:
+                self.log.info("finetune %d/%d loss %.4f lr %.3g", i, step.finetune_steps, loss, lr)
+
+        rep = finetune(self.model, train, options=finetune_options(cfg, step.finetune_steps, step.shot),
+                       on_step=on_step, validate=validate, validate_every=cfg.finetune.validate_every)
+        bad = mask_violations(self.model, masks)
+        if bad:  # only a library bug can get here: never hand such weights on
+            raise SurgeonError(f"fine-tuning after shot {step.shot} changed {bad} pruned weights")
+        return {**rep.to_dict(), "shot": step.shot, **peak_memory(cfg.compute.device)}
+
+    def _loss(self, model, windows: torch.Tensor) -> float:
+        try:
+            return perplexity(model, windows, batch_size=self.cfg.finetune.batch_size,
+                              device=self.cfg.compute.device)["nll"]
+        except FloatingPointError:
+            return math.inf
+
+    def evaluate(self) -> dict | None:
+        if self.evaluation is None:
+            return None
+        progress = (lambda i, n: self.progress("eval", i, n)) if self.progress else None
+        return perplexity(self.model, self.evaluation, batch_size=self.cfg.eval.batch_size,
+                          device=self.cfg.compute.device, progress=progress)
+
+
+# ------------------------------------------------------------------------------------------- one process, one loop
+def _signature(cfg: PruneConfig, inputs: tuple[ModelRef, DataRef, DataRef | None]) -> dict:
+    src, calib, evald = inputs
+    return {"config_hash": cfg.config_hash(), "model": src.content_hash, "calibration": calib.data_id,
+            "eval": evald.data_id if evald else None, "eval_batch_size": cfg.eval.batch_size}
+
+
+def _save_checkpoint(folder: Path, model, state: dict) -> None:
+    """Weights first, then the state that names them: a state file always describes the weights beside it."""
+    from safetensors.torch import save_model as save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "model.safetensors.tmp"
+    save_weights(model, str(tmp))
+    tmp.replace(folder / "model.safetensors")
+    atomic_write(folder / "state.json", json.dumps(state, indent=1, default=str))
+
+
+def _resume(folder: Path | None, model, signature: dict) -> dict | None:
+    if folder is None or not (folder / "state.json").is_file():
+        return None
+    from safetensors.torch import load_model as load_weights
+
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("signature") != signature:
+        raise SurgeonError(f"checkpoint {folder} holds another run (config, model or data differ); remove it or "
+                           "choose another folder")
+    load_weights(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    return state["result"]
+
+
+def run(cfg: PruneConfig, *, checkpoint: str | Path | None = None, progress: Progress | None = None,
+        on_step: Callable[[dict], None] | None = None, stop_after: int | None = None,
+        log: logging.Logger | None = None) -> dict:
+    """The whole run in this process: resolve the inputs, then every step of the plan (prune, fine-tune, evaluate),
+    then export to ``cfg.output.path`` if set. ``checkpoint``: a folder written after every step; a later call with
+    the same config resumes after the last finished step. ``stop_after``: stop after that many steps (the result
+    says so; the checkpoint resumes). Bad input raises :class:`SurgeonError` before any work."""
+    if cfg.output.path:
+        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
+        with output_lock(cfg.output.path):
+            return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
+    return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
+
+
+def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
+    t_start = time.perf_counter()
+    inputs = preflight(cfg)
+    src, calib, evald = inputs
+    model, tok = load_for_pruning(src.path, cfg)
+    runner = Runner(cfg, model, load_windows(calib.path), load_windows(evald.path) if evald else None,
+                    progress=progress, log=log)
+    folder = Path(checkpoint) if checkpoint else None
+    signature = _signature(cfg, inputs)
+    result = _resume(folder, model, signature)
+    if result is None:
+        result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
+                  "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
+                  "device": _device_name(cfg.compute.device), "steps": [], "prune_seconds": 0.0}
+        dense = runner.evaluate()
+        if dense is not None:
+            result["dense"] = dense
+            log.info("dense ppl %.3f (%d windows x %d tokens)", dense["ppl"], dense["windows"], dense["seqlen"])
+    done = len(result["steps"])
+    steps = cfg.plan()
+    if done:
+        log.info("resumed from %s after step %d of %d", folder, done, len(steps))
+    for step in steps[done:]:
+        if stop_after is not None and len(result["steps"]) >= stop_after:
+            result["stopped_after"] = stop_after
+            break
+        t0 = time.perf_counter()
+        row = runner.prune(step)
+        result["prune_seconds"] += time.perf_counter() - t0
+        if step.finetune_steps:
+            row["finetune"] = runner.finetune(step)
+        if step.evaluate:
+            row["eval"] = runner.evaluate()
+        log.info("shot %d/%d: size %.4f (target %.4f)%s; %s", step.shot, step.num_shots, row["achieved_size"],
+                 step.target_size, f", ppl {row['eval']['ppl']:.3f}" if row.get("eval") else "",
+                 ", ".join(f"{k} {v:.1f} s" for k, v in row["seconds"].items()))
+        result["steps"].append(row)
+        if folder is not None:
+            _save_checkpoint(folder, model, {"signature": signature, "result": result})
+        if on_step:
+            on_step(row)
+    return _finish(cfg, result, runner, tok, src, t_start)
+
+
+def _finish(cfg, result, runner, tok, src: ModelRef, t_start: float) -> dict:
+    rows = result["steps"]
+    if not rows or result.get("stopped_after"):
+        result["seconds"] = time.perf_counter() - t_start
+        return result
+    final = rows[-1]
+    result["achieved_size"] = final["achieved_size"]
+    if final.get("eval"):
+        result["ppl"] = final["eval"]["ppl"]
+    result["seconds"] = time.perf_counter() - t_start
+    result["seconds_per_shot"] = sum(sum(r["seconds"].values()) for r in rows) / len(rows)
+    result.update(peak_memory(cfg.compute.device))
+    if cfg.output.path:
+        metrics = {k: result[k] for k in ("ppl", "achieved_size") if k in result}
+        if "dense" in result:
+            metrics["dense_ppl"] = result["dense"]["ppl"]
+        result["output"] = export_model(runner.model, tok, cfg.output.path, cfg, metrics, src)
+    return result
+
+
+def _device_name(device: str) -> str:
+    d = torch.device(device)
+    if d.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(d)
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------------------ one phase, folder to folder (flow)
+def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, ckpt_dir: str,
+                   progress: Progress | None = None, log: logging.Logger | None = None) -> dict:
+    """Load ``source_dir`` (the model or the previous step's checkpoint), prune ``step`` and write an HF-loadable
+    checkpoint with ``state.json``, atomically. Returns the shot report. ``cfg.compute.nproc > 1``: the shot runs
+    data-parallel over that many processes (:mod:`surgeon.launcher`); inside such a group only rank 0 writes."""
+    import torch.distributed as dist
+
+    in_group = dist.is_available() and dist.is_initialized()
+    if cfg.compute.nproc > 1 and not in_group:
+        return launcher.launch_shot(cfg, source_dir, calib_path, step, ckpt_dir, progress=progress)
+    model, tok = load_for_pruning(source_dir, cfg)
+    report = Runner(cfg, model, load_windows(calib_path), progress=progress, log=log).prune(step)
+    state = {"step": step.to_dict(), "config_hash": cfg.config_hash(), "report": report}
+    if not in_group or dist.get_rank() == 0:
+        save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)})
+    return report
+
+
+def finetune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, ckpt_dir: str,
+                      log: logging.Logger | None = None) -> dict:
+    """Load a checkpoint, fine-tune it ``step.finetune_steps`` steps on the calibration windows (pruned weights stay
+    exactly 0) and write an HF-loadable checkpoint with ``state.json``, atomically. Returns the report."""
+    model, tok = load_for_pruning(source_dir, cfg)
+    report = Runner(cfg, model, load_windows(calib_path), log=log).finetune(step)
+    state = {"step": step.to_dict(), "config_hash": cfg.config_hash(), "report": report}
+    save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)})
+    return report
+
+
+def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig, progress: Progress | None = None) -> dict:
+    """Paper-protocol perplexity of a saved model over the saved evaluation windows."""
+    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.compute.device)
+    if cfg.compute.threads:
+        torch.set_num_threads(cfg.compute.threads)
+    return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()
+
+
+def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
+    """Write the final pruned model folder with ``recipe.yaml``, ``layer_sizes.json`` and ``manifest.json`` (hashes
+    of every file), atomically: a folder that exists is complete."""
+    check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
+                 overwrite=cfg.output.overwrite)
+    size, per_layer, per_type = model_size(model)
+    manifest = {"source_model": source.path, "source_model_hash": source.content_hash,
+                "config_hash": cfg.config_hash(), "method": cfg.method.name, "structure": cfg.method.structure,
+                "target_size": cfg.final_target, "achieved_size": size, "type_sizes": per_type,
+                "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "recipe": cfg.model_dump()}
+
+    def write_manifest(folder: Path) -> None:  # inside the temporary folder: the manifest is there before the rename
+        atomic_write(folder / "manifest.json", json.dumps({**manifest, "files": manifest_files(folder)}, indent=1))
+
+    out = save_model(model, tok, output_dir, extra_files={"recipe.yaml": cfg.to_yaml(),
+                                                          "layer_sizes.json": json.dumps(per_layer, indent=1)},
+                     finalize=write_manifest)
+    return str(out)
+
+
+def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
+    """:func:`export_model` of a checkpoint folder."""
+    model, tok, _ = load_model(ckpt_dir, dtype=torch.float32)
+    return export_model(model, tok, output_dir, cfg, metrics, source)
+
