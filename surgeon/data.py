@@ -4,11 +4,17 @@ Data references (``ref``):
 
 - ``builtin:stdlib-docs``: embedded offline default, English prose from the docstrings of the Python standard
   library's own source files (parsed with ``ast``, never imported), so the demo needs no download.
+- ``builtin:wikitext-2-test`` and ``builtin:python-docs``: the texts in the repository's ``data/`` folder
+  (``data/wikitext-2-raw/wiki.test.raw``, the WikiText-2 raw test split, and ``data/python-docs/python-docs.txt``,
+  prose of the Python 3.11 documentation; provenance, licences and sha256 in ``data/README.md``), read like the
+  same path given as a file. They need the repository checkout next to the package (``data/`` beside
+  ``surgeon/``); an installed wheel alone has no ``data/`` and gets one error naming the alternatives.
 - ``hf:NAME[:CONFIG]``: a Hub dataset through ``datasets.load_dataset`` (``split`` and ``column`` are separate
   options), e.g. ``hf:wikitext:wikitext-2-raw-v1`` with split ``test``. Offline, it fails fast.
 - ``PATH.txt`` (any extension not listed below is read as text), ``PATH.jsonl`` / ``PATH.json``,
   ``PATH.parquet``: local files through ``datasets`` (``load_dataset("text"|"json"|"parquet")``).
-- ``PATH.npy``: token ids used as they are (1-D: one long sequence; 2-D: ready-made windows).
+- ``PATH.npy``: token ids used as they are (1-D: one long sequence; 2-D: ready-made windows), e.g. the exact
+  token files of the benchmark protocols in ``data/protocols/`` (``protocol_arrays`` rebuilds them from the texts).
 
 Joining. Records (lines of a text file, rows of a dataset) are joined with ``join`` (default ``"\\n\\n"``, as
 SparseGPT/Wanda join WikiText rows). A text file is read in text mode (CRLF becomes ``"\\n"``) line by line, each
@@ -39,7 +45,14 @@ from .utils import atomic_write, cache_dir, sha256_bytes
 
 __all__ = [
     "BUILTIN",
+    "BUILTINS",
+    "REPO_BUILTINS",
+    "PROTOCOLS",
     "EVAL_JOIN",
+    "repo_data_dir",
+    "builtin_path",
+    "check_ref",
+    "protocol_arrays",
     "load_text",
     "load_ids",
     "tokenize",
@@ -55,6 +68,20 @@ __all__ = [
 BUILTIN = "builtin:stdlib-docs"
 EVAL_JOIN = "\n\n"
 _JSON_SUFFIXES = {".json", ".jsonl"}
+
+# Texts of the repository's data/ folder: builtin name -> (path under data/, what to use without the repository).
+REPO_BUILTINS: dict[str, tuple[str, str]] = {
+    "builtin:wikitext-2-test": (
+        "wikitext-2-raw/wiki.test.raw",
+        "hf:wikitext:wikitext-2-raw-v1 with split test (the Hub copy keeps the split's empty rows, so its tokens "
+        "differ slightly from the repository file's)"),
+    "builtin:python-docs": (
+        "python-docs/python-docs.txt",
+        f"{BUILTIN} (embedded, no download) or a local copy of python-docs.txt"),
+}
+BUILTINS = (BUILTIN, *REPO_BUILTINS)
+# The repository's data/ folder, found from the package location (absent in an installed wheel).
+REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -154,6 +181,48 @@ def stdlib_docs_text() -> str:
     return text
 
 
+# --------------------------------------------------------------------------------------------------- repository data
+
+def repo_data_dir() -> Path:
+    """The repository's ``data/`` folder (``REPO_DATA_DIR``), whether or not it exists."""
+    return REPO_DATA_DIR
+
+
+def builtin_path(ref: str) -> Path | None:
+    """The file behind a builtin name of the repository's data (None for ``builtin:stdlib-docs``).
+
+    One clear ``SurgeonError`` for an unknown name, or when the file is absent (an installed package without the
+    repository checkout), naming what to use instead.
+    """
+    if ref == BUILTIN:
+        return None
+    if ref not in REPO_BUILTINS:
+        raise SurgeonError(f"unknown builtin data '{ref}' (known: {', '.join(BUILTINS)})")
+    rel, instead = REPO_BUILTINS[ref]
+    path = repo_data_dir() / rel
+    if not path.is_file():
+        raise SurgeonError(f"{ref} is the file data/{rel} of the llm-surgeon repository, not found at {path} "
+                           f"(this installation has no repository checkout next to the package); use {instead}")
+    return path
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise SurgeonError(f"data file not found: {path} (or use {BUILTIN} or hf:NAME[:CONFIG])")
+    if path.is_dir():
+        raise SurgeonError(f"data path is a folder, expected a file: {path}")
+
+
+def check_ref(ref: str | os.PathLike) -> None:
+    """Cheap early check of a data reference (before a model is loaded): a known builtin whose file is present,
+    ``hf:...`` (checked when loaded), or an existing file."""
+    ref_s = str(ref)
+    if ref_s.startswith("builtin:"):
+        builtin_path(ref_s)
+    elif not ref_s.startswith("hf:"):
+        _check_file(Path(ref_s).expanduser())
+
+
 # --------------------------------------------------------------------------------------------------- text
 
 def _join_rows(rows, join: str | None) -> str:
@@ -209,18 +278,13 @@ def load_text(ref: str | os.PathLike, *, split: str | None = None, column: str =
     ``join=None``: a text file is read as is; rows of datasets are joined with ``"\\n\\n"``.
     """
     ref_s = str(ref)
-    if ref_s == BUILTIN or ref_s.startswith("builtin:"):
-        if ref_s != BUILTIN:
-            raise SurgeonError(f"unknown builtin data '{ref_s}' (known: {BUILTIN})")
-        text = stdlib_docs_text()
-    elif ref_s.startswith("hf:"):
+    if ref_s.startswith("hf:"):
         text = _hub_text(ref_s, split, column, join)
+    elif ref_s == BUILTIN:
+        text = stdlib_docs_text()
     else:
-        path = Path(ref_s).expanduser()
-        if not path.exists():
-            raise SurgeonError(f"data file not found: {path} (or use {BUILTIN} or hf:NAME[:CONFIG])")
-        if path.is_dir():
-            raise SurgeonError(f"data path is a folder, expected a file: {path}")
+        path = builtin_path(ref_s) if ref_s.startswith("builtin:") else Path(ref_s).expanduser()
+        _check_file(path)
         suffix = path.suffix.lower()
         if suffix == ".npy":
             raise SurgeonError(f"{path} holds token ids, not text (use load_ids)")
@@ -347,8 +411,9 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     """``nsamples`` random windows (n, seqlen) of a 1-D id sequence.
 
     Starts are drawn in order with ``random.Random(seed).randint(0, N - seqlen - 1)`` (the SparseGPT/Wanda
-    sampler). Verified to reproduce ``p/calibration_windows.npy`` (128 x 2048, file read as is, N = 738,278) and
-    ``a1/calibration_windows.npy`` (32 x 512, lines joined with a space, N = 723,602) exactly, seed 0. For those N,
+    sampler). Reproduces ``data/protocols/p/calibration_windows.npy`` (128 x 2048, file read as is, N = 738,278)
+    and ``data/protocols/a1/calibration_windows.npy`` (32 x 512, lines joined with a space, N = 723,602) exactly,
+    seed 0 (``protocol_arrays``; checked by ``tests/test_protocol_data.py``). For those N,
     ``random.sample(range(N - seqlen), k)`` and ``randint(0, N - seqlen)`` draw the very same starts (all three
     consume the same ``getrandbits`` values and no draw was rejected), so either reference sampler matches.
     A 2-D input is taken as ready-made windows: its first ``nsamples`` rows are returned.
@@ -381,6 +446,47 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
         return windows_from_ids(ids, seqlen, max_windows)
     except ValueError as exc:
         raise SurgeonError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------------- protocols
+
+# The exact token files of the benchmark protocols (data/protocols/NAME/FILE), each made from a text of data/ with
+# one tokenizer pass (SmolLM2 tokenizer, no special tokens) and then cut into windows:
+#   join: how the text file's lines are joined (None: the file read as is; see the module docstring);
+#   windows: "calibration" (calibration_windows with nsamples/seqlen/seed), "eval" (eval_windows with
+#   seqlen/max_windows) or None (the whole 1-D id sequence).
+PROTOCOLS: dict[str, dict[str, dict]] = {
+    "a1": {
+        "calibration_windows.npy": dict(text="builtin:python-docs", join=" ", windows="calibration",
+                                        nsamples=32, seqlen=512, seed=0),
+        "eval_windows.npy": dict(text="builtin:wikitext-2-test", join=EVAL_JOIN, windows="eval",
+                                 seqlen=512, max_windows=128),
+    },
+    "p": {
+        "calibration_windows.npy": dict(text="builtin:python-docs", join=None, windows="calibration",
+                                        nsamples=128, seqlen=2048, seed=0),
+        "eval_ids.npy": dict(text="builtin:wikitext-2-test", join=EVAL_JOIN, windows=None),
+    },
+}
+
+
+def protocol_arrays(name: str, tokenizer) -> dict[str, np.ndarray]:
+    """The token files of benchmark protocol ``name`` (``a1`` or ``p``), rebuilt from the repository's texts.
+
+    File name -> int32 array; ``np.save`` of each writes the very bytes of ``data/protocols/NAME/FILE`` when the
+    tokenizer is SmolLM2's (see ``data/protocols/NAME/README.md``).
+    """
+    if name not in PROTOCOLS:
+        raise SurgeonError(f"unknown protocol '{name}' (known: {', '.join(PROTOCOLS)})")
+    out: dict[str, np.ndarray] = {}
+    for fname, spec in PROTOCOLS[name].items():
+        ids = load_ids(spec["text"], tokenizer, join=spec["join"])
+        if spec["windows"] == "calibration":
+            ids = calibration_windows(ids, spec["nsamples"], spec["seqlen"], seed=spec["seed"])
+        elif spec["windows"] == "eval":
+            ids = eval_windows(ids, spec["seqlen"], spec["max_windows"])
+        out[fname] = ids.numpy().astype(np.int32)
+    return out
 
 
 def data_id(tokens: torch.Tensor, **params) -> str:

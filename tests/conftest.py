@@ -6,19 +6,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-SHARED = Path(os.environ.get("SURGEON_SHARED", ROOT.parent / "shared"))
+DATA = ROOT / "data"  # texts and protocol token files of the repository (data/README.md)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    path = SHARED / "data"
-    if not path.exists():
-        pytest.skip(f"shared data not found at {path}")
-    return path
+@pytest.fixture(scope="session")
+def repo_data() -> Path:
+    """The repository's data/ folder: data/wikitext-2-raw, data/python-docs, data/protocols/{a1,p}."""
+    assert (DATA / "README.md").is_file(), f"the repository's data folder is missing: {DATA}"
+    return DATA
 
 
 def _tree_snapshot():

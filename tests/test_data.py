@@ -4,6 +4,7 @@ import json
 import os
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,33 +220,50 @@ def test_load_ids_from_text(tmp_path, tok):
     assert not torch.equal(ids, D.load_ids(path, tok, join=None))
 
 
-# ------------------------------------------------------------------------------------------- real tokens
+# ------------------------------------------------------------------------------------------- repository data
 
-@pytest.fixture(scope="module")
-def smol_tok(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DOCS = ROOT / "data" / "python-docs" / "python-docs.txt"
 
 
-def _npy(path):
-    return torch.from_numpy(np.load(path).astype(np.int64))
+def test_repository_builtins_resolve_to_data_files():
+    assert D.repo_data_dir() == ROOT / "data"
+    assert D.builtin_path("builtin:wikitext-2-test") == WIKI
+    assert D.builtin_path("builtin:python-docs") == DOCS
+    assert D.builtin_path(D.BUILTIN) is None  # embedded, no file
+    assert set(D.BUILTINS) == {D.BUILTIN, "builtin:wikitext-2-test", "builtin:python-docs"}
+    for ref in D.BUILTINS:
+        D.check_ref(ref)
+    # read exactly like the same path given as a file
+    assert D.load_text("builtin:python-docs", join=None) == DOCS.read_text(encoding="utf-8")
+    assert D.load_text("builtin:python-docs", join=" ") == D.load_text(DOCS, join=" ")
+    text = D.load_text("builtin:wikitext-2-test")
+    assert text == D.load_text(WIKI) and "\r" not in text
+    assert text.startswith(" = Robert Boulter = \n\n\n")  # our evaluation form: lines joined with "\n\n"
 
 
-@pytest.mark.realmodel
-def test_wikitext_evaluation_form_matches_protocol_files(smol_tok, shared_data):
-    ids = D.load_ids(shared_data / "wikitext-2-raw" / "wiki.test.raw", smol_tok)
-    assert ids.numel() == 304_838
-    assert torch.equal(ids, _npy(shared_data / "p" / "eval_ids.npy"))
-    assert torch.equal(D.eval_windows(ids, 512, 128), _npy(shared_data / "a1" / "eval_windows.npy"))
+def test_repository_builtins_absent_give_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "REPO_DATA_DIR", tmp_path / "no-repository" / "data")
+    for ref, rel, instead in (("builtin:wikitext-2-test", "data/wikitext-2-raw/wiki.test.raw",
+                               "hf:wikitext:wikitext-2-raw-v1 with split test"),
+                              ("builtin:python-docs", "data/python-docs/python-docs.txt", D.BUILTIN)):
+        for call in (D.check_ref, D.load_text, lambda r: D.load_ids(r, object())):
+            with pytest.raises(SurgeonError) as err:
+                call(ref)
+            msg = str(err.value)
+            assert msg.startswith(f"{ref} is the file {rel} of the llm-surgeon repository, not found at")
+            assert "no repository checkout" in msg and instead in msg
+    D.check_ref(D.BUILTIN)  # the embedded corpus needs no repository
 
 
-@pytest.mark.realmodel
-def test_calibration_matches_protocols_p_and_a1(smol_tok, shared_data):
-    docs = shared_data / "python-docs" / "python-docs.txt"
-    p = D.load_ids(docs, smol_tok, join=None)  # protocol P: the file read as is
-    assert p.numel() == 738_278
-    assert torch.equal(D.calibration_windows(p, 128, 2048, seed=0), _npy(shared_data / "p" / "calibration_windows.npy"))
-    a1 = D.load_ids(docs, smol_tok, join=" ")  # protocol A1: lines joined with a space
-    assert a1.numel() == 723_602
-    assert torch.equal(D.calibration_windows(a1, 32, 512, seed=0), _npy(shared_data / "a1" / "calibration_windows.npy"))
+def test_unknown_builtin_lists_the_known_names(tmp_path):
+    for call in (D.check_ref, D.load_text):
+        with pytest.raises(SurgeonError, match="unknown builtin data 'builtin:wikitext' \\(known: builtin:stdlib-docs, "
+                                               "builtin:wikitext-2-test, builtin:python-docs\\)"):
+            call("builtin:wikitext")
+    with pytest.raises(SurgeonError, match="data file not found"):
+        D.check_ref(tmp_path / "nope.txt")
+    with pytest.raises(SurgeonError, match="is a folder"):
+        D.check_ref(tmp_path)
+    D.check_ref("hf:anything")  # checked when loaded

@@ -64,12 +64,12 @@ def test_windows_errors():
 
 
 @pytest.mark.realmodel
-def test_smollm2_dense_ppl_on_a1_windows(smollm2_path, shared_data):
+def test_smollm2_dense_ppl_on_a1_windows(smollm2_path, repo_data):
     """Dense SmolLM2 (Q4_1 de-quantized weights) on the first 8 A1 evaluation windows: 29.874 measured on CPU."""
     from surgeon.models import load_model
 
     model, _, info = load_model(smollm2_path)
     assert info.model_type == "llama" and info.num_parameters == 134_515_008
-    windows = torch.from_numpy(np.load(shared_data / "a1" / "eval_windows.npy")[:8].astype(np.int64))
+    windows = torch.from_numpy(np.load(repo_data / "protocols" / "a1" / "eval_windows.npy")[:8].astype(np.int64))
     res = perplexity(model, windows)
     assert res["ppl"] == pytest.approx(29.874, abs=0.02)
