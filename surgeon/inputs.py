@@ -21,9 +21,9 @@ from .errors import SurgeonError
 from .fetch import fetch_model, known_models
 from .models import load_model, model_content_hash, save_model
 from .outputs import check_output
-from .utils import atomic_write, cache_dir, sha256_file
+from .utils import atomic_write, cache_dir, sha256_bytes, sha256_file
 
-__all__ = ["ModelRef", "DataRef", "prepare_model", "validate_model", "build_calibration", "build_eval",
+__all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_model", "prepare_model", "validate_model", "build_calibration", "build_eval",
            "load_windows", "preflight"]
 
 
@@ -40,9 +40,45 @@ class DataRef:
     shape: tuple[int, ...]
 
 
+RANDOM = "random:"
+# decoder shapes for random-weight models (speed and memory measurements; their quality means nothing)
+RANDOM_ARCHS = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, vocab_size=32000),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
+}
+
+
+def _random_arch(ref: str) -> dict:
+    arch = ref.removeprefix(RANDOM)
+    if arch not in RANDOM_ARCHS:
+        raise SurgeonError(f"unknown random architecture {arch!r}; known: {', '.join(RANDOM_ARCHS)}")
+    return RANDOM_ARCHS[arch]
+
+
+def random_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A Llama-architecture model with random weights (``random:llama-2-7b``), built on ``device`` directly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=4096, **_random_arch(ref))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
 def prepare_model(cfg: PruneConfig) -> ModelRef:
-    """Resolve ``cfg.model`` to a local HF folder (fetching/converting registered names and GGUF files once)."""
+    """Resolve ``cfg.model`` to a local HF folder (fetching/converting registered names and GGUF files once); a
+    ``random:ARCH`` model stays a reference, built where it runs."""
     ref = cfg.model
+    if ref.startswith(RANDOM):
+        _random_arch(ref)
+        return ModelRef(ref, sha256_bytes(ref.encode()))
     if ref in known_models():
         path = fetch_model(ref, cache_dir("models") / ref)
     elif ref.lower().endswith(".gguf"):
@@ -87,6 +123,14 @@ def validate_model(model_path: str, cfg: PruneConfig, content_hash: str | None =
         atomic_write(marker, model_path)
 
 
+def _random_windows(ref: str, vocab: int, seed: int) -> torch.Tensor:
+    n, _, seqlen = ref.removeprefix(RANDOM).partition("x")
+    if not (n.isdigit() and seqlen.isdigit() and int(n) > 0 and int(seqlen) > 1):
+        raise SurgeonError(f"random calibration data is 'random:NxL' (windows x tokens), not {ref!r}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (int(n), int(seqlen)), generator=gen)
+
+
 def _tokenizer(model_path: str):
     try:
         return AutoTokenizer.from_pretrained(model_path)
@@ -104,13 +148,21 @@ def _save_windows(windows: torch.Tensor, did: str, kind: str) -> DataRef:
 
 
 def _model_config(model_path: str):
+    if model_path.startswith(RANDOM):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(max_position_embeddings=4096, **_random_arch(model_path))
     return AutoConfig.from_pretrained(model_path)
 
 
 def build_calibration(cfg: PruneConfig, model_path: str) -> DataRef:
     """Tokenize the calibration source once and draw ``nsamples`` windows of ``seqlen`` tokens (seeded)."""
     c = cfg.calibration
-    check_seqlen(c.seqlen, _model_config(model_path))
+    config = _model_config(model_path)
+    check_seqlen(c.seqlen, config)
+    if c.data.startswith(RANDOM):  # random:NxL token windows (speed measurements)
+        windows = _random_windows(c.data, config.vocab_size, c.seed)
+        return _save_windows(windows, data_id(windows, source=c.data, seed=c.seed), "calib")
     ids = load_ids(c.data, _tokenizer(model_path), split=c.split, column=c.column, join=None)
     if ids.dim() == 1 and ids.numel() < c.nsamples * c.seqlen:
         raise SurgeonError(f"calibration corpus {c.data} has {ids.numel()} tokens, fewer than nsamples x "

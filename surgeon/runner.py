@@ -32,7 +32,7 @@ from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, Sh
 from . import launcher
 from .config import PruneConfig
 from .errors import SurgeonError
-from .inputs import DataRef, ModelRef, load_windows, preflight
+from .inputs import RANDOM, DataRef, ModelRef, load_windows, preflight, random_model
 from .models import load_model, save_model
 from .outputs import check_output, manifest_files, output_lock
 from .utils import atomic_write, keep_freed_memory
@@ -89,7 +89,10 @@ def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions
 
 def load_for_pruning(source: str, cfg: PruneConfig):
     """The model (fp32, on the compute device) and tokenizer of a folder, with the recipe's thread count."""
-    model, tok, _ = load_model(source, dtype=torch.float32, device=cfg.compute.device)
+    if source.startswith(RANDOM):
+        model, tok = random_model(source, device=cfg.compute.device, seed=cfg.method.seed), None
+    else:
+        model, tok, _ = load_model(source, dtype=torch.float32, device=cfg.compute.device)
     if cfg.compute.threads:
         torch.set_num_threads(cfg.compute.threads)
     if next(model.parameters()).device.type == "cpu":
@@ -213,7 +216,7 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     result = _resume(folder, model, signature)
     if result is None:
         result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
-                  "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
+                  "source_path": src.path, "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
                   "device": _device_name(cfg.compute.device), "steps": [], "prune_seconds": 0.0}
         dense = runner.evaluate()
         if dense is not None:
