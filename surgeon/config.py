@@ -10,8 +10,9 @@
 
 The method options are those of the method registry (``surgeon_core.methods``), which also validates them and
 writes their help. Any field can be given as ``section.field=value``, as ``section_field=value`` or, where the name
-is unique across sections, as ``field=value``; ``method: NAME``, ``calibration: DATA`` and ``eval: DATA`` are short
-for their ``name``/``data`` field. The config hash covers what changes the weights, derived from the fields."""
+is unique across sections (or names its usual one: ``seqlen``, ``batch_size`` and ``seed`` are calibration's, compute's
+and method's), as ``field=value``; ``method: NAME``, ``calibration: DATA``, ``eval: DATA`` and ``output: PATH`` are
+short for their ``name``/``data``/``path`` field. The config hash covers what changes the weights, derived from the fields."""
 
 from __future__ import annotations
 
@@ -286,6 +287,13 @@ SECTIONS: dict[str, type[_Section]] = {"method": MethodSection, "calibration": C
 WEIGHT_SECTIONS = ("method", "calibration", "compute", "finetune")
 
 
+# a bare name shared by several sections means the one people mean most often
+PRIMARY = {"seqlen": "calibration", "batch_size": "compute", "seed": "method"}
+NAMED = {"final_finetune_steps": ("finetune", "final_steps"), "structure_report_device": ("output", "report_device"),
+         "structure_report_decode_attention": ("output", "report_decode_attention"),
+         "compute_dtype": ("compute", "dtype")}
+
+
 def _aliases() -> dict[str, tuple[str, str] | list[str]]:
     """Flat names -> (section, field): ``section.field``, ``section_field`` and unique bare ``field``; a bare name
     shared by several sections maps to the list of its qualified names (ambiguous)."""
@@ -298,12 +306,17 @@ def _aliases() -> dict[str, tuple[str, str] | list[str]]:
     for f, where in bare.items():
         if f in out:
             continue
-        out[f] = where[0] if len(where) == 1 else [f"{s}.{n}" for s, n in where]
+        if f in PRIMARY:
+            out[f] = (PRIMARY[f], f)
+        else:
+            out[f] = where[0] if len(where) == 1 else [f"{s}.{n}" for s, n in where]
+    out.update(NAMED)
     return out
 
 
 ALIASES = _aliases()
-SHORTHAND = {"method": "name", "calibration": "data", "eval": "data"}  # `method: wanda` = `method: {name: wanda}`
+# `method: wanda` = `method: {name: wanda}`
+SHORTHAND = {"method": "name", "calibration": "data", "eval": "data", "output": "path"}
 
 
 class PruneConfig(BaseModel):
