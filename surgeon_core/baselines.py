@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, get_submodule, prunable_linears
+from .linalg import damped_inverse_cholesky
 from .sequential import run_layerwise
 
 __all__ = [
@@ -190,28 +191,6 @@ def wanda_mask(
     return ~prune
 
 
-def _inverse_cholesky(H: torch.Tensor, dampening_frac: float, max_tries: int = 5) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)^-1 with λ = dampening_frac * mean(diag H); H is modified in place.
-
-    If a factorisation fails (H numerically singular), the damping grows x10 and the solve is retried.
-    """
-    mean_diag = H.diagonal().mean()
-    applied = 0.0
-    frac = dampening_frac
-    for _ in range(max_tries):
-        H.diagonal().add_((frac - applied) * mean_diag)
-        applied = frac
-        L, info = torch.linalg.cholesky_ex(H)
-        if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0 and bool(torch.isfinite(U).all()):
-                return U  # (d_in, d_in) upper triangular
-        frac = max(frac * 10.0, 1e-4)
-    raise torch.linalg.LinAlgError(
-        f"Hessian not positive definite even with dampening_frac={applied:g}; the calibration inputs are degenerate"
-    )
-
-
 def _sparsegpt_block(
     W1: torch.Tensor, Hinv1: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -273,7 +252,7 @@ def sparsegpt_prune(
     dead = H.diagonal() == 0  # inputs that were always zero: the weight is free to prune and H needs a 1
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    Hinv = _inverse_cholesky(H, dampening_frac)  # (d_in, d_in) upper Cholesky factor of H⁻¹
+    Hinv = damped_inverse_cholesky(H, dampening_frac)  # (d_in, d_in) upper Cholesky factor of H⁻¹
     del H
     mask = torch.ones_like(W, dtype=torch.bool)
     loss = torch.zeros((), dtype=dtype, device=W.device)

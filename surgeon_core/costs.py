@@ -17,7 +17,6 @@ import torch
 
 __all__ = [
     "CURVATURE_KINDS",
-    "damped_inverse",
     "element_costs",
     "row_costs",
     "column_costs",
@@ -25,33 +24,6 @@ __all__ = [
 ]
 
 CURVATURE_KINDS = ("obs", "kfac-diag", "activations", "identity")
-
-
-def damped_inverse(M: torch.Tensor, frac: float, *, max_escalations: int = 6,
-                   dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float]:
-    """Inverse of M + frac·mean(diag M)·I through a Cholesky in ``dtype`` (float64, as the reference; float32 is
-    2.4x faster on a CPU at width 1536); returns (inverse fp32, damping used).
-
-    A factor that is not positive definite (zero rows, rounding) escalates the damping ×10 until the Cholesky
-    succeeds, so no NaN/Inf ever reaches the weights.
-    """
-    Mw = M.to(dtype)
-    d = torch.diagonal(Mw).mean()
-    if not torch.isfinite(d):
-        raise FloatingPointError("curvature factor contains NaN/Inf")
-    d = d.clamp_min(1e-30)
-    used = frac
-    for _ in range(max_escalations + 1):
-        damped = Mw.clone()
-        damped.diagonal().add_(used * d)  # M + λ·mean(diag)·I without building I
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0:
-            inv = torch.cholesky_inverse(L)
-            if torch.isfinite(inv).all():
-                return inv.float(), used
-        used = max(used * 10.0, 1e-8)
-    raise FloatingPointError(f"factor could not be made positive definite (damping up to {used:g})")
 
 
 def _check_kind(kind: str) -> None:

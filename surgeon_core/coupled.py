@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .adapters import ArchitectureAdapter, get_submodule
-from .costs import damped_inverse
+from .linalg import damped_inverse, solve_spd
 from .update import obs_update_columns, obs_update_rows
 
 __all__ = ["UnitFamily", "layer_units", "multi_row_costs", "unit_costs", "select_units", "apply_units",
@@ -107,15 +107,13 @@ def multi_row_costs(W: torch.Tensor, A: torch.Tensor | None, G_inv: torch.Tensor
 
 
 def _spd_solve(B: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """B⁻¹ M for a batch of symmetric positive definite B, through a batched Cholesky.
-
-    Not ``torch.linalg.solve``: its batched LU on the CPU with more than one thread (torch 2.13, MKL) returns
-    garbage for blocks of 192 (costs of ±1e100, "DLASWP parameter 6" errors) - a coupled SmolLM2 run with 2 threads
-    reached ppl 1.4e6. A block whose Cholesky fails (not positive definite by rounding) is solved on its own."""
+    """B⁻¹ M for a batch of symmetric positive definite B, through a batched Cholesky (not the batched LU of
+    ``torch.linalg.solve``, which returned garbage for blocks of 192 on a multi-threaded CPU). A block whose Cholesky
+    fails (not positive definite by rounding) is solved on its own, damped as :func:`linalg.solve_spd` does."""
     L, info = torch.linalg.cholesky_ex(B)
     X = torch.cholesky_solve(M, L)
     for u in torch.nonzero(info).flatten().tolist():
-        X[u] = torch.linalg.solve(B[u], M[u])
+        X[u] = solve_spd(B[u], M[u])
     return X
 
 

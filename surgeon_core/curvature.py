@@ -36,7 +36,6 @@ __all__ = [
     "accumulate_output_factor",
     "capture_kfac",
     "estimate_kfac",
-    "damp",
     "symmetrize_upper_",
 ]
 
@@ -137,12 +136,6 @@ def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor,
     """G += Σ_tokens g gᵀ (unnormalised); ``upper_only`` as in :func:`accumulate_input_factor`."""
     g = _flatten(grad_out)  # (N, R)
     return _accumulate(G, g, dtype, upper_only)
-
-
-def damp(M: torch.Tensor, frac: float) -> torch.Tensor:
-    """Relative damping: M + frac · mean(diag M) · I (the paper's λ; SparseGPT's percdamp)."""
-    d = torch.diagonal(M).mean().clamp_min(torch.finfo(M.dtype).tiny)
-    return M + frac * d * torch.eye(M.shape[0], device=M.device, dtype=M.dtype)
 
 
 @dataclass

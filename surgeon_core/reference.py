@@ -5,25 +5,22 @@ paper's, the formulas are those of the table in docs/method.md. Per prunable lin
 as an extra last column), the Fisher block is F ≈ G ⊗ A; removing a set Q of weights under ΔL = ½ΔθᵀFΔθ costs
 L_Q = ½ θ_Qᵀ([F⁻¹]_QQ)⁻¹θ_Q and is best compensated by Δθ = −F⁻¹E_Q([F⁻¹]_QQ)⁻¹θ_Q, with F⁻¹ = G⁻¹ ⊗ A⁻¹.
 
-``prune_shot_reference`` covers the method "llm-surgeon" on unstructured, N:M and structured (rows/columns)
-pruning, without the first-order term. Coupled units (FFN units, heads, kv groups) are in ``coupled.py``; the
-baselines K-OBD/L-OBD/magnitude (diagonal costs, no update) in ``costs.py`` and ``shot.py``. ``shot.prune_shot``
-is the fast path (batched, distributed, memory-bounded) and must give the same masks (tests/test_reference.py).
+Covers "llm-surgeon" on elements, N:M and rows/columns, without the first-order term. Coupled units (FFN units,
+heads, kv groups) are in ``coupled.py``, the diagonal baselines (K-OBD, L-OBD, magnitude) in ``costs.py``;
+``shot.prune_shot`` is the fast path (batched, distributed, memory-bounded) and gives the same masks.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from .adapters import adapter_for, prunable_linears
 from .curvature import estimate_kfac
-from .costs import damped_inverse
+from .linalg import damped_inverse
 from .methods import PruneOptions
 
-__all__ = ["prune_shot_reference"]
+__all__ = ["prune_shot_reference", "correlated_element_update", "row_chunks"]
 
 
 def prune_shot_reference(model: nn.Module, windows: torch.Tensor, options: PruneOptions, target_size: float,
@@ -52,17 +49,13 @@ def prune_shot_reference(model: nn.Module, windows: torch.Tensor, options: Prune
     return _prune_elements(layers, n_remove, target_size, opts)
 
 
-def _inverses(A: torch.Tensor, G: torch.Tensor, opts: PruneOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Damped inverses Â⁻¹ = (A + λ_A·mean(diag A)·I)⁻¹ and Ĝ⁻¹ likewise (§3.1; λ relative, as the paper's code)."""
-    return damped_inverse(A, opts.damping_a, dtype=opts.inverse_dtype)[0], \
-        damped_inverse(G, opts.damping_g, dtype=opts.inverse_dtype)[0]
-
-
 def _prune_elements(layers: list[dict], n_remove: int, target_size: float, opts: PruneOptions) -> float:
     structure = opts.structure_spec
     for layer in layers:
         C = layer["lin"].in_features
-        layer["A_inv"], layer["G_inv"] = _inverses(layer["A"], layer["G"], opts)
+        # §3.1 damping, relative: Â⁻¹ = (A + λ_A·mean(diag A)·I)⁻¹, Ĝ⁻¹ likewise
+        layer["A_inv"] = damped_inverse(layer["A"], opts.damping_a, dtype=opts.inverse_dtype)[0]
+        layer["G_inv"] = damped_inverse(layer["G"], opts.damping_g, dtype=opts.inverse_dtype)[0]
         # §3.2, element q = (r, c): L_q = w_q² / (2 [F⁻¹]_qq), [F⁻¹]_qq = [G⁻¹]_rr [A⁻¹]_cc; the bias is not prunable
         F_inv_diag = torch.outer(torch.diagonal(layer["G_inv"]), torch.diagonal(layer["A_inv"]))
         L = (0.5 * layer["W"].square() / F_inv_diag)[:, :C]
@@ -77,11 +70,9 @@ def _prune_elements(layers: list[dict], n_remove: int, target_size: float, opts:
         layer["L"] = L
     # §3.3: one global threshold over all layers: the k cheapest candidates of the whole model are removed (ties
     # in layer order, then row-major order); entries removed in earlier shots cost 0 and so are removed again
+    k = n_remove  # N:M: the fraction of all groups that removes 1 − α of the weights
     if structure.kind == "nm":
-        n_groups = sum(layer["L"].numel() for layer in layers)
-        k = round(min((1.0 - target_size) / (1.0 - structure.n / structure.m), 1.0) * n_groups)
-    else:
-        k = n_remove
+        k = round(min((1 - target_size) / (1 - structure.n / structure.m), 1.0) * sum(x["L"].numel() for x in layers))
     all_costs = torch.cat([layer["L"].flatten() for layer in layers])
     chosen = torch.zeros(all_costs.numel(), dtype=torch.bool)
     chosen[torch.argsort(all_costs, stable=True)[:k]] = True
@@ -90,37 +81,38 @@ def _prune_elements(layers: list[dict], n_remove: int, target_size: float, opts:
         sel = chosen[start : start + layer["L"].numel()].view(layer["L"].shape)
         start += layer["L"].numel()
         estimated += float(layer["L"][sel].sum(dtype=torch.float64))
-        drop = sel
-        if structure.kind == "nm":  # a chosen group drops its M−N cheapest entries
-            drop = (layer["in_group"] & sel[..., None]).reshape(sel.shape[0], -1)
-        _write(layer["lin"], _remove_elements(layer["W"], drop, layer["G_inv"], layer["A_inv"], opts.max_correlate))
+        # a chosen N:M group drops its M−N cheapest entries
+        drop = sel if structure.kind != "nm" else (layer["in_group"] & sel[..., None]).reshape(sel.shape[0], -1)
+        _write(layer["lin"], correlated_element_update(layer["W"], drop, layer["G_inv"], layer["A_inv"],
+                                                       opts.max_correlate))
     return estimated
 
 
-def _remove_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor,
-                     max_correlate: int) -> torch.Tensor:
-    """§3.4, correlated update of the removed entries Q, in chunks of whole rows (≤ max_correlate entries; 0: one)
-    solved one after the other, each from the weights the previous chunks updated:
-    m = ([G⁻¹ ⊗ A⁻¹]_QQ)⁻¹ w_Q, ΔW = −Σ_q m_q G⁻¹[:, r_q] A⁻¹[c_q, :]."""
-    W = W.clone()
-    chunks, count = [[]], 0
-    for r in range(drop.shape[0]):
-        n = int(drop[r].sum())
+def row_chunks(counts: list[int], max_correlate: int) -> list[list[int]]:
+    """Rows with removals packed greedily, in order, into chunks of at most ``max_correlate`` removed entries (0: one
+    chunk; a longer row is a chunk of its own)."""
+    chunks, total = [[]], 0
+    for row, n in enumerate(counts):
         if n == 0:
             continue
-        if max_correlate > 0 and count and count + n > max_correlate:
-            chunks.append([])
-            count = 0
-        chunks[-1].append(r)
-        count += n
-    for rows in chunks:
+        if max_correlate > 0 and total and total + n > max_correlate:
+            chunks, total = chunks + [[]], 0
+        chunks[-1].append(row)
+        total += n
+    return [c for c in chunks if c]
+
+
+def correlated_element_update(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor,
+                              max_correlate: int) -> torch.Tensor:
+    """§3.4, correlated update removing the entries Q = ``drop`` of W, chunk by chunk of whole rows, each chunk from
+    the weights the previous ones updated: m = ([G⁻¹ ⊗ A⁻¹]_QQ)⁻¹ w_Q, ΔW = −Σ_q m_q G⁻¹[:, r_q] A⁻¹[c_q, :]."""
+    W = W.clone()
+    for rows in row_chunks(drop.sum(dim=1).tolist(), max_correlate):
         r_q, c_q = torch.nonzero(drop[rows], as_tuple=True)  # the entries Q of this chunk, row-major
-        if r_q.numel() == 0:
-            continue
         r_q = torch.tensor(rows)[r_q]
         F_inv_QQ = G_inv[r_q][:, r_q].double() * A_inv[c_q][:, c_q].double()  # [G⁻¹ ⊗ A⁻¹]_QQ
         m = torch.linalg.solve(F_inv_QQ, W[r_q, c_q].double())
-        W -= ((G_inv[:, r_q].double() * m) @ A_inv[c_q, :].double()).float()
+        W -= ((G_inv[:, r_q].double() * m) @ A_inv[c_q, :].double()).to(W.dtype)
     W[:, : drop.shape[1]][drop] = 0  # removed entries end exactly zero
     return W
 
@@ -132,13 +124,13 @@ def _prune_rows_and_columns(layers: list[dict], n_remove: int, opts: PruneOption
         alive_rows = torch.nonzero((W.abs().sum(dim=1) > 0) & (torch.diagonal(G) > 0)).flatten()
         alive_cols = torch.nonzero((W[:, :C].abs().sum(dim=0) > 0) & (torch.diagonal(A)[:C] > 0)).flatten()
         cols = torch.cat([alive_cols, torch.tensor([C])]) if layer["lin"].bias is not None else alive_cols
-        row_L = torch.full((W.shape[0],), float("-inf"))
-        col_L = torch.full((C,), float("-inf"))
+        row_L, col_L = torch.full((W.shape[0],), float("-inf")), torch.full((C,), float("-inf"))
         layer.update(rows=alive_rows, cols=cols, weight_cols=alive_cols, row_L=row_L, col_L=col_L)
         if alive_rows.numel() == 0 or alive_cols.numel() == 0:
             continue
         W, A, G = W[alive_rows][:, cols], A[cols][:, cols], G[alive_rows][:, alive_rows]
-        layer["A_inv"], layer["G_inv"] = _inverses(A, G, opts)
+        layer["A_inv"] = damped_inverse(A, opts.damping_a, dtype=opts.inverse_dtype)[0]  # §3.1, as above
+        layer["G_inv"] = damped_inverse(G, opts.damping_g, dtype=opts.inverse_dtype)[0]
         layer["W_sub"] = W
         # §3.2, row r: L_r = w_rᵀ A w_r / (2 [G⁻¹]_rr); column c: L_c = w_cᵀ G w_c / (2 [A⁻¹]_cc) (bias not a column)
         row_L[alive_rows] = 0.5 * ((W @ A) * W).sum(dim=1) / torch.diagonal(layer["G_inv"])
@@ -162,12 +154,11 @@ def _prune_rows_and_columns(layers: list[dict], n_remove: int, opts: PruneOption
 def _structured_threshold(layers: list[dict], n_remove: int) -> float:
     """§3.3: the largest τ such that removing every row and column with L ≤ τ removes at most ``n_remove``
     parameters over all layers; r rows and c columns of an R×C matrix hold r·C + c·R − r·c of them."""
-    R = [len(layer["row_L"]) for layer in layers]
-    C = [len(layer["col_L"]) for layer in layers]
-    r = [int(torch.isinf(layer["row_L"]).sum()) for layer in layers]  # dead rows/columns: cost −∞, always removed
-    c = [int(torch.isinf(layer["col_L"]).sum()) for layer in layers]
+    R, C = [len(x["row_L"]) for x in layers], [len(x["col_L"]) for x in layers]
+    r = [int(torch.isinf(x["row_L"]).sum()) for x in layers]  # dead rows/columns: cost −∞, always removed
+    c = [int(torch.isinf(x["col_L"]).sum()) for x in layers]
     candidates = sorted((L, i, kind) for i, layer in enumerate(layers)
-                        for kind in ("row", "col") for L in layer[f"{kind}_L"].tolist() if math.isfinite(L))
+                        for kind in ("row", "col") for L in layer[f"{kind}_L"].tolist() if L > float("-inf"))
     tau, k = float("-inf"), 0
     while k < len(candidates):  # raise τ one distinct cost value at a time while the budget holds
         value = candidates[k][0]

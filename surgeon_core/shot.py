@@ -17,8 +17,9 @@ from . import distributed
 from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .baselines import prune_model_layerwise
-from .costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
-from .curvature import KFACFactors, damp, estimate_kfac
+from .costs import column_costs, element_costs, nm_groups, row_costs
+from .curvature import KFACFactors, estimate_kfac
+from .linalg import damped_inverse, is_positive_definite
 from .methods import METHODS, MethodSpec, PruneOptions, Structure
 from .schedule import Step
 from .update import newton_step, obs_update_columns, obs_update_elements_concurrent, obs_update_rows
@@ -75,7 +76,7 @@ def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None
         for name, M in group.items():
             if M.dim() != 2:  # diagonal-only factors hold no off-diagonal rounding
                 continue
-            if int(torch.linalg.cholesky_ex(damp(M.double(), frac))[1]) != 0:
+            if not is_positive_definite(M, frac):
                 bad.append(f"{kind}[{name}]")
     if bad:
         raise RoundedCurvatureError(

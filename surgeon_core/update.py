@@ -17,42 +17,10 @@ import time
 
 import torch
 
+from .linalg import cholesky_solve, solve_spd
+
 __all__ = ["obs_update_rows", "obs_update_columns", "obs_update_elements", "obs_update_elements_batched",
            "obs_update_elements_concurrent", "newton_step", "quadratic_loss"]
-
-
-def _solve_pd(C: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Solve C x = rhs for a (nearly) positive-definite C in float64, jittering the diagonal if needed."""
-    C64, rhs64 = C.double(), rhs.double()
-    jitter = 0.0
-    scale = torch.diagonal(C64).abs().mean().clamp_min(1e-30)
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(C64 + jitter * scale * torch.eye(C.shape[0], dtype=C64.dtype,
-                                                                              device=C.device))
-        if int(info) == 0:
-            b = rhs64.unsqueeze(-1) if rhs64.dim() == 1 else rhs64
-            x = torch.cholesky_solve(b, L)
-            return x.squeeze(-1) if rhs64.dim() == 1 else x
-        jitter = 1e-10 if jitter == 0 else jitter * 100
-    raise FloatingPointError("OBS system is not positive definite")
-
-
-def cholesky_solve(b: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """x = (L Lᵀ)⁻¹ b for a batch of lower Cholesky factors L (..., n, n) and right-hand sides b (..., n, k), as two
-    batched triangular solves: on an H200, 3.9 ms for 30 systems of 2000 with one right-hand side, against 5.8 ms
-    (MAGMA) or 20 ms (cuSOLVER) for ``torch.cholesky_solve``; the element update is 11% faster for it."""
-    if not TRIANGULAR_SOLVES:
-        return torch.cholesky_solve(b, L)
-    return triangular_cholesky_solve(b, L)
-
-
-def triangular_cholesky_solve(b: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """The two triangular solves of :func:`cholesky_solve`: L y = b, then Lᵀ x = y."""
-    y = torch.linalg.solve_triangular(L, b, upper=False)
-    return torch.linalg.solve_triangular(L.mT, y, upper=True)
-
-
-TRIANGULAR_SOLVES = True  # False: torch.cholesky_solve (benchmarks/update_speed.py --solve compares the two)
 
 
 def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -66,7 +34,7 @@ def obs_update_rows(W: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor, *,
     W = W.clone()
     rows = rows.to(W.device)
     for R in _chunks(rows, max_correlate):
-        X = _solve_pd(G_inv[R][:, R], W[R, :])  # (|R|, C') = (G⁻¹[R,R])⁻¹ W[R,:]
+        X = solve_spd(G_inv[R][:, R], W[R, :])  # (|R|, C') = (G⁻¹[R,R])⁻¹ W[R,:]
         W -= (G_inv[:, R].double() @ X).to(W.dtype)  # ΔW = −G⁻¹[:,R] (G⁻¹[R,R])⁻¹ W[R,:]
         W[R, :] = 0
     W[rows, :] = 0
@@ -78,7 +46,7 @@ def obs_update_columns(W: torch.Tensor, A_inv: torch.Tensor, cols: torch.Tensor,
     W = W.clone()
     cols = cols.to(W.device)
     for Cs in _chunks(cols, max_correlate):
-        X = _solve_pd(A_inv[Cs][:, Cs], W[:, Cs].T)  # (|Cs|, R) = (A⁻¹[Cs,Cs])⁻¹ W[:,Cs]ᵀ
+        X = solve_spd(A_inv[Cs][:, Cs], W[:, Cs].T)  # (|Cs|, R) = (A⁻¹[Cs,Cs])⁻¹ W[:,Cs]ᵀ
         W -= (X.T @ A_inv[Cs, :].double()).to(W.dtype)  # ΔW = −W[:,Cs] (A⁻¹[Cs,Cs])⁻¹ A⁻¹[Cs,:]
         W[:, Cs] = 0
     W[:, cols] = 0
@@ -187,7 +155,7 @@ def obs_update_elements_batched(W: torch.Tensor, drop: torch.Tensor, G_inv: torc
     ΔW = −G⁻¹[:, S] (M_S A⁻¹) with M_S (|S|, C') holding the chunk's m: |S|·C'·(C' + R) flops instead of
     R·C'·|Q|. The layers are reordered by chunk count (a copy of the inputs when they are not in that order
     already) so that finished layers drop out of the batch. Positive-definiteness is checked once at the end;
-    a layer whose Cholesky failed is redone alone with the diagonal jitter of :func:`_solve_pd_batched`.
+    a layer whose Cholesky failed is redone alone, damped as :func:`linalg.solve_spd` does.
     """
     return _update_elements(W, drop, G_inv, A_inv, max_correlate=max_correlate)
 
@@ -281,7 +249,7 @@ def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_in
         w_Q = W_flat[:k].gather(1, r * Cp + c).double().masked_fill_(~valid, 0)  # (k, Q)
         t0 = _tick(phases, "build_C", t0, dev)
         if strict:
-            m = _solve_pd_batched(Cmat, w_Q)
+            m = solve_spd(Cmat, w_Q, triangular=True)
         else:
             L, info = torch.linalg.cholesky_ex(Cmat)
             failed[:k] |= info != 0
@@ -303,19 +271,6 @@ def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_in
             W[i] = _update_elements(*(t[i : i + 1] for t in inputs), max_correlate=max_correlate, strict=True)[0]
     _tick(phases, "finish", t0, dev)
     return W
-
-
-def _solve_pd_batched(C: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """Batched C x = rhs for positive-definite C (B, Q, Q) in float64, with diagonal jitter on failure."""
-    jitter = 0.0
-    scale = torch.diagonal(C, dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-30)[:, None, None]
-    eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(C + jitter * scale * eye)
-        if int(info.max()) == 0:
-            return cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-        jitter = 1e-10 if jitter == 0 else jitter * 100
-    raise FloatingPointError("OBS system is not positive definite")
 
 
 def obs_update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
@@ -345,75 +300,3 @@ def quadratic_loss(dW: torch.Tensor, A: torch.Tensor, G: torch.Tensor, grad: tor
     first-order term ⟨∇W, ΔW⟩ is added."""
     q = 0.5 * torch.trace(G @ dW @ A @ dW.T)
     return q if grad is None else q + (grad * dW).sum()
-
-
-# --- reference only (tests and benchmarks/update_speed.py): the previous implementation, ΔW as a (R, Q) x (Q, C')
-# product per chunk and a host sync per chunk. Kept to check and time the implementation above against it.
-
-def _row_chunks_reference(counts: torch.Tensor, max_correlate: int) -> torch.Tensor:
-    chunk_of = torch.full((counts.numel(),), -1, dtype=torch.long)
-    chunk, total = 0, 0
-    for r, c in enumerate(counts.tolist()):
-        if c == 0:
-            continue
-        if max_correlate > 0 and total and total + c > max_correlate:
-            chunk, total = chunk + 1, 0
-        chunk_of[r] = chunk
-        total += c
-    return chunk_of
-
-
-def _chunk_entries_reference(drop: torch.Tensor, max_correlate: int) -> tuple[torch.Tensor, torch.Tensor]:
-    r, c = torch.nonzero(drop.cpu(), as_tuple=True)
-    if r.numel() == 0:
-        return torch.empty(0, 0, dtype=torch.long), torch.empty(0, 0, dtype=torch.long)
-    chunk = _row_chunks_reference(drop.sum(dim=1).cpu(), max_correlate)[r]
-    n_chunks = int(chunk.max()) + 1
-    sizes = torch.bincount(chunk, minlength=n_chunks)
-    starts = torch.cumsum(sizes, 0) - sizes
-    pos = torch.arange(r.numel()) - starts[chunk]
-    Q = int(sizes.max())
-    R_idx = torch.full((n_chunks, Q), -1, dtype=torch.long)
-    C_idx = torch.full((n_chunks, Q), -1, dtype=torch.long)
-    R_idx[chunk, pos] = r
-    C_idx[chunk, pos] = c
-    return R_idx, C_idx
-
-
-def _obs_update_elements_reference(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor,
-                                   *, max_correlate: int = 2000) -> torch.Tensor:
-    B, R, Cp = W.shape
-    dev = W.device
-    per_layer = [_chunk_entries_reference(drop[b], max_correlate) for b in range(B)]
-    steps = max(p[0].shape[0] for p in per_layer)
-    Q = max(p[0].shape[1] for p in per_layer)
-    R_idx = torch.full((B, steps, Q), -1, dtype=torch.long)
-    C_idx = torch.full((B, steps, Q), -1, dtype=torch.long)
-    for b, (ri, ci) in enumerate(per_layer):
-        R_idx[b, : ri.shape[0], : ri.shape[1]] = ri
-        C_idx[b, : ci.shape[0], : ci.shape[1]] = ci
-    R_idx, C_idx = R_idx.to(dev), C_idx.to(dev)
-    W = W.clone()
-    W_flat = torch.cat([W.reshape(B, R * Cp), torch.zeros(B, 1, device=dev, dtype=W.dtype)], dim=1)
-    b_ix = torch.arange(B, device=dev)
-    eye = torch.eye(Q, device=dev, dtype=torch.float64)
-    for j in range(steps):
-        valid = R_idx[:, j] >= 0
-        if not valid.any():
-            continue
-        r = R_idx[:, j].clamp_min(0)
-        c = C_idx[:, j].clamp_min(0)
-        pair = valid[:, :, None] & valid[:, None, :]
-        Cmat = (G_inv[b_ix[:, None, None], r[:, :, None], r[:, None, :]].double()
-                * A_inv[b_ix[:, None, None], c[:, :, None], c[:, None, :]].double())
-        Cmat = torch.where(pair, Cmat, eye)
-        w_Q = torch.where(valid, W_flat.gather(1, r * Cp + c), 0).double()
-        m = _solve_pd_batched(Cmat, w_Q).to(W.dtype)
-        Gcols = torch.gather(G_inv, 2, r[:, None, :].expand(B, R, Q)) * m[:, None, :]
-        Arows = torch.gather(A_inv, 1, c[:, :, None].expand(B, Q, Cp))
-        W_flat[:, : R * Cp] -= torch.bmm(Gcols, Arows).reshape(B, R * Cp)
-        dummy = torch.full_like(r, R * Cp)
-        W_flat.scatter_(1, torch.where(valid, r * Cp + c, dummy), 0.0)
-    W = W_flat[:, : R * Cp].reshape(B, R, Cp)
-    W[:, :, : drop.shape[2]][drop] = 0
-    return W

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from surgeon_core.allocation import select_elements, select_groups, select_structures, structured_removed
-from surgeon_core.costs import column_costs, damped_inverse, element_costs, nm_groups, row_costs
+from surgeon_core.costs import column_costs, element_costs, nm_groups, row_costs
+from surgeon_core.linalg import damped_inverse
 from surgeon_core.update import obs_update_columns, obs_update_elements, obs_update_rows, quadratic_loss
 
 pytestmark = pytest.mark.unit

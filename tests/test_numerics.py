@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from surgeon_core.costs import damped_inverse
+from surgeon_core.linalg import damped_inverse
 from surgeon_core.shot import NonFiniteCurvatureError, PruneOptions, prune_shot
 from tiny_models import tiny_model, tiny_windows
 
