@@ -22,14 +22,16 @@ from pathlib import Path
 
 import torch
 
+from .benchmark_report import check_metrics
 from .config import build_config, merge, parse_overrides, read_yaml
 from .errors import SurgeonError
 from .utils import atomic_write, phase_logger
 
-__all__ = ["load_bench", "list_configs", "run_bench", "metrics_of", "check_expected", "KINDS"]
+__all__ = ["load_bench", "list_configs", "run_bench", "metrics_of", "KINDS"]
 
 KINDS = ("quality", "shot", "speed")
-BENCH_KEYS = {"title", "group", "machine", "kind", "expect", "tolerance", "reference", "reference_source", "notes"}
+BENCH_KEYS = {"title", "group", "machine", "kind", "expect", "tolerance", "reference", "reference_source", "notes",
+              "speed"}
 _log = logging.getLogger("surgeon.bench")
 
 
@@ -90,20 +92,6 @@ def metrics_of(result: dict) -> dict:
     return m
 
 
-def check_expected(metrics: dict, expect: dict, tolerance) -> list[str]:
-    """The expected metrics that the measured ones miss: relative tolerance (per metric or one for all); with 0 the
-    value must be the expected one to the three decimals it is recorded with."""
-    failures = []
-    for key, want in expect.items():
-        tol = tolerance.get(key, 0.0) if isinstance(tolerance, dict) else float(tolerance)
-        got = metrics.get(key)
-        if got is None or not math.isfinite(got):
-            failures.append(f"{key}: not measured")
-        elif abs(got - want) > tol * abs(want) + 1e-12 * max(1.0, abs(want)) and round(got, 3) != round(want, 3):
-            failures.append(f"{key}: {got:.6g} vs expected {want:.6g} (tolerance {tol:.3g})")
-    return failures
-
-
 def _git(*args: str) -> str:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -141,9 +129,11 @@ def _versions() -> dict:
     return out
 
 
-def _speed(cfg, result: dict) -> dict:
+def _speed(cfg, block: dict, result: dict) -> dict:
     from .speed import structure_report
 
+    if result["source_path"].startswith("random:"):
+        raise SurgeonError("speed benchmarks of random-weight architectures are not supported by surgeon bench yet")
     rep = structure_report(result["output"], result["source_path"], threads=cfg.compute.threads,
                            device=cfg.output.report_device,
                            decode_attention=cfg.output.report_decode_attention)
@@ -182,8 +172,8 @@ def run_bench(config_path: str | Path, *, device: str | None = None, json_path: 
             return result
         metrics = metrics_of(result)
         if block["kind"] == "speed":
-            metrics.update(_speed(cfg, result))
-    failures = check_expected(metrics, block["expect"], block["tolerance"])
+            metrics.update(_speed(cfg, block, result))
+    failures = check_metrics(block["expect"], block["tolerance"], metrics)
     out = {"name": name, "config": str(config_path), "title": block.get("title", name), "group": block.get("group"),
            "kind": block["kind"], "commit": _git("rev-parse", "--short", "HEAD"),
            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

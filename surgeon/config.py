@@ -100,9 +100,9 @@ class MethodSection(_MethodOptions):
         spec, st = METHODS[self.name], Structure.parse(self.structure)
         if not spec.supports(st):
             raise ValueError(f"method {self.name} does not support {st} pruning (use unstructured or N:M)")
-        if st.kind == "nm" and self.target_size is not None and abs(self.target_size - st.n / st.m) > 1e-9:
-            raise ValueError(f"{st} sparsity keeps exactly {st.n / st.m:g} of the weights; target_size "
-                             f"{self.target_size} does not match")
+        if st.kind == "nm" and self.target_size is not None and self.target_size < st.n / st.m - 1e-9:
+            raise ValueError(f"{st} sparsity keeps at least {st.n / st.m:g} of the weights; target_size "
+                             f"{self.target_size} is below it")
         foreign = [k for k in OPTIONS if getattr(self, k) is not None and k not in spec.options]
         if foreign:
             raise ValueError(f"method {self.name} has no option {foreign[0]!r} (its options: "
@@ -124,9 +124,9 @@ class MethodSection(_MethodOptions):
     @property
     def final_target(self) -> float:
         st = Structure.parse(self.structure)
-        if st.kind == "nm":
-            return st.n / st.m
-        return 0.7 if self.target_size is None else self.target_size
+        if self.target_size is not None:
+            return self.target_size  # N:M above N/M: that fraction of the groups made N:M (a shot of a schedule)
+        return st.n / st.m if st.kind == "nm" else 0.7
 
     def options(self) -> dict[str, Any]:
         """The method options that are set (the rest take the registry's defaults)."""
@@ -198,6 +198,8 @@ class ComputeSection(_Section):
                                                 "(sums stay fp32)")
     inverse_dtype: Literal["fp64", "fp32"] = Field(default="fp64", description="dtype of the damped factors' "
                                                    "Cholesky inverses")
+    model_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype the model's weights are held in "
+                                                 "while pruning (the solves stay fp32/fp64)")
     batch_size: int = Field(default=1, description="windows per forward/backward pass")
     threads: int | None = Field(default=None, description="CPU threads", json_schema_extra=NOT_WEIGHTS)
     nproc: int = Field(default=1, description="processes per shot (data-parallel curvature)",
@@ -206,11 +208,15 @@ class ComputeSection(_Section):
                                     json_schema_extra=NOT_WEIGHTS)
     update_concurrent: int = Field(default=1, description="element updates: layer shapes solved at once",
                                    json_schema_extra=NOT_WEIGHTS)
+    update_batch_layers: int = Field(default=0, description="element updates: same-shaped layers solved as one "
+                                     "batch (0: all on a GPU, one on a CPU)", json_schema_extra=NOT_WEIGHTS)
 
     @field_validator("batch_size", "nproc", "update_concurrent")
     @classmethod
     def _pos(cls, v: int) -> int:
         return _positive(v)
+
+    _ubl = field_validator("update_batch_layers")(classmethod(lambda cls, v: _non_negative(v)))
 
     @field_validator("threads")
     @classmethod
@@ -362,6 +368,7 @@ class PruneConfig(BaseModel):
                             autocast_dtype=None if c.dtype == "fp32" else DTYPES[c.dtype],
                             gram_dtype=None if c.gram_dtype == "fp32" else DTYPES[c.gram_dtype],
                             inverse_dtype=DTYPES[c.inverse_dtype], update_concurrent_batches=c.update_concurrent,
+                            update_batch_layers=c.update_batch_layers,
                             **opts)
 
     def plan(self) -> list[Step]:

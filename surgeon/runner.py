@@ -25,7 +25,7 @@ import torch
 
 from surgeon_core.evaluate import perplexity
 from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pruning_masks
-from surgeon_core.methods import PruneOptions
+from surgeon_core.methods import DTYPES, PruneOptions
 from surgeon_core.schedule import Step
 from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, ShotReport, model_size, run_step
 
@@ -88,11 +88,13 @@ def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions
 
 
 def load_for_pruning(source: str, cfg: PruneConfig):
-    """The model (fp32, on the compute device) and tokenizer of a folder, with the recipe's thread count."""
+    """The model (in ``compute.model_dtype``, on the compute device) and tokenizer of a folder or a random
+    architecture, with the recipe's thread count."""
+    dtype = DTYPES[cfg.compute.model_dtype]
     if source.startswith(RANDOM):
-        model, tok = random_model(source, device=cfg.compute.device, seed=cfg.method.seed), None
+        model, tok = random_model(source, device=cfg.compute.device, dtype=dtype, seed=cfg.method.seed), None
     else:
-        model, tok, _ = load_model(source, dtype=torch.float32, device=cfg.compute.device)
+        model, tok, _ = load_model(source, dtype=dtype, device=cfg.compute.device)
     if cfg.compute.threads:
         torch.set_num_threads(cfg.compute.threads)
     if next(model.parameters()).device.type == "cpu":
@@ -323,7 +325,7 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
                 "config_hash": cfg.config_hash(), "method": cfg.method.name, "structure": cfg.method.structure,
                 "target_size": cfg.final_target, "achieved_size": size, "type_sizes": per_type,
                 "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "recipe": cfg.model_dump()}
+                "recipe": cfg.recipe()}  # what recipe.yaml holds (surgeon verify compares the two)
 
     def write_manifest(folder: Path) -> None:  # inside the temporary folder: the manifest is there before the rename
         atomic_write(folder / "manifest.json", json.dumps({**manifest, "files": manifest_files(folder)}, indent=1))
