@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, get_submodule, prunable_linears
+from .costs import nm_groups
 from .linalg import damped_inverse_cholesky
 from .sequential import run_layerwise
 
@@ -137,15 +138,6 @@ def _prune_smallest_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tens
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
 
 
-def _prune_n_m(scores: torch.Tensor, n_m: tuple[int, int]) -> torch.Tensor:
-    """Bool mask (True = prune) of the M - N smallest scores in every group of M consecutive columns."""
-    n, m = n_m
-    rows, cols = scores.shape
-    grouped = scores.reshape(rows, cols // m, m)  # (d_out, d_in / M, M)
-    order = torch.sort(grouped, dim=-1, stable=True).indices[..., : m - n]
-    return torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, order, True).view(rows, cols)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The three rules
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,7 +156,7 @@ def magnitude_mask(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
     """
     _check_target(sparsity, n_m, W.shape[1])
     scores = W.detach().abs().to(math_dtype(W))
-    prune = _prune_n_m(scores, n_m) if n_m is not None else _prune_smallest(scores, sparsity)
+    prune = nm_groups(scores, *n_m)[1] if n_m is not None else _prune_smallest(scores, sparsity)
     return ~prune
 
 
@@ -187,7 +179,7 @@ def wanda_mask(
         raise ValueError(f"col_sq_norms must have shape ({W.shape[1]},), got {tuple(col_sq_norms.shape)}")
     dtype = math_dtype(W, col_sq_norms)
     scores = W.detach().abs().to(dtype) * col_sq_norms.to(device=W.device, dtype=dtype).sqrt()  # (d_out, d_in)
-    prune = _prune_n_m(scores, n_m) if n_m is not None else _prune_smallest_per_row(scores, sparsity)
+    prune = nm_groups(scores, *n_m)[1] if n_m is not None else _prune_smallest_per_row(scores, sparsity)
     return ~prune
 
 
@@ -207,7 +199,7 @@ def _sparsegpt_block(
     for i in range(W1.shape[1]):
         if n_m is not None and i % n_m[1] == 0:  # N:M is chosen on the weights as updated so far
             j = i + n_m[1]
-            keep1[:, i:j] = ~_prune_n_m(W1[:, i:j].square() / d[i:j].square(), n_m)
+            keep1[:, i:j] = ~nm_groups(W1[:, i:j].square() / d[i:j].square(), *n_m)[1]
         err = torch.div(W1[:, i].masked_fill(keep1[:, i], 0.0), d[i], out=Err1[:, i])  # (d_out,) pruned only
         # OBS update of this and the later columns of the block (Eq. 3). Kept weights get err = 0, so column i
         # keeps them exactly and its pruned entries land on (numerically) zero.

@@ -78,7 +78,8 @@ def nm_groups(costs: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.
 
     Every group of ``m`` consecutive inputs keeps ``n`` weights. Returns ``(group_costs (R, C/m),
     drop (R, C) bool)``: the cost of pruning a group is the sum of its ``m - n`` cheapest element costs
-    (independence assumed, as in the paper), and ``drop`` marks those entries.
+    (independence assumed, as in the paper), and ``drop`` marks those entries (ties: the lower index first). The
+    one N:M grouping of the package: LLM Surgeon's costs and the layer-wise baselines' scores alike.
     """
     R, C = costs.shape
     if not 0 < n < m:

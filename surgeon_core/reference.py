@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for, prunable_linears
+from .costs import nm_groups
 from .curvature import estimate_kfac
 from .linalg import damped_inverse
 from .methods import PruneOptions
@@ -59,14 +60,8 @@ def _prune_elements(layers: list[dict], n_remove: int, target_size: float, opts:
         # §3.2, element q = (r, c): L_q = w_q² / (2 [F⁻¹]_qq), [F⁻¹]_qq = [G⁻¹]_rr [A⁻¹]_cc; the bias is not prunable
         F_inv_diag = torch.outer(torch.diagonal(layer["G_inv"]), torch.diagonal(layer["A_inv"]))
         L = (0.5 * layer["W"].square() / F_inv_diag)[:, :C]
-        if structure.kind == "nm":
-            # N:M groups of M consecutive inputs of a row: pruning a group removes its M−N cheapest weights, and
-            # costs their summed L (independence assumed)
-            R, n, m = L.shape[0], structure.n, structure.m
-            grouped = L.reshape(R, C // m, m)
-            cheapest = grouped.argsort(dim=-1, stable=True)[..., : m - n]
-            layer["in_group"] = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, cheapest, True)
-            L = torch.gather(grouped, -1, cheapest).sum(dim=-1)
+        if structure.kind == "nm":  # a group of M consecutive inputs of a row loses its M−N cheapest weights,
+            L, layer["in_group"] = nm_groups(L, structure.n, structure.m)  # for their summed L (independence)
         layer["L"] = L
     # §3.3: one global threshold over all layers: the k cheapest candidates of the whole model are removed (ties
     # in layer order, then row-major order); entries removed in earlier shots cost 0 and so are removed again
@@ -82,7 +77,7 @@ def _prune_elements(layers: list[dict], n_remove: int, target_size: float, opts:
         start += layer["L"].numel()
         estimated += float(layer["L"][sel].sum(dtype=torch.float64))
         # a chosen N:M group drops its M−N cheapest entries
-        drop = sel if structure.kind != "nm" else (layer["in_group"] & sel[..., None]).reshape(sel.shape[0], -1)
+        drop = sel if structure.kind != "nm" else layer["in_group"] & sel.repeat_interleave(structure.m, dim=1)
         _write(layer["lin"], correlated_element_update(layer["W"], drop, layer["G_inv"], layer["A_inv"],
                                                        opts.max_correlate))
     return estimated
