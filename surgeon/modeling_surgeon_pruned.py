@@ -6,8 +6,8 @@ the stock model, then shrink each decoder layer to ``intermediate_sizes[i]``, ``
 
 Self-contained (imports only torch and transformers): ``surgeon materialize`` copies this file into the output
 folder and points ``auto_map`` in config.json at it, so the folder loads with
-``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` offline; importing ``surgeon.materialize``
-registers the classes so ``trust_remote_code`` is not needed then.
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` offline; importing
+``surgeon.materialized_export`` registers the classes so ``trust_remote_code`` is not needed then.
 """
 
 from __future__ import annotations

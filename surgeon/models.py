@@ -8,6 +8,7 @@ one-line message.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import re
 import socket
@@ -17,9 +18,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from surgeon_core.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
 
+from . import materialized_export  # noqa: F401 - registers the per-layer-size (materialized) model classes
 from .errors import SurgeonError
 from .utils import atomic_dir, atomic_write, sha256_bytes, sha256_file
 
@@ -99,8 +103,6 @@ def _check_model_type(model_type: str | None, where: str) -> None:
 
 
 def _check_safetensors(files: list[Path]) -> None:
-    from safetensors import safe_open
-
     for f in files:
         if f.suffix != ".safetensors":
             continue
@@ -118,7 +120,7 @@ def _check_safetensors(files: list[Path]) -> None:
 
 def _read_gguf_architecture(path: Path) -> str:
     try:
-        import gguf
+        import gguf  # lazy: transformers' GGUF support, for .gguf files only
     except ImportError as exc:  # pragma: no cover - gguf is a pinned dependency
         raise SurgeonError("loading GGUF files needs the 'gguf' package (pip install gguf)") from exc
     with open(path, "rb") as f:
@@ -227,10 +229,6 @@ def _info(ref, path, source, model, dtype, content_hash, **extra) -> ModelInfo:
 
 
 def _load_dir(ref: str, folder: Path, dtype, device):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from . import materialize  # noqa: F401 - registers the per-layer-size (materialized) model classes
-
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -261,8 +259,6 @@ def _load_dir(ref: str, folder: Path, dtype, device):
 
 
 def _raw_model_type(config_json: Path) -> str | None:
-    import json
-
     try:
         return json.loads(config_json.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
@@ -270,8 +266,6 @@ def _raw_model_type(config_json: Path) -> str | None:
 
 
 def _load_gguf(ref: str, file: Path, dtype, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     arch = _read_gguf_architecture(file)
     _check_model_type(arch, str(file))
     try:
@@ -286,8 +280,6 @@ def _load_gguf(ref: str, file: Path, dtype, device):
 
 
 def _load_hub(ref: str, dtype, device):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     repo = ref[3:] if ref.startswith("hf:") else ref
 
     def load(local_only: bool):

@@ -23,6 +23,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
+from .config import PruneConfig, load_yaml
 from .errors import SurgeonError
 from .utils import sha256_file
 
@@ -141,8 +145,6 @@ def verify_dir(folder: str | os.PathLike, *, check_weights: bool = True) -> dict
     """Recompute a pruned folder's hashes against its manifest, check its recipe and (optionally) that every
     weight is finite. Returns ``{"ok", "problems": [one line each], "files", "config_hash"}``; raises
     :class:`SurgeonError` when ``folder`` is not a surgeon output at all."""
-    from .config import PruneConfig
-
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise SurgeonError(f"not a folder: {root}")
@@ -163,10 +165,8 @@ def verify_dir(folder: str | os.PathLike, *, check_weights: bool = True) -> dict
             problems.append(f"{name} differs: sha256 {actual[name][:16]}..., manifest {str(expected[name])[:16]}...")
     recipe_file = root / "recipe.yaml"
     if recipe_file.is_file():
-        import yaml
-
         try:
-            recipe = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+            recipe = load_yaml(recipe_file.read_text(encoding="utf-8"))
             cfg = PruneConfig(**recipe)
         except Exception as exc:  # noqa: BLE001 - any parse/validation failure is one reported problem
             problems.append(f"recipe.yaml is not a valid recipe: {' '.join(str(exc).split())[:200]}")
@@ -187,9 +187,6 @@ def verify_dir(folder: str | os.PathLike, *, check_weights: bool = True) -> dict
 
 
 def _nonfinite_weights(root: Path) -> list[str]:
-    import torch
-    from safetensors import safe_open
-
     out = []
     for f in sorted(root.glob("*.safetensors")):
         try:

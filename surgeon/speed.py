@@ -27,13 +27,26 @@ as one CUDA graph and replayed per token with no Python in between (see :class:`
 
 from __future__ import annotations
 
+import functools
 import inspect
 import statistics
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
+import torch.nn.attention.flex_attention as flex_attention_module
+import transformers.integrations.sdpa_attention as sdpa_attention_module
+from transformers import AttentionInterface, AutoModelForCausalLM, StaticCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from surgeon_core.adapters import adapter_for
+from surgeon_core.materialize import count_parameters
+
+from .materialized_export import (kept_from_json, materialize_checked, materialize_model, safetensors_bytes,
+                                  save_materialized)
 
 __all__ = ["linear_flops_per_token", "measure", "compare", "CompiledRunner", "greedy_decode", "set_decode_attention"]
 
@@ -96,7 +109,7 @@ def _decode(model: nn.Module, prompt: torch.Tensor, steps: int, keep: bool = Fal
 def _raise_recompile_limit(n: int = 64) -> None:
     """Both models share one forward (the materialized class subclasses the dense one) and prefill and decode step
     are two more graphs of it: keep dynamo from falling back to eager after its default 8 recompiles."""
-    import torch._dynamo
+    import torch._dynamo  # lazy: torch.compile's machinery (~1.5 s to import), only for compiled timing
 
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
@@ -107,7 +120,7 @@ def _raise_recompile_limit(n: int = 64) -> None:
 def _compile_counters() -> dict:
     """Graph breaks, graphs compiled and CUDA-graph skips so far (dynamo's global counters): a diagnosis aid."""
     try:
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters  # lazy: torch.compile's machinery, only for compiled timing
     except ImportError:  # pragma: no cover - torch without dynamo
         return {}
     return {"graph_breaks": int(sum(counters["graph_break"].values())),
@@ -130,9 +143,6 @@ def _flex_decode_mask(*args, block: int = 32, **kwargs):
     """transformers' SDPA mask, except for one-token queries (decode steps), where the same boolean mask becomes a
     FlexAttention ``BlockMask`` of ``block``-position blocks: built once per forward, and blocks of the static
     cache not written yet are skipped by the kernel instead of read and masked."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    from transformers.masking_utils import sdpa_mask
-
     mask = sdpa_mask(*args, **kwargs)
     if not (torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-2] == 1 and mask.dtype == torch.bool):
         return mask  # prompt passes (or no mask needed): SDPA, unchanged
@@ -149,19 +159,19 @@ def _flex_decode_mask(*args, block: int = 32, **kwargs):
     def mask_mod(b, h, q, kv):
         return kv < lengths[b]
 
-    return create_block_mask(mask_mod, batch, None, 1, mask.shape[-1], device=mask.device, BLOCK_SIZE=block)
+    return flex_attention_module.create_block_mask(mask_mod, batch, None, 1, mask.shape[-1], device=mask.device,
+                                                   BLOCK_SIZE=block)
 
 
 def _flex_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """Decode steps (a ``BlockMask`` from :func:`_flex_decode_mask`) through ``torch``'s FlexAttention, whose
     decoding kernel inductor generates when the step is compiled; everything else through transformers' SDPA."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
-                         enable_gqa=key.shape[1] != query.shape[1])
+    # both kernels are looked up in their modules when called (a test or profiler may wrap them there)
+    if not isinstance(attention_mask, flex_attention_module.BlockMask):
+        return sdpa_attention_module.sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                            scaling=scaling, **kwargs)
+    out = flex_attention_module.flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
+                                               enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -174,11 +184,6 @@ def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) 
     if kind == "sdpa":
         model.set_attn_implementation("sdpa")
         return
-    import functools
-
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     AttentionInterface.register(FLEX_DECODE, _flex_decode_attention)
     AttentionMaskInterface.register(FLEX_DECODE, functools.partial(_flex_decode_mask, block=block))
     model.set_attn_implementation(FLEX_DECODE)
@@ -259,7 +264,7 @@ class CompiledRunner:
             if self.backend == "inductor":
                 extra = _inductor_options(self.model)
                 if extra:  # torch.compile takes a mode or options, not both: the mode's options plus ours
-                    from torch._inductor import list_mode_options
+                    from torch._inductor import list_mode_options  # lazy: torch.compile's machinery
                     kw["options"] = {**list_mode_options(self.modes[stage], False), **extra}
                 else:
                     kw["mode"] = self.modes[stage]
@@ -290,8 +295,6 @@ class CompiledRunner:
         if self._cache_shape == (batch, length):
             self._cache.reset()  # in place: zeroed tensors and position counters, same addresses
             return self._cache
-        from transformers import StaticCache
-
         self._graph = None  # a captured step reads the old cache's addresses
         self._cache = None  # release the old one before allocating
         self._cache = StaticCache(config=self.model.config, max_cache_len=length)
@@ -510,23 +513,13 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
     "auto" (CUDA when there is a GPU). ``decode_attention="flex"`` (CUDA only): FlexAttention decode steps for both
     models (:func:`set_decode_attention`).
 
-    ``kept`` (a kept-units JSON as :func:`surgeon.materialize.kept_to_json` writes it, e.g. from ``surgeon report
-    --save-kept`` on the machine that holds the pruned model) replaces ``pruned_dir``: the materialized model then
-    has exactly the pruned model's shapes, with the dense weights at the kept units. Sizes and speed depend on
-    shapes only, so this measures a run's structure on a machine that does not hold its weights; the report says
-    which weights it timed (``source``), and its ``layers`` are what :func:`surgeon.tracking`'s attach checks.
+    ``kept`` (a kept-units JSON as :func:`surgeon.materialized_export.kept_to_json` writes it, e.g. from
+    ``surgeon report --save-kept`` on the machine that holds the pruned model) replaces ``pruned_dir``: the
+    materialized model then has exactly the pruned model's shapes, with the dense weights at the kept units. Sizes
+    and speed depend on shapes only, so this measures a run's structure on a machine that does not hold its
+    weights; the report says which weights it timed (``source``), and its ``layers`` are what ``tasks.tracking``'s
+    attach checks.
     """
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from surgeon_core.adapters import adapter_for
-    from surgeon_core.materialize import count_parameters
-
-    from .materialize import (kept_from_json, materialize_checked, materialize_model, safetensors_bytes,
-                              save_materialized)
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):

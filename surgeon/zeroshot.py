@@ -26,6 +26,7 @@ of pruning papers (needs the Hugging Face Hub or its datasets cache).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -38,11 +39,14 @@ import re
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
+import torch
 import yaml
 
 from .errors import SurgeonError
+from .models import load_model
 from .utils import atomic_write, cache_dir, sha256_file
 
 __all__ = ["KINDS", "STANDARD_SUITE", "read_heldout", "paragraphs", "sentences", "lastword_docs", "choice_docs",
@@ -187,8 +191,6 @@ def choice_docs(text: str, n: int, seed: int = 0, *, num_choices: int = 4, conte
 
 
 def _bisect(values: list[int], x: int) -> int:
-    import bisect
-
     return bisect.bisect_left(values, x)
 
 
@@ -309,8 +311,6 @@ def _plain_yaml(path: Path) -> dict | None:
 def task_fingerprint(tasks: list[str], task_dir: str | os.PathLike | None, limit: int | None = None) -> str:
     """What determines zero-shot results besides the weights: task names, the bytes of local task YAMLs and their
     data files, ``limit``, the lm-eval version and this module's source (for cache keys)."""
-    from importlib.metadata import version
-
     local = local_tasks(task_dir)
     h = hashlib.sha256()
     h.update(json.dumps([parse_tasks(tasks), limit, version("lm_eval")]).encode())
@@ -327,7 +327,7 @@ def task_fingerprint(tasks: list[str], task_dir: str | os.PathLike | None, limit
 def _resolve(tasks: list[str], task_dir) -> tuple[object, list]:
     """A TaskManager (built-in tasks only when needed) and the specs to load: local plain YAMLs as inline configs
     with their data file paths resolved and the datasets cache under ``$SURGEON_CACHE``; other names as is."""
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lazy: lm-eval is heavy and only zero-shot evaluation needs it
 
     local = local_tasks(task_dir)
     include = str(Path(task_dir).expanduser()) if task_dir is not None else None
@@ -398,7 +398,7 @@ def evaluate_model(model, tokenizer, tasks: str | list[str], *, task_dir: str | 
     Returns ``{"tasks": {name: {metric: value, "n": docs, "seconds": s}}, "average": mean acc, "seconds": total,
     "results": lm-eval's results (all tasks merged, no per-sample logs)}``. ``log(msg)`` gets one line per task.
     """
-    import lm_eval
+    import lm_eval  # lazy: lm-eval is heavy and only zero-shot evaluation needs it
     from lm_eval.models.huggingface import HFLM
 
     names = parse_tasks(tasks)
@@ -440,10 +440,6 @@ def evaluate_model(model, tokenizer, tasks: str | list[str], *, task_dir: str | 
 def evaluate_dir(model_dir: str | os.PathLike, tasks: str | list[str], *, task_dir=None, limit: int | None = None,
                  batch_size: int = 1, device: str = "cpu", log=None) -> dict:
     """:func:`evaluate_model` on a saved model folder (loaded once, fp32)."""
-    import torch
-
-    from .models import load_model
-
     model, tokenizer, _ = load_model(model_dir, dtype=torch.float32, device=device)
     if tokenizer is None:
         raise SurgeonError(f"{model_dir} has no tokenizer; zero-shot tasks need one")

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 def _materialized(dense, layer1_ffn=64):
     """A copy of ``dense`` sliced to per-layer sizes: layer 0 keeps 40 FFN units, 4 heads in 2 kv groups; layer 1
     keeps ``layer1_ffn`` units (0: an EmptyMLP), 2 heads in 1 kv group (so the layers' kv-head counts differ)."""
-    from surgeon.materialize import materialize_model
+    from surgeon.materialized_export import materialize_model
 
     kept = [{"ffn": torch.arange(40), "heads": torch.tensor([0, 1, 2, 3]), "kv": torch.tensor([0, 1])},
             {"ffn": torch.arange(10, 10 + layer1_ffn), "heads": torch.tensor([2, 3]), "kv": torch.tensor([1])}]

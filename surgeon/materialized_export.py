@@ -1,11 +1,13 @@
-"""Write a pruned (zeroed) model as a really smaller one: per-layer sliced matrices in safetensors.
+"""The exporter of materialized models: a pruned (zeroed) model written as a really smaller one, per-layer sliced
+matrices in safetensors with their modelling file.
 
-The in-memory slicing is ``surgeon_core.materialize``; this module converts the config to the per-layer-size
-families of ``modeling_surgeon_pruned.py``, saves, copies that file next to the weights (``auto_map``), and
-registers the classes with the Auto* factories when imported. Loading the output:
+The tensor surgery (dropping all-zero units in memory) is ``surgeon_core.materialize``; this module checks the
+smaller model's logits against the zeroed model's, converts the config to the per-layer-size families of
+``modeling_surgeon_pruned.py``, saves, copies that file next to the weights (``auto_map``), and registers the
+classes with the Auto* factories when imported. Loading the output:
 
-    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)   # anywhere, offline
-    import surgeon.materialize; AutoModelForCausalLM.from_pretrained(DIR)  # no remote code needed
+    AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)            # anywhere, offline
+    import surgeon.materialized_export; AutoModelForCausalLM.from_pretrained(DIR)  # no remote code needed
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from surgeon_core.adapters import adapter_for
 from surgeon_core.materialize import count_parameters, materialize_
@@ -179,8 +181,6 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
     source_dtype = getattr(AutoConfig.from_pretrained(src, local_files_only=True), "dtype", None)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
     try:
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
