@@ -1,7 +1,8 @@
 """The ``promote`` flow: move the registry alias ``champion`` to a model version only if it passes the gate.
 
 Gate: ``pruned_ppl <= max_ppl_ratio x dense_ppl``, both read from the version's tags (written at registration).
-``max_ppl_ratio`` defaults to the ``promote_max_ppl_ratio`` of the recipe that produced the version (its tag).
+``max_ppl_ratio`` defaults to the ``output.promote_max_ppl_ratio`` of the recipe that produced the version (its
+``promote_max_ppl_ratio`` tag), for a version without that tag to the config's default.
 A refused promotion leaves the alias where it was; the flow still completes and says why.
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from surgeon.config import OutputSection
 from tasks import reporting, tracking
 
 __all__ = ["promote_flow", "gate"]
 
-DEFAULT_MAX_PPL_RATIO = 1.15
+DEFAULT_MAX_PPL_RATIO = OutputSection.model_fields["promote_max_ppl_ratio"].default
 
 
 def gate(tags: dict, max_ppl_ratio: float) -> tuple[bool, str]:
@@ -21,7 +23,7 @@ def gate(tags: dict, max_ppl_ratio: float) -> tuple[bool, str]:
     try:
         dense, pruned = float(tags["dense_ppl"]), float(tags["pruned_ppl"])
     except (KeyError, TypeError, ValueError):
-        return False, "the version has no dense_ppl/pruned_ppl tags (prune with eval_data set to measure them)"
+        return False, "the version has no dense_ppl/pruned_ppl tags (prune with eval.data set to measure them)"
     limit = max_ppl_ratio * dense
     verdict = "<=" if pruned <= limit else ">"
     return pruned <= limit, (f"pruned ppl {pruned:.3f} {verdict} {max_ppl_ratio:g} x dense ppl {dense:.3f} = "

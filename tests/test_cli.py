@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from surgeon import data as D
-from surgeon.cli import main
 from surgeon.models import load_model
+from surgeon_cli.main import main
 from surgeon_core.evaluate import perplexity
 from tiny_io import TEXT, save_tiny
 
@@ -137,10 +137,56 @@ def test_usage_errors_and_fetch_unknown(capsys, tmp_path):
 
 
 def test_console_entry_point_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "surgeon.cli", "eval", "--model", str(tmp_path / "nope"),
+    proc = subprocess.run([sys.executable, "-m", "surgeon_cli", "eval", "--model", str(tmp_path / "nope"),
                            "--data", "builtin:stdlib-docs", "--seqlen", "16"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: model path not found: {tmp_path / 'nope'}"]
     assert proc.stdout == ""
-    help_ = subprocess.run([sys.executable, "-m", "surgeon.cli", "--help"], capture_output=True, text=True)
+    help_ = subprocess.run([sys.executable, "-m", "surgeon_cli", "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "fetch-model" in help_.stdout and "eval" in help_.stdout
+
+
+def test_prune_help_lists_the_config_sections_and_the_method_registry(capsys):
+    from surgeon.config import SECTIONS
+    from surgeon_core.methods import METHODS, OPTIONS
+
+    rc, out, err = run(capsys, "prune", "--help")
+    assert rc == 0, err
+    flags = out[: out.index("Config fields")]
+    for flag in ("--config", "--model", "--method", "--structure", "--target-size", "--shots", "--calibration",
+                 "--nsamples", "--seqlen", "--eval-data", "--eval-seqlen", "--eval-max-windows", "--output", "--json",
+                 "--device", "--seed", "--no-register", "--materialize", "--finetune-steps"):
+        assert flag in flags, flag
+    for gone in ("--compute-dtype", "--gram-dtype", "--update-concurrent", "--nproc", "--threads", "--first-order"):
+        assert gone not in flags, gone
+    sections = out[out.index("Config fields"):]
+    for name, section in SECTIONS.items():
+        assert f"\n{name}:" in sections
+        for field in section.model_fields:
+            assert (f"{name}.{field}" if field not in OPTIONS else f"method.{field}") in sections, field
+    for name, spec in METHODS.items():
+        assert name in sections and spec.help in " ".join(sections.split())
+    for text in ("H200", "BENCHMARKS", "faster"):
+        assert text not in out
+
+
+def test_prune_key_value_fields_and_flags_for_config_fields(capsys, tmp_path, model_dir):
+    args = ["prune", "--model", model_dir, "--output", tmp_path / "o"]
+    rc, out, err = run(capsys, *args, "compute.dtype=bf16", "shotz=2")
+    assert rc == 2 and err.strip() == "error: unknown recipe key 'shotz'"
+    rc, out, err = run(capsys, *args, "finetune.lr=-1")
+    assert rc == 2 and err.strip().startswith("error: invalid recipe value for 'finetune.lr'")
+    rc, out, err = run(capsys, *args, "--compute-dtype", "bf16")  # a config field without a flag
+    assert rc == 2 and "compute_dtype=VALUE" in err and "key=value" in err
+    rc, out, err = run(capsys, *args, "data=x.txt")  # 'data' alone is two fields
+    assert rc == 2 and "ambiguous" in err and "calibration.data" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_arguments_and_list(capsys, tmp_path):
+    rc, out, err = run(capsys, "bench")
+    assert rc == 2 and err.strip() == "error: give a benchmark CONFIG, --list or --report (exactly one)"
+    rc, out, err = run(capsys, "bench", "--list", "--device", "cuda")
+    assert rc == 2 and "--device apply to running a benchmark CONFIG" in err
+    rc, out, err = run(capsys, "bench", tmp_path / "nope.yaml")
+    assert rc == 2 and "benchmark config not found" in err

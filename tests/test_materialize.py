@@ -56,7 +56,7 @@ def test_materialized_logits_equal_zeroed(family):
 def test_save_and_load_llama(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from surgeon.materialize import materialize_dir
+    from surgeon.materialized_export import materialize_dir
 
     model = _pruned("llama")
     x = tiny_windows(2, 16, seed=1)
@@ -82,8 +82,8 @@ def test_cli_materialize_opt(tmp_path, capsys):
 
     from transformers import AutoModelForCausalLM
 
-    import surgeon.materialize  # noqa: F401 - registers the per-layer-size classes
-    from surgeon.cli import main
+    import surgeon.materialized_export  # noqa: F401 - registers the per-layer-size classes
+    from surgeon_cli.main import main
 
     model = _pruned("opt")
     x = tiny_windows(2, 16, seed=1)
@@ -104,8 +104,9 @@ def test_prune_materialize_step_and_eval(tmp_path, capsys):
     """The `prune --materialize` step on an exported folder; `surgeon eval` loads the result (same ppl)."""
     import json
 
-    from surgeon.cli import _materialize_output, main
     from surgeon.models import save_model
+    from surgeon_cli.main import main
+    from surgeon_cli.outputs import materialize_output as _materialize_output
     from tiny_io import TEXT, tiny_tokenizer
 
     save_model(_pruned("llama"), tiny_tokenizer(), tmp_path / "pruned")
@@ -176,7 +177,7 @@ def test_layer_without_ffn_units_is_materialized_empty(family):
 def test_empty_ffn_saves_and_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from surgeon.materialize import materialize_dir
+    from surgeon.materialized_export import materialize_dir
 
     model = _empty_ffn(_pruned("llama"))
     x = tiny_windows(2, 16, seed=1)
@@ -225,7 +226,7 @@ def test_coupled_pruning_of_a_materialized_model_with_empty_ffn_is_refused():
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_materialize_checked_reports_the_logit_check(family):
     """Materialization checks itself: the float64 logits of the smaller model equal the zeroed model's."""
-    from surgeon.materialize import materialize_checked
+    from surgeon.materialized_export import materialize_checked
 
     model = _pruned(family)
     _, report = materialize_checked(model)
@@ -240,7 +241,7 @@ def test_materialize_check_catches_a_dropped_nonzero_unit(tmp_path, monkeypatch)
     """A kept list that drops a unit that is not zero changes the function: refused, and nothing is written."""
     import surgeon_core.materialize as scm
     from surgeon.errors import SurgeonError
-    from surgeon.materialize import materialize_checked, materialize_dir
+    from surgeon.materialized_export import materialize_checked, materialize_dir
 
     model = _pruned("llama")
     ad = adapter_for(model)
@@ -259,7 +260,7 @@ def test_materialize_check_catches_a_dropped_nonzero_unit(tmp_path, monkeypatch)
 
 
 def test_cli_materialize_prints_the_check(tmp_path, capsys):
-    from surgeon.cli import main
+    from surgeon_cli.main import main
 
     _pruned("opt").save_pretrained(tmp_path / "src")
     assert main(["materialize", str(tmp_path / "src"), "--output", str(tmp_path / "a")]) == 0
@@ -272,7 +273,7 @@ def test_materialize_keeps_the_source_dtype(tmp_path):
     """A bf16 zeroed model is written as a bf16 materialized model (smaller, same weights), not upcast to fp32."""
     from safetensors import safe_open
 
-    from surgeon.materialize import materialize_dir
+    from surgeon.materialized_export import materialize_dir
 
     model = _pruned("llama").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "src")
@@ -289,7 +290,7 @@ def test_materialize_keeps_the_source_dtype(tmp_path):
 
 def test_materialize_refuses_a_model_with_nothing_to_drop(tmp_path, capsys):
     """A model without an all-zero unit (dense, or unstructured zeros) is refused in one line, nothing written."""
-    from surgeon.cli import main
+    from surgeon_cli.main import main
     from tiny_models import tiny_model as _tiny
 
     _tiny("llama").save_pretrained(tmp_path / "src")
@@ -302,7 +303,7 @@ def test_materialize_refuses_a_model_with_nothing_to_drop(tmp_path, capsys):
 
 def test_prune_materialize_step_warns_when_nothing_can_be_dropped(tmp_path, capsys):
     """After a pruning whose output has no all-zero unit, `prune --materialize` warns instead of failing the run."""
-    from surgeon.cli import _materialize_output
+    from surgeon_cli.outputs import materialize_output as _materialize_output
     from tiny_models import tiny_model as _tiny
 
     _tiny("opt").save_pretrained(tmp_path / "pruned")

@@ -102,7 +102,7 @@ def test_bad_options_are_rejected():
 def test_prune_cli_writes_loadable_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from surgeon.cli import main
+    from surgeon_cli.main import main
 
     src = save_tiny(tmp_path / "tiny", "llama")
     calib = tmp_path / "calib.npy"
@@ -135,7 +135,7 @@ def test_prune_cli_writes_loadable_model(tmp_path):
     (["--structure", "2:4", "--materialize"], "--materialize needs --structure structured or coupled"),
 ])
 def test_prune_cli_bad_input_one_line(tmp_path, capsys, args, needle):
-    from surgeon.cli import main
+    from surgeon_cli.main import main
 
     src = save_tiny(tmp_path / "tiny", "llama")
     capsys.readouterr()

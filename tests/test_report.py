@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from surgeon import speed
-from surgeon.cli import main
 from surgeon.models import save_model
+from surgeon_cli.main import main
 from test_materialize import _pruned
 from tiny_io import tiny_tokenizer
 from tiny_models import tiny_model

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from surgeon import zeroshot as Z
-from surgeon.cli import main
+from surgeon_cli.main import main
 from tiny_io import save_tiny, synthetic_prose
 
 pytestmark = pytest.mark.integration
