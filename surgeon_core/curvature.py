@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import distributed
 from .adapters import ArchitectureAdapter, get_submodule, prunable_linears
+from .linalg import is_positive_definite
 from .lm import hidden_states, sample_labels, sequence_nll
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "accumulate_output_factor",
     "capture_kfac",
     "estimate_kfac",
+    "NonFiniteCurvatureError",
+    "RoundedCurvatureError",
+    "check_factors",
     "symmetrize_upper_",
 ]
 
@@ -452,3 +456,48 @@ def _all_reduce_stats(stats: KFACFactors, tokens: int, dp: distributed.DataParal
             sums, {k: tuple(g.shape) for k, g in sums.items()}, dp, device=device).items()}
     stats.seconds["allreduce"] = time.perf_counter() - t0
     return total
+
+
+class NonFiniteCurvatureError(FloatingPointError):
+    """Calibration produced NaN/Inf curvature factors (an overflow, typically under fp16/bf16 compute).
+
+    Raised before any weight is changed, so the caller may rerun the shot in fp32 on the same model."""
+
+
+class RoundedCurvatureError(NonFiniteCurvatureError):
+    """Reduced-precision factor matmuls whose per-batch results were rounded (bf16 Gram on a CPU) left curvature
+    factors that are not positive definite even with the configured damping. Raised before any weight is changed:
+    rerun the shot with fp32 factor matmuls."""
+
+
+def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None, *,
+                  rounded_damping: tuple[float, float] | None = None) -> None:
+    """Raise :class:`NonFiniteCurvatureError` if any K-FAC factor holds NaN/Inf.
+
+    ``rounded_damping`` = (damping_a, damping_g), given when the factor matmuls rounded each batch's result to bf16
+    (no fp32-output bf16 matmul on that device): then every damped factor must also be positive definite (a float64
+    Cholesky), else :class:`RoundedCurvatureError`: rounded entries break the Gram matrices' positive
+    semi-definiteness, which escalating damping would hide while the costs and updates go wrong."""
+    tensors = [*factors.A.items(), *factors.G.items()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(M).all().to("cpu") for _, M in tensors])
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(tensors, finite.tolist()) if not ok]
+        dtype = str(compute_dtype).replace("torch.", "") if compute_dtype is not None else "float32"
+        raise NonFiniteCurvatureError(
+            f"calibration overflow: curvature factors of {len(bad)} layer(s) hold NaN/Inf under {dtype} compute "
+            f"(first: {bad[0]})")
+    if rounded_damping is None:
+        return
+    bad = []
+    for kind, group, frac in (("A", factors.A, rounded_damping[0]), ("G", factors.G, rounded_damping[1])):
+        for name, M in group.items():
+            if M.dim() != 2:  # diagonal-only factors hold no off-diagonal rounding
+                continue
+            if not is_positive_definite(M, frac):
+                bad.append(f"{kind}[{name}]")
+    if bad:
+        raise RoundedCurvatureError(
+            f"bf16 factor matmuls on {tensors[0][1].device.type} rounded each "
+            f"batch's Gram matrix to bf16: {len(bad)} damped factor(s) are not positive definite (first: {bad[0]})")

@@ -208,7 +208,7 @@ def test_float32_inverse_option_is_close_and_validated(monkeypatch):
     assert used64 == used32 == 0.01 and inv32.dtype == inv64.dtype == torch.float32
     assert float((inv32 - inv64).abs().max() / inv64.abs().max()) < 1e-4
     assert not torch.equal(inv32, inv64)  # the float32 Cholesky really ran (an ignored dtype gives inv64 exactly)
-    import surgeon_core.shot as shot_mod
+    import surgeon_core.subproblem as subproblem
     from surgeon_core.shot import PruneOptions, prune_shot
     from tiny_models import tiny_model, tiny_windows
 
@@ -219,7 +219,7 @@ def test_float32_inverse_option_is_close_and_validated(monkeypatch):
             _calls.append(dtype)
             return damped_inverse(M, frac, dtype=dtype, **kw)
 
-        monkeypatch.setattr(shot_mod, "damped_inverse", spy)
+        monkeypatch.setattr(subproblem, "damped_inverse", spy)
         prune_shot(tiny_model("llama"), tiny_windows(2, 16), options=PruneOptions(inverse_dtype=dtype),
                    target_size=0.8)
         assert calls and set(calls) == {dtype}

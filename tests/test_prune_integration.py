@@ -197,8 +197,8 @@ class _FakeFactor:
 def test_inverses_wait_where_there_is_room(monkeypatch, free_gb, expected):
     """Parking decision of a shot: stay on the compute GPU if the inverses fit, else on the GPU that held each
     layer's spread factors if every such GPU has room, else the host."""
-    import surgeon_core.shot as shot
     from surgeon_core.curvature import KFACFactors
+    from surgeon_core.placement import park_device
 
     linears = {f"l{i}": torch.nn.Linear(1000, 1000, bias=False) for i in range(4)}  # 8 MB of inverses per layer
     gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
@@ -209,7 +209,7 @@ def test_inverses_wait_where_there_is_room(monkeypatch, free_gb, expected):
         factors.A[name] = _FakeFactor(1000, dev)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (int(free_gb * 1e6), int(1e12)))
     opts = PruneOptions(structure="structured")
-    park = shot._park_device(linears, {n: 0 for n in linears}, 0, opts.spec, opts, gpu0, factors)
+    park = park_device(linears, {n: 0 for n in linears}, 0, opts.spec, opts, gpu0, factors)
     if expected is None:
         assert park is None  # 32 MB of inverses fit in 0.8 × (free + gpu0's 16 MB of factors)
     elif expected == "factor":
