@@ -286,6 +286,34 @@ def _apply_rule(
     return {"sparsity": zeros / total if total else 0.0, "linears": report}
 
 
+def _check_layerwise(method: str, linears: dict[str, nn.Linear], windows, sparsity: float,
+                     n_m: tuple[int, int] | None, block_size: int) -> None:
+    for name, linear in linears.items():
+        try:
+            _check_target(sparsity, n_m, linear.in_features)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if method == "sparsegpt" and (block_size < 1 or (n_m is not None and block_size % n_m[1])):
+        raise ValueError(f"block_size must be a positive multiple of M, got {block_size} for n_m={n_m}")
+    if method != "magnitude" and windows is None:
+        raise ValueError(f"method {method!r} needs calibration windows")
+
+
+def _magnitude_layers(model: nn.Module, adapter, sparsity: float, n_m: tuple[int, int] | None, device,
+                      progress: Callable[[int, int], None] | None) -> list[dict]:
+    """Magnitude pruning of every decoder layer in turn (no calibration); one report per layer."""
+    layers = get_submodule(model, adapter.layers)
+    reports = []
+    for i, layer in enumerate(layers):
+        t0 = time.perf_counter()
+        named = {name: get_submodule(layer, name) for name in adapter.linears}
+        report = _apply_rule(named, lambda _name, lin: (_magnitude_pruned(lin.weight, sparsity, n_m, device), None))
+        reports.append({"layer": i, **report, "seconds": time.perf_counter() - t0})
+        if progress is not None:
+            progress(i + 1, len(layers))
+    return reports
+
+
 def _magnitude_pruned(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None, device) -> torch.Tensor:
     W = W.to(device)  # the sort is the cost: do it on the accelerator even when the model sits on the CPU
     return W * magnitude_mask(W, sparsity, n_m)
@@ -332,28 +360,12 @@ def prune_model_layerwise(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     adapter = adapter_for(model)
     linears = prunable_linears(model, adapter)
-    for name, linear in linears.items():
-        try:
-            _check_target(sparsity, n_m, linear.in_features)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    if method == "sparsegpt" and (block_size < 1 or (n_m is not None and block_size % n_m[1])):
-        raise ValueError(f"block_size must be a positive multiple of M, got {block_size} for n_m={n_m}")
-    if method != "magnitude" and windows is None:
-        raise ValueError(f"method {method!r} needs calibration windows")
+    _check_layerwise(method, linears, windows, sparsity, n_m, block_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     start = time.perf_counter()
 
     if method == "magnitude":  # no calibration: no forward passes at all
-        layers = get_submodule(model, adapter.layers)
-        reports = []
-        for i, layer in enumerate(layers):
-            t0 = time.perf_counter()
-            named = {name: get_submodule(layer, name) for name in adapter.linears}
-            report = _apply_rule(named, lambda _name, lin: (_magnitude_pruned(lin.weight, sparsity, n_m, device), None))
-            reports.append({"layer": i, **report, "seconds": time.perf_counter() - t0})
-            if progress is not None:
-                progress(i + 1, len(layers))
+        reports = _magnitude_layers(model, adapter, sparsity, n_m, device, progress)
     else:
         def make_stats(linear: nn.Linear) -> InputStats:
             return InputStats(linear.in_features, hessian=method == "sparsegpt", sq_norms=method == "wanda",

@@ -347,83 +347,23 @@ def estimate_kfac(
         raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dp = distributed.resolve(process_group)
-    placement = None
-    if factor_device == "spread":  # every visible GPU stores (and accumulates) the factors of a block of layers
-        if device.type != "cuda" or dp is not None:
-            raise ValueError("factor_device='spread' needs CUDA and one process (it spreads one model's factors "
-                             "over the GPUs of this machine)")
-        placement = spread_devices(model, adapter, [torch.device("cuda", i)
-                                                    for i in range(torch.cuda.device_count())])
-        factor_device = None
-    factor_device = torch.device(factor_device) if factor_device is not None else device
+    factor_device, placement = _factor_placement(model, adapter, device, factor_device, dp)
     n_all, L = windows.shape
     mine = distributed.share(n_all, dp.rank, dp.world_size) if dp else slice(0, n_all)
     windows = windows[mine]
-    n = windows.shape[0]
     k = fisher_samples if fisher == "sampled" else 1
-    # Vocabulary-head chunk of the loss: on the CPU a whole batch of up to 4096 tokens at once, without recomputing
-    # its logits in the backward pass (a few GB at most for a 49k vocabulary); accelerators keep 1024-token chunks.
-    head_chunk = 4096 if device.type == "cpu" else 1024
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()
-    model.requires_grad_(False)
-    grad_params: dict[str, tuple[nn.Parameter, nn.Parameter | None]] = {}
-    if collect_weight_grads:
-        for name, lin in prunable_linears(model, adapter).items():
-            grad_params[name] = (lin.weight, lin.bias)
-            for p in (lin.weight, lin.bias):
-                if p is not None:
-                    p.grad = None
-                    p.requires_grad_(True)
-    emb = model.get_input_embeddings()
-    emb_handle = emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
-    t0 = time.perf_counter()
-    try:
+    with _calibration_mode(model, adapter, collect_weight_grads) as grad_params:
+        t0 = time.perf_counter()
         with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
                           gram_dtype=gram_dtype, placement=placement) as stats, \
                 (checkpointed_layers(model, adapter, stats) if checkpoint_layers and collect_gradients
                  else nullcontext()):
-            for i in range(0, n, batch_size):
-                batch = windows[i : i + batch_size].to(device)
-                if not collect_gradients:
-                    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                         enabled=autocast_dtype is not None):
-                        hidden_states(model, batch)
-                    if progress is not None:
-                        progress(min(i + batch_size, n), n)
-                    continue
-                generators = [_window_generator(seed, mine.start + j) for j in range(i, i + batch.shape[0])] \
-                    if fisher == "sampled" else None
-                for s in range(k):
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        labels = None
-                        if fisher == "sampled":  # the drawing pass adds nothing to A and builds no graph
-                            stats.collect_inputs = False
-                            with torch.no_grad():
-                                labels = sample_labels(model, batch, generator=generators)
-                        stats.collect_inputs = s == 0  # A once per batch, from the loss pass
-                        loss = sequence_nll(model, batch, labels=labels, chunk_tokens=head_chunk).sum()
-                    loss.backward()
-                if progress is not None:
-                    progress(min(i + batch_size, n), n)
-        tokens = n * L
-        for name, (w, b) in grad_params.items():
-            g = w.grad.float() if w.grad is not None else torch.zeros(w.shape, device=w.device)
-            if b is not None:
-                gb = b.grad.float() if b.grad is not None else torch.zeros(b.shape, device=b.device)
-                g = torch.cat([g, gb[:, None]], dim=1)
-            stats.grads[name] = (g / tokens).to(factor_device)
-    finally:
-        emb_handle.remove()
-        for w, b in grad_params.values():
-            w.grad = None
-            if b is not None:
-                b.grad = None
-        for p, f in flags.items():
-            p.requires_grad_(f)
-        model.train(was_training)
-    tokens = n * L
+            _calibration_pass(model, windows, stats, device=device, batch_size=batch_size, fisher=fisher, k=k,
+                              seed=seed, first_window=mine.start, autocast_dtype=autocast_dtype,
+                              collect_gradients=collect_gradients, progress=progress)
+        for name, g in _mean_weight_grads(grad_params, windows.shape[0] * L):
+            stats.grads[name] = g.to(factor_device)
+    tokens = windows.shape[0] * L
     if dp is not None:
         tokens = _all_reduce_stats(stats, tokens, dp, factor_device, collect_gradients)
     for key in stats.A:
@@ -433,6 +373,89 @@ def estimate_kfac(
     stats.tokens = tokens
     stats.seconds["curvature"] = time.perf_counter() - t0
     return stats
+
+
+def _factor_placement(model, adapter, device: torch.device, factor_device, dp
+                      ) -> tuple[torch.device | None, dict[str, torch.device] | None]:
+    """(the device of the factors, or None with a per-factor placement over every visible GPU for "spread")."""
+    if factor_device != "spread":
+        return (torch.device(factor_device) if factor_device is not None else device), None
+    if device.type != "cuda" or dp is not None:
+        raise ValueError("factor_device='spread' needs CUDA and one process (it spreads one model's factors "
+                         "over the GPUs of this machine)")
+    return device, spread_devices(model, adapter, [torch.device("cuda", i) for i in range(torch.cuda.device_count())])
+
+
+@contextmanager
+def _calibration_mode(model: nn.Module, adapter: ArchitectureAdapter, weight_grads: bool
+                      ) -> Iterator[dict[str, tuple[nn.Parameter, nn.Parameter | None]]]:
+    """Eval mode, no parameter gradients (the embedding output requires grad, so the layers' outputs get
+    gradients), or with ``weight_grads`` gradients of the prunable linears only (yielded); always restored."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    grad_params: dict[str, tuple[nn.Parameter, nn.Parameter | None]] = {}
+    if weight_grads:
+        for name, lin in prunable_linears(model, adapter).items():
+            grad_params[name] = (lin.weight, lin.bias)
+            for p in (lin.weight, lin.bias):
+                if p is not None:
+                    p.grad = None
+                    p.requires_grad_(True)
+    emb_handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    try:
+        yield grad_params
+    finally:
+        emb_handle.remove()
+        for w, b in grad_params.values():
+            w.grad = None
+            if b is not None:
+                b.grad = None
+        for p, f in flags.items():
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def _calibration_pass(model, windows, stats: KFACFactors, *, device, batch_size, fisher, k, seed, first_window,
+                      autocast_dtype, collect_gradients, progress) -> None:
+    """Forward (and backward) passes over ``windows`` in batches: the hooks of ``stats`` accumulate the sums."""
+    n = windows.shape[0]
+    # Vocabulary-head chunk of the loss: on the CPU a whole batch of up to 4096 tokens at once, without recomputing
+    # its logits in the backward pass (a few GB at most for a 49k vocabulary); accelerators keep 1024-token chunks.
+    head_chunk = 4096 if device.type == "cpu" else 1024
+    autocast = dict(dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    for i in range(0, n, batch_size):
+        batch = windows[i : i + batch_size].to(device)
+        if not collect_gradients:
+            with torch.no_grad(), torch.autocast(device.type, **autocast):
+                hidden_states(model, batch)
+        else:
+            generators = [_window_generator(seed, first_window + j) for j in range(i, i + batch.shape[0])] \
+                if fisher == "sampled" else None
+            for s in range(k):
+                with torch.autocast(device.type, **autocast):
+                    labels = None
+                    if fisher == "sampled":  # the drawing pass adds nothing to A and builds no graph
+                        stats.collect_inputs = False
+                        with torch.no_grad():
+                            labels = sample_labels(model, batch, generator=generators)
+                    stats.collect_inputs = s == 0  # A once per batch, from the loss pass
+                    loss = sequence_nll(model, batch, labels=labels, chunk_tokens=head_chunk).sum()
+                loss.backward()
+        if progress is not None:
+            progress(min(i + batch_size, n), n)
+
+
+def _mean_weight_grads(grad_params: dict, tokens: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, summed loss gradient / ``tokens``) of each prunable linear, (R, C') with the bias column last; one at a
+    time, so the caller can move each away before the next is made."""
+    for name, (w, b) in grad_params.items():
+        g = w.grad.float() if w.grad is not None else torch.zeros(w.shape, device=w.device)
+        if b is not None:
+            gb = b.grad.float() if b.grad is not None else torch.zeros(b.shape, device=b.device)
+            g = torch.cat([g, gb[:, None]], dim=1)
+        yield name, g / tokens
 
 
 def _window_generator(seed: int, index: int) -> torch.Generator:

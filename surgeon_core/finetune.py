@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -158,6 +159,88 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) ->
     return [torch.tensor(order[s * batch_size : (s + 1) * batch_size]) for s in range(steps)]
 
 
+@contextmanager
+def _training(model: nn.Module, params: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Eval mode (no dropout: a seed fixes the run) with gradients for ``params`` only; always restored."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+            p.grad = None
+        model.train(was_training)
+
+
+def _adamw(masters: dict[str, nn.Parameter], opts: FinetuneOptions, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the fp32 masters; weight decay on matrices only."""
+    decay = [m for n, m in masters.items() if m.dim() >= 2]
+    no_decay = [m for n, m in masters.items() if m.dim() < 2]
+    groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr, betas=opts.betas, eps=opts.eps,
+                             foreach=device.type == "cuda")
+
+
+@torch.no_grad()
+def _masked_step(params: dict[str, nn.Parameter], masters: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
+                 optimizer: torch.optim.Optimizer, opts: FinetuneOptions, step: int) -> float:
+    """One optimizer step on the fp32 masters from the parameters' gradients; pruned entries get a zero gradient
+    (so AdamW's moments stay 0) and are re-masked after the step. Returns the learning rate used."""
+    for n, p in params.items():
+        m = masters[n]
+        if m is not p:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        if m.grad is not None and n in masks:
+            m.grad.mul_(masks[n])
+    if opts.grad_clip:
+        torch.nn.utils.clip_grad_norm_(list(masters.values()), opts.grad_clip)
+    lr = opts.lr * lr_factor(step, opts.steps, opts.schedule, opts.warmup_steps)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for n, p in params.items():
+        m = masters[n]
+        if n in masks:
+            m.mul_(masks[n])
+        if m is not p:
+            p.copy_(m.to(p.dtype))
+    return lr
+
+
+class _Best:
+    """Validation during fine-tuning: the values so far and a host copy of the best evaluated parameters."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter], validate):
+        self.model, self.params, self.validate = model, params, validate
+        self.validation: list[list[float]] = []
+        self.value, self.step, self.state = None, None, None
+
+    def check(self, step: int) -> None:
+        if self.validate is None:
+            return
+        with torch.no_grad():
+            value = float(self.validate(self.model))
+        self.validation.append([step, value])
+        if self.step is None or value < self.value:
+            self.value, self.step = value, step
+            self.state = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def restore(self, last_step: int) -> None:
+        """Put the best evaluated parameters back unless they are the current ones (zeros stay zeros)."""
+        if self.step is not None and self.step != last_step:
+            for n, p in self.params.items():
+                p.copy_(self.state[n].to(p.device))
+
+
 def finetune(
     model: nn.Module,
     windows: torch.Tensor,
@@ -195,86 +278,35 @@ def finetune(
     # fp32 masters: the parameter itself when it is fp32, else an fp32 copy (bf16/fp16 model on the GPU)
     masters = {n: (p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()))
                for n, p in params.items()}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    model.eval()  # no dropout: a seed fixes the run
-    model.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-        p.grad = None
-    decay = [m for n, m in masters.items() if m.dim() >= 2]
-    no_decay = [m for n, m in masters.items() if m.dim() < 2]
-    groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr, betas=opts.betas, eps=opts.eps,
-                                  foreach=device.type == "cuda")
-    generator = torch.Generator(device="cpu").manual_seed(opts.seed)
-    plan = _batches(windows.shape[0], opts.batch_size, opts.steps, generator)
+    optimizer = _adamw(masters, opts, device)
+    plan = _batches(windows.shape[0], opts.batch_size, opts.steps, torch.Generator(device="cpu").manual_seed(opts.seed))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses, lrs = [], []
     tokens = 0
-    validation: list[list[float]] = []
-    best: dict = {}
-
-    def check(step: int) -> None:  # evaluate; keep a host copy of the trained parameters when they are the best
-        with torch.no_grad():
-            value = float(validate(model))
-        validation.append([step, value])
-        if not best or value < best["value"]:
-            best.update(value=value, step=step,
-                        state={n: p.detach().to("cpu", copy=True) for n, p in params.items()})
-
+    best = _Best(model, params, validate)
     t0 = time.perf_counter()
-    try:
-        if validate is not None:
-            check(0)
+    with _training(model, params):
+        best.check(0)
         for step, idx in enumerate(plan):
             batch = windows[idx].to(device)
             with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
                 loss = sequence_nll(model, batch).sum() / (batch.shape[0] * (batch.shape[1] - 1))
             loss.backward()
-            with torch.no_grad():
-                for n, p in params.items():
-                    m = masters[n]
-                    if m is not p:
-                        m.grad = None if p.grad is None else p.grad.float()
-                        p.grad = None
-                    if m.grad is not None and n in masks:
-                        m.grad.mul_(masks[n])
-                if opts.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(list(masters.values()), opts.grad_clip)
-                lr = opts.lr * lr_factor(step, opts.steps, opts.schedule, opts.warmup_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for n, p in params.items():
-                    m = masters[n]
-                    if n in masks:
-                        m.mul_(masks[n])
-                    if m is not p:
-                        p.copy_(m.to(p.dtype))
+            lr = _masked_step(params, masters, masks, optimizer, opts, step)
             losses.append(float(loss.detach()))
             lrs.append(lr)
             tokens += batch.numel()
             if on_step is not None:
                 on_step(step + 1, losses[-1], lr)
-            if validate is not None and (step + 1 == len(plan) or (validate_every and (step + 1) % validate_every == 0)):
-                check(step + 1)
-        if best and best["step"] != len(plan):  # put the best evaluated parameters back (zeros stay zeros)
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(best["state"][n].to(p.device))
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-            p.grad = None
-        model.train(was_training)
+            if step + 1 == len(plan) or (validate_every and (step + 1) % validate_every == 0):
+                best.check(step + 1)
+        best.restore(len(plan))
     seconds = time.perf_counter() - t0
     state_bytes = sum(m.numel() * 4 * (2 if m is params[n] else 3) for n, m in masters.items())
     pruned = sum(int((~m).sum()) for m in masks.values())
     trained = sum(p.numel() for p in params.values()) - pruned
-    extra = {"validation": validation, "best_step": best["step"]} if best else {}
+    extra = {"validation": best.validation, "best_step": best.step} if best.step is not None else {}
     return FinetuneReport(steps=opts.steps, losses=losses, lrs=lrs, seconds=seconds, tokens=tokens,
                           trained_parameters=trained, frozen_pruned=pruned, state_bytes=state_bytes,
                           peak_gpu_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda"
