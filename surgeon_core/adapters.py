@@ -47,9 +47,7 @@ class ArchitectureAdapter:
     attention_out: str = ""
     mlp_in: tuple[str, ...] = field(default=())
     mlp_out: str = ""
-    # the module holding mlp_in/mlp_out whose output is exactly zero once it has no unit left (no biases):
-    # materialization replaces it by an EmptyMLP that does no work ("" = keep zero-width linears, e.g. OPT's
-    # fc2 still adds its bias)
+    # FFN module replaced by an EmptyMLP once it has no unit left (no biases); "": keep zero-width linears (OPT)
     mlp_block: str = ""
 
     def layer_type(self, linear_name: str) -> str:

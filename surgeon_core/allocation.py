@@ -1,4 +1,4 @@
-"""Global allocation: one threshold over every prunable layer per shot (docs/method.md §1.5).
+"""Global allocation: one threshold over every prunable layer per shot (paper §3.3, dynamic weight allocation).
 
 Layers end up with different sparsities, chosen by cost. Counts are exact: ties at the threshold are broken
 deterministically (first in layer order, then in memory order), which matters for 4-bit de-quantized weights where

@@ -87,10 +87,7 @@ class InputStats:
         X = flatten_inputs(x.to(target.device), x.dtype)  # (N, C) in the inputs' dtype
         rows = max(1, X.shape[0])
         if target.dtype == torch.float64 and X.dtype != torch.float64:
-            # float64 statistics of an fp32/bf16 model: widen a chunk at a time, so the transient copy stays
-            # <= 32 MB instead of the whole batch (8 x 2048 tokens x 1536 inputs = 200 MB), which with freed memory
-            # kept (surgeon.utils.keep_freed_memory) raised a P calibration's peak RSS by 0.4 GB; one 2048-token
-            # window (25 MB) is still one chunk
+            # float64 statistics of an fp32/bf16 model: widened a chunk at a time, never the whole batch at once
             rows = max(1, self.WIDEN_CHUNK_BYTES // (X.shape[1] * 8))
         for start in range(0, X.shape[0], rows):
             Xc = X[start:start + rows].to(target.dtype)
@@ -201,8 +198,7 @@ def _sparsegpt_block(
             j = i + n_m[1]
             keep1[:, i:j] = ~nm_groups(W1[:, i:j].square() / d[i:j].square(), *n_m)[1]
         err = torch.div(W1[:, i].masked_fill(keep1[:, i], 0.0), d[i], out=Err1[:, i])  # (d_out,) pruned only
-        # OBS update of this and the later columns of the block (Eq. 3). Kept weights get err = 0, so column i
-        # keeps them exactly and its pruned entries land on (numerically) zero.
+        # OBS update of this and the later block columns: kept weights have err = 0, pruned ones land on ~0
         W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
     return W1.masked_fill(~keep1, 0.0), Err1, keep1
 

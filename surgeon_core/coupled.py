@@ -1,4 +1,4 @@
-"""Coupled structures: FFN units, attention heads and key/value groups removed as one (docs/method.md, issue 5).
+"""Coupled structures: FFN units, attention heads and key/value groups removed as one (docs/method.md, "Coupled").
 
 A unit spans several linears of one decoder layer:
 
@@ -261,7 +261,7 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
 
     ``offload`` (e.g. "cpu"): where each layer's weights and factor inverses wait between the cost phase and the
     update phase; without it every layer's inverses are alive at once (about the size of all K-FAC factors again,
-    which does not fit next to a 7B model's factors on one 141 GB GPU)."""
+    which may not fit next to the factors on one GPU)."""
     states, part_params, escalations = [], {}, 0
     devices = []
     for i, layer in enumerate(layers):

@@ -1,4 +1,4 @@
-"""K-FAC curvature: F ≈ G ⊗ A per prunable linear (paper §3, "independence of activations and derivatives").
+"""K-FAC curvature: F ≈ G ⊗ A per prunable linear (paper §3.1, "independence of activations and derivatives").
 
 A = E[a aᵀ] over tokens of the layer input (with a constant-1 column where the layer has a bias), and
 G = E[g gᵀ] of the gradient of the summed next-token loss with respect to the layer output. Both are summed in
@@ -54,8 +54,8 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
     ``dtype`` (e.g. bfloat16) runs the matmul in that dtype with products summed in fp32 inside the kernel. On
     CUDA the result is written in fp32 (``torch.mm(..., out_dtype=float32)``); where that is not available (CPU)
-    the per-batch result is rounded once to ``dtype`` before it is added to the fp32 running sum. 4x faster on
-    CPUs with bf16 instructions. None keeps fp32 throughout.
+    the per-batch result is rounded once to ``dtype`` before it is added to the fp32 running sum (faster on CPUs
+    with bf16 instructions). None keeps fp32 throughout.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         if dtype is None or dtype == torch.float32:
@@ -63,8 +63,7 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         y = x.to(dtype)
         if not y.is_cuda:
             return (y.T @ y).float()
-        # Measured on the H200 (protocol P, 32k tokens per Gram): a bf16 *result* (rounded per batch, and cuBLAS
-        # allowed to reduce split-K partial sums in bf16) ruined structured pruning (BENCHMARKS.md). fp32 output:
+        # fp32 output: a bf16 result (and split-K partial sums reduced in bf16) breaks the factors' definiteness
         try:
             return torch.mm(y.T, y, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):  # torch without mm(out_dtype=) on this device
@@ -78,16 +77,15 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
             flags.allow_bf16_reduced_precision_reduction, flags.allow_fp16_reduced_precision_reduction = saved
 
 
-# The CPU's fp32 Gram in column blocks: only the blocks on and above the diagonal are multiplied (xᵀx is symmetric),
-# (k+1)/2k of the products for k blocks. Blocks narrower than this are not worth a separate matmul.
+# the narrowest column block worth a matmul of its own in the CPU's upper-triangle Gram ((k+1)/2k of the products)
 _MIN_GRAM_BLOCK = 192
 
 
 def _upper_gram_blocks(x: torch.Tensor, dtype: torch.dtype | None) -> int:
     """How many column blocks the Gram of ``x`` (N, D) is split into (1 = one full matmul).
 
-    Only for the fp32 Gram on the CPU, measured there (dev CPU, 2 threads, 2048 tokens: 1.27x for D = 576, 1.44x for
-    D = 1536; BENCHMARKS.md). CUDA keeps its one matmul (its bf16 path writes an fp32 result that cannot accumulate in
+    Only for the fp32 Gram on the CPU: xᵀx is symmetric, so only the blocks on and above the diagonal are
+    multiplied. CUDA keeps its one matmul (its bf16 path writes an fp32 result that cannot accumulate in
     place)."""
     if x.device.type != "cpu" or (dtype is not None and dtype != torch.float32):
         return 1
@@ -149,8 +147,7 @@ class KFACFactors:
     A: dict[str, torch.Tensor] = field(default_factory=dict)
     G: dict[str, torch.Tensor] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)  # linear name -> input-group key
-    # mean loss gradient per linear, (R, C') with the bias column last (first-order term; estimate_kfac's
-    # collect_weight_grads): Σ_tokens g aᵀ / N, the gradient of the per-token mean loss that G ⊗ A models
+    # first-order term: Σ_tokens g aᵀ / N per linear, (R, C') with the bias column last (collect_weight_grads)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
     has_bias: dict[str, bool] = field(default_factory=dict)
     tokens: int = 0
@@ -421,8 +418,7 @@ def _calibration_pass(model, windows, stats: KFACFactors, *, device, batch_size,
                       autocast_dtype, collect_gradients, progress) -> None:
     """Forward (and backward) passes over ``windows`` in batches: the hooks of ``stats`` accumulate the sums."""
     n = windows.shape[0]
-    # Vocabulary-head chunk of the loss: on the CPU a whole batch of up to 4096 tokens at once, without recomputing
-    # its logits in the backward pass (a few GB at most for a 49k vocabulary); accelerators keep 1024-token chunks.
+    # vocabulary-head chunk: a whole CPU batch at once (no recomputation in backward), smaller on accelerators
     head_chunk = 4096 if device.type == "cpu" else 1024
     autocast = dict(dtype=autocast_dtype, enabled=autocast_dtype is not None)
     for i in range(0, n, batch_size):

@@ -7,9 +7,9 @@ rank holds the same factors as one process over all windows (up to fp32 rounding
 The per-layer solves of a shot (damped inverses, removal costs) and its OBS updates are spread over the ranks by
 decoder layer (surgeon_core.shot): each layer's owner broadcasts its costs, every rank applies the same global
 threshold to the same costs, and each owner then broadcasts the layer's new weights, so the ranks can never drift
-apart. The weight broadcast moves one copy of the prunable weights (about 13 GB in bf16 for a 7B model: well
-under a second over NVLink); the costs one float per row and column (an element cost per weight for unstructured
-and N:M). Coupled structures are solved on rank 0 alone, which broadcasts all prunable weights.
+apart. The weight broadcast moves one copy of the prunable weights; the costs one float per row and column (an
+element cost per weight for unstructured and N:M). Coupled structures are solved on rank 0 alone, which broadcasts
+all prunable weights.
 
 Nothing here starts processes: the caller initialises the process group (``torchrun`` +
 ``torch.distributed.init_process_group``) and, on GPUs, sets each rank's device first.

@@ -1,6 +1,6 @@
 """Mask-preserving fine-tuning of a pruned model (no adapters): the surviving weights are trained directly.
 
-The paper interleaves low-rank (LoRA) first-order corrections between shots (docs/method.md §1.8); the reference
+The paper interleaves low-rank (LoRA) first-order corrections between shots (paper §3.6); the reference
 code's LoRA path never runs. Here the remaining weights themselves are trained with AdamW on the next-token loss,
 and every pruned weight (exactly 0 when training starts) stays exactly 0:
 

@@ -11,9 +11,8 @@ zero-width linears (their weights have 0 rows/columns); where the adapter names 
 Llama-like, no biases) that module becomes an :class:`EmptyMLP`, which returns zero without any work, so the
 layer skips its FFN matmuls altogether instead of multiplying by zeros.
 
-Alignment: matmuls whose width is not a multiple of 64 run much slower (measured: a 1083-wide FFN projection took
-as long as the dense 1536-wide one on the CPU, and materialized SmolLM2 ran 0.7x dense on the H200), so
-:func:`pad_kept` rounds each layer's FFN width up to a multiple of ``align`` by keeping extra removable units. They
+Alignment: matmuls whose width is not a multiple of 64 run much slower than aligned ones, so :func:`pad_kept`
+rounds each layer's FFN width up to a multiple of ``align`` by keeping extra removable units. They
 are all-zero units, so the function is unchanged; they cost their parameters (counted in every report).
 """
 

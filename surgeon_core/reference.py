@@ -4,6 +4,8 @@ Paper: van der Ouderaa et al., "The LLM Surgeon", ICLR 2024 (arXiv 2312.17244); 
 paper's, the formulas are those of the table in docs/method.md. Per prunable linear with weight W (R×C, the bias
 as an extra last column), the Fisher block is F ≈ G ⊗ A; removing a set Q of weights under ΔL = ½ΔθᵀFΔθ costs
 L_Q = ½ θ_Qᵀ([F⁻¹]_QQ)⁻¹θ_Q and is best compensated by Δθ = −F⁻¹E_Q([F⁻¹]_QQ)⁻¹θ_Q, with F⁻¹ = G⁻¹ ⊗ A⁻¹.
+Sections: §3.1 loss curvature (K-FAC), §3.2 costs, §3.3 global threshold, §3.4 correlated weight updates; the
+multi-shot schedule (§3.5) repeats this shot at a linear sequence of target sizes (``schedule.py``).
 
 Covers "llm-surgeon" on elements, N:M and rows/columns, without the first-order term. Coupled units (FFN units,
 heads, kv groups) are in ``coupled.py``, the diagonal baselines (K-OBD, L-OBD, magnitude) in ``costs.py``;
@@ -60,13 +62,12 @@ def _prune_elements(layers: list[dict], n_remove: int, target_size: float, opts:
         # §3.2, element q = (r, c): L_q = w_q² / (2 [F⁻¹]_qq), [F⁻¹]_qq = [G⁻¹]_rr [A⁻¹]_cc; the bias is not prunable
         F_inv_diag = torch.outer(torch.diagonal(layer["G_inv"]), torch.diagonal(layer["A_inv"]))
         L = (0.5 * layer["W"].square() / F_inv_diag)[:, :C]
-        if structure.kind == "nm":  # a group of M consecutive inputs of a row loses its M−N cheapest weights,
-            L, layer["in_group"] = nm_groups(L, structure.n, structure.m)  # for their summed L (independence)
+        if structure.kind == "nm":  # §3.2, N:M: a group costs the summed L of its M−N cheapest weights
+            L, layer["in_group"] = nm_groups(L, structure.n, structure.m)
         layer["L"] = L
-    # §3.3: one global threshold over all layers: the k cheapest candidates of the whole model are removed (ties
-    # in layer order, then row-major order); entries removed in earlier shots cost 0 and so are removed again
-    k = n_remove  # N:M: the fraction of all groups that removes 1 − α of the weights
-    if structure.kind == "nm":
+    # §3.3: one global threshold: the k cheapest candidates of the whole model go (ties: layer, then row-major order)
+    k = n_remove  # entries removed in earlier shots cost 0: removed again
+    if structure.kind == "nm":  # the fraction of all groups that removes 1 − α of the weights
         k = round(min((1 - target_size) / (1 - structure.n / structure.m), 1.0) * sum(x["L"].numel() for x in layers))
     all_costs = torch.cat([layer["L"].flatten() for layer in layers])
     chosen = torch.zeros(all_costs.numel(), dtype=torch.bool)

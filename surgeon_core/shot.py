@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from . import distributed, placement
-from .adapters import ArchitectureAdapter, adapter_for, prunable_linears
+from .adapters import ArchitectureAdapter, adapter_for, get_submodule, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .baselines import prune_model_layerwise
+from .coupled import coupled_shot
 from .curvature import KFACFactors, NonFiniteCurvatureError, RoundedCurvatureError, check_factors, estimate_kfac
 from .methods import METHODS, MethodSpec, PruneOptions, Structure
 from .schedule import Step
@@ -314,9 +315,6 @@ def _report(model, adapter, shot, num_shots, target_size, estimated, seconds, es
 def _coupled_shot(model, factors, linears, adapter, opts, device, target_size, shot, num_shots,
                   seconds) -> ShotReport:
     """The coupled-structure shot (surgeon_core.coupled): costs, global greedy selection and updates per unit."""
-    from .adapters import get_submodule
-    from .coupled import coupled_shot
-
     t0 = time.perf_counter()
     layers = list(get_submodule(model, adapter.layers))
     if getattr(model.config, "layer_num_heads", None) is not None:

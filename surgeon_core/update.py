@@ -1,4 +1,4 @@
-"""Correlated OBS weight updates in Kronecker form (paper Eq. 7-9; docs/method.md §1.4).
+"""Correlated OBS weight updates in Kronecker form (paper §3.4; the updates row of docs/method.md).
 
 With F = G ⊗ A, removing the set Q of weights optimally under ½ Δθᵀ F Δθ gives
     ΔW = −G⁻¹ M A⁻¹,   M scatters m = ([G⁻¹ ⊗ A⁻¹]_{Q,Q})⁻¹ w_Q into the positions Q.
@@ -29,7 +29,8 @@ def _chunks(idx: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(idx.split(size))
 
 
-def obs_update_rows(W: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor, *, max_correlate: int = 0) -> torch.Tensor:
+def obs_update_rows(W: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor, *,
+                    max_correlate: int = 0) -> torch.Tensor:
     """Remove ``rows`` of W (R, C') with the optimal update; returns the new W (rows exactly 0)."""
     W = W.clone()
     rows = rows.to(W.device)
@@ -41,7 +42,8 @@ def obs_update_rows(W: torch.Tensor, G_inv: torch.Tensor, rows: torch.Tensor, *,
     return W
 
 
-def obs_update_columns(W: torch.Tensor, A_inv: torch.Tensor, cols: torch.Tensor, *, max_correlate: int = 0) -> torch.Tensor:
+def obs_update_columns(W: torch.Tensor, A_inv: torch.Tensor, cols: torch.Tensor, *,
+                       max_correlate: int = 0) -> torch.Tensor:
     """Remove ``cols`` of W (R, C') with the optimal update; returns the new W (columns exactly 0)."""
     W = W.clone()
     cols = cols.to(W.device)
