@@ -7,6 +7,8 @@ broadcasts its layers' costs, so every rank applies the same global threshold, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ from .adapters import ArchitectureAdapter
 from .curvature import KFACFactors
 from .subproblem import LayerProblem, augmented
 
-__all__ = ["owners", "cost_stub", "share_costs", "park_device", "move_layer", "restore_working_weight"]
+__all__ = ["Placement", "owners", "cost_stub", "share_costs", "park_device", "move_layer", "restore_working_weight"]
 
 PARKED = ("W", "A_inv", "G_inv")  # what waits, per layer, between the cost and the update phase
 
@@ -109,3 +111,29 @@ def move_layer(layer: LayerProblem, device: torch.device, moved: dict) -> None:
             layer.A_inv = moved["dst"]
         else:
             setattr(layer, attr, t.to(device))
+
+
+@dataclass
+class Placement:
+    """Which rank solves each linear, this rank, the compute device, and where inverses wait between the phases."""
+
+    owners: dict[str, int]
+    rank: int
+    device: torch.device
+    park: torch.device | str | None
+
+    @classmethod
+    def plan(cls, linears: dict[str, nn.Linear], adapter: ArchitectureAdapter, dp, opts, device: torch.device,
+             factors: KFACFactors | None) -> "Placement":
+        own, rank = owners(linears, adapter, dp), dp.rank if dp else 0
+        return cls(own, rank, device, park_device(linears, own, rank, opts.spec, opts, device, factors))
+
+    def mine(self, layers: list[LayerProblem]) -> list[int]:
+        """Positions of the layers this rank solves."""
+        return [i for i, layer in enumerate(layers) if self.owners[layer.name] == self.rank]
+
+    def fetch(self, layer: LayerProblem, moved: dict) -> None:
+        """Bring a layer's parked working weight and inverses back to the compute device for its update."""
+        if self.park is not None:
+            move_layer(layer, self.device, moved)
+        restore_working_weight(layer, self.device)

@@ -22,6 +22,7 @@ from .baselines import prune_model_layerwise
 from .coupled import coupled_shot
 from .curvature import KFACFactors, NonFiniteCurvatureError, RoundedCurvatureError, check_factors, estimate_kfac
 from .methods import METHODS, MethodSpec, PruneOptions, Structure
+from .placement import Placement
 from .schedule import Step
 from .subproblem import (LayerProblem, apply_elements_grouped, apply_structured, augmented, element_drop, factors_for,
                          prepare_layer, write_back)
@@ -115,7 +116,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     """The shot on one rank (``dp`` None: the only one); ranks other than 0 stop after the curvature pass."""
     opts = options
     if opts.layerwise:
-        raise ValueError(f"{opts.method} is a layer-wise baseline: call surgeon_core.prune() instead")
+        raise ValueError(f"{opts.method} is a layer-wise baseline: call run_step() instead")
     device = torch.device(opts.device) if opts.device else next(model.parameters()).device
     linears = prunable_linears(model, adapter)
     seconds: dict[str, float] = {}
@@ -125,8 +126,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
             return None  # rank 0 solves the coupled shot; prune_shot broadcasts its weights
         return _coupled_shot(model, factors, linears, adapter, opts, device, target_size, shot, num_shots, seconds)
 
-    owners, rank = placement.owners(linears, adapter, dp), dp.rank if dp else 0
-    where = _Where(owners, rank, device, placement.park_device(linears, owners, rank, opts.spec, opts, device, factors))
+    where = Placement.plan(linears, adapter, dp, opts, device, factors)
     t0 = time.perf_counter()
     layers, escalations, extra_gain = _costs(linears, factors, opts, where, progress)
     del factors  # each factor was dropped after its last use: the last reference goes
@@ -149,22 +149,6 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
         seconds["broadcast"] = _broadcast_weights(layers, where, dp)
     extra = {"first_order_gain": extra_gain} if opts.first_order else {}  # the Newton steps' predicted change
     return _report(model, adapter, shot, num_shots, target_size, estimated, seconds, escalations, extra)
-
-
-@dataclass
-class _Where:
-    """Which rank solves each linear, this rank, the compute device, and where inverses wait between phases."""
-
-    owners: dict[str, int]
-    rank: int
-    device: torch.device
-    park: torch.device | str | None
-
-    def fetch(self, layer: LayerProblem, moved: dict) -> None:
-        """Bring a layer's parked working weight and inverses back to the compute device for its update."""
-        if self.park is not None:
-            placement.move_layer(layer, self.device, moved)
-        placement.restore_working_weight(layer, self.device)
 
 
 def _curvature(model, windows, opts, adapter, device, shot, progress, dp, seconds) -> KFACFactors | None:
@@ -191,7 +175,7 @@ def _curvature(model, windows, opts, adapter, device, shot, progress, dp, second
     return factors
 
 
-def _costs(linears, factors, opts, where: _Where, progress) -> tuple[list[LayerProblem], int, float]:
+def _costs(linears, factors, opts, where: Placement, progress) -> tuple[list[LayerProblem], int, float]:
     """§3.2: each linear's sub-problem and removal costs (other ranks' linears: empty stubs). Every factor is
     dropped after its last use and the inverses are parked, so the factors and all inverses never coexist."""
     layers, escalations = [], 0
@@ -223,7 +207,7 @@ def _costs(linears, factors, opts, where: _Where, progress) -> tuple[list[LayerP
     return layers, escalations, sum(l.extra_gain for l in layers)
 
 
-def _share_costs(layers, where: _Where, escalations: int, extra_gain: float, dp) -> tuple[int, float]:
+def _share_costs(layers, where: Placement, escalations: int, extra_gain: float, dp) -> tuple[int, float]:
     """Data-parallel: every rank gets every layer's costs, and the summed escalations and first-order gain."""
     placement.share_costs(layers, where.owners, dp)
     sums = distributed.all_reduce_(torch.tensor([float(escalations), extra_gain], dtype=torch.float64,
@@ -264,10 +248,10 @@ def _finite_sum(costs: list[torch.Tensor], selections: list[torch.Tensor]) -> fl
     return float(sum(float(v) for v in sums.values()))
 
 
-def _update_structured(layers: list[LayerProblem], selections: list, opts, where: _Where, progress) -> None:
+def _update_structured(layers: list[LayerProblem], selections: list, opts, where: Placement, progress) -> None:
     """§3.4 for rows and columns: this rank's layers, one at a time, each freed once written."""
     moved: dict = {}
-    mine = [i for i, l in enumerate(layers) if where.owners[l.name] == where.rank]
+    mine = where.mine(layers)
     for k, i in enumerate(mine):
         layer, (rows, cols) = layers[i], selections[i]
         where.fetch(layer, moved)
@@ -277,11 +261,11 @@ def _update_structured(layers: list[LayerProblem], selections: list, opts, where
             progress("update", k + 1, len(mine))
 
 
-def _update_elements(layers: list[LayerProblem], selections: list, opts, where: _Where) -> None:
+def _update_elements(layers: list[LayerProblem], selections: list, opts, where: Placement) -> None:
     """§3.4 for elements and N:M: this rank's layers in batches of same-shaped layers. Consumes ``selections``
     (emptied, like every layer's costs, once the removed entries are known)."""
     moved: dict = {}
-    mine = [i for i, l in enumerate(layers) if where.owners[l.name] == where.rank]
+    mine = where.mine(layers)
     drops = [element_drop(layers[i], selections[i].to(where.device), opts) for i in mine]
     for l in layers:
         l.costs = None
@@ -296,7 +280,7 @@ def _update_elements(layers: list[LayerProblem], selections: list, opts, where: 
     apply_elements_grouped(own, drops, opts, batch, lambda layer: where.fetch(layer, moved), write)
 
 
-def _broadcast_weights(layers: list[LayerProblem], where: _Where, dp) -> float:
+def _broadcast_weights(layers: list[LayerProblem], where: Placement, dp) -> float:
     """Data-parallel: each layer's owner sends its new weights to every rank; returns the seconds taken."""
     t0 = time.perf_counter()
     for l in layers:
