@@ -99,7 +99,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
                 tracking.log_finetune(run.run_id, step.shot, ft["report"],
                                       first_step=sum(len(r["losses"]) for r in ft_reports))
                 ft_reports.append(ft["report"])
-            evaluation = evaluate(cfg, weights, eval_data) if step.evaluate else None
+            evaluation = evaluate(cfg, weights, eval_data) if step.evaluate and eval_data else None
             tracking.log_shot(run.run_id, step.shot, out["report"], evaluation)
             zs = zeroshot(cfg, weights) if zs_tasks and step.evaluate else None
             tracking.log_zeroshot(run.run_id, step.shot, zs, f"shot-{step.shot}")
