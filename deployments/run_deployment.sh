@@ -2,8 +2,9 @@
 # Run a deployment on the services of deployments/start_services.sh and wait for it to finish.
 #   deployments/run_deployment.sh NAME [key=value ...]
 # NAME is a prune deployment (tiny-test, small-cpu, paper-gpu) or FLOW/DEPLOYMENT (sweep/sweep-small-cpu);
-# key=value pairs become the recipe `overrides` of prune/sweep runs and plain parameters of other flows
-# (promote/promote model_name=NAME version=V). Exit status 0 only if the flow run completed.
+# key=value pairs become the recipe `overrides` of prune/sweep runs (config fields: method.shots=3, eval.data=PATH)
+# and plain parameters of other flows (promote/promote model_name=NAME version=V). Exit status 0 only if the flow run
+# completed.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_DIR="${SURGEON_RUN_DIR:-$HOME/.llm-surgeon/services}"
