@@ -29,7 +29,8 @@ def _factors(model, windows, **kw):
 
 
 def _shot(model, windows, structure, **options):
-    from surgeon_core.shot import PruneOptions, prune_shot
+    from surgeon_core.methods import PruneOptions
+    from surgeon_core.shot import prune_shot
 
     opts = PruneOptions(structure=structure.split("+")[0], batch_size=2, **options)
     rep = prune_shot(model, windows, options=opts, target_size=0.75)
@@ -137,21 +138,26 @@ def _masks(folder) -> dict[str, torch.Tensor]:
 
 
 def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path):
-    """run_shot with nproc=2 launches torchrun (gloo); its checkpoint has one process's masks."""
+    """prune_step_dir with compute.nproc=2 launches torchrun (gloo, surgeon.shot_worker); its checkpoint has one
+    process's masks."""
     import numpy as np
 
     from surgeon.config import load_recipe
-    from surgeon.pruning import run_shot
+    from surgeon.runner import prune_step_dir
     from tiny_io import save_tiny
 
     model = save_tiny(tmp_path / "tiny")
     calib = tmp_path / "calib.npy"
     np.save(calib, tiny_windows(4, 16).numpy().astype(np.int32))
-    cfg = load_recipe(None, model=str(model), nsamples=4, seqlen=16, shots=2, target_size=0.7, threads=1)
-    one = run_shot(cfg, str(model), str(calib), 1, str(tmp_path / "one"))
+    recipe = dict(model=str(model), nsamples=4, seqlen=16, shots=2, target_size=0.7, threads=1)
+    cfg = load_recipe(None, **recipe)
+    step = cfg.plan()[0]
+    one = prune_step_dir(cfg, str(model), str(calib), step, str(tmp_path / "one"))
     seen = []
-    two = run_shot(cfg.model_copy(update={"nproc": 2}), str(model), str(calib), 1, str(tmp_path / "two"),
-                   progress=lambda phase, done, total: seen.append((phase, done, total)))
+    cfg2 = load_recipe(None, ["compute.nproc=2"], **recipe)
+    assert cfg2.config_hash() == cfg.config_hash() and cfg2.plan()[0] == step
+    two = prune_step_dir(cfg2, str(model), str(calib), step, str(tmp_path / "two"),
+                         progress=lambda phase, done, total: seen.append((phase, done, total)))
     assert two["achieved_size"] == one["achieved_size"] < 0.9
     assert "allreduce" in two["seconds"] and "broadcast" in two["seconds"]
     assert {p for p, _, _ in seen} >= {"curvature", "costs", "update"}  # rank 0's progress reached the caller
@@ -160,18 +166,17 @@ def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path):
 
 
 def test_nproc_errors_are_one_line(tmp_path, capsys):
-    from surgeon.cli import main
     from surgeon.config import load_recipe
     from surgeon.errors import SurgeonError
-    from tiny_io import save_tiny
+    from tiny_io import save_tiny, surgeon
 
     model = save_tiny(tmp_path / "tiny")
     cores = len(os.sched_getaffinity(0))
-    rc = main(["prune", "--model", str(model), "--nproc", str(cores + 1), f"nsamples={cores + 1}"])
+    rc = surgeon("prune", "--model", model, f"compute.nproc={cores + 1}", f"nsamples={cores + 1}")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and err == f"error: --nproc {cores + 1} exceeds the {cores} CPU cores available to this process"
     if not torch.cuda.is_available():
-        rc = main(["prune", "--model", str(model), "--nproc", "2", "--device", "cuda"])
+        rc = surgeon("prune", "--model", model, "--device", "cuda", "nproc=2")
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert rc == 2 and err.startswith("error: --nproc 2 needs 2 GPUs (one per process) but 0 are visible")
     with pytest.raises(SurgeonError, match="method magnitude has none"):

@@ -11,7 +11,8 @@ from surgeon_core.curvature import estimate_kfac
 from surgeon_core.finetune import (FinetuneOptions, finetune, lr_factor, mask_violations, pruning_masks,
                                    trainable_parameters)
 from surgeon_core.lm import sequence_nll
-from surgeon_core.shot import PruneOptions, prune_shot
+from surgeon_core.methods import PruneOptions
+from surgeon_core.shot import prune_shot
 from surgeon_core.update import (newton_step, obs_update_columns, obs_update_elements, obs_update_rows,
                                  quadratic_loss)
 from tiny_models import tiny_model, tiny_windows
@@ -266,19 +267,22 @@ def test_first_order_option_is_refused_where_it_does_not_apply():
 
 
 def test_recipe_holdout_keeps_fine_tuning_from_hurting_the_held_out_windows():
-    """finetune_holdout: the last windows are not trained on and decide which weights are kept."""
-    from surgeon.config import PruneConfig
-    from surgeon.finetuning import finetune_model, held_out_loss
+    """finetune.holdout: the last windows are not trained on and decide which weights are kept."""
+    from surgeon.config import PruneConfig, build_config
+    from surgeon.errors import SurgeonError
+    from surgeon.runner import Runner
+    from surgeon_core.schedule import Step
 
     model = pruned()
     masks = pruning_masks(model)
     windows = tiny_windows(8, 16, seed=6)
-    cfg = PruneConfig(model="tiny", finetune_lr=0.3, finetune_batch_size=2, finetune_schedule="constant",
-                      finetune_holdout=0.25, finetune_validate_every=3, device="cpu")
-    before = held_out_loss(model, windows[-2:], cfg)
-    report = finetune_model(model, windows, cfg, steps=9, shot=1)
+    cfg = PruneConfig(model="tiny", finetune={"lr": 0.3, "batch_size": 2, "schedule": "constant", "holdout": 0.25,
+                                              "validate_every": 3}, compute={"device": "cpu"})
+    runner = Runner(cfg, model, windows)
+    before = runner._loss(model, windows[-2:])
+    report = runner.finetune(Step(shot=1, num_shots=1, target_size=0.6, finetune_steps=9))
     assert [s for s, _ in report["extra"]["validation"]] == [0, 3, 6, 9]
-    assert held_out_loss(model, windows[-2:], cfg) <= before + 1e-6
+    assert runner._loss(model, windows[-2:]) <= before + 1e-6
     assert report["tokens"] == 9 * 2 * 16 and mask_violations(model, masks) == 0
-    with pytest.raises(ValueError, match="finetune_holdout"):
-        PruneConfig(model="tiny", finetune_holdout=1.0)
+    with pytest.raises(SurgeonError, match="finetune.holdout"):
+        build_config({"model": "tiny", "finetune_holdout": 1.0})

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_io import TEXT, save_tiny
+from tiny_io import TEXT, save_tiny, surgeon
 
 pytestmark = pytest.mark.flows
 
@@ -44,6 +44,7 @@ def pipeline_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_recipe(pipeline_env) -> dict:
+    """Flat names (each a config field's unique name or its section_field name), so tests override single keys."""
     model = save_tiny(pipeline_env / "tiny-llama")
     text = pipeline_env / "text.txt"
     text.write_text(TEXT)
@@ -54,19 +55,20 @@ def tiny_recipe(pipeline_env) -> dict:
 
 @pytest.fixture
 def shot_calls(monkeypatch):
-    """Records the shots that really run (a cache hit does not call ``run_shot``); ``fail_at`` injects a crash."""
+    """Records the shots that really run (a cache hit does not call ``prune_step_dir``); ``fail_at`` injects a
+    crash."""
     from tasks import steps
 
-    real = steps.pruning.run_shot
+    real = steps.runner.prune_step_dir
     calls = {"shots": [], "fail_at": None}
 
-    def spy(cfg, source_dir, calib_path, shot, ckpt_dir, progress=None):
-        calls["shots"].append(shot)
-        if shot == calls["fail_at"]:
-            raise RuntimeError(f"injected failure in shot {shot}")
-        return real(cfg, source_dir, calib_path, shot, ckpt_dir, progress=progress)
+    def spy(cfg, source_dir, calib_path, step, ckpt_dir, progress=None, log=None):
+        calls["shots"].append(step.shot)
+        if step.shot == calls["fail_at"]:
+            raise RuntimeError(f"injected failure in shot {step.shot}")
+        return real(cfg, source_dir, calib_path, step, ckpt_dir, progress=progress, log=log)
 
-    monkeypatch.setattr(steps.pruning, "run_shot", spy)
+    monkeypatch.setattr(steps.runner, "prune_step_dir", spy)
     return calls
 
 
@@ -95,13 +97,14 @@ def test_prune_flow_tracks_exports_and_registers(first_run):
     assert [row["ppl"] is not None for row in r["rows"]] == [True, True]  # eval_at 0.85 -> shot 1, final shot 2
     out = r["output"]
     recipe = yaml.safe_load(open(os.path.join(out, "recipe.yaml")))
-    assert recipe["method"] == "llm-surgeon" and recipe["shots"] == 2
+    assert recipe["method"]["name"] == "llm-surgeon" and recipe["method"]["shots"] == 2
     assert os.path.isfile(os.path.join(out, "manifest.json"))
 
     c = client()
     run = c.get_run(r["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["method"] == "llm-surgeon" and run.data.params["target_size"] == "0.7"
+    assert run.data.params["method.name"] == "llm-surgeon" and run.data.params["method.target_size"] == "0.7"
+    assert run.data.params["calibration.nsamples"] == "4" and run.data.tags["config_hash"] == r["config_hash"]
     assert [m.step for m in c.get_metric_history(r["run_id"], "size")] == [0, 1, 2]
     assert [m.step for m in c.get_metric_history(r["run_id"], "ppl")] == [0, 1, 2]
     for name in ("size/q_proj", "size/down_proj", "estimated_loss", "seconds/curvature", "peak_rss_gb"):
@@ -185,6 +188,17 @@ def test_resume_after_failure_between_shots(tiny_recipe, shot_calls, tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prune_flow_without_evaluation_data(tiny_recipe, tmp_path):
+    """No eval.data: the plan still marks the last step for evaluation, but nothing is evaluated (no perplexity)."""
+    from flows.prune import prune_flow
+
+    recipe = {k: v for k, v in tiny_recipe.items() if not k.startswith("eval_")}
+    r = prune_flow({**recipe, "shots": 1, "register_model": False, "output": str(tmp_path / "no-eval")})
+    assert r["ppl"] is None and r["dense_ppl"] is None and r["ppl_ratio"] is None and r["eval_data_id"] is None
+    assert [row["ppl"] for row in r["rows"]] == [None] and abs(r["achieved_size"] - 0.7) < 0.01
+    assert (tmp_path / "no-eval" / "model.safetensors").is_file()
+
+
 def test_promote_moves_champion_only_through_the_gate(first_run, tiny_recipe, tmp_path):
     from flows.promote import promote_flow
     from flows.prune import prune_flow
@@ -238,9 +252,7 @@ def test_gate():
 
 
 def _cli(capsys, *args):
-    from surgeon.cli import main
-
-    rc = main([str(a) for a in args])
+    rc = surgeon(*args)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -255,10 +267,10 @@ def test_cli_prune_recipe_overrides_no_register(tiny_recipe, tmp_path, capsys):
                         "--no-register", "--json", js)
     assert rc == 0, err
     res = json.loads(js.read_text())
-    assert res["registered_version"] is None and res["config"]["target_size"] == 0.8
+    assert res["registered_version"] is None and res["config"]["method"]["target_size"] == 0.8
     assert abs(res["achieved_size"] - 0.8) < 0.01 and f"ppl {res['ppl']:.3f}" in out
     saved = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
-    assert saved["target_size"] == 0.8 and saved["register_model"] is False
+    assert saved["method"]["target_size"] == 0.8 and saved["output"]["register_model"] is False
     # a bad key is one line naming it, before any flow run
     rc, out, err = _cli(capsys, "prune", "--config", recipe, "shotz=2")
     assert rc == 2 and err.strip() == "error: unknown recipe key 'shotz'"
@@ -295,20 +307,23 @@ def test_io_tasks_retry_transient_errors_only(pipeline_env):
 
 def test_shot_cache_key_covers_code_config_and_data_not_output(tiny_recipe, monkeypatch):
     import surgeon_core
-    from surgeon.config import PruneConfig
-    from surgeon.pruning import DataRef
+    from surgeon.config import build_config
+    from surgeon.inputs import DataRef
     from tasks import steps
 
-    cfg = PruneConfig(**tiny_recipe)
+    cfg = build_config(tiny_recipe)
+    first, second = cfg.plan()
     src, data = steps.Weights("/m", "model-hash"), DataRef("/c.npy", "data-id", (4, 16))
-    key = steps.shot_key(cfg, src, data, 1, "model-hash")
+    key = steps.shot_key(cfg, src, data, first, "model-hash")
     assert steps.code_version().startswith(surgeon_core.__version__ + "+")
-    assert key == steps.shot_key(cfg.model_copy(update={"output": "/elsewhere"}), src, data, 1, "model-hash")
-    assert key != steps.shot_key(cfg, src, data, 2, "model-hash")
-    assert key != steps.shot_key(cfg, src, DataRef("/c.npy", "other-data", (4, 16)), 1, "model-hash")
-    assert key != steps.shot_key(PruneConfig(**{**tiny_recipe, "seed": 1}), src, data, 1, "model-hash")
+    for elsewhere in ({"output": "/elsewhere"}, {"threads": 2}, {"eval_batch_size": 8}, {"experiment": "x"}):
+        assert key == steps.shot_key(build_config({**tiny_recipe, **elsewhere}), src, data, first, "model-hash")
+    assert key != steps.shot_key(cfg, src, data, second, "model-hash")
+    assert key != steps.shot_key(cfg, src, DataRef("/c.npy", "other-data", (4, 16)), first, "model-hash")
+    assert key != steps.shot_key(build_config({**tiny_recipe, "seed": 1}), src, data, first, "model-hash")
+    assert key != steps.shot_key(cfg, src, data, first, "other-model")
     monkeypatch.setattr(steps, "code_version", lambda: "0.0.0+changed")
-    assert key != steps.shot_key(cfg, src, data, 1, "model-hash")
+    assert key != steps.shot_key(cfg, src, data, first, "model-hash")
 
 
 @pytest.fixture(scope="session")
@@ -406,13 +421,13 @@ def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_ca
     from tasks import steps
     from transformers import AutoModelForCausalLM
 
-    real, ft_calls = steps.finetuning.run_finetune, []
+    real, ft_calls = steps.runner.finetune_step_dir, []
 
-    def spy(cfg, source_dir, calib_path, n_steps, shot, ckpt_dir, on_step=None):
-        ft_calls.append((shot, n_steps))
-        return real(cfg, source_dir, calib_path, n_steps, shot, ckpt_dir, on_step=on_step)
+    def spy(cfg, source_dir, calib_path, step, ckpt_dir, log=None):
+        ft_calls.append((step.shot, step.finetune_steps))
+        return real(cfg, source_dir, calib_path, step, ckpt_dir, log=log)
 
-    monkeypatch.setattr(steps.finetuning, "run_finetune", spy)
+    monkeypatch.setattr(steps.runner, "finetune_step_dir", spy)
     recipe = {**tiny_recipe, "finetune_steps": 2, "final_finetune_steps": 3, "finetune_lr": 1e-3,
               "register_model": False}
     r = prune_flow({**recipe, "output": str(tmp_path / "ft")})
@@ -438,19 +453,24 @@ def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_ca
 
 
 def test_finetune_cache_key_covers_its_inputs(tiny_recipe):
-    from surgeon.config import PruneConfig
-    from surgeon.pruning import DataRef
+    from surgeon.config import build_config
+    from surgeon.inputs import DataRef
+    from surgeon_core.schedule import Step
     from tasks import steps
 
-    cfg = PruneConfig(**{**tiny_recipe, "finetune_steps": 2})
+    cfg = build_config({**tiny_recipe, "finetune_steps": 2})
+    step = cfg.plan()[0]
+    assert (step.shot, step.finetune_steps) == (1, 2)
     w, data = steps.Weights("/s", "shot-key"), DataRef("/c.npy", "data-id", (4, 16))
-    key = steps.finetune_key(cfg, w, data, 2, 1)
-    assert key == steps.finetune_key(cfg.model_copy(update={"output": "/elsewhere"}), w, data, 2, 1)
-    assert key != steps.finetune_key(cfg, steps.Weights("/s", "other-shot"), data, 2, 1)
-    assert key != steps.finetune_key(cfg, w, data, 3, 1) and key != steps.finetune_key(cfg, w, data, 2, 2)
-    assert key != steps.finetune_key(cfg, w, DataRef("/c.npy", "other", (4, 16)), 2, 1)
+    key = steps.finetune_key(cfg, w, data, step)
+    assert key == steps.finetune_key(build_config({**tiny_recipe, "finetune_steps": 2, "output": "/elsewhere"}), w,
+                                     data, step)
+    assert key != steps.finetune_key(cfg, steps.Weights("/s", "other-shot"), data, step)
+    assert key != steps.finetune_key(cfg, w, data, Step(1, 2, step.target_size, finetune_steps=3))
+    assert key != steps.finetune_key(cfg, w, data, Step(2, 2, step.target_size, finetune_steps=2))
+    assert key != steps.finetune_key(cfg, w, DataRef("/c.npy", "other", (4, 16)), step)
     for change in ({"finetune_lr": 1e-4}, {"finetune_train": "both"}, {"finetune_schedule": "constant"}):
-        assert key != steps.finetune_key(PruneConfig(**{**tiny_recipe, "finetune_steps": 2, **change}), w, data, 2, 1)
+        assert key != steps.finetune_key(build_config({**tiny_recipe, "finetune_steps": 2, **change}), w, data, step)
 
 
 def test_sweep_fans_runs_out_on_a_local_dask_cluster(tiny_recipe, tmp_path):
@@ -477,17 +497,19 @@ def test_cli_prune_finetune_flags(tiny_recipe, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({**tiny_recipe, "shots": 1}))
     js = tmp_path / "r.json"
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--finetune-steps", 1, "--final-finetune-steps", 2,
-                        "--finetune-lr", 1e-3, "--finetune-train", "both", "--output", tmp_path / "o", "--no-register",
-                        "--json", js)
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--finetune-steps", 1, "--output", tmp_path / "o",
+                        "--no-register", "--json", js, "final_finetune_steps=2", "finetune.lr=1e-3",
+                        "finetune_train=both")
     assert rc == 0, err
     res = json.loads(js.read_text())
-    assert {k: res["config"][k] for k in ("finetune_steps", "final_finetune_steps", "finetune_lr", "finetune_train")} \
-        == {"finetune_steps": 1, "final_finetune_steps": 2, "finetune_lr": 1e-3, "finetune_train": "both"}
+    assert {k: res["config"]["finetune"][k] for k in ("steps", "final_steps", "lr", "train")} \
+        == {"steps": 1, "final_steps": 2, "lr": 1e-3, "train": "both"}
     assert res["shots"][0]["finetune_loss"] > 0
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--finetune-train", "embeddings")
-    assert rc == 2 and "finetune_train" in err.strip().splitlines()[-1]
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--method", "magnitude", "--first-order")
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "finetune.train=embeddings")
+    assert rc == 2 and "finetune.train" in err.strip().splitlines()[-1]
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--method", "magnitude", "first_order=true")
+    assert rc == 2 and "method magnitude has no option 'first_order'" in err
+    rc, out, err = _cli(capsys, "prune", "--config", recipe, "fisher=sampled", "first_order=true")
     assert rc == 2 and "first_order needs method llm-surgeon or kobd" in err
 
 

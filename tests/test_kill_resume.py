@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,11 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from surgeon.cli import main
 from surgeon.config import load_recipe
 from surgeon.outputs import lock_path
-from surgeon.pruning import prune_run
-from tiny_io import TEXT, save_tiny
+from surgeon.runner import run
+from tiny_io import SURGEON_COMMAND, TEXT, save_tiny, surgeon
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +41,7 @@ class Run:
 
     def __init__(self, args: list, env: dict, cwd: Path):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "surgeon.cli", *map(str, args)], env=env, cwd=cwd,
+        self.proc = subprocess.Popen([*SURGEON_COMMAND, *map(str, args)], env=env, cwd=cwd,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
@@ -88,13 +86,13 @@ def test_kill_9_mid_shot_then_resume_loses_at_most_that_shot(tmp_path):
     out, js = tmp_path / "pruned", tmp_path / "result.json"
     recipe = {"model": str(model), "calibration": str(text), "nsamples": 64, "seqlen": 32, "shots": 3,
               "target_size": 0.7, "threads": 1, "register_model": False}
-    args = ["prune", *[x for k, v in recipe.items() if k != "register_model"
-                       for x in (f"--{k.replace('_', '-')}", v)], "--no-register", "--output", out, "--json", js]
+    args = ["prune", *[f"{k}={v}" for k, v in recipe.items() if k != "register_model"], "--no-register",
+            "--output", out, "--json", js]
     env = _env(tmp_path)
 
     first = Run(args, env, tmp_path)
     try:
-        mid_shot = first.wait_for("shot 3/3:", "curvature")  # shots 1-2 done, shot 3 computing its curvature
+        mid_shot = first.wait_for("shot 3/3 of", "curvature")  # shots 1-2 done, shot 3 computing its curvature
         assert mid_shot, "".join(first.lines[-40:])
         first.kill_group()
     finally:
@@ -115,7 +113,7 @@ def test_kill_9_mid_shot_then_resume_loses_at_most_that_shot(tmp_path):
     assert len(_complete_shots(tmp_path / "cache")) == 3 and not lock_path(out).exists()
 
     # an uninterrupted run of the same recipe (in process, no Prefect, no cache): bit-identical weights
-    prune_run(load_recipe(None, [], **recipe, output=str(tmp_path / "uninterrupted")))
+    run(load_recipe(None, [], **recipe, output=str(tmp_path / "uninterrupted")))
     a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "uninterrupted" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert main(["verify", str(out)]) == 0
+    assert surgeon("verify", out) == 0

@@ -26,13 +26,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from surgeon.cli import main
 from surgeon.config import load_recipe
 from surgeon.errors import SurgeonError
 from surgeon.outputs import lock_path, output_lock
-from surgeon.pruning import prune_run
+from surgeon.runner import run
 from surgeon.utils import sha256_file
-from tiny_io import TEXT, save_tiny
+from tiny_io import TEXT, save_tiny, surgeon
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +47,7 @@ def inputs(tmp_path_factory) -> dict:
 
 
 def recipe(inputs, output, **kw) -> dict:
+    """A flat recipe (the names of the sectioned fields that are unique, or name their usual section)."""
     return {"model": str(inputs["model"]), "calibration": str(inputs["text"]), "nsamples": 4, "seqlen": 16,
             "shots": 1, "target_size": 0.8, "threads": 1, "register_model": False,
             **({"output": str(output)} if output is not None else {}), **kw}
@@ -70,7 +70,7 @@ def weights(folder) -> dict[str, torch.Tensor]:
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
-    rc = main([str(a) for a in args])
+    rc = surgeon(*args)
     out, err = capsys.readouterr()
     return rc, out, err
 
@@ -111,19 +111,23 @@ def bad_cases(inputs, root: Path) -> dict[str, tuple[dict, list[str], str]]:
     (root / "other" / "manifest.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "files": {}}))
     (root / "afile").write_text("x")
     return {
-        "target size above 1": ({"target_size": 1.5}, [], "invalid recipe value for 'target_size'"),
-        "target size 0": ({"target_size": 0}, [], "invalid recipe value for 'target_size'"),
-        "unknown method": ({"method": "obs-magic"}, [], "invalid recipe value for 'method'"),
+        "target size above 1": ({"target_size": 1.5}, [], "invalid recipe value for 'method.target_size'"),
+        "target size 0": ({"target_size": 0}, [], "invalid recipe value for 'method.target_size'"),
+        "unknown method": ({"method": "obs-magic"}, [], "invalid recipe value for 'method.name'"),
+        "option of another method": ({"method": "magnitude", "damping_g": 0.1}, [],
+                                     "method magnitude has no option 'damping_g'"),
         "unknown structure": ({"structure": "diagonal"}, [], "unknown structure 'diagonal'"),
-        "N:M with another target size": ({"structure": "2:4", "target_size": 0.7}, [], "does not match"),
+        "N:M below its target size": ({"structure": "2:4", "target_size": 0.4}, [], "is below it"),
         "N:M not dividing the inputs": ({"structure": "2:7", "target_size": None}, [], "divisible by 7"),
         "structured with a layer-wise method": ({"method": "wanda", "structure": "structured"}, [],
                                                 "does not support structured"),
         "flex decode attention for a CPU report": ({"structure_report_decode_attention": "flex"}, [],
                                                     "is for a GPU report"),
-        "nsamples 0": ({"nsamples": 0}, [], "invalid recipe value for 'nsamples'"),
-        "unknown compute dtype": ({"compute_dtype": "fp8"}, [], "invalid recipe value for 'compute_dtype'"),
-        "eval_at out of range": ({"eval_at": [1.5]}, [], "eval_at sizes must be in (0, 1]"),
+        "nsamples 0": ({"nsamples": 0}, [], "invalid recipe value for 'calibration.nsamples'"),
+        "unknown compute dtype": ({"compute_dtype": "fp8"}, [], "invalid recipe value for 'compute.dtype'"),
+        "eval_at out of range": ({"eval_at": [1.5]}, [], "invalid recipe value for 'eval.at': sizes must be in (0, 1]"),
+        "unknown device": ({"device": "quantum"}, [], "unknown device 'quantum'"),
+        "ambiguous bare name": ({"split": "test"}, [], "recipe key 'split' is ambiguous"),
         "missing model": ({"model": str(root / "nope")}, [], "model path not found"),
         "model folder without weights": ({"model": str(models["no weights"])}, [], "no weight files"),
         "truncated safetensors": ({"model": str(models["truncated"])}, [], "corrupt or truncated safetensors"),
@@ -168,7 +172,7 @@ def test_bad_input_cli_and_api_one_line_nothing_written_model_untouched(inputs, 
         else:
             path.write_text(yaml.safe_dump({k: v for k, v in {**recipe(inputs, out), **changes}.items()
                                             if v is not None}))
-        target = Path(yaml.safe_load(path.read_text())["output"]) if changes is not None else out
+        target = Path(yaml.safe_load(path.read_text())["output"]) if changes is not None else out  # flat: a path
         existed = target.exists() and folder_hashes(target)
         js = tmp_path / "result.json"
         rc, stdout, err = cli(capsys, "prune", "--config", path, *extra, "--json", js)
@@ -180,7 +184,7 @@ def test_bad_input_cli_and_api_one_line_nothing_written_model_untouched(inputs, 
         assert (folder_hashes(target) if target.exists() else False) == existed, name  # a busy output untouched
         # the Python API: the same message, as a SurgeonError
         with pytest.raises(SurgeonError) as exc:
-            prune_run(load_recipe(path, extra))
+            run(load_recipe(path, extra))
         assert f"error: {exc.value}" == errors[0], name
         assert not out.exists() and not lock_path(target).exists(), name
         seen += 1
@@ -223,7 +227,7 @@ def test_unwritable_output_parent(inputs, tmp_path, capsys, monkeypatch):
     assert rc == 2 and errors == [f"error: {message}"], err
     assert err.rstrip().splitlines()[-1] == errors[0] and "Traceback" not in err
     with pytest.raises(SurgeonError) as exc:
-        prune_run(load_recipe(None, [], **recipe(inputs, ro / "out")))
+        run(load_recipe(None, [], **recipe(inputs, ro / "out")))
     assert str(exc.value) == message
     assert asked and not list(ro.iterdir()) and not (tmp_path / "result.json").exists()
     assert not (tmp_path / "mlflow.db").exists()
@@ -234,8 +238,7 @@ def test_unwritable_output_parent(inputs, tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def pruned(inputs) -> Path:
     out = inputs["root"] / "pruned"
-    prune_run(load_recipe(None, [], **recipe(inputs, out, shots=2, eval_data=str(inputs["text"]),
-                                                eval_max_windows=2)))
+    run(load_recipe(None, [], **recipe(inputs, out, shots=2, eval_data=str(inputs["text"]), eval_max_windows=2)))
     return out
 
 
@@ -244,7 +247,8 @@ def test_manifest_carries_hashes_and_resolved_recipe(pruned, inputs):
     assert set(manifest["files"]) == {p.name for p in pruned.iterdir() if p.name != "manifest.json"}
     assert all(manifest["files"][n] == sha256_file(pruned / n, use_cache=False) for n in manifest["files"])
     assert manifest["recipe"] == yaml.safe_load((pruned / "recipe.yaml").read_text())
-    assert manifest["recipe"]["shots"] == 2 and manifest["config_hash"]
+    assert manifest["recipe"]["method"]["shots"] == 2 and manifest["config_hash"]
+    assert load_recipe(pruned / "recipe.yaml").config_hash() == manifest["config_hash"]
     assert not list(pruned.parent.glob(".pruned.*"))  # no temporary folder or lock left beside it
 
 
@@ -269,7 +273,8 @@ def test_verify_ok_and_every_kind_of_difference(pruned, tmp_path, capsys):
 
     def edit_recipe(folder):
         r = yaml.safe_load((folder / "recipe.yaml").read_text())
-        (folder / "recipe.yaml").write_text(yaml.safe_dump({**r, "target_size": 0.5}))
+        r["method"]["target_size"] = 0.5
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(r))
         refresh(folder, "recipe.yaml")
 
     def nan_weights(folder):
@@ -298,10 +303,10 @@ def test_verify_ok_and_every_kind_of_difference(pruned, tmp_path, capsys):
 def test_output_policy_same_recipe_replaced_other_refused_unless_overwrite(pruned, inputs, capsys):
     before = weights(pruned)
     same = recipe(inputs, pruned, shots=2, eval_data=str(inputs["text"]), eval_max_windows=2)
-    prune_run(load_recipe(None, [], **same))  # rerunning the finished command: allowed, identical result
+    run(load_recipe(None, [], **same))  # rerunning the finished command: allowed, identical result
     assert all(torch.equal(before[k], v) for k, v in weights(pruned).items())
     with pytest.raises(SurgeonError, match="another recipe"):
-        prune_run(load_recipe(None, [], **{**same, "target_size": 0.9}))
+        run(load_recipe(None, [], **{**same, "target_size": 0.9}))
     assert all(torch.equal(before[k], v) for k, v in weights(pruned).items())
     rc, out, err = cli(capsys, "verify", pruned)
     assert rc == 0
@@ -312,52 +317,65 @@ def test_overwrite_is_explicit(inputs, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     args = ["prune", "--model", inputs["model"], "--calibration", inputs["text"], "--nsamples", 4, "--seqlen", 16,
-            "--target-size", 0.9, "--threads", 1, "--output", out, "--no-register"]
+            "--target-size", 0.9, "--output", out, "--no-register", "threads=1"]
     rc, _, err = cli(capsys, *args)
     assert rc == 2 and "pass --overwrite" in err and (out / "notes.txt").exists()
     with pytest.raises(SurgeonError, match="pass --overwrite"):
-        prune_run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
-    prune_run(load_recipe(None, ["overwrite=true"], **recipe(inputs, out, target_size=0.9)))
+        run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
+    run(load_recipe(None, ["output.overwrite=true"], **recipe(inputs, out, target_size=0.9)))
     assert not (out / "notes.txt").exists() and cli(capsys, "verify", out)[0] == 0
 
 
 _RUN = """
-import sys, yaml
+import sys, time
 from surgeon.config import load_recipe
-from surgeon.pruning import prune_run
-prune_run(load_recipe(sys.argv[1]))
+from surgeon.runner import run
+
+def on_step(row):
+    print(f"step {row['shot']} done", file=sys.stderr, flush=True)
+    if row["shot"] == 2:  # the middle of a long run (later shots, export): it is killed here
+        time.sleep(300)
+
+run(load_recipe(sys.argv[1]), on_step=on_step)
 """
 
 
 def test_second_writer_refused_kill_leaves_nothing_and_stale_lock_is_taken_over(inputs, tmp_path):
     out = tmp_path / "shared-out"
-    slow = tmp_path / "slow.yaml"  # several shots on more windows: seconds of work to kill in the middle of
+    slow = tmp_path / "slow.yaml"  # several shots: the run is killed after its second one, weights in memory
     slow.write_text(yaml.safe_dump(recipe(inputs, out, shots=4, nsamples=16, target_size=0.6)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(slow)], env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "run.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", _RUN, str(slow)], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.time() + 60
         while proc.poll() is None and time.time() < deadline and not (
                 lock_path(out).exists() and lock_path(out).stat().st_size):  # the holder has written its name
             time.sleep(0.05)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert proc.poll() is None, log.read_text()[-2000:]
         holder = json.loads(lock_path(out).read_text())
         assert holder["pid"] == proc.pid
         # a second run to the same output is refused at once, naming the holder
         with pytest.raises(SurgeonError, match=f"being written by another run \\(pid {proc.pid} on "):
-            prune_run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
-        time.sleep(1.0)
+            run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline and "step 2 done" not in log.read_text():
+            time.sleep(0.05)
+        assert proc.poll() is None and "step 2 done" in log.read_text(), log.read_text()[-2000:]
         proc.send_signal(signal.SIGKILL)  # the first run dies in the middle of its work
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and not list(tmp_path.glob(".shared-out.*.partial"))  # nothing half-written
     assert lock_path(out).exists()  # stale: its process is gone, the kernel released the lock
-    prune_run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
+    run(load_recipe(None, [], **recipe(inputs, out, target_size=0.9)))
     assert not lock_path(out).exists()
-    assert json.loads((out / "manifest.json").read_text())["recipe"]["target_size"] == 0.9
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["method"]["target_size"] == 0.9
 
 
 def test_lock_is_exclusive_within_one_process_too(tmp_path):
@@ -421,7 +439,7 @@ def test_same_recipe_and_seed_identical_masks_and_weights(inputs, tmp_path):
     base = recipe(inputs, None, structure="unstructured", shots=2, fisher="sampled", seed=3, target_size=0.6)
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("other-seed", 4)):
-        prune_run(load_recipe(None, [], **{**base, "seed": seed, "output": str(tmp_path / name)}))
+        run(load_recipe(None, [], **{**base, "seed": seed, "output": str(tmp_path / name)}))
         runs[name] = weights(tmp_path / name)
     a, b, c = runs["a"], runs["b"], runs["other-seed"]
     assert a.keys() == b.keys()

@@ -48,7 +48,7 @@ def services(tmp_path_factory):
         started = time.perf_counter() - t0
         text = model / "text.txt"
         run = subprocess.run([ROOT / "deployments" / "run_deployment.sh", "tiny-test", f"model={model}",
-                              f"calibration={text}", f"eval_data={text}", f"output={tmp / 'pruned'}"],
+                              f"calibration.data={text}", f"eval.data={text}", f"output.path={tmp / 'pruned'}"],
                              env={**env, "SURGEON_RUN_DIR": str(run_dir)}, capture_output=True, text=True,
                              timeout=480)
         assert run.returncode == 0, (f"deployment run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n"

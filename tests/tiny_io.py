@@ -1,8 +1,10 @@
-"""Offline test fixtures for I/O: a tiny trained tokenizer (vocab 128) and tiny saved model folders."""
+"""Offline test fixtures for I/O: a tiny trained tokenizer (vocab 128), tiny saved model folders, and the `surgeon`
+command (in process and as a subprocess)."""
 
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -78,3 +80,15 @@ def synthetic_prose(paragraphs: int = 40, seed: int = 0, marker: str | None = No
             lines.append(f" = Section {i} = ")
         lines.append(" ".join(sentence() for _ in range(rng.randrange(6, 10))))
     return "\n\n".join(lines) + "\n"
+
+
+# the `surgeon` command as a child process (python -m surgeon_cli)
+SURGEON_COMMAND = [sys.executable, "-m", "surgeon_cli"]
+
+
+def surgeon(*args) -> int:
+    """Run the `surgeon` command in this process with ``args`` (stdout/stderr as the command writes them); returns
+    its exit status."""
+    from surgeon_cli.main import main
+
+    return main([str(a) for a in args])

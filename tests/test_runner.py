@@ -1,0 +1,196 @@
+"""`surgeon.runner.run`: the whole run in one process. A run stopped after some steps (``stop_after``) and called
+again with the same config and checkpoint folder resumes after the last finished step and ends with the same
+weights and perplexities as an uninterrupted run; a checkpoint of another config is refused; a layer-wise method
+takes one step. `surgeon.bench`: a benchmark config runs through the runner and writes its result (commit,
+machine, versions, metrics, the expected values checked); ``list_configs`` lists configs with their last status."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from surgeon.config import load_recipe
+from surgeon.errors import SurgeonError
+from surgeon.runner import run
+from tiny_io import TEXT, save_tiny
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("runner")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return {"root": root, "model": save_tiny(root / "tiny"), "text": text}
+
+
+def recipe(inputs, **kw) -> dict:
+    """Three shots to 70% size on 4 x 16 tokens, evaluated at 80% and at the end."""
+    return {"model": str(inputs["model"]),
+            "method": {"name": "llm-surgeon", "structure": "unstructured", "target_size": 0.7, "shots": 3},
+            "calibration": {"data": str(inputs["text"]), "nsamples": 4, "seqlen": 16},
+            "eval": {"data": str(inputs["text"]), "max_windows": 4, "at": [0.8]},
+            "compute": {"threads": 1}, **kw}
+
+
+def config(inputs, *overrides: str, **kw):
+    return load_recipe(None, list(overrides), extra=recipe(inputs, **kw))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path, caplog):
+    cfg = config(inputs)
+    full = run(cfg, checkpoint=tmp_path / "full")
+    assert [r["shot"] for r in full["steps"]] == [1, 2, 3] and "stopped_after" not in full
+    assert [("eval" in r) for r in full["steps"]] == [False, True, True]  # nearest to 0.8, and the last
+
+    part = run(cfg, checkpoint=tmp_path / "part", stop_after=1)
+    assert part["stopped_after"] == 1 and [r["shot"] for r in part["steps"]] == [1] and "ppl" not in part
+    state = json.loads((tmp_path / "part" / "state.json").read_text())
+    assert [r["shot"] for r in state["result"]["steps"]] == [1]
+    with caplog.at_level(logging.INFO, logger="surgeon.runner"):
+        resumed = run(cfg, checkpoint=tmp_path / "part")
+    assert any("resumed from" in m and "after step 1 of 3" in m for m in caplog.messages), caplog.messages
+
+    assert same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+    assert [r["shot"] for r in resumed["steps"]] == [1, 2, 3]
+    assert [r.get("eval", {}).get("ppl") for r in resumed["steps"]] == \
+        [r.get("eval", {}).get("ppl") for r in full["steps"]]
+    assert resumed["dense"]["ppl"] == full["dense"]["ppl"] and resumed["ppl"] == full["ppl"]
+    assert resumed["achieved_size"] == full["achieved_size"] and abs(full["achieved_size"] - 0.7) < 0.01
+
+
+def test_checkpoint_of_another_config_is_refused(inputs, tmp_path):
+    first = run(config(inputs), checkpoint=tmp_path / "other", stop_after=1)
+    assert first["stopped_after"] == 1
+    before = weights(tmp_path / "other")
+    with pytest.raises(SurgeonError, match="checkpoint .*other holds another run"):
+        run(config(inputs, "method.target_size=0.5"), checkpoint=tmp_path / "other")
+    assert same_weights(weights(tmp_path / "other"), before)  # the refused run wrote nothing
+    # fields that do not change the weights keep the checkpoint: the run resumes
+    again = run(config(inputs, "compute.checkpoint_layers=true", "output.experiment=elsewhere"),
+                checkpoint=tmp_path / "other")
+    assert [r["shot"] for r in again["steps"]] == [1, 2, 3]
+
+
+def test_interleaved_finetuning_keeps_masks_and_resumes_exactly(inputs, tmp_path):
+    """finetune.steps: the weights move between shots (so the run differs from one without it), every pruned
+    weight stays exactly 0, and a resumed run ends with the same weights as an uninterrupted one."""
+    ft = ("finetune.steps=2", "finetune.lr=1e-3")
+    full = run(config(inputs, *ft), checkpoint=tmp_path / "ft_full")
+    run(config(inputs, *ft), checkpoint=tmp_path / "ft_part", stop_after=1)
+    resumed = run(config(inputs, *ft), checkpoint=tmp_path / "ft_part")
+    a, b = weights(tmp_path / "ft_full"), weights(tmp_path / "ft_part")
+    assert same_weights(a, b) and resumed["ppl"] == full["ppl"]
+    run(config(inputs), checkpoint=tmp_path / "ft_plain")
+    c = weights(tmp_path / "ft_plain")
+    lin = [k for k in a if k.endswith("proj.weight") and ".layers." in k]
+    assert lin and any(not torch.equal(a[k], c[k]) for k in lin)  # the fine-tuning changed the kept weights
+    for k in lin:  # about the same sparsity per linear (the runner raises if a pruned weight moved)
+        assert abs(float((a[k] == 0).float().mean()) - float((c[k] == 0).float().mean())) < 0.05
+    assert [len(r["finetune"]["losses"]) for r in full["steps"]] == [2, 2, 2]
+
+
+def test_layerwise_method_takes_one_step(inputs, tmp_path):
+    cfg = config(inputs, "method.name=wanda", "method.target_size=0.5", "method.shots=4")
+    assert len(cfg.plan()) == 1
+    result = run(cfg)
+    (step,) = result["steps"]
+    assert step["shot"] == 1 and step["num_shots"] == 1 and "eval" in step
+    assert abs(result["achieved_size"] - 0.5) < 0.01 and result["ppl"] == step["eval"]["ppl"]
+
+
+def test_run_exports_a_verified_output(inputs, tmp_path):
+    """``output.path``: the final weights go to a complete folder whose manifest carries the recipe."""
+    from surgeon.outputs import verify_dir
+
+    out = tmp_path / "pruned"
+    result = run(config(inputs, f"output.path={out}"), checkpoint=tmp_path / "ck")
+    assert result["output"] == str(out) and same_weights(weights(out), weights(tmp_path / "ck"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"] == yaml.safe_load((out / "recipe.yaml").read_text())
+    assert manifest["metrics"]["ppl"] == result["ppl"] and manifest["config_hash"] == result["config_hash"]
+    assert verify_dir(out)["ok"], verify_dir(out)["problems"]
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+
+def bench_config(inputs, folder: Path, name: str, expect: dict, tolerance=0.0) -> Path:
+    data = recipe(inputs)
+    data["method"] = {**data["method"], "shots": 2}
+    data["benchmark"] = {"title": f"tiny {name}", "group": "tests", "machine": "cpu", "expect": expect,
+                         "tolerance": tolerance}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_run_bench_writes_the_result_and_checks_the_expected_values(inputs, tmp_path):
+    from surgeon.bench import list_configs, run_bench
+
+    configs, results = tmp_path / "configs", tmp_path / "results"
+    good = bench_config(inputs, configs, "good", {"achieved_size": 0.7}, tolerance=0.05)
+    bad = bench_config(inputs, configs, "bad", {"achieved_size": 0.3, "ppl": 1.0e9, "peak_gpu_gb": 1.0},
+                       tolerance={"achieved_size": 0.01, "ppl": 0.1})
+    bench_config(inputs, configs, "never", {})
+    ck = tmp_path / "ck"  # the same recipe: the second config resumes the first one's finished run
+
+    out = run_bench(good, results_dir=results, json_path=tmp_path / "good.json", checkpoint=ck)
+    saved = json.loads((results / "good.json").read_text())
+    assert saved == json.loads((tmp_path / "good.json").read_text()) == json.loads(json.dumps(out, default=str))
+    assert saved["passed"] is True and saved["failures"] == [] and saved["name"] == "good"
+    assert saved["commit"] and saved["date"] and isinstance(saved["dirty"], bool)
+    assert saved["machine"]["class"] == "cpu" and saved["machine"]["threads"] == 1 and saved["machine"]["cores"]
+    assert saved["versions"]["torch"] == torch.__version__ and saved["versions"]["python"]
+    m = saved["metrics"]
+    assert {"dense_ppl", "ppl", "ppl@0.85", "achieved_size", "seconds_per_shot", "peak_rss_gb", "shot_seconds"} <= set(m)
+    assert abs(m["achieved_size"] - 0.7) < 0.01 and m["ppl"] > 1
+    assert [s["shot"] for s in saved["steps"]] == [1, 2] and saved["recipe"]["method"]["shots"] == 2
+
+    failed = run_bench(bad, results_dir=results, checkpoint=ck)
+    assert failed["passed"] is False and failed["metrics"]["ppl"] == out["metrics"]["ppl"]
+    lines = dict(line.split(": ", 1) for line in failed["failures"])  # one line per missed metric
+    assert sorted(lines) == ["achieved_size", "peak_gpu_gb", "ppl"] and len(failed["failures"]) == 3
+    assert lines["achieved_size"].startswith("0.7") and "expected 0.3 (tolerance 0.01)" in lines["achieved_size"]
+    assert "expected" in lines["ppl"] and lines["peak_gpu_gb"].startswith("not measured")
+    assert json.loads((results / "bad.json").read_text())["failures"] == failed["failures"]
+
+    listed = {c["name"]: c for c in list_configs(configs, results)}
+    assert sorted(listed) == ["bad", "good", "never"]
+    assert listed["good"]["status"].startswith("passed (") and listed["bad"]["status"].startswith("FAILED (")
+    assert listed["never"]["status"] == "not run"
+    assert listed["good"]["title"] == "tiny good" and listed["good"]["group"] == "tests"
+    assert listed["good"]["machine"] == "cpu" and listed["good"]["kind"] == "quality"
+    with pytest.raises(SurgeonError, match="no benchmark configs folder"):
+        list_configs(tmp_path / "nowhere", results)
+
+
+def test_bench_config_errors_name_the_file(inputs, tmp_path):
+    from surgeon.bench import load_bench
+
+    path = bench_config(inputs, tmp_path, "typo", {})
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**data, "benchmark": {**data["benchmark"], "expcet": {}}}))
+    with pytest.raises(SurgeonError, match=r"typo.yaml: unknown benchmark key\(s\) \['expcet'\]"):
+        load_bench(path)
+    path.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "benchmark"}))
+    with pytest.raises(SurgeonError, match="needs a 'benchmark:' mapping"):
+        load_bench(path)
+    cfg, block, name = load_bench(bench_config(inputs, tmp_path, "ok", {}), ["method.shots=1"])
+    assert name == "ok" and cfg.method.shots == 1 and cfg.output.register_model is False
+    assert block["kind"] == "quality" and block["tolerance"] == 0.0
