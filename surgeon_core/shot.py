@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import distributed, placement
+from . import coupled, distributed, placement
 from .adapters import ArchitectureAdapter, adapter_for, get_submodule, prunable_linears
 from .allocation import select_elements, select_groups, select_structures
 from .baselines import prune_model_layerwise
-from .coupled import coupled_shot
 from .curvature import KFACFactors, NonFiniteCurvatureError, RoundedCurvatureError, check_factors, estimate_kfac
 from .methods import METHODS, MethodSpec, PruneOptions, Structure
 from .placement import Placement
@@ -319,7 +318,7 @@ def _coupled_shot(model, factors, linears, adapter, opts, device, target_size, s
         return A, (None if opts.spec.curvature == "activations" else G)
 
     total = sum(lin.weight.numel() for lin in linears.values())
-    estimated, escalations = coupled_shot(
+    estimated, escalations = coupled.coupled_shot(
         layers, adapter, layout, get_factors=get_factors, augmented=lambda lin: augmented(lin, device),
         write_back=write_back, n_remove=round((1.0 - target_size) * total), kind=opts.spec.cost_kind,
         update=opts.spec.update, damping_a=opts.damping_a, damping_g=opts.damping_g, max_correlate=opts.max_correlate,
