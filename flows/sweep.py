@@ -144,12 +144,13 @@ def sweep_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
     log = get_run_logger()
     base, configs = sweep_configs(config, overrides)
     first = configs[0]
-    name = tracking.registered_name(first.model, first.model_name)
-    out_dir = Path(base["output"]) if base.get("output") else \
+    name = tracking.registered_name(first.model, first.output.model_name)
+    base_output = base.get("output", {}).get("path")
+    out_dir = Path(base_output) if base_output else \
         tracking.surgeon_home() / "sweeps" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log.info("sweep of %d variants: %s", len(configs), ", ".join(variant_label(c) for c in configs))
 
-    with tracking.start_run(f"sweep {name} ({len(configs)} variants)", experiment=first.experiment,
+    with tracking.start_run(f"sweep {name} ({len(configs)} variants)", experiment=first.output.experiment,
                             params={"variants": [variant_label(c) for c in configs], "base": base},
                             tags={**reporting.flow_run_tags(), "sweep": "true"}) as run:
         futures = [sweep_run.submit(cfg, run.run_id) for cfg in configs]
@@ -160,7 +161,7 @@ def sweep_flow(config: dict | str, overrides: list[str] | None = None) -> dict:
                  "dense_ppl": r["dense_ppl"], "ppl_ratio": r["ppl_ratio"], "cached_shots": len(r["cached_shots"]),
                  "seconds": round(r["seconds"], 1), "version": r["registered_version"]}
                 for c, r in zip(configs, results)]
-        if any(c.zeroshot_tasks for c in configs):
+        if any(c.eval.zeroshot_tasks for c in configs):
             for row, r in zip(rows, results):
                 row["acc_avg"] = (r.get("zeroshot") or {}).get("average")
                 row["dense_acc_avg"] = (r.get("dense_zeroshot") or {}).get("average")

@@ -1,6 +1,6 @@
 """The launcher of data-parallel shots on one machine: one pruning shot over N processes, started with torchrun.
 
-``surgeon prune ... --nproc N`` (recipe key ``nproc``) makes every shot of the prune flow run as
+``surgeon prune ... nproc=N`` (recipe key ``compute.nproc``) makes every shot of the prune flow run as
 ``torchrun --standalone --nproc-per-node N -m surgeon.shot_worker ...``: each process loads the shot's source
 checkpoint, takes 1/N of the calibration windows, and the K-FAC sums are all-reduced (surgeon_core.distributed);
 the per-layer solves (costs) and updates are spread over the ranks by decoder layer, every rank applies the same
@@ -45,12 +45,12 @@ def check_nproc(cfg: PruneConfig) -> None:
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n > count:
-            raise SurgeonError(f"--nproc {n} needs {n} GPUs (one per process) but {count} are visible "
+            raise SurgeonError(f"compute.nproc={n} needs {n} GPUs (one per process) but {count} are visible "
                                "(see CUDA_VISIBLE_DEVICES)")
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if n > cores:
-            raise SurgeonError(f"--nproc {n} exceeds the {cores} CPU cores available to this process")
+            raise SurgeonError(f"compute.nproc={n} exceeds the {cores} CPU cores available to this process")
 
 
 def _env(cfg: PruneConfig) -> dict[str, str]:

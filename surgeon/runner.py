@@ -37,7 +37,7 @@ from .models import load_model, save_model
 from .outputs import check_output, manifest_files, output_lock
 from .utils import atomic_write, keep_freed_memory
 
-__all__ = ["Runner", "run", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
+__all__ = ["Runner", "run", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
            "shot_with_fallback"]
 
 _log = logging.getLogger("surgeon.runner")
@@ -161,6 +161,19 @@ class Runner:
                           device=self.cfg.compute.device, progress=progress)
 
 
+def zeroshot(cfg: PruneConfig, model, tokenizer, log: logging.Logger | None = None) -> dict | None:
+    """Zero-shot accuracy (lm-eval) of the in-memory model on ``eval.zeroshot_tasks`` (None when there are none);
+    lm-eval's full results are left out."""
+    e = cfg.eval
+    if not e.zeroshot_tasks:
+        return None
+    from .zeroshot import evaluate_model  # lm-eval is heavy: imported only when tasks are asked for
+
+    result = evaluate_model(model, tokenizer, e.zeroshot_tasks, task_dir=e.task_dir, limit=e.zeroshot_limit,
+                            batch_size=e.batch_size, log=(log or _log).info)
+    return {k: v for k, v in result.items() if k != "results"}
+
+
 # ------------------------------------------------------------------------------------------- one process, one loop
 def _signature(cfg: PruneConfig, inputs: tuple[ModelRef, DataRef, DataRef | None]) -> dict:
     src, calib, evald = inputs
@@ -224,6 +237,8 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if dense is not None:
             result["dense"] = dense
             log.info("dense ppl %.3f (%d windows x %d tokens)", dense["ppl"], dense["windows"], dense["seqlen"])
+        if cfg.eval.zeroshot_tasks:
+            result["dense_zeroshot"] = zeroshot(cfg, model, tok, log)
     done = len(result["steps"])
     steps = cfg.plan()
     if done:
@@ -239,6 +254,8 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
             row["finetune"] = runner.finetune(step)
         if step.evaluate:
             row["eval"] = runner.evaluate()
+            if cfg.eval.zeroshot_tasks:
+                row["zeroshot"] = zeroshot(cfg, model, tok, log)
         log.info("shot %d/%d: size %.4f (target %.4f)%s; %s", step.shot, step.num_shots, row["achieved_size"],
                  step.target_size, f", ppl {row['eval']['ppl']:.3f}" if row.get("eval") else "",
                  ", ".join(f"{k} {v:.1f} s" for k, v in row["seconds"].items()))
@@ -259,6 +276,8 @@ def _finish(cfg, result, runner, tok, src: ModelRef, t_start: float) -> dict:
     result["achieved_size"] = final["achieved_size"]
     if final.get("eval"):
         result["ppl"] = final["eval"]["ppl"]
+    if final.get("zeroshot"):
+        result["zeroshot"] = final["zeroshot"]
     result["seconds"] = time.perf_counter() - t_start
     result["seconds_per_shot"] = sum(sum(r["seconds"].values()) for r in rows) / len(rows)
     result.update(peak_memory(cfg.compute.device))

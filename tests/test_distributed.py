@@ -174,11 +174,11 @@ def test_nproc_errors_are_one_line(tmp_path, capsys):
     cores = len(os.sched_getaffinity(0))
     rc = surgeon("prune", "--model", model, f"compute.nproc={cores + 1}", f"nsamples={cores + 1}")
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err == f"error: --nproc {cores + 1} exceeds the {cores} CPU cores available to this process"
+    assert rc == 2 and err == f"error: compute.nproc={cores + 1} exceeds the {cores} CPU cores available to this process"
     if not torch.cuda.is_available():
         rc = surgeon("prune", "--model", model, "--device", "cuda", "nproc=2")
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert rc == 2 and err.startswith("error: --nproc 2 needs 2 GPUs (one per process) but 0 are visible")
+        assert rc == 2 and err.startswith("error: compute.nproc=2 needs 2 GPUs (one per process) but 0 are visible")
     with pytest.raises(SurgeonError, match="method magnitude has none"):
         load_recipe(None, model=str(model), method="magnitude", nproc=2)
     with pytest.raises(SurgeonError, match="at least one calibration window per process"):

@@ -176,3 +176,17 @@ def test_parse_tasks_and_average():
         Z.parse_tasks(" , ")
     assert Z.average_accuracy({"a": {"acc": 0.5}, "b": {"acc": 0.25, "acc_norm": 1.0}, "c": {"perplexity": 3}}) \
         == pytest.approx(0.375)
+
+
+def test_in_process_run_measures_zero_shot_accuracy_dense_and_at_evaluated_steps(model_dir, task_dir, text_file):
+    from surgeon.config import load_recipe
+    from surgeon.runner import run as run_recipe
+
+    cfg = load_recipe(None, [f"calibration.data={text_file}", "nsamples=2", "seqlen=16", "shots=2",
+                             "eval.zeroshot_tasks=lw,mc", f"eval.task_dir={task_dir}", "threads=1"],
+                      model=str(model_dir), target_size=0.8)
+    result = run_recipe(cfg)
+    assert set(result["dense_zeroshot"]["tasks"]) == {"lw", "mc"}
+    assert [bool(row.get("zeroshot")) for row in result["steps"]] == [False, True]  # the last step is evaluated
+    assert result["zeroshot"] == result["steps"][-1]["zeroshot"]
+    assert 0.0 <= result["zeroshot"]["average"] <= 1.0
