@@ -318,7 +318,6 @@ def test_float64_statistics_with_an_fp32_model(method, monkeypatch):
     """stats_dtype=float64 (PruneOptions.baseline_dtype, recipe key baseline_dtype: fp64): the statistics and the
     mask/OBS math run in float64 while the model and its forward passes stay fp32; the default stays fp32."""
     from surgeon.config import load_recipe
-    from surgeon.pruning import options_from_config
     from surgeon_core.shot import PruneOptions
     from tiny_models import prune
 
@@ -344,8 +343,9 @@ def test_float64_statistics_with_an_fp32_model(method, monkeypatch):
     if method == "sparsegpt":
         assert any(not torch.equal(a.weight, b.weight) for a, b in
                    zip(prunable_linears(models[None]).values(), prunable_linears(models[torch.float64]).values()))
-    assert options_from_config(load_recipe(None, ["baseline_dtype=fp64"], model="x")).baseline_dtype == torch.float64
-    assert options_from_config(load_recipe(None, [], model="x")).baseline_dtype is None
+    recipe = dict(model="x", method=method, structure="2:4")
+    assert load_recipe(None, ["baseline_dtype=fp64"], **recipe).options().baseline_dtype == torch.float64
+    assert load_recipe(None, [], **recipe).options().baseline_dtype is None
     with pytest.raises(ValueError, match="baseline_dtype"):
         PruneOptions(baseline_dtype=torch.float16)
 

@@ -71,15 +71,15 @@ def test_structure_parse_and_config():
     assert Structure.parse("coupled").kind == "coupled"
     from surgeon.config import load_recipe
 
-    assert load_recipe(None, [], model="x", structure="coupled").structure == "coupled"
+    assert load_recipe(None, [], model="x", structure="coupled").method.structure == "coupled"
     per_param = load_recipe(None, ["coupled_score=per_param"], model="x", structure="coupled")
-    assert per_param.coupled_score == "per_param"
+    assert per_param.method.coupled_score == "per_param"
     assert per_param.config_hash() != load_recipe(None, [], model="x", structure="coupled").config_hash()
     from surgeon.errors import SurgeonError
 
-    with pytest.raises(SurgeonError, match="invalid recipe value for 'coupled_score'.*'cost' or 'per_param'"):
+    with pytest.raises(SurgeonError, match="invalid recipe value for 'method.coupled_score'.*'cost' or 'per_param'"):
         load_recipe(None, ["coupled_score=ratio"], model="x", structure="coupled")
-    with pytest.raises(SurgeonError, match="method wanda does not support structured pruning"):
+    with pytest.raises(SurgeonError, match="method wanda does not support coupled pruning"):
         load_recipe(None, [], model="x", structure="coupled", method="wanda")
 
 

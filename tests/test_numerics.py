@@ -75,13 +75,13 @@ def test_fp16_calibration_overflow_is_detected_before_any_weight_changes():
 
 
 def test_overflow_falls_back_to_fp32_logged_and_equals_an_fp32_shot(caplog):
-    from surgeon.pruning import shot_with_fallback
+    from surgeon.runner import shot_with_fallback
     from surgeon_core.schedule import Step
 
     windows = tiny_windows(4, 32)
     fp16 = PruneOptions(method="llm-surgeon", structure="unstructured", autocast_dtype=torch.float16)
     model = _overflowing_model(1e4)
-    with caplog.at_level(logging.WARNING, logger="surgeon.pruning"):
+    with caplog.at_level(logging.WARNING, logger="surgeon.runner"):
         report = shot_with_fallback(model, windows, fp16, Step(1, 1, 0.8))
     assert "rerunning the shot in fp32" in caplog.text and "float16" in report.extra["fp32_retry"]
     reference = _overflowing_model(1e4)
@@ -92,7 +92,7 @@ def test_overflow_falls_back_to_fp32_logged_and_equals_an_fp32_shot(caplog):
 
 
 def test_overflow_in_fp32_too_is_a_clear_error_and_no_nan_weights():
-    from surgeon.pruning import shot_with_fallback
+    from surgeon.runner import shot_with_fallback
     from surgeon_core.schedule import Step
 
     model = _overflowing_model(1e20)  # overflows in bf16 and in fp32 alike
@@ -123,12 +123,12 @@ def test_rounded_bf16_factors_are_caught_before_any_weight_changes():
 
 
 def test_rounded_bf16_factors_rerun_with_fp32_factor_matmuls(caplog):
-    from surgeon.pruning import shot_with_fallback
+    from surgeon.runner import shot_with_fallback
     from surgeon_core.schedule import Step
 
     windows, opts = _rank_deficient_setup()
     model = tiny_model("llama")
-    with caplog.at_level(logging.WARNING, logger="surgeon.pruning"):
+    with caplog.at_level(logging.WARNING, logger="surgeon.runner"):
         report = shot_with_fallback(model, windows, PruneOptions(**opts, gram_dtype=torch.bfloat16), Step(1, 1, 0.8))
     assert "rerunning the shot in fp32 factor matmuls" in caplog.text
     assert "bf16 factor matmuls" in report.extra["fp32_retry"]

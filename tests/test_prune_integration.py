@@ -149,14 +149,13 @@ def test_bf16_factor_matmuls_recipe_key_and_shot(monkeypatch):
     """Recipe key gram_dtype=bf16 reaches the shot; the factors stay fp32 and close to the fp32 ones, but rounded
     (the bf16 matmuls really ran: relative error measured at 1.7e-3 to 2.5e-3 per factor)."""
     import surgeon_core.shot as shot_mod
-    from surgeon.config import PruneConfig
-    from surgeon.pruning import options_from_config
+    from surgeon.config import load_recipe
     from surgeon_core.adapters import adapter_for as _adapter
     from surgeon_core.curvature import estimate_kfac
 
-    opts = options_from_config(PruneConfig(model="x", gram_dtype="bf16"))
+    opts = load_recipe(None, ["gram_dtype=bf16"], model="x").options()
     assert opts.gram_dtype == torch.bfloat16
-    assert options_from_config(PruneConfig(model="x")).gram_dtype is None
+    assert load_recipe(None, [], model="x").options().gram_dtype is None
     model, x = tiny_model("llama", seed=5), tiny_windows(4, 16)
     f32 = estimate_kfac(model, x, adapter=_adapter(model))
     bf = estimate_kfac(model, x, adapter=_adapter(model), gram_dtype=torch.bfloat16)
@@ -175,7 +174,7 @@ def test_bf16_factor_matmuls_recipe_key_and_shot(monkeypatch):
 
     monkeypatch.setattr(shot_mod, "estimate_kfac", spy)
     shot_mod.prune_shot(tiny_model("llama", seed=5), x, options=opts, target_size=0.8)
-    shot_mod.prune_shot(tiny_model("llama", seed=5), x, options=options_from_config(PruneConfig(model="x")),
+    shot_mod.prune_shot(tiny_model("llama", seed=5), x, options=load_recipe(None, [], model="x").options(),
                         target_size=0.8)
     assert seen == [torch.bfloat16, None]
 
@@ -269,20 +268,18 @@ def test_sampled_fisher_counts_each_input_once(family):
 
 def test_checkpoint_layers_recipe_key_reaches_the_shot():
     from surgeon.config import load_recipe
-    from surgeon.pruning import options_from_config
 
     cfg = load_recipe(None, ["checkpoint_layers=true"], model="some/model")
-    assert cfg.checkpoint_layers and options_from_config(cfg).checkpoint_layers
-    assert not options_from_config(load_recipe(None, model="some/model")).checkpoint_layers
+    assert cfg.compute.checkpoint_layers and cfg.options().checkpoint_layers
+    assert not load_recipe(None, model="some/model").options().checkpoint_layers
 
 
 def test_update_concurrent_recipe_key_reaches_the_shot_and_is_validated():
     from surgeon.config import load_recipe
     from surgeon.errors import SurgeonError
-    from surgeon.pruning import options_from_config
 
-    assert options_from_config(load_recipe(None, ["update_concurrent=7"], model="some/model")).update_concurrent_batches == 7
-    assert options_from_config(load_recipe(None, model="some/model")).update_concurrent_batches == 1
+    assert load_recipe(None, ["update_concurrent=7"], model="some/model").options().update_concurrent_batches == 7
+    assert load_recipe(None, model="some/model").options().update_concurrent_batches == 1
     with pytest.raises(SurgeonError, match="update_concurrent"):
         load_recipe(None, ["update_concurrent=0"], model="some/model")
 
