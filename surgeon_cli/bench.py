@@ -41,6 +41,8 @@ def bench_cmd(
     stop_after: Annotated[Optional[int], typer.Option(
         "--stop-after", help="Stop after N steps (with --checkpoint: split a long run over several calls; a "
                              "stopped run writes no result).", min=1)] = None,
+    results_dir: Annotated[Path, typer.Option(
+        "--results-dir", help="Where results are written and read.")] = Path(RESULTS_DIR),
     debug: DebugOpt = False,
 ) -> None:
     """Run a benchmark config and check its metrics against the expected ones (exit 1 if one misses its
@@ -59,7 +61,7 @@ def bench_cmd(
     if list_configs:
         from surgeon.bench import list_configs as configs
 
-        rows = [{k: c.get(k, "") for k in ("name", "machine", "title", "status")} for c in configs(CONFIGS_DIR)]
+        rows = [{k: c.get(k, "") for k in ("name", "machine", "title", "status")} for c in configs(CONFIGS_DIR, results_dir)]
         print(markdown_table(rows, ["name", "machine", "title", "status"]), end="")
         return
     if report:
@@ -69,19 +71,19 @@ def bench_cmd(
             raise SurgeonError(f"no benchmark configs folder {CONFIGS_DIR} (run from the repository root)")
 
         out = check_output_file(output or Path(DEFAULT_REPORT))
-        print(f"wrote {write_report(CONFIGS_DIR, RESULTS_DIR, out)}")
+        print(f"wrote {write_report(CONFIGS_DIR, results_dir, out)}")
         return
     json_out = check_output_file(json_out)
     from surgeon.bench import run_bench
 
     result = run_bench(_config_path(config), device=device, json_path=json_out, nproc=nproc, checkpoint=checkpoint,
-                       stop_after=stop_after)
+                       stop_after=stop_after, results_dir=results_dir)
     if "metrics" not in result:  # stopped before the end: the checkpoint holds the run
         print(f"stopped after {result.get('stopped_after')} step(s); rerun with --checkpoint {checkpoint} to go on")
         return
     print(markdown_table(_metric_rows(result), ["metric", "measured", "expected", "tolerance", "check"]), end="")
     print(f"{result['name']}: {'passed' if result['passed'] else 'FAILED'} in {result['seconds']:.0f} s "
-          f"(result: {RESULTS_DIR}/{result['name']}.json)")
+          f"(result: {Path(results_dir) / result['name']}.json)")
     if not result["passed"]:
         for failure in result.get("failures", []):
             print(f"  {failure}")
