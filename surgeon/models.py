@@ -22,29 +22,31 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from surgeon_core.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from surgeon_core.methods import DTYPES
 
 from . import materialized_export  # noqa: F401 - registers the per-layer-size (materialized) model classes
 from .errors import SurgeonError
 from .utils import atomic_dir, atomic_write, sha256_bytes, sha256_file
 
-__all__ = ["ModelInfo", "load_model", "save_model", "model_content_hash", "DTYPES", "parse_dtype",
+__all__ = ["ModelInfo", "load_model", "save_model", "model_content_hash", "parse_dtype",
            "SUPPORTED_MODEL_TYPES", "check_finite"]
 
 SUPPORTED_MODEL_TYPES = tuple(sorted({t for a in ADAPTERS for t in a.model_types}))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 HUB_TIMEOUT_S = 4.0
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+_LONG_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype from its short (``bf16``) or long (``bfloat16``) name, through the core's one map."""
     if isinstance(name, torch.dtype):
         return name
+    key = str(name).lower()
     try:
-        return DTYPES[str(name).lower()]
+        return DTYPES[_LONG_NAMES.get(key, key)]
     except KeyError:
-        raise SurgeonError(f"unknown dtype '{name}' (choose from fp32, bf16, fp16)") from None
+        raise SurgeonError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})") from None
 
 
 @dataclass
