@@ -7,15 +7,16 @@ one batch per layer type, as ``surgeon_core.shot`` groups them. For every --drop
 * ``total_s``: the real function, timed once after a warm-up (no extra synchronisation inside);
 * ``phases``: a separate instrumented run that synchronises after each phase (chunking = host bookkeeping and
   copies, build_C = gathers of the Q x Q systems, cholesky = batched float64 Cholesky + solve, update = ΔW);
-* with --reference-layers N: the previous implementation (ΔW as a (R, Q) x (Q, C') product) on the first N
-  layers, timed the same way, and the largest difference from the new result relative to max |W|.
+* with --reference-layers N: the readable update of ``surgeon_core.reference.correlated_element_update`` (one
+  layer at a time, float64, ΔW as an (R, Q) x (Q, C') product) on the first N layers, timed the same way, and the
+  largest difference from the batched result relative to max |W|.
 
 Then ``torch.linalg.cholesky_ex`` on (B, n, n) SPD matrices (default 2000, the chunk size): batched float64 and
 float32, a Python loop of single-matrix calls, and the solve with one right-hand side (the library's two triangular
 solves and ``torch.cholesky_solve``); on CUDA once per linalg backend (default, cusolver, magma), to see what the
 batched solvers do. ``--solve cholesky_solve`` runs the updates with ``torch.cholesky_solve`` instead.
 
-    # one GPU, about 2-4 minutes:
+    # one GPU:
     python benchmarks/micro/update_speed.py --device cuda --drop-frac 0.1 0.5 --reference-layers 8 --json out.json
     # one GPU: more systems per call, or the layer shapes' batches on CUDA streams of their own:
     python benchmarks/micro/update_speed.py --device cuda --drop-frac 0.5 --concurrent --chol-scan 1 2 4 7 \
@@ -41,14 +42,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
-import surgeon_core.update as update_module  # noqa: E402
-from surgeon_core.update import (_ChunkPlan, _obs_update_elements_reference, _update_elements,  # noqa: E402
-                                 obs_update_elements_batched, obs_update_elements_concurrent)
+import surgeon_core.linalg as linalg  # noqa: E402
+from surgeon_core.reference import correlated_element_update  # noqa: E402
+from surgeon_core.update import (_ChunkPlan, _update_elements, obs_update_elements_batched,  # noqa: E402
+                                 obs_update_elements_concurrent)
 
 # layer type -> (rows R = out features, weight columns C = in features)
 SMOLLM2_SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
                   "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def reference_update(W, drop, G_inv, A_inv, *, max_correlate: int) -> torch.Tensor:
+    """The reference update of every layer of a batch, one after another."""
+    return torch.stack([correlated_element_update(W[b], drop[b], G_inv[b], A_inv[b], max_correlate)
+                        for b in range(W.shape[0])])
 
 
 def sync(dev: torch.device) -> None:
@@ -89,7 +97,7 @@ def make_problem(B: int, R: int, C: int, frac: float, pattern: str, bias: bool, 
 
 def bench_update(args, dev, dtype, results, save) -> None:
     for frac in args.drop_frac:
-        tot = {"total_s": 0.0, "phases": {}, "reference_s": 0.0, "new_on_reference_layers_s": 0.0}
+        tot = {"total_s": 0.0, "phases": {}, "reference_s": 0.0, "batched_on_reference_layers_s": 0.0}
         for i, (name, (R, C)) in enumerate(SMOLLM2_SHAPES.items()):
             if args.shapes and name not in args.shapes:
                 continue
@@ -108,7 +116,7 @@ def bench_update(args, dev, dtype, results, save) -> None:
                 if args.warmup:  # kernels, cuSOLVER handles, allocator: one layer
                     obs_update_elements_batched(W[:1], drop[:1], G_inv[:1], A_inv[:1],
                                                 max_correlate=args.max_correlate)
-                new, rec["total_s"] = timed(lambda: obs_update_elements_batched(
+                batched, rec["total_s"] = timed(lambda: obs_update_elements_batched(
                     W, drop, G_inv, A_inv, max_correlate=args.max_correlate), dev)
                 if dev.type == "cuda":
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -122,20 +130,20 @@ def bench_update(args, dev, dtype, results, save) -> None:
                 n_ref = min(args.reference_layers, args.layers)
                 if n_ref:
                     sub = (W[:n_ref], drop[:n_ref], G_inv[:n_ref], A_inv[:n_ref])
-                    new_sub, rec["new_on_reference_layers_s"] = timed(lambda: obs_update_elements_batched(
+                    batched_sub, rec["batched_on_reference_layers_s"] = timed(lambda: obs_update_elements_batched(
                         *sub, max_correlate=args.max_correlate), dev)
-                    ref, rec["reference_s"] = timed(lambda: _obs_update_elements_reference(
+                    ref, rec["reference_s"] = timed(lambda: reference_update(
                         *sub, max_correlate=args.max_correlate), dev)
                     scale = float(W[:n_ref].abs().max())
                     rec["reference_layers"] = n_ref
-                    rec["max_rel_diff_vs_reference"] = float((new_sub - ref).abs().max()) / scale
-                    rec["max_rel_diff_batch_vs_subset"] = float((new[:n_ref] - new_sub).abs().max()) / scale
-                    rec["speedup_vs_reference"] = rec["reference_s"] / max(rec["new_on_reference_layers_s"], 1e-12)
+                    rec["max_rel_diff_vs_reference"] = float((batched_sub - ref).abs().max()) / scale
+                    rec["max_rel_diff_batch_vs_subset"] = float((batched[:n_ref] - batched_sub).abs().max()) / scale
+                    rec["speedup_vs_reference"] = rec["reference_s"] / max(rec["batched_on_reference_layers_s"], 1e-12)
                     tot["reference_s"] += rec["reference_s"]
-                    tot["new_on_reference_layers_s"] += rec["new_on_reference_layers_s"]
-                rec["removed_exactly_zero"] = bool((new[:, :, :C][drop] == 0).all())
-                del W, drop, G_inv, A_inv, new
-            except Exception as e:  # record and go on: GPU time is scarce
+                    tot["batched_on_reference_layers_s"] += rec["batched_on_reference_layers_s"]
+                rec["removed_exactly_zero"] = bool((batched[:, :, :C][drop] == 0).all())
+                del W, drop, G_inv, A_inv, batched
+            except Exception as e:  # record and go on: one failure does not lose the other measurements
                 rec["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
             print(json.dumps(rec), flush=True)
@@ -162,7 +170,7 @@ def bench_update(args, dev, dtype, results, save) -> None:
         results["update_totals"].append(tot)
         print(f"== drop {frac}: total {tot['total_s']:.3f} s; phases (instrumented) "
               + ", ".join(f"{k} {v:.3f}" for k, v in tot["phases"].items())
-              + (f"; reference {tot['reference_s']:.3f} s vs new {tot['new_on_reference_layers_s']:.3f} s on "
+              + (f"; reference {tot['reference_s']:.3f} s vs batched {tot['batched_on_reference_layers_s']:.3f} s on "
                  f"{args.reference_layers} layers/type" if args.reference_layers else ""), flush=True)
         save()
 
@@ -212,7 +220,7 @@ def bench_cholesky(args, dev, results, save) -> None:
             print(json.dumps(rec), flush=True)
             save()
         L = torch.linalg.cholesky_ex(S64)[0]
-        for case, solve in (("triangular_solves_fp64", update_module.triangular_cholesky_solve),
+        for case, solve in (("triangular_solves_fp64", linalg.triangular_cholesky_solve),
                             ("cholesky_solve_fp64", torch.cholesky_solve)):
             rec = {"backend": be or "default", "case": case, "B": B, "n": n}
             try:
@@ -273,7 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-bias", dest="bias", action="store_false", help="no bias column (default: C' = C + 1)")
     p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SMOLLM2_SHAPES)}")
     p.add_argument("--reference-layers", type=int, default=0,
-                   help="also time the previous implementation on this many layers per type (and compare)")
+                   help="also time the reference update (surgeon_core.reference) on this many layers per type and compare")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
     p.add_argument("--chol-batch", type=int, default=30)
     p.add_argument("--chol-n", type=int, default=2000)
@@ -293,7 +301,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    update_module.TRIANGULAR_SOLVES = args.solve == "triangular"
+    linalg.TRIANGULAR_SOLVES = args.solve == "triangular"
     results = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
                "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
