@@ -136,8 +136,8 @@ class MethodSection(_MethodOptions):
 class CalibrationSection(_Section):
     data: str = Field(default="builtin:stdlib-docs", description="text file, .npy token ids/windows, Hub dataset "
                       "or builtin: name")
-    split: str | None = None
-    column: str = "text"
+    split: str | None = Field(default=None, description="split of a Hub dataset (default: train)")
+    column: str = Field(default="text", description="text column of a Hub, JSON or Parquet dataset")
     nsamples: int = Field(default=32, description="calibration windows")
     seqlen: int = Field(default=512, description="tokens per calibration window")
     seed: int = Field(default=0, description="seed of the window draw")
@@ -154,15 +154,15 @@ class CalibrationSection(_Section):
 
 class EvalSection(_Section):
     data: str | None = Field(default=None, description="evaluation text or token ids (None: no perplexity)")
-    split: str | None = None
-    column: str = "text"
+    split: str | None = Field(default=None, description="split of a Hub dataset (default: train)")
+    column: str = Field(default="text", description="text column of a Hub, JSON or Parquet dataset")
     seqlen: int | None = Field(default=None, description="evaluation window (default: calibration.seqlen)")
-    max_windows: int | None = None
+    max_windows: int | None = Field(default=None, description="evaluate on the first N windows only (None: all)")
     at: list[float] = Field(default_factory=list, description="target sizes to evaluate at (the last always)")
-    batch_size: int = 1
+    batch_size: int = Field(default=1, description="windows per evaluation forward pass (zero-shot tasks too)")
     zeroshot_tasks: list[str] = Field(default_factory=list, description="lm-eval task names ('a,b' works too)")
-    task_dir: str | None = None
-    zeroshot_limit: int | None = None
+    task_dir: str | None = Field(default=None, description="folder of local lm-eval task YAMLs for zeroshot_tasks")
+    zeroshot_limit: int | None = Field(default=None, description="examples per zero-shot task (None: all)")
 
     @field_validator("zeroshot_tasks", mode="before")
     @classmethod
@@ -235,14 +235,18 @@ class ComputeSection(_Section):
 class FinetuneSection(_Section):
     steps: int = Field(default=0, description="mask-preserving steps after every shot (0: off)")
     final_steps: int = Field(default=0, description="steps added after the last shot")
-    lr: float = 1e-5
-    train: Literal["linears", "norms", "both"] = "linears"
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    warmup: int = 0
-    batch_size: int = 1
+    lr: float = Field(default=1e-5, description="AdamW learning rate after warmup")
+    train: Literal["linears", "norms", "both"] = Field(default="linears", description="what is trained: the "
+                                                       "prunable linears (weights, biases), the norms, or both")
+    schedule: Literal["constant", "cosine", "linear"] = Field(default="cosine", description="learning rate after "
+                                                              "warmup, per fine-tuning run: constant, or cosine or "
+                                                              "linear decay to 0")
+    warmup: int = Field(default=0, description="linear warmup steps at the start of every fine-tuning run")
+    batch_size: int = Field(default=1, description="calibration windows per step")
     holdout: float = Field(default=0.0, description="fraction of calibration windows held out; the best weights "
                            "on them are kept")
-    validate_every: int = 0
+    validate_every: int = Field(default=0, description="with holdout: also validate every N steps (0: at the "
+                                "start and the end only)")
 
     _nn = field_validator("steps", "final_steps", "warmup", "validate_every")(
         classmethod(lambda cls, v: _non_negative(v)))
@@ -272,12 +276,16 @@ class OutputSection(_Section):
     overwrite: bool = Field(default=False, description="replace an output that is not this recipe's own")
     materialize: bool = Field(default=False, description="also write the smaller model (structured / coupled)")
     register_model: bool = Field(default=True, description="register the pruned model in MLflow")
-    model_name: str | None = None
-    experiment: str = "llm-surgeon"
-    promote_max_ppl_ratio: float = 1.15
+    model_name: str | None = Field(default=None, description="registered model name (default: the source model's "
+                                   "name)")
+    experiment: str = Field(default="llm-surgeon", description="MLflow experiment of the run")
+    promote_max_ppl_ratio: float = Field(default=1.15, description="promotion gate: pruned ppl at most this times "
+                                         "the dense ppl")
     structure_report: bool = Field(default=True, description="structured / coupled: sizes and speed vs dense")
-    report_device: Literal["cpu", "cuda", "auto"] = "cpu"
-    report_decode_attention: Literal["sdpa", "flex"] = "sdpa"
+    report_device: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="device of the structure "
+                                                          "report's speed runs (auto: cuda when there is a GPU)")
+    report_decode_attention: Literal["sdpa", "flex"] = Field(default="sdpa", description="attention of the "
+                                                             "structure report's decode steps (flex: CUDA only)")
 
     @field_validator("promote_max_ppl_ratio")
     @classmethod
