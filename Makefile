@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SURGEON := $(VENV)/bin/surgeon
 # torch must be named in the same pip command as everything else: otherwise lm-eval/accelerate pull a newer
-# torch plus several GB of CUDA wheels (see docs and ../shared/docs/environment.md).
+# torch plus its CUDA wheels in place of the pinned one.
 TORCH_PIN := torch==2.13.0
 MODEL_DIR ?= models/smollm2-135m
 DEMO_DIR ?= runs/demo

@@ -413,7 +413,7 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     Starts are drawn in order with ``random.Random(seed).randint(0, N - seqlen - 1)`` (the SparseGPT/Wanda
     sampler). Reproduces ``data/protocols/p/calibration_windows.npy`` (128 x 2048, file read as is, N = 738,278)
     and ``data/protocols/a1/calibration_windows.npy`` (32 x 512, lines joined with a space, N = 723,602) exactly,
-    seed 0 (``protocol_arrays``; checked by ``tests/test_protocol_data.py``). For those N,
+    seed 0 (``protocol_arrays``; checked by ``tests/surgeon/test_protocol_data.py``). For those N,
     ``random.sample(range(N - seqlen), k)`` and ``randint(0, N - seqlen)`` draw the very same starts (all three
     consume the same ``getrandbits`` values and no draw was rejected), so either reference sampler matches.
     A 2-D input is taken as ready-made windows: its first ``nsamples`` rows are returned.

@@ -116,7 +116,7 @@ def logit_check(zeroed: tuple[torch.Tensor, torch.Tensor], materialized: tuple[t
 
     ``same_function`` is the float64 verdict (the two compute the same function when their float64 logits agree to
     ``tolerance``); the fp32 difference is reported beside the zeroed model's own fp32 rounding error (its fp32 vs
-    its float64 logits), because narrower matmuls add the same products in other groups (BENCHMARKS.md)."""
+    its float64 logits), because narrower matmuls add the same products in other groups."""
     (z32, z64), (m32, m64) = zeroed, materialized
     d64 = float((m64 - z64).abs().max())
     return {"tokens": int(z32.shape[0] * z32.shape[1]), "max_abs_logit": float(z64.abs().max()),

@@ -192,9 +192,9 @@ def set_decode_attention(model: nn.Module, kind: str = "sdpa", block: int = 32) 
 def _inductor_options(model: nn.Module) -> dict:
     """inductor options for compiling ``model``, scoped to that compile (the global config is left alone).
 
-    With FlexAttention decode steps, template prologue fusion is off, as in every measured GPU run: it was the first
-    suspect of inductor's (torch 2.11) failure to compile the flex kernel (NameError 'XBLOCK'), whose cause was the
-    inlined boolean mask (see _flex_decode_mask); not retried with it on. It only concerns template kernels."""
+    With FlexAttention decode steps, template prologue fusion is off: the configuration the flex decode kernel is
+    compiled and checked in (what it may read of the mask: see _flex_decode_mask). It only concerns template
+    kernels."""
     if getattr(model.config, "_attn_implementation", None) == FLEX_DECODE:
         return {"prologue_fusion": False}
     return {}

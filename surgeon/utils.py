@@ -161,10 +161,10 @@ def keep_freed_memory() -> bool:
     glibc serves every block above its mmap threshold (at most 32 MB) with a fresh mapping and unmaps it when freed,
     so the few-hundred-MB buffers of each calibration batch (the vocabulary head's logits and gradients, activations
     for the backward pass) are page-faulted in again on every batch. With mmap off for malloc and no trimming, freed
-    blocks stay in the heap and are reused: the CPU curvature pass is about 20% faster (BENCHMARKS.md, A1 speed), the
-    way jemalloc or tcmalloc would make it, without a preloaded library. The process keeps its peak memory until it
-    exits. Process-wide, so only the application calls it (CPU pruning), never ``surgeon_core``; set
-    ``SURGEON_SYSTEM_MALLOC=1`` to leave the allocator alone. No effect (False) outside Linux with glibc."""
+    blocks stay in the heap and are reused without new page faults, as jemalloc or tcmalloc would do, without a
+    preloaded library. The process keeps its peak memory until it exits. Process-wide, so only the application
+    calls it (CPU pruning), never ``surgeon_core``; set ``SURGEON_SYSTEM_MALLOC=1`` to leave the allocator alone. No
+    effect (False) outside Linux with glibc."""
     global _kept_memory
     if _kept_memory is None:
         _kept_memory = False

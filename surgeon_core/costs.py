@@ -1,4 +1,4 @@
-"""Removal costs per structure under F ≈ G ⊗ A (paper §3.2; the costs row of docs/method.md).
+"""Removal costs per structure under F ≈ G ⊗ A (paper §3.2; docs/method.md §1.3).
 
 All functions take one layer's (augmented) weight W (R, C') — the bias, if any, is the last column — and its
 factors, and return new tensors. ``kind`` selects the curvature model:

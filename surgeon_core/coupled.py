@@ -1,4 +1,4 @@
-"""Coupled structures: FFN units, attention heads and key/value groups removed as one (docs/method.md, "Coupled").
+"""Coupled structures: FFN units, attention heads and key/value groups removed as one (docs/method.md §1.7).
 
 A unit spans several linears of one decoder layer:
 

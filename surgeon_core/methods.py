@@ -140,13 +140,13 @@ class PruneOptions:
     batch_size: int = 1
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: bf16 compute, fp32 factors
     gram_dtype: torch.dtype | None = None  # dtype of the factor matmuls (None: fp32); sums stay fp32
-    # dtype of the damped factors' Cholesky inverses: float64 (the reference's) or float32 (2.4x faster on a CPU at
-    # width 1536, BENCHMARKS.md); the inverses are stored in fp32 either way
+    # dtype of the damped factors' Cholesky inverses: float64 (the reference's precision) or float32 (faster); the
+    # inverses are stored in fp32 either way
     inverse_dtype: torch.dtype = torch.float64
     device: str | None = None
     factor_device: str | None = None  # where K-FAC factors live (default: device); "spread": over all visible GPUs
     seed: int = 0
-    # "sum": row and column updates from the same W, summed (the reference's form; measured better on A1 at 90%);
+    # "sum": row and column updates from the same W, summed (the reference's form);
     # "sequential": rows, then the columns of the row-updated W
     structured_update: str = "sum"
     update_batch_layers: int = 0  # same-shaped layers whose element updates are batched (0: all on GPU, 1 on CPU)
@@ -164,10 +164,10 @@ class PruneOptions:
     head_layout: tuple[int, int, int] | None = None
     # coupled structures: greedy order by "cost" (the paper's threshold on costs) or "per_param" (cost / parameters)
     coupled_score: str = "cost"
-    # first-order term (docs/method.md): the mean loss gradient, collected in the curvature pass, enters the costs
-    # and updates (LLM Surgeon: OBS at the Newton point W − s·G⁻¹∇W A⁻¹; K-OBD: −s·⟨∇W, W⟩ in the costs)
+    # first-order term (docs/method.md §1.8): the mean loss gradient, collected in the curvature pass, enters the
+    # costs and updates (LLM Surgeon: OBS at the Newton point W − s·G⁻¹∇W A⁻¹; K-OBD: −s·⟨∇W, W⟩ in the costs)
     first_order: bool = False
-    first_order_scale: float = 1e-3  # s multiplies the gradient; 1 = the exact quadratic model, measured harmful
+    first_order_scale: float = 1e-3  # s multiplies the gradient; at 1 (the exact model) gᵀF⁻¹g has no bound
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

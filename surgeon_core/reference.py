@@ -1,9 +1,10 @@
 """One shot of LLM Surgeon (the paper's Algorithm 1), written to be read: one device, one layer at a time.
 
 Paper: van der Ouderaa et al., "The LLM Surgeon", ICLR 2024 (arXiv 2312.17244); section numbers below are the
-paper's, the formulas are those of the table in docs/method.md. Per prunable linear with weight W (R×C, the bias
-as an extra last column), the Fisher block is F ≈ G ⊗ A; removing a set Q of weights under ΔL = ½ΔθᵀFΔθ costs
-L_Q = ½ θ_Qᵀ([F⁻¹]_QQ)⁻¹θ_Q and is best compensated by Δθ = −F⁻¹E_Q([F⁻¹]_QQ)⁻¹θ_Q, with F⁻¹ = G⁻¹ ⊗ A⁻¹.
+paper's, the formulas those of docs/method.md §1 (its §3 maps the paper's sections to the code). Per prunable
+linear with weight W (R×C, the bias as an extra last column), the Fisher block is F ≈ G ⊗ A; removing a set Q of
+weights under ΔL = ½ΔθᵀFΔθ costs L_Q = ½ θ_Qᵀ([F⁻¹]_QQ)⁻¹θ_Q and is best compensated by
+Δθ = −F⁻¹E_Q([F⁻¹]_QQ)⁻¹θ_Q, with F⁻¹ = G⁻¹ ⊗ A⁻¹.
 Sections: §3.1 loss curvature (K-FAC), §3.2 costs, §3.3 global threshold, §3.4 correlated weight updates; the
 multi-shot schedule (§3.5) repeats this shot at a linear sequence of target sizes (``schedule.py``).
 

@@ -1,5 +1,6 @@
-"""The multi-shot plan (paper Algorithm 1, outer loop; Section 3.4): which target size after which shot, where to
-fine-tune and where to evaluate. Computed once here; the runner, the flow and the benchmarks iterate it."""
+"""The multi-shot plan (paper Algorithm 1, outer loop; §3.5, docs/method.md §1.6): which target size after which
+shot, where to fine-tune and where to evaluate. Computed once here; the runner, the flow and the benchmarks iterate
+it."""
 
 from __future__ import annotations
 

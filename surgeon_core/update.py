@@ -1,4 +1,4 @@
-"""Correlated OBS weight updates in Kronecker form (paper §3.4; the updates row of docs/method.md).
+"""Correlated OBS weight updates in Kronecker form (paper §3.4; docs/method.md §1.4).
 
 With F = G ⊗ A, removing the set Q of weights optimally under ½ Δθᵀ F Δθ gives
     ΔW = −G⁻¹ M A⁻¹,   M scatters m = ([G⁻¹ ⊗ A⁻¹]_{Q,Q})⁻¹ w_Q into the positions Q.
@@ -290,8 +290,8 @@ def obs_update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor
 def newton_step(grad: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor) -> torch.Tensor:
     """U = G⁻¹ ∇W A⁻¹ = F⁻¹g in matrix form: the minimiser of gᵀΔθ + ½ΔθᵀFΔθ is ΔW = −U.
 
-    First-order OBS (docs/method.md, "Fine-tuning and the first-order term"): removing K under the model with a
-    gradient is plain OBS applied to W' = W − U, i.e. costs and updates at the Newton point, plus the step −U.
+    First-order OBS (docs/method.md §1.8): removing K under the model with a gradient is plain OBS applied to
+    W' = W − U, i.e. costs and updates at the Newton point, plus the step −U.
     """
     return G_inv @ grad @ A_inv
 

@@ -247,7 +247,7 @@ def log_structure_report(run_id: str, report: dict) -> None:
         values[f"{work}_ms_per_token_dense"] = sp["dense"][f"{work}_ms_per_token"]
     eq = report.get("equivalence", {})
     for k in ("float64_max_abs_diff", "fp32_max_abs_diff", "fp32_rounding_of_zeroed"):
-        if k in eq:  # materialized vs zeroed logits (surgeon.materialize.logit_check)
+        if k in eq:  # materialized vs zeroed logits (surgeon.materialized_export.logit_check)
             values[f"logits_{k}"] = eq[k]
     client.log_batch(run_id, metrics=_metrics({f"{prefix}/{k}": v for k, v in values.items()}, step=0))
     client.set_tag(run_id, f"{prefix}/device", sp.get("device_name", "cpu"))

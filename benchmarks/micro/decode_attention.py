@@ -7,7 +7,7 @@ kernels that could run that attention for the Llama-2-7B shapes (32 heads of 128
 buffers (one per layer, so no call reads another's data from L2), 32 calls captured as one CUDA graph, and checks
 each against an fp32 reference:
 
-- ``sdpa``: ``F.scaled_dot_product_attention`` with the boolean mask, default backend choice (cuDNN on H100/H200);
+- ``sdpa``: ``F.scaled_dot_product_attention`` with the boolean mask, default backend choice (cuDNN on Hopper GPUs);
 - ``sdpa-efficient`` / ``sdpa-math``: the same, forced to one backend;
 - ``flex``: ``torch.nn.attention.flex_attention`` compiled (its decoding kernel for short queries), the mask as a
   ``mask_mod`` over the same boolean tensor, block mask of ``--flex-block`` positions (blocks past the filled
