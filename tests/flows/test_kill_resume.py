@@ -22,7 +22,7 @@ from surgeon.runner import run
 from tiny_io import SURGEON_COMMAND, TEXT, save_tiny, surgeon
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env(tmp: Path) -> dict:

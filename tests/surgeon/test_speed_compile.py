@@ -55,6 +55,7 @@ def test_static_cache_decode_matches_eager(models, name):
     assert all(layer.keys.shape[2] == 8 + 6 for layer in layers)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["dense", "pruned", "no_ffn"])
 def test_compiled_step_decode_matches_eager(models, name):
     """dynamo traces the decode step (fullgraph, static cache); the eager backend keeps this fast on a CPU."""
@@ -64,6 +65,7 @@ def test_compiled_step_decode_matches_eager(models, name):
     assert runner.fullgraph == {"prefill": True, "decode": True} and not runner.notes
 
 
+@pytest.mark.heavy
 def test_compare_compile_same_keys(models):
     kw = dict(repeats=1, prefill_len=16, prompt_len=8, decode_tokens=4, decode_batch=2)
     eager = speed.compare(models["dense"], models["pruned"], **kw)
@@ -228,3 +230,12 @@ def test_flex_decode_in_whole_step_cuda_graph_matches_eager(models):
             assert torch.equal(tokens, ref_tokens)
             assert (logits - ref_logits).abs().max() <= 1e-3
         assert not runner.notes
+
+
+def test_decode_graph_needs_a_gpu_and_compile():
+    model = tiny_model("llama", seed=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="not a GPU"):
+            speed.CompiledRunner(model, decode_graph=True)
+    with pytest.raises(ValueError, match="compile=True"):
+        speed.compare(model, model, decode_graph=True)

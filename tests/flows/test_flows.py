@@ -2,7 +2,9 @@
 
 Checks: tracking (params, per-shot metrics with steps, artifacts), registration with tags, the promotion gate
 (passes and refuses), resume after a failure between shots (completed shots are not redone and the final weights
-equal an uninterrupted run's), and a rerun to another output folder served from the cache.
+equal an uninterrupted run's), and a rerun to another output folder served from the cache. The session's harness,
+tiny recipe and first run: tests/flows/conftest.py; the `surgeon prune/promote/sweep` commands on them:
+tests/flows/test_flows_cli.py.
 """
 
 from __future__ import annotations
@@ -14,43 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tiny_io import TEXT, save_tiny, surgeon
-
 pytestmark = pytest.mark.flows
-
-
-@pytest.fixture(scope="session")
-def pipeline_env(tmp_path_factory):
-    """Prefect (test harness, temp home), MLflow (temp SQLite) and SURGEON_HOME, all under one temp folder.
-
-    Prefect reads its settings when first imported, so the environment is set before any prefect import.
-    """
-    root = tmp_path_factory.mktemp("pipeline")
-    env = {"PREFECT_HOME": str(root / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "SURGEON_HOME": str(root / "home"),
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope="session")
-def tiny_recipe(pipeline_env) -> dict:
-    """Flat names (each a config field's unique name or its section_field name), so tests override single keys."""
-    model = save_tiny(pipeline_env / "tiny-llama")
-    text = pipeline_env / "text.txt"
-    text.write_text(TEXT)
-    return {"model": str(model), "model_name": "tiny-llama", "calibration": str(text), "nsamples": 4, "seqlen": 16,
-            "shots": 2, "target_size": 0.7, "eval_data": str(text), "eval_seqlen": 16, "eval_max_windows": 4,
-            "threads": 1, "experiment": "tests"}
 
 
 @pytest.fixture
@@ -80,14 +46,6 @@ def client():
 
 def weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "model.safetensors"))
-
-
-@pytest.fixture(scope="session")
-def first_run(tiny_recipe, tmp_path_factory):
-    from flows.prune import prune_flow
-
-    out = tmp_path_factory.mktemp("first") / "pruned"
-    return prune_flow({**tiny_recipe, "output": str(out), "eval_at": [0.85]})
 
 
 def test_prune_flow_tracks_exports_and_registers(first_run):
@@ -249,48 +207,6 @@ def test_gate():
     assert gate({"dense_ppl": "10", "pruned_ppl": "11.5"}, 1.15)[0]
     assert not gate({"dense_ppl": "10", "pruned_ppl": "11.6"}, 1.15)[0]
     assert not gate({"dense_ppl": "10"}, 1.15)[0]
-
-
-def _cli(capsys, *args):
-    rc = surgeon(*args)
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_cli_prune_recipe_overrides_no_register(tiny_recipe, tmp_path, capsys):
-    import json
-
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**tiny_recipe, "shots": 1}))
-    js = tmp_path / "r.json"
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "target_size=0.8", "--output", tmp_path / "o",
-                        "--no-register", "--json", js)
-    assert rc == 0, err
-    res = json.loads(js.read_text())
-    assert res["registered_version"] is None and res["config"]["method"]["target_size"] == 0.8
-    assert abs(res["achieved_size"] - 0.8) < 0.01 and f"ppl {res['ppl']:.3f}" in out
-    saved = yaml.safe_load((tmp_path / "o" / "recipe.yaml").read_text())
-    assert saved["method"]["target_size"] == 0.8 and saved["output"]["register_model"] is False
-    # a bad key is one line naming it, before any flow run
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "shotz=2")
-    assert rc == 2 and err.strip() == "error: unknown recipe key 'shotz'"
-
-
-def test_cli_promote_gate_exit_codes(first_run, capsys):
-    v = first_run["registered_version"]
-    rc, out, err = _cli(capsys, "promote", "--model-name", "tiny-llama", "--version", v, "--max-ppl-ratio", "0.5")
-    assert rc == 1 and "not promoted" in err
-    rc, out, err = _cli(capsys, "promote", "--model-name", "tiny-llama", "--version", v, "--max-ppl-ratio", "50")
-    assert rc == 0 and f"promoted tiny-llama version {v} to 'champion'" in out
-    rc, out, err = _cli(capsys, "promote", "--model-name", "tiny-llama", "--version", "999")
-    assert rc == 2 and "version 999 not found" in err.strip().splitlines()[-1]
-
-
-def test_cli_sweep_bad_variant_is_one_line(tiny_recipe, tmp_path, capsys):
-    recipe = tmp_path / "sweep.yaml"
-    recipe.write_text(yaml.safe_dump({**tiny_recipe, "sweep": [{"method": "magnitude"}, {"methd": "kobd"}]}))
-    rc, out, err = _cli(capsys, "sweep", "--config", recipe)
-    assert rc == 2 and err.strip() == "error: sweep[1]: unknown recipe key 'methd'"
 
 
 def test_io_tasks_retry_transient_errors_only(pipeline_env):
@@ -489,28 +405,6 @@ def test_sweep_fans_runs_out_on_a_local_dask_cluster(tiny_recipe, tmp_path):
         assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == r["run_id"]
         assert run.data.metrics["final/ppl"] == pytest.approx(child["ppl"])
     assert (tmp_path / "dask-sweep" / "kobd-structured-0.8" / "model.safetensors").is_file()
-
-
-def test_cli_prune_finetune_flags(tiny_recipe, tmp_path, capsys):
-    import json
-
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({**tiny_recipe, "shots": 1}))
-    js = tmp_path / "r.json"
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--finetune-steps", 1, "--output", tmp_path / "o",
-                        "--no-register", "--json", js, "final_finetune_steps=2", "finetune.lr=1e-3",
-                        "finetune_train=both")
-    assert rc == 0, err
-    res = json.loads(js.read_text())
-    assert {k: res["config"]["finetune"][k] for k in ("steps", "final_steps", "lr", "train")} \
-        == {"steps": 1, "final_steps": 2, "lr": 1e-3, "train": "both"}
-    assert res["shots"][0]["finetune_loss"] > 0
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "finetune.train=embeddings")
-    assert rc == 2 and "finetune.train" in err.strip().splitlines()[-1]
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "--method", "magnitude", "first_order=true")
-    assert rc == 2 and "method magnitude has no option 'first_order'" in err
-    rc, out, err = _cli(capsys, "prune", "--config", recipe, "fisher=sampled", "first_order=true")
-    assert rc == 2 and "first_order needs method llm-surgeon or kobd" in err
 
 
 def test_dask_spec_parsing():

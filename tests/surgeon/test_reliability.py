@@ -6,7 +6,8 @@
 - outputs: manifest with hashes and the resolved recipe, ``surgeon verify`` (OK / each difference, exit 1), the
   output policy (same recipe replaced, another refused unless overwrite), one writer per output folder (a second
   run is refused; a run killed with SIGKILL leaves no half-written output and a stale lock that is taken over);
-- concurrency: two processes registering versions of one registered model at once in one MLflow;
+- concurrency: two processes registering versions of one registered model at once in one MLflow
+  (tests/flows/test_tracking_concurrency.py);
 - determinism: the same recipe and seed give identical masks and weights on the CPU.
 """
 
@@ -34,7 +35,7 @@ from surgeon.utils import sha256_file
 from tiny_io import TEXT, save_tiny, surgeon
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +160,7 @@ RAW_RECIPES = {  # recipe files that are not valid YAML mappings
 }
 
 
+@pytest.mark.heavy
 def test_bad_input_cli_and_api_one_line_nothing_written_model_untouched(inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     before = folder_hashes(inputs["model"])
@@ -340,6 +342,7 @@ run(load_recipe(sys.argv[1]), on_step=on_step)
 """
 
 
+@pytest.mark.heavy
 def test_second_writer_refused_kill_leaves_nothing_and_stale_lock_is_taken_over(inputs, tmp_path):
     out = tmp_path / "shared-out"
     slow = tmp_path / "slow.yaml"  # several shots: the run is killed after its second one, weights in memory
@@ -387,54 +390,9 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
         pass
 
 
-# ----------------------------------------------------------------------------------------------- concurrency
-
-_REGISTER = """
-import os, sys, time
-from pathlib import Path
-from tasks import tracking
-go, model_dir, tag = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-import mlflow  # imports done before the start line (the database is created meanwhile by the test)
-tracking._provenance()  # (imports torch and transformers)
-while not go.exists():
-    time.sleep(0.01)
-with tracking.start_run(f"concurrent {tag}", experiment="concurrency") as run:
-    version = tracking.register_model(run.run_id, model_dir, "shared-model", {"writer": tag})
-print(run.run_id, version)
-"""
-
-
-def test_two_processes_register_to_one_model_at_once(pruned, tmp_path, monkeypatch):
-    from tasks import tracking
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "1"}
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER, str(go), str(pruned), tag], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
-    # meanwhile the database and experiment are created (as by any earlier run): the race is on the registry
-    tracking._experiment_id(tracking._client(), "concurrency")
-    go.write_text("go")  # both writers start together once their imports are done
-    results = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
-    runs = dict(line.split() for line, _ in results)
-
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri, uri)
-    versions = client.search_model_versions("name='shared-model'")
-    assert sorted(str(v.version) for v in versions) == ["1", "2"] and sorted(runs.values()) == ["1", "2"]
-    expected = folder_hashes(pruned)
-    for v in versions:
-        assert runs[v.run_id] == str(v.version) and v.tags["writer"] in ("a", "b")
-        local = Path(client.download_artifacts(v.run_id, "model", str(tmp_path / f"dl-{v.version}")))
-        assert folder_hashes(local) == expected  # each version intact, every file identical to the export
-
-
 # ----------------------------------------------------------------------------------------------- determinism
 
+@pytest.mark.heavy
 def test_same_recipe_and_seed_identical_masks_and_weights(inputs, tmp_path):
     base = recipe(inputs, None, structure="unstructured", shots=2, fisher="sampled", seed=3, target_size=0.6)
     runs = {}

@@ -14,7 +14,7 @@ from surgeon import benchmark_report as br
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "benchmarks" / "configs"
 CONFIG_PATHS = sorted(CONFIGS.glob("*.yaml"))
 METHODS = {"llm-surgeon", "kobd", "lobd", "magnitude", "sparsegpt", "wanda"}

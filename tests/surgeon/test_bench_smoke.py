@@ -11,7 +11,7 @@ import pytest
 from surgeon_cli.main import main
 
 pytestmark = pytest.mark.bench
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cpu_smoke_benchmark_meets_its_expected_values(tmp_path, monkeypatch, capsys):

@@ -146,6 +146,7 @@ def test_hub_dataset_unreachable_fails_fast(monkeypatch):
     assert time.perf_counter() - t0 < 10
 
 
+@pytest.mark.heavy
 def test_builtin_default_is_prose_and_deterministic():
     text = D.stdlib_docs_text()
     assert len(text) > 300_000
@@ -222,7 +223,7 @@ def test_load_ids_from_text(tmp_path, tok):
 
 # ------------------------------------------------------------------------------------------- repository data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WIKI = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
 DOCS = ROOT / "data" / "python-docs" / "python-docs.txt"
 

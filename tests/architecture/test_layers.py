@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("surgeon_core", "surgeon", "surgeon_cli", "tasks", "flows")
 
 

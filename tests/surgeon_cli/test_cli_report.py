@@ -7,12 +7,10 @@ import json
 import pytest
 import torch
 
-from surgeon import speed
 from surgeon.models import save_model
 from surgeon_cli.main import main
-from test_materialize import _pruned
 from tiny_io import tiny_tokenizer
-from tiny_models import tiny_model
+from tiny_models import coupled_pruned, tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +19,7 @@ pytestmark = pytest.mark.integration
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     save_model(tiny_model("llama", seed=0), tiny_tokenizer(), root / "dense")
-    save_model(_pruned("llama", seed=0), tiny_tokenizer(), root / "pruned")
+    save_model(coupled_pruned("llama", seed=0), tiny_tokenizer(), root / "pruned")
     return root
 
 
@@ -99,12 +97,3 @@ def test_report_rejects_bad_input(folders, capsys):
     assert rc == 2 and ("no GPU" in err or torch.cuda.is_available())
     rc, _, err = _run(["report", "--attach", str(r / "missing.json"), "--run-id", "x"], capsys)
     assert rc == 2 and "not found" in err
-
-
-def test_decode_graph_needs_a_gpu_and_compile():
-    model = tiny_model("llama", seed=0)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="not a GPU"):
-            speed.CompiledRunner(model, decode_graph=True)
-    with pytest.raises(ValueError, match="compile=True"):
-        speed.compare(model, model, decode_graph=True)

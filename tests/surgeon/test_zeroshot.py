@@ -1,5 +1,6 @@
-"""Zero-shot evaluation: `surgeon make-task` (valid, deterministic, held-out part only) and lm-eval on a tiny model
-through `surgeon eval --tasks` (per-task metrics in the JSON, the same numbers as plain lm-eval, one-line errors)."""
+"""Zero-shot evaluation (surgeon.zeroshot): tasks made from a text (valid, deterministic, held-out part only), lm-eval
+on a tiny model (the same numbers as plain lm-eval, also from a moved task folder), task names and averages, and the
+runner measuring zero-shot accuracy in process. The commands: tests/surgeon_cli/test_cli_zeroshot.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import pytest
 import yaml
 
 from surgeon import zeroshot as Z
-from surgeon_cli.main import main
 from tiny_io import save_tiny, synthetic_prose
 
 pytestmark = pytest.mark.integration
@@ -39,12 +39,6 @@ def model_dir(tmp_path_factory):
 
 def rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def run(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_tasks_are_valid_and_come_from_the_held_out_part(task_dir, text_file):
@@ -85,47 +79,7 @@ def test_make_task_is_deterministic_for_a_seed(tmp_path, text_file):
         assert open(a["yaml"]).read() == open(b["yaml"]).read().replace(str(tmp_path / "b"), str(tmp_path / "a"))
 
 
-def test_make_task_cli_and_errors(capsys, tmp_path, text_file):
-    rc, out, err = run(capsys, "make-task", "choice", "--text", text_file, "--output", tmp_path / "t", "--n", 5,
-                       "--seed", 1, "--holdout", 0.3)
-    assert rc == 0, err
-    assert "task choice_story: 5 documents" in out and (tmp_path / "t" / "choice_story.yaml").is_file()
-    rc, out, err = run(capsys, "make-task", "lastword", "--text", text_file, "--output", tmp_path / "t", "--n", 10000,
-                       "--name", "many")
-    assert rc == 0 and "note: only" in err
-    for args, message in [(["cloze"], "unknown task kind 'cloze'"),
-                          (["choice", "--holdout", 0], "holdout must be in (0, 1]"),
-                          (["choice", "--name", "a b"], "task name 'a b'")]:
-        rc, out, err = run(capsys, "make-task", args[0], "--text", text_file, "--output", tmp_path / "bad", *args[1:])
-        lines = err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, err)
-    rc, out, err = run(capsys, "make-task", "choice", "--text", tmp_path / "nope.txt", "--output", tmp_path / "bad")
-    assert rc == 2 and "text file not found" in err
-    empty = tmp_path / "empty.txt"
-    empty.write_text("a heading\n\nno prose here\n")
-    rc, out, err = run(capsys, "make-task", "lastword", "--text", empty, "--output", tmp_path / "bad")
-    assert rc == 2 and "no lastword documents" in err
-    assert not (tmp_path / "bad").exists()
-
-
-def test_eval_tasks_json_has_per_task_metrics(capsys, tmp_path, model_dir, task_dir, text_file):
-    js = tmp_path / "zs.json"
-    rc, out, err = run(capsys, "eval", "--model", model_dir, "--tasks", "lw,mc", "--task-dir", task_dir,
-                       "--limit", 8, "--data", text_file, "--seqlen", 32, "--max-windows", 2, "--threads", 1,
-                       "--json", js)
-    assert rc == 0, err
-    res = json.loads(js.read_text())
-    assert res["ppl"] > 1 and res["windows"] == 2  # perplexity and zero-shot in one call
-    assert set(res["tasks"]) == {"lw", "mc"}
-    for name, m in res["tasks"].items():
-        assert m["n"] == 8 and 0 <= m["acc"] <= 1 and m["seconds"] > 0, name
-        assert abs(m["acc"] * 8 - round(m["acc"] * 8)) < 1e-9 and m["acc_stderr"] >= 0
-    assert 0 <= res["tasks"]["mc"]["acc_norm"] <= 1 and res["tasks"]["lw"]["perplexity"] > 1
-    assert res["zeroshot_average"] == pytest.approx((res["tasks"]["lw"]["acc"] + res["tasks"]["mc"]["acc"]) / 2)
-    assert set(res["lm_eval"]["results"]) == {"lw", "mc"} and "samples" not in res["lm_eval"]
-    assert "| lw |" in out and "zero-shot average acc" in out and "bootstrapping" not in out
-
-
+@pytest.mark.heavy
 def test_same_numbers_as_plain_lm_eval_and_a_moved_task_folder(tmp_path, model_dir, task_dir):
     """The task YAML works as is with lm-eval's own TaskManager(include_path=DIR); a moved folder still works."""
     import lm_eval
@@ -153,22 +107,6 @@ def test_same_numbers_as_plain_lm_eval_and_a_moved_task_folder(tmp_path, model_d
         Z.evaluate_model(model, tok, ["mc"], task_dir=moved, limit=2)
 
 
-def test_eval_tasks_errors_are_one_line(capsys, tmp_path, model_dir, task_dir):
-    cases = [
-        (["--tasks", "nope", "--task-dir", task_dir], "unknown lm-eval task(s) nope"),
-        (["--tasks", "lw", "--task-dir", tmp_path / "none"], "task folder not found"),
-        ([], "nothing to evaluate"),
-        (["--data", "x.txt"], "--data and --seqlen go together"),
-        (["--task-dir", task_dir, "--data", "builtin:stdlib-docs", "--seqlen", 8], "give --tasks"),
-    ]
-    for args, message in cases:
-        js = tmp_path / "never.json"
-        rc, out, err = run(capsys, "eval", "--model", model_dir, *args, "--json", js)
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert rc == 2 and len(errors) == 1 and message in errors[0], (args, err)
-        assert not js.exists()
-
-
 def test_parse_tasks_and_average():
     assert Z.parse_tasks("lw, mc,lw") == ["lw", "mc"]
     assert Z.parse_tasks(["standard"]) == list(Z.STANDARD_SUITE)
@@ -178,6 +116,7 @@ def test_parse_tasks_and_average():
         == pytest.approx(0.375)
 
 
+@pytest.mark.heavy
 def test_in_process_run_measures_zero_shot_accuracy_dense_and_at_evaluated_steps(model_dir, task_dir, text_file):
     from surgeon.config import load_recipe
     from surgeon.runner import run as run_recipe

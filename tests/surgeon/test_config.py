@@ -209,3 +209,36 @@ def test_plan():
     assert [s.finetune_steps for s in steps] == [2, 2, 2, 7]
     # without evaluation data nothing is evaluated between shots
     assert [s.evaluate for s in cfg_of("shots=4", "eval_at=[0.8]").plan()] == [False, False, False, True]
+
+
+def test_checkpoint_layers_recipe_key_reaches_the_shot():
+    from surgeon.config import load_recipe
+
+    cfg = load_recipe(None, ["checkpoint_layers=true"], model="some/model")
+    assert cfg.compute.checkpoint_layers and cfg.options().checkpoint_layers
+    assert not load_recipe(None, model="some/model").options().checkpoint_layers
+
+
+def test_update_concurrent_recipe_key_reaches_the_shot_and_is_validated():
+    from surgeon.config import load_recipe
+    from surgeon.errors import SurgeonError
+
+    assert load_recipe(None, ["update_concurrent=7"], model="some/model").options().update_concurrent_batches == 7
+    assert load_recipe(None, model="some/model").options().update_concurrent_batches == 1
+    with pytest.raises(SurgeonError, match="update_concurrent"):
+        load_recipe(None, ["update_concurrent=0"], model="some/model")
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    import yaml
+
+    from surgeon.config import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[2] / "deployments" / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        if "sweep" in (yaml.safe_load(path.read_text()) or {}):
+            continue  # a sweep file (surgeon sweep) names a recipe and its grid, not a recipe itself
+        load_recipe(path)

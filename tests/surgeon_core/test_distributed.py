@@ -2,7 +2,8 @@
 
 The workers are spawned with torch.multiprocessing (file:// rendezvous in tmp_path); each builds the same tiny
 random Llama, takes its share of the windows, and writes what it computed to tmp_path for the parent to compare
-with a single-process run of the same calls.
+with a single-process run of the same calls. The torchrun launcher of the flow's shots:
+tests/surgeon/test_launcher.py.
 """
 
 from __future__ import annotations
@@ -129,60 +130,6 @@ def test_process_group_without_init_is_an_error():
     assert resolve() is None
     with pytest.raises(ValueError, match="not initialised"):
         resolve(object())
-
-
-def _masks(folder) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return {k: v == 0 for k, v in load_file(folder / "model.safetensors").items() if "layers" in k}
-
-
-def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path):
-    """prune_step_dir with compute.nproc=2 launches torchrun (gloo, surgeon.shot_worker); its checkpoint has one
-    process's masks."""
-    import numpy as np
-
-    from surgeon.config import load_recipe
-    from surgeon.runner import prune_step_dir
-    from tiny_io import save_tiny
-
-    model = save_tiny(tmp_path / "tiny")
-    calib = tmp_path / "calib.npy"
-    np.save(calib, tiny_windows(4, 16).numpy().astype(np.int32))
-    recipe = dict(model=str(model), nsamples=4, seqlen=16, shots=2, target_size=0.7, threads=1)
-    cfg = load_recipe(None, **recipe)
-    step = cfg.plan()[0]
-    one = prune_step_dir(cfg, str(model), str(calib), step, str(tmp_path / "one"))
-    seen = []
-    cfg2 = load_recipe(None, ["compute.nproc=2"], **recipe)
-    assert cfg2.config_hash() == cfg.config_hash() and cfg2.plan()[0] == step
-    two = prune_step_dir(cfg2, str(model), str(calib), step, str(tmp_path / "two"),
-                         progress=lambda phase, done, total: seen.append((phase, done, total)))
-    assert two["achieved_size"] == one["achieved_size"] < 0.9
-    assert "allreduce" in two["seconds"] and "broadcast" in two["seconds"]
-    assert {p for p, _, _ in seen} >= {"curvature", "costs", "update"}  # rank 0's progress reached the caller
-    m1, m2 = _masks(tmp_path / "one"), _masks(tmp_path / "two")
-    assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
-
-
-def test_nproc_errors_are_one_line(tmp_path, capsys):
-    from surgeon.config import load_recipe
-    from surgeon.errors import SurgeonError
-    from tiny_io import save_tiny, surgeon
-
-    model = save_tiny(tmp_path / "tiny")
-    cores = len(os.sched_getaffinity(0))
-    rc = surgeon("prune", "--model", model, f"compute.nproc={cores + 1}", f"nsamples={cores + 1}")
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and err == f"error: compute.nproc={cores + 1} exceeds the {cores} CPU cores available to this process"
-    if not torch.cuda.is_available():
-        rc = surgeon("prune", "--model", model, "--device", "cuda", "nproc=2")
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert rc == 2 and err.startswith("error: compute.nproc=2 needs 2 GPUs (one per process) but 0 are visible")
-    with pytest.raises(SurgeonError, match="method magnitude has none"):
-        load_recipe(None, model=str(model), method="magnitude", nproc=2)
-    with pytest.raises(SurgeonError, match="at least one calibration window per process"):
-        load_recipe(None, model=str(model), nsamples=2, nproc=4)
 
 
 def test_spread_placement_covers_every_factor_and_balances_layers():

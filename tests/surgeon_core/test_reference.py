@@ -14,13 +14,15 @@ from tiny_models import tiny_model, tiny_windows
 
 pytestmark = pytest.mark.integration
 
+HEAVY = pytest.mark.heavy  # seconds each on one CPU thread: left out of make test-fast
+
 # (family, structure, target size, options)
 CASES = [
-    ("llama", "unstructured", 0.6, {}),
-    ("llama", "unstructured", 0.6, {"max_correlate": 0}),
+    pytest.param("llama", "unstructured", 0.6, {}, marks=HEAVY),
+    pytest.param("llama", "unstructured", 0.6, {"max_correlate": 0}, marks=HEAVY),
     ("opt", "unstructured", 0.6, {"max_correlate": 150}),
-    ("llama", "2:4", 0.6, {}),
-    ("opt", "2:4", 0.5, {}),
+    pytest.param("llama", "2:4", 0.6, {}, marks=HEAVY),
+    pytest.param("opt", "2:4", 0.5, {}, marks=HEAVY),
     ("llama", "4:8", 0.55, {"max_correlate": 300}),
     ("llama", "structured", 0.7, {}),
     ("opt", "structured", 0.7, {}),
