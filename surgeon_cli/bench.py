@@ -22,6 +22,7 @@ DEFAULT_REPORT = "BENCHMARKS.md"
 
 
 def bench_cmd(
+    ctx: typer.Context,
     config: Annotated[Optional[str], typer.Argument(
         help=f"A benchmark config: a YAML file or the NAME of {CONFIGS_DIR}/NAME.yaml.")] = None,
     list_configs: Annotated[bool, typer.Option(
@@ -46,7 +47,8 @@ def bench_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Run a benchmark config and check its metrics against the expected ones (exit 1 if one misses its
-    tolerance); or list the configs (--list), or write the report (--report)."""
+    tolerance); or list the configs (--list), or write the report (--report). key=value arguments after the options
+    override the config's recipe (e.g. model=models/smollm2-135m)."""
     modes = [name for name, on in (("CONFIG", config is not None), ("--list", list_configs), ("--report", report))
              if on]
     if len(modes) != 1:
@@ -77,7 +79,7 @@ def bench_cmd(
     from surgeon.bench import run_bench
 
     result = run_bench(_config_path(config), device=device, json_path=json_out, nproc=nproc, checkpoint=checkpoint,
-                       stop_after=stop_after, results_dir=results_dir)
+                       stop_after=stop_after, results_dir=results_dir, overrides=list(ctx.args))
     if "metrics" not in result:  # stopped before the end: the checkpoint holds the run
         print(f"stopped after {result.get('stopped_after')} step(s); rerun with --checkpoint {checkpoint} to go on")
         return

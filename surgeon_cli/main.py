@@ -44,7 +44,8 @@ app.command("promote")(registry.promote_cmd)
 app.command("materialize")(outputs.materialize_cmd)
 app.command("report")(outputs.report_cmd)
 app.command("verify")(outputs.verify_cmd)
-app.command("bench")(bench.bench_cmd)
+app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})(
+    bench.bench_cmd)
 
 _USER_ERRORS = (SurgeonError, ValueError, OSError, FloatingPointError, KeyError)
 
