@@ -31,7 +31,7 @@ def gate(tags: dict, max_ppl_ratio: float) -> tuple[bool, str]:
 
 
 @flow(name="promote")
-def promote_flow(model_name: str, version: str, max_ppl_ratio: float | None = None,
+def promote_flow(model_name: str, version: int | str, max_ppl_ratio: float | None = None,
                  alias: str = tracking.ALIAS) -> dict:
     """Point ``alias`` at ``model_name`` version ``version`` if its perplexity passes the gate."""
     log = get_run_logger()
