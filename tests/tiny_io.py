@@ -92,3 +92,31 @@ def surgeon(*args) -> int:
     from surgeon_cli.main import main
 
     return main([str(a) for a in args])
+
+
+def zeroshot_inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(text file, folder of two local lm-eval tasks made from its held-out part, tiny model folder)."""
+    from surgeon import zeroshot
+
+    text = tmp_path_factory.mktemp("zs-text") / "story.txt"
+    text.write_text(synthetic_prose(40, seed=1, marker="Zanzibar") + synthetic_prose(40, seed=2))
+    tasks = tmp_path_factory.mktemp("zs") / "tasks"
+    zeroshot.make_task("lastword", text, tasks, name="lw", n=12, seed=0, holdout=0.3)
+    zeroshot.make_task("choice", text, tasks, name="mc", n=12, seed=0, holdout=0.3)
+    return text, tasks, save_tiny(tmp_path_factory.mktemp("zs-model") / "tiny")
+
+
+def run_inputs(root: Path) -> dict:
+    """A tiny model and a text file under ``root``: the inputs of :func:`tiny_recipe`."""
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return {"root": root, "model": save_tiny(root / "tiny"), "text": text}
+
+
+def tiny_recipe(inputs: dict, **kw) -> dict:
+    """Three shots to 70% size on 4 x 16 tokens, evaluated at 80% and at the end."""
+    return {"model": str(inputs["model"]),
+            "method": {"name": "llm-surgeon", "structure": "unstructured", "target_size": 0.7, "shots": 3},
+            "calibration": {"data": str(inputs["text"]), "nsamples": 4, "seqlen": 16},
+            "eval": {"data": str(inputs["text"]), "max_windows": 4, "at": [0.8]},
+            "compute": {"threads": 1}, **kw}

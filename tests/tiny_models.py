@@ -104,3 +104,14 @@ def rank_deficient_setup():
     (fp32) Gram matrices stay positive definite, not ones whose entries were rounded to bf16."""
     opts = dict(method="llm-surgeon", structure="unstructured", damping_a=1e-5, damping_g=1e-5)
     return tiny_windows(2, 8), opts
+
+
+def shot_pruned(family="llama", structure="structured", size=0.6, seed=0):
+    """A tiny model after one LLM Surgeon shot to ``size`` (its zeros are the masks fine-tuning must keep)."""
+    from surgeon_core.methods import PruneOptions
+    from surgeon_core.shot import prune_shot
+
+    model = tiny_model(family, seed=seed)
+    opts = PruneOptions(structure=structure, max_correlate=None if structure == "structured" else 128)
+    prune_shot(model, tiny_windows(4, 16, seed=1), options=opts, target_size=size)
+    return model

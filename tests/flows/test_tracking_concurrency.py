@@ -13,7 +13,7 @@ import pytest
 from surgeon.config import load_recipe
 from surgeon.runner import run
 from surgeon.utils import sha256_file
-from tiny_io import TEXT, save_tiny
+from tiny_io import run_inputs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def pruned(tmp_path_factory) -> Path:
     """A pruned, exported tiny Llama (the same run as tests/surgeon/test_reliability.py's)."""
     root = tmp_path_factory.mktemp("tracking")
-    model = save_tiny(root / "tiny")
-    text = root / "text.txt"
-    text.write_text(TEXT)
+    inputs = run_inputs(root)
+    model, text = inputs["model"], inputs["text"]
     out = root / "pruned"
     run(load_recipe(None, [], model=str(model), calibration=str(text), nsamples=4, seqlen=16, shots=2,
                     target_size=0.8, threads=1, register_model=False, output=str(out), eval_data=str(text),

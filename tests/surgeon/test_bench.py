@@ -12,26 +12,17 @@ import torch
 import yaml
 
 from surgeon.errors import SurgeonError
-from tiny_io import TEXT, save_tiny
+from tiny_io import run_inputs, tiny_recipe
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("bench")
-    text = root / "text.txt"
-    text.write_text(TEXT)
-    return {"root": root, "model": save_tiny(root / "tiny"), "text": text}
+    return run_inputs(tmp_path_factory.mktemp("bench"))
 
 
-def recipe(inputs, **kw) -> dict:
-    """Three shots to 70% size on 4 x 16 tokens, evaluated at 80% and at the end."""
-    return {"model": str(inputs["model"]),
-            "method": {"name": "llm-surgeon", "structure": "unstructured", "target_size": 0.7, "shots": 3},
-            "calibration": {"data": str(inputs["text"]), "nsamples": 4, "seqlen": 16},
-            "eval": {"data": str(inputs["text"]), "max_windows": 4, "at": [0.8]},
-            "compute": {"threads": 1}, **kw}
+recipe = tiny_recipe
 
 
 def bench_config(inputs, folder: Path, name: str, expect: dict, tolerance=0.0) -> Path:

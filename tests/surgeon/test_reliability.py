@@ -32,7 +32,7 @@ from surgeon.errors import SurgeonError
 from surgeon.outputs import lock_path, output_lock
 from surgeon.runner import run
 from surgeon.utils import sha256_file
-from tiny_io import TEXT, save_tiny, surgeon
+from tiny_io import run_inputs, surgeon
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,11 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("reliability")
-    model = save_tiny(root / "tiny")
-    text = root / "text.txt"
-    text.write_text(TEXT)
-    return {"root": root, "model": model, "text": text}
+    return run_inputs(tmp_path_factory.mktemp("reliability"))
 
 
 def recipe(inputs, output, **kw) -> dict:

@@ -17,26 +17,17 @@ from safetensors.torch import load_file
 from surgeon.config import load_recipe
 from surgeon.errors import SurgeonError
 from surgeon.runner import run
-from tiny_io import TEXT, save_tiny
+from tiny_io import run_inputs, tiny_recipe
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("runner")
-    text = root / "text.txt"
-    text.write_text(TEXT)
-    return {"root": root, "model": save_tiny(root / "tiny"), "text": text}
+    return run_inputs(tmp_path_factory.mktemp("runner"))
 
 
-def recipe(inputs, **kw) -> dict:
-    """Three shots to 70% size on 4 x 16 tokens, evaluated at 80% and at the end."""
-    return {"model": str(inputs["model"]),
-            "method": {"name": "llm-surgeon", "structure": "unstructured", "target_size": 0.7, "shots": 3},
-            "calibration": {"data": str(inputs["text"]), "nsamples": 4, "seqlen": 16},
-            "eval": {"data": str(inputs["text"]), "max_windows": 4, "at": [0.8]},
-            "compute": {"threads": 1}, **kw}
+recipe = tiny_recipe
 
 
 def config(inputs, *overrides: str, **kw):

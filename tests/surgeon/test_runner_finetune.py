@@ -5,18 +5,12 @@ tests/surgeon_core/test_finetune.py)."""
 import pytest
 
 from surgeon_core.finetune import mask_violations, pruning_masks
-from surgeon_core.methods import PruneOptions
-from surgeon_core.shot import prune_shot
-from tiny_models import tiny_model, tiny_windows
+from tiny_models import shot_pruned as pruned
+from tiny_models import tiny_windows
 
 pytestmark = pytest.mark.unit
 
 
-def pruned(family="llama", structure="structured", size=0.6, seed=0):
-    model = tiny_model(family, seed=seed)
-    opts = PruneOptions(structure=structure, max_correlate=None if structure == "structured" else 128)
-    prune_shot(model, tiny_windows(4, 16, seed=1), options=opts, target_size=size)
-    return model
 
 
 def test_recipe_holdout_keeps_fine_tuning_from_hurting_the_held_out_windows():

@@ -10,29 +10,29 @@ import pytest
 
 from surgeon import zeroshot as Z
 from surgeon_cli.main import main
-from tiny_io import save_tiny, synthetic_prose
+from tiny_io import zeroshot_inputs
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("zs-text") / "story.txt"
-    path.write_text(synthetic_prose(40, seed=1, marker="Zanzibar") + synthetic_prose(40, seed=2))
-    return path
+def zs_inputs(tmp_path_factory):
+    return zeroshot_inputs(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def task_dir(tmp_path_factory, text_file):
-    d = tmp_path_factory.mktemp("zs") / "tasks"
-    Z.make_task("lastword", text_file, d, name="lw", n=12, seed=0, holdout=0.3)
-    Z.make_task("choice", text_file, d, name="mc", n=12, seed=0, holdout=0.3)
-    return d
+def text_file(zs_inputs):
+    return zs_inputs[0]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("zs-model") / "tiny")
+def task_dir(zs_inputs):
+    return zs_inputs[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(zs_inputs):
+    return zs_inputs[2]
 
 
 def run(capsys, *args):

@@ -15,16 +15,12 @@ from surgeon_core.methods import PruneOptions
 from surgeon_core.shot import prune_shot
 from surgeon_core.update import (newton_step, obs_update_columns, obs_update_elements, obs_update_rows,
                                  quadratic_loss)
+from tiny_models import shot_pruned as pruned
 from tiny_models import tiny_model, tiny_windows
 
 pytestmark = pytest.mark.unit
 
 
-def pruned(family="llama", structure="structured", size=0.6, seed=0):
-    model = tiny_model(family, seed=seed)
-    opts = PruneOptions(structure=structure, max_correlate=None if structure == "structured" else 128)
-    prune_shot(model, tiny_windows(4, 16, seed=1), options=opts, target_size=size)
-    return model
 
 
 def mean_loss(model, windows) -> float:
