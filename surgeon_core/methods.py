@@ -11,20 +11,10 @@ import torch
 
 from .coupled import SCORES as COUPLED_SCORES
 
-__all__ = ["DTYPES", "dtype_name", "Structure", "Option", "OPTIONS", "MethodSpec", "METHODS", "PruneOptions"]
+__all__ = ["DTYPES", "Structure", "Option", "OPTIONS", "MethodSpec", "METHODS", "PruneOptions"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                                   "fp64": torch.float64}
-
-
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    """The short name of a dtype (``torch.bfloat16`` -> ``"bf16"``); None stays None."""
-    if dtype is None:
-        return None
-    names = {v: k for k, v in DTYPES.items()}
-    if dtype not in names:
-        raise ValueError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
-    return names[dtype]
 
 
 @dataclass(frozen=True)

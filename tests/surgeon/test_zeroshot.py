@@ -12,29 +12,9 @@ import pytest
 import yaml
 
 from surgeon import zeroshot as Z
-from tiny_io import zeroshot_inputs
+from zeroshot_fixtures import model_dir, task_dir, text_file, zs_inputs  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def zs_inputs(tmp_path_factory):
-    return zeroshot_inputs(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def text_file(zs_inputs):
-    return zs_inputs[0]
-
-
-@pytest.fixture(scope="module")
-def task_dir(zs_inputs):
-    return zs_inputs[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(zs_inputs):
-    return zs_inputs[2]
 
 
 def rows(path):
