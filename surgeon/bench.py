@@ -137,11 +137,16 @@ def _speed(cfg, block: dict, result: dict) -> dict:
     rep = structure_report(result["output"], result["source_path"], threads=cfg.compute.threads,
                            device=cfg.output.report_device,
                            decode_attention=cfg.output.report_decode_attention)
-    sp, params = rep["speed"], rep["parameters"]
-    return {"prefill_speedup": sp["prefill_speedup"], "decode_speedup": sp["decode_speedup"],
-            "ideal_speedup": sp["ideal_speedup"], "parameters": params["materialized_total"],
-            "dense_parameters": params["dense_total"], "prunable_fraction": params["prunable_fraction"],
-            **{k: v for k, v in rep.get("file_bytes", {}).items() if isinstance(v, (int, float))}}
+    sp, params, files = rep["speed"], rep["parameters"], rep["file_bytes"]
+    out = {"ideal_speedup": sp["ideal_speedup"], "parameters": params["materialized_total"],
+           "dense_parameters": params["dense_total"], "prunable_fraction": params["prunable_fraction"],
+           "file_bytes": files["materialized"], "dense_file_bytes": files["dense"],
+           "rounds": sp["settings"]["repeats"]}
+    for work in ("prefill", "decode"):
+        r = sp[f"{work}_speedup_spread"]
+        out.update({f"{work}_speedup": r["median"], f"{work}_speedup_q1": r["q1"], f"{work}_speedup_q3": r["q3"],
+                    f"{work}_verdict": sp[f"{work}_verdict"]})
+    return out
 
 
 def run_bench(config_path: str | Path, *, device: str | None = None, json_path: str | Path | None = None,

@@ -1,7 +1,8 @@
 """Inference speed of a dense and a materialized (really smaller) model, measured the same way for both.
 
-Two workloads, each timed after a warm-up and repeated with the models interleaved (dense, pruned, dense, ...), so
-a background load on the machine hits both alike; the median of the repeats is reported:
+Two workloads, each timed after a warm-up and repeated in interleaved rounds (dense then pruned, then pruned then
+dense, ...), so a background load on the machine hits both alike; the median of the repeats is reported, with its
+spread:
 
 - **prefill** (scoring): one forward over ``prefill_batch × prefill_len`` random tokens with logits for every
   position (the workload of perplexity evaluation and of the FLOP count below); tokens/s and seconds per batch;
@@ -11,6 +12,12 @@ a background load on the machine hits both alike; the median of the repeats is r
 The *ideal* speed-up is the ratio of FLOPs per token, dense ÷ pruned, counting every linear layer including the
 vocabulary head (2 FLOPs per weight per token; attention-score FLOPs and the embedding lookup are left out): the
 speed-up a model that is only smaller could show. Only torch and the model's own forward are used.
+
+**Honest verdicts.** Each round gives a paired speed-up (dense seconds ÷ pruned seconds of that round); the
+reported speed-up is their median and its spread their interquartile range. A change is claimed ("faster",
+"slower") only when the whole interquartile range lies on one side of 1 and at least ``MIN_ROUNDS_FOR_VERDICT``
+rounds ran; otherwise, and always when nothing was removed (same parameter count), the verdict is "no measurable
+change". Every report names what it measured on (``measured_on``: device, its name, torch threads, usable cores).
 
 ``compile=True`` (off by default; the eager path above is then unchanged) removes the launch and Python overhead of
 both models in the same way, so the measured speed-up is that of the smaller matrices rather than of the kernel
@@ -29,10 +36,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import platform
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,7 +58,64 @@ from surgeon_core.materialize import count_parameters
 from .materialized_export import (kept_from_json, materialize_checked, materialize_model, safetensors_bytes,
                                   save_materialized)
 
-__all__ = ["linear_flops_per_token", "measure", "compare", "CompiledRunner", "greedy_decode", "set_decode_attention"]
+__all__ = ["linear_flops_per_token", "measure", "compare", "CompiledRunner", "greedy_decode", "set_decode_attention",
+           "spread", "verdict", "measured_on", "speed_summary", "NO_CHANGE", "MIN_ROUNDS_FOR_VERDICT"]
+
+NO_CHANGE = "no measurable change"
+MIN_ROUNDS_FOR_VERDICT = 3  # fewer rounds give no spread worth the name: no change is claimed from them
+
+
+def spread(values) -> dict:
+    """Median, quartiles (inclusive method) and extremes of a sample of at least one value."""
+    xs = sorted(float(v) for v in values)
+    if not xs:
+        raise ValueError("spread of an empty sample")
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0], xs[0], xs[0])
+    return {"median": statistics.median(xs), "q1": q1, "q3": q3, "min": xs[0], "max": xs[-1], "n": len(xs)}
+
+
+def verdict(ratios: dict) -> str:
+    """The claim a spread of paired speed-ups (:func:`spread` of dense ÷ pruned seconds per round) supports."""
+    if ratios["n"] < MIN_ROUNDS_FOR_VERDICT:
+        return NO_CHANGE
+    if ratios["q1"] > 1.0:
+        return "faster"
+    if ratios["q3"] < 1.0:
+        return "slower"
+    return NO_CHANGE
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def measured_on(device: str | torch.device) -> dict:
+    """What a timing ran on: device type, its name (GPU or CPU model), torch's thread count and usable cores."""
+    d = torch.device(device)
+    name = torch.cuda.get_device_name(d) if d.type == "cuda" else _cpu_name()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"device": d.type, "name": name, "threads": torch.get_num_threads(), "usable_cores": cores}
+
+
+def speed_summary(speed: dict) -> str:
+    """One line: per workload the median speed-up, its interquartile range and the verdict; the ideal speed-up;
+    what was measured on."""
+    m = speed["measured_on"]
+    where = f"{m['name']}, {m['threads']} thread(s)" if m["device"] == "cpu" else m["name"]
+    parts = []
+    for work in ("prefill", "decode"):
+        r = speed[f"{work}_speedup_spread"]
+        parts.append(f"{work} x{r['median']:.3f} (middle half x{r['q1']:.3f}-x{r['q3']:.3f}): "
+                     f"{speed[f'{work}_verdict']}")
+    note = " (nothing removed)" if speed.get("nothing_removed") else ""
+    return (f"{'; '.join(parts)}; ideal x{speed['ideal_speedup']:.3f}{note}; {speed['settings']['repeats']} "
+            f"interleaved rounds on {m['device']} ({where})")
 
 
 def linear_flops_per_token(model: nn.Module) -> int:
@@ -454,14 +521,16 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
                 log(f"{name}: first (compiling) calls: prefill {res['prefill_seconds']:.1f} s, decode "
                     f"{res['decode_seconds']:.1f} s")
     runs: dict[str, list[dict]] = {k: [] for k in models}
+    order = list(models)
     for r in range(repeats):
-        for name, m in models.items():
-            runs[name].append(measure(m, runner=runners[name], **kw))
+        for name in order if r % 2 == 0 else order[::-1]:  # alternate who goes first: drift hits both alike
+            runs[name].append(measure(models[name], runner=runners[name], **kw))
         if progress is not None:
             progress(r + 1, repeats)
     if runners_out is not None:
         runners_out.update(runners)
-    out: dict = {"settings": {**kw, "repeats": repeats, "warmup": warmup,
+    out: dict = {"measured_on": measured_on(next(dense.parameters()).device),
+                 "settings": {**kw, "repeats": repeats, "warmup": warmup,
                               "device": str(next(dense.parameters()).device),
                               "dtype": str(next(dense.parameters()).dtype).replace("torch.", ""),
                               "threads": torch.get_num_threads(), "compile": bool(compile),
@@ -481,6 +550,8 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
             "prefill_ms_per_token": 1000 * pre / (prefill_batch * prefill_len),
             "decode_ms_per_token": 1000 * dec / decode_tokens,
             "decode_tokens_per_s": decode_batch * decode_tokens / dec,
+            "prefill_seconds_spread": spread(x["prefill_seconds"] for x in runs[name]),
+            "decode_seconds_spread": spread(x["decode_seconds"] for x in runs[name]),
             "runs": runs[name],
         }
         if compile:
@@ -495,15 +566,19 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
     ideal = d["linear_flops_per_token"] / p["linear_flops_per_token"]
     out["ideal_speedup"] = ideal
     for work in ("prefill", "decode"):
-        s = p[f"{work}_tokens_per_s"] / d[f"{work}_tokens_per_s"]
-        out[f"{work}_speedup"] = s
-        out[f"{work}_fraction_of_ideal"] = s / ideal
+        key = f"{work}_seconds"
+        ratios = spread(a[key] / b[key] for a, b in zip(runs["dense"], runs["pruned"]))  # paired by round
+        out[f"{work}_speedup"] = ratios["median"]
+        out[f"{work}_speedup_spread"] = ratios
+        out[f"{work}_verdict"] = verdict(ratios)
+        out[f"{work}_fraction_of_ideal"] = ratios["median"] / ideal
     return out
 
 
 def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | None = None,
-                     threads: int | None = None, prefill_len: int = 256, decode_tokens: int = 16, repeats: int = 3,
-                     align: int = 64, device: str = "cpu", decode_attention: str = "sdpa") -> dict:
+                     threads: int | None = None, prefill_len: int = 256, decode_tokens: int = 16, repeats: int = 7,
+                     align: int = 64, device: str = "cpu", decode_attention: str = "sdpa",
+                     log: Callable[[str], None] | None = None) -> dict:
     """The honest report of a structured output: parameters, file sizes and speed of the materialized model.
 
     The zeroed model in ``pruned_dir`` is materialized in memory (all-zero FFN units and heads dropped, widths
@@ -519,7 +594,12 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
     and speed depend on shapes only, so this measures a run's structure on a machine that does not hold its
     weights; the report says which weights it timed (``source``), and its ``layers`` are what ``tasks.tracking``'s
     attach checks.
+
+    ``repeats`` interleaved rounds give each speed-up its spread and verdict (module docstring); a model with nothing
+    removed gets "no measurable change" whatever its timings. ``log``: called with a line per phase (loading,
+    materializing, file sizes, warm-up, each timing round).
     """
+    say = log or (lambda _line: None)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -540,16 +620,21 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
 
     try:
+        say(f"structure report: loading the dense model {dense_dir}")
         dense = load(dense_dir)
         adapter = adapter_for(dense)
         before = count_parameters(dense, adapter)
         if kept is None:
-            pruned, mat = materialize_checked(load(pruned_dir), align=align)  # logits checked vs the zeroed model
+            say(f"structure report: materializing {pruned_dir} (logits checked against the zeroed model)")
+            pruned, mat = materialize_checked(load(pruned_dir), align=align)
             source = {"pruned": str(pruned_dir), "weights": "the pruned model's own"}
         else:
+            say("structure report: slicing the dense model at the kept units")
             pruned, mat = materialize_model(load(dense_dir), kept_from_json(kept), align=align)
             source = {"kept_units": True, "weights": "dense weights at the kept units (the pruned model's shapes)"}
         after = count_parameters(pruned.eval(), adapter)
+        say(f"structure report: parameters {before['total']:,} -> {after['total']:,}; writing the materialized "
+            "model for its file size")
         with tempfile.TemporaryDirectory() as tmp:
             save_materialized(pruned, Path(tmp) / "m")
             files = {"dense": safetensors_bytes(dense_dir), "materialized": safetensors_bytes(Path(tmp) / "m")}
@@ -558,10 +643,17 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         seqlen = min(prefill_len, getattr(dense.config, "max_position_embeddings", prefill_len))
         if on_gpu:  # after the file sizes: bf16 copies on the GPU
             dense, pruned = (m.to(device="cuda", dtype=torch.bfloat16) for m in (dense, pruned))
+        where = measured_on(device)
+        say(f"structure report: timing dense and materialized models on {where['name']} ({where['threads']} "
+            f"thread(s)), warm-up then {repeats} interleaved rounds")
         res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
                       prompt_len=min(32, seqlen), compile=on_gpu, decode_graph=on_gpu,
-                      decode_attention=decode_attention)
+                      decode_attention=decode_attention, log=say,
+                      progress=lambda r, n: say(f"structure report: timing round {r}/{n}"))
         res["device_name"] = torch.cuda.get_device_name() if on_gpu else "cpu"
+        if after["total"] >= before["total"]:  # identical shapes: any measured difference is noise
+            res["nothing_removed"] = True
+            res["prefill_verdict"] = res["decode_verdict"] = NO_CHANGE
         for k in ("dense", "pruned"):
             res[k].pop("runs", None)
     finally:

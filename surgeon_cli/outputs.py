@@ -133,18 +133,17 @@ def report_cmd(
         raise SurgeonError(f"dense model folder not found: {dense} (--dense)")
     if kept is not None and not kept.is_file():
         raise SurgeonError(f"kept-units file not found: {kept}")
-    from surgeon.speed import structure_report
+    from surgeon.speed import speed_summary, structure_report
 
     try:
         report = structure_report(str(pruned) if pruned else None, str(dense),
                                   kept=json.loads(kept.read_text()) if kept else None, threads=threads,
-                                  device=device, decode_attention=decode_attention)
+                                  device=device, decode_attention=decode_attention, log=stage)
     except ValueError as exc:
         raise SurgeonError(str(exc)) from exc
     sp, pa = report["speed"], report["parameters"]
     print(f"parameters {pa['dense_total']:,} -> {pa['materialized_total']:,} (prunable kept "
-          f"{pa['prunable_fraction']:.4f}); {sp['device_name']}: prefill x{sp['prefill_speedup']:.3f}, decode "
-          f"x{sp['decode_speedup']:.3f} (ideal x{sp['ideal_speedup']:.3f})")
+          f"{pa['prunable_fraction']:.4f}); {speed_summary(sp)}")
     if run_id is not None:
         from tasks import tracking
 

@@ -229,20 +229,18 @@ def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, mo
 def structure_report(config: PruneConfig, output: str, model: ModelRef, run_id: str) -> dict | None:
     """Parameters, file sizes and speed (CPU, or the GPU with ``structure_report_device``) of the materialized output
     vs the dense model, logged to the run."""
-    from surgeon.speed import structure_report as measure
+    from surgeon.speed import speed_summary, structure_report as measure
 
     log = get_run_logger()
     try:
         report = measure(output, model.path, threads=config.compute.threads, device=config.output.report_device,
-                         decode_attention=config.output.report_decode_attention)
+                         decode_attention=config.output.report_decode_attention, log=log.info)
     except SurgeonError as exc:  # a family materialize does not cover (e.g. Qwen): the run itself is fine
         log.warning("no structure report: %s", exc)
         return None
-    sp = report["speed"]
-    log.info("materialized: %d -> %d parameters (prunable kept %.4f); %s prefill x%.3f, decode x%.3f (ideal x%.3f)",
-             report["parameters"]["dense_total"], report["parameters"]["materialized_total"],
-             report["parameters"]["prunable_fraction"], sp.get("device_name", "cpu"), sp["prefill_speedup"],
-             sp["decode_speedup"], sp["ideal_speedup"])
+    log.info("materialized: %d -> %d parameters (prunable kept %.4f); %s", report["parameters"]["dense_total"],
+             report["parameters"]["materialized_total"], report["parameters"]["prunable_fraction"],
+             speed_summary(report["speed"]))
     tracking.log_structure_report(run_id, report)
     return report
 
