@@ -40,13 +40,9 @@ def default_output(cfg: PruneConfig, name: str) -> str:
 
 
 def _cached_checkpoint(task, *args) -> tuple[dict, bool]:
-    """Run a checkpointing task; a cache entry whose checkpoint was deleted since is recomputed."""
-    state = task(*args, return_state=True)
-    out = state.result()
-    if not Path(out["weights"].path, "state.json").is_file():
-        state = task.with_options(refresh_cache=True)(*args, return_state=True)
-        out = state.result()
-    return out, state.name == "Cached"
+    """Run a checkpointing task (it verifies its cache entry and checkpoint itself); whether it was a cache hit."""
+    out = task(*args)
+    return out, out["cached"]
 
 
 def _row(shot: int, report: dict, evaluation: dict | None, cached: bool) -> dict:
@@ -62,8 +58,8 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
     t0 = time.perf_counter()
     log = get_run_logger()
     cfg = resolve_config(config, overrides)
-    prune_shot, finetune, evaluate = steps.persisted(steps.prune_shot, steps.finetune, steps.evaluate)
-    zeroshot = steps.persisted(steps.zeroshot)
+    prune_shot, finetune, evaluate = steps.prune_shot, steps.finetune, steps.evaluate
+    zeroshot = steps.zeroshot
     name = tracking.registered_name(cfg.model, cfg.output.model_name)
     key = reporting.artifact_key("prune", name)
     plan = cfg.plan()

@@ -133,7 +133,7 @@ def _random_windows(ref: str, vocab: int, seed: int) -> torch.Tensor:
 
 def _tokenizer(model_path: str):
     try:
-        return AutoTokenizer.from_pretrained(model_path)
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     except Exception:  # a folder without tokenizer: only .npy data can be used
         return None
 
@@ -152,7 +152,7 @@ def _model_config(model_path: str):
         from transformers import LlamaConfig
 
         return LlamaConfig(max_position_embeddings=4096, **_random_arch(model_path))
-    return AutoConfig.from_pretrained(model_path)
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=False)
 
 
 def build_calibration(cfg: PruneConfig, model_path: str) -> DataRef:

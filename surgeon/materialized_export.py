@@ -178,10 +178,12 @@ def materialize_dir(src: str | Path, out_dir: str | Path, align: int = DEFAULT_A
         raise SurgeonError("materialize: --output must differ from the source folder")
     if out.exists() and any(out.iterdir()):
         raise SurgeonError(f"output {out} exists and is not empty")
-    source_dtype = getattr(AutoConfig.from_pretrained(src, local_files_only=True), "dtype", None)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
+    source_config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    source_dtype = getattr(source_config, "dtype", None)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True,
+                                                 trust_remote_code=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - a folder without tokenizer files is still a model
         tokenizer = None
     model, report = materialize_checked(model.eval(), align=align, verify=verify)

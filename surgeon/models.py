@@ -240,7 +240,7 @@ def _load_dir(ref: str, folder: Path, dtype, device):
     if not any(w.suffix in (".safetensors", ".bin") for w in weights):
         raise SurgeonError(f"no weight files (*.safetensors) in model folder {folder}")
     try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         model_type = _raw_model_type(folder / "config.json")
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
@@ -249,11 +249,12 @@ def _load_dir(ref: str, folder: Path, dtype, device):
     _check_model_type(getattr(config, "model_type", None), str(folder))
     _check_safetensors(weights)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                     trust_remote_code=False)
     except Exception as exc:
         raise SurgeonError(f"cannot load model weights from {folder}: {_first_line(exc)}") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise SurgeonError(f"cannot load the tokenizer from {folder}: {_first_line(exc)}") from exc
     model = _finish(model, dtype, device)
@@ -271,9 +272,10 @@ def _load_gguf(ref: str, file: Path, dtype, device):
     arch = _read_gguf_architecture(file)
     _check_model_type(arch, str(file))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True,
+                                                  trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype,
-                                                     local_files_only=True)
+                                                     local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise SurgeonError(f"cannot convert GGUF file {file}: {_first_line(exc)}") from exc
     model = _finish(model, dtype, device)
@@ -285,10 +287,11 @@ def _load_hub(ref: str, dtype, device):
     repo = ref[3:] if ref.startswith("hf:") else ref
 
     def load(local_only: bool):
-        config = AutoConfig.from_pretrained(repo, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(repo, local_files_only=local_only, trust_remote_code=False)
         _check_model_type(getattr(config, "model_type", None), f"Hub model '{repo}'")
-        model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=local_only)
-        tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=local_only,
+                                                     trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=local_only, trust_remote_code=False)
         return model, tokenizer
 
     offline = hub_offline()

@@ -617,7 +617,8 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         torch.set_num_threads(threads)
 
     def load(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
+                                                    trust_remote_code=False).eval()
 
     try:
         say(f"structure report: loading the dense model {dense_dir}")

@@ -160,7 +160,8 @@ def _kept_units(pruned: Path) -> list[dict]:
     from surgeon_core.adapters import adapter_for
     from surgeon_core.materialize import find_kept
 
-    model = AutoModelForCausalLM.from_pretrained(pruned, dtype="float32", local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(pruned, dtype="float32", local_files_only=True,
+                                                 trust_remote_code=False)
     adapter = adapter_for(model)
     return find_kept(model, adapter, adapter.head_layout(model.config))
 

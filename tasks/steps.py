@@ -5,15 +5,23 @@ Caching. The expensive tasks (one per shot, fine-tuning, evaluation) carry an ex
 what determines their result: the source model's content hash, the calibration data id, the resolved config hash
 (``PruneConfig.config_hash()``: weight-relevant fields only, so not the output folder), the shot index and
 ``code_version()``: ``surgeon_core.__version__`` plus a hash of the library's source (Prefect's ``TASK_SOURCE``
-would miss changes in the code a task calls). Results are
-persisted under ``$SURGEON_CACHE/pipeline/results`` and each shot's checkpoint lives in
-``$SURGEON_CACHE/pipeline/shots/<key>``, written atomically, so a rerun after a crash resumes after the last
-completed shot, and a rerun to another output folder only exports again. Model loading and calibration are not
-cached here: their outputs *are* the content ids, and ``surgeon.data`` already caches tokenization on disk.
+would miss changes in the code a task calls). Each shot's checkpoint lives in ``$SURGEON_CACHE/pipeline/shots/<key>``,
+written atomically, so a rerun after a crash resumes after the last completed shot, and a rerun to another output
+folder only exports again.
+
+The cache is data, never code. Prefect's result files name their own deserializer (pickle, or JSON whose
+``__class__`` names any callable), so Prefect persists nothing here (``persist_result=False``, ``NO_CACHE``): each
+task looks its key up in ``$SURGEON_CACHE/pipeline/records/<key>.json``, a JSON record of known shape signed with
+the per-home key of :mod:`surgeon.integrity` together with the sha256 of every file of its checkpoint. A record or
+checkpoint that fails any check is logged as a warning and recomputed; a shot's result says whether it was a hit.
+One writer per key: a task holds ``.<key>.lock`` while it looks up and computes, so a second run of the same shot
+waits and then reuses the first one's checkpoint, and only partial folders whose writer is gone are removed.
+Model loading and calibration are not cached here: their outputs *are* the content ids, and ``surgeon.data``
+already caches tokenization on disk.
 
 The ``zeroshot`` task (lm-eval) is keyed by the weights' key and the task set (:func:`zeroshot_key`), so the dense
 baseline is computed once per model content and task set; lm-eval's full results JSON is kept under
-``$SURGEON_CACHE/pipeline/zeroshot/<key>.json`` for MLflow.
+``$SURGEON_CACHE/pipeline/zeroshot/<key>/results.json`` for MLflow.
 
 Retries only where they can help: fetching/loading, export and registration retry I/O errors (disk, network,
 tracking server) but not bad input; shots, fine-tuning and evaluation never retry (compute: same input, same
@@ -33,7 +41,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import surgeon_core
-from surgeon import inputs, runner
+from surgeon import integrity, inputs, runner
 from surgeon import zeroshot as lm_zeroshot
 from surgeon.config import PruneConfig
 from surgeon.errors import SurgeonError
@@ -43,8 +51,9 @@ from surgeon_core.schedule import Step
 
 from . import tracking
 
-__all__ = ["Weights", "cache_root", "persisted", "load_model", "build_calibration", "build_eval", "prune_shot",
-           "finetune", "evaluate", "zeroshot", "zeroshot_key", "export", "register"]
+__all__ = ["Weights", "cache_root", "load_model", "build_calibration", "build_eval", "prune_shot",
+           "finetune", "evaluate", "zeroshot", "zeroshot_key", "export", "structure_report", "report_key",
+           "materialize", "register"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +68,77 @@ def cache_root() -> Path:
     return cache_dir("pipeline")
 
 
-def persisted(*tasks):
-    """The given tasks with results stored under the cache root (resolved when the flow runs, not at import).
+def _record_path(key: str) -> Path:
+    return cache_root() / "records" / f"{key}.json"
 
-    Results are stored as JSON, not pickle: a result file is never code that runs when the cache is read."""
-    out = tuple(t.with_options(result_storage=cache_root() / "results", result_serializer="json") for t in tasks)
-    return out if len(out) > 1 else out[0]
+
+def _is_report(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("report"), dict) and set(value) == {"report"}
+
+
+def _is_metrics(*required: str):
+    def check(value) -> bool:
+        return isinstance(value, dict) and all(k in value for k in required)
+    return check
+
+
+def _lookup(key: str, log, what: str, check, folder: Path | None = None):
+    """The verified cached value of ``key``, or None (after a warning when an entry was there but failed a check,
+    in which case it and its folder are removed)."""
+    value, problem = integrity.read_record(_record_path(key), key, check=check, folder=folder)
+    if problem is None and value is not None and folder is not None and not folder.is_dir():
+        value, problem = None, "vouches for a checkpoint that is gone"
+    if problem is not None:
+        log.warning("%s: cache entry %s %s; recomputing it", what, key, problem)
+        _record_path(key).unlink(missing_ok=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return value
+
+
+def _store(key: str, value, folder: Path | None = None) -> None:
+    integrity.write_record(_record_path(key), key, value, integrity.folder_digest(folder) if folder else None)
+
+
+def _key_lock(key: str, log, what: str):
+    """The lock of one cache key: held while the entry is looked up and computed."""
+    return integrity.file_lock(cache_root() / "locks" / f".{key}.lock",
+                               on_wait=lambda: log.info("%s: another run computes the same entry; waiting", what))
+
+
+def _remove_stale_partials(folder: Path, key: str) -> None:
+    """Partial folders of ``key`` left by a killed writer (called with the key's lock held: no writer is alive)."""
+    for stale in folder.parent.glob(f".{key}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in folder.parent.glob(f".{key}.*.old"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_task(key: str, ckpt: Path, what: str, compute):
+    """The report of the checkpoint ``ckpt`` of ``key``: from its verified record, or computed and recorded."""
+    log = get_run_logger()
+    with _key_lock(key, log, what):
+        hit = _lookup(key, log, what, _is_report, folder=ckpt)
+        if hit is not None:
+            log.info("%s: reusing checkpoint %s", what, ckpt)
+            return {"weights": Weights(str(ckpt), key), "report": hit["report"], "cached": True}
+        _remove_stale_partials(ckpt, key)
+        shutil.rmtree(ckpt, ignore_errors=True)  # unrecorded: its writer died after the rename, before the record
+        report = compute()
+        _store(key, {"report": report}, ckpt)
+    return {"weights": Weights(str(ckpt), key), "report": report, "cached": False}
+
+
+def _value_task(key: str, what: str, check, compute):
+    """A small JSON value of ``key``: from its verified record, or computed and recorded."""
+    log = get_run_logger()
+    with _key_lock(key, log, what):
+        hit = _lookup(key, log, what, check)
+        if hit is not None:
+            return hit
+        value = compute()
+        _store(key, value)
+    return value
 
 
 def _transient(task, task_run, state) -> bool:
@@ -93,21 +167,9 @@ def shot_key(cfg: PruneConfig, source: Weights, calibration: DataRef, step: Step
     return _key("shot", model_hash, source.key, calibration.data_id, cfg.config_hash(), step.shot)
 
 
-def _shot_cache_key(ctx, p) -> str:
-    return shot_key(p["config"], p["source"], p["calibration"], p["step"], p["model_hash"])
-
-
 def finetune_key(cfg: PruneConfig, weights: Weights, calibration: DataRef, step: Step) -> str:
     """The pruned weights' key, the data, the step and the fine-tuning settings (in the config hash)."""
     return _key("finetune", weights.key, calibration.data_id, step.finetune_steps, step.shot, cfg.config_hash())
-
-
-def _finetune_cache_key(ctx, p) -> str:
-    return finetune_key(p["config"], p["weights"], p["calibration"], p["step"])
-
-
-def _eval_cache_key(ctx, p) -> str:
-    return _key("eval", p["weights"].key, p["data"].data_id)
 
 
 def zeroshot_key(config: PruneConfig, weights: Weights) -> str:
@@ -116,10 +178,6 @@ def zeroshot_key(config: PruneConfig, weights: Weights) -> str:
     e = config.eval
     fingerprint = lm_zeroshot.task_fingerprint(e.zeroshot_tasks, e.task_dir, e.zeroshot_limit)
     return _key("zeroshot", weights.key, fingerprint)
-
-
-def _zeroshot_cache_key(ctx, p) -> str:
-    return zeroshot_key(p["config"], p["weights"])
 
 
 @task(name="load-model", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -143,36 +201,30 @@ def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
     return inputs.build_eval(config, model.path)
 
 
-def _finished_checkpoint(ckpt: Path, key: str, log, what: str) -> dict | None:
-    """The report of a checkpoint finished earlier whose Prefect result was never recorded; else None, after
-    removing the partial folders a run killed while writing it left behind."""
-    if (ckpt / "state.json").is_file():
-        log.info("%s: reusing checkpoint %s", what, ckpt)
-        return json.loads((ckpt / "state.json").read_text())["report"]
-    for stale in ckpt.parent.glob(f".{key}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    return None
+_CACHED = dict(cache_policy=NO_CACHE, persist_result=False)  # the product's signed records are the cache
 
 
-@task(name="prune-shot", cache_key_fn=_shot_cache_key, persist_result=True)
+@task(name="prune-shot", **_CACHED)
 def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, step: Step, model_hash: str) -> dict:
     """Prune ``step`` of the plan starting from ``source``; the checkpoint is the cache entry."""
     shot = step.shot
     key = shot_key(config, source, calibration, step, model_hash)
     ckpt = cache_root() / "shots" / key
     log = get_run_logger()
-    report = _finished_checkpoint(ckpt, key, log, f"shot {shot}")
-    if report is None:
+
+    def compute() -> dict:
         log.info("shot %d/%d of %s to size %.4f (from %s)", shot, step.num_shots, config.method.name,
                  step.target_size, source.path)
         report = runner.prune_step_dir(config, source.path, calibration.path, step, str(ckpt),
                                        progress=phase_logger(log), log=log)
-    log.info("shot %d: size %.4f (target %.4f), %s", shot, report["achieved_size"], report["target_size"],
-             ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
-    return {"weights": Weights(str(ckpt), key), "report": report}
+        log.info("shot %d: size %.4f (target %.4f), %s", shot, report["achieved_size"], report["target_size"],
+                 ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
+        return report
+
+    return _checkpoint_task(key, ckpt, f"shot {shot}", compute)
 
 
-@task(name="finetune", cache_key_fn=_finetune_cache_key, persist_result=True)
+@task(name="finetune", **_CACHED)
 def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, step: Step) -> dict:
     """Mask-preserving fine-tuning after ``step`` for ``step.finetune_steps`` steps on the calibration windows; the
     checkpoint (written atomically) is the cache entry and the next shot's source."""
@@ -180,42 +232,57 @@ def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, step: 
     key = finetune_key(config, weights, calibration, step)
     ckpt = cache_root() / "finetune" / key
     log = get_run_logger()
-    report = _finished_checkpoint(ckpt, key, log, f"fine-tuning after shot {shot}")
-    if report is None:
+
+    def compute() -> dict:
         log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,
                  config.finetune.lr, config.finetune.train)
         report = runner.finetune_step_dir(config, weights.path, calibration.path, step, str(ckpt), log=log)
-    losses = report["losses"]
-    log.info("fine-tuning after shot %d: loss %.4f -> %.4f in %.1f s", shot, losses[0], losses[-1],
-             report["seconds"])
-    return {"weights": Weights(str(ckpt), key), "report": report}
+        losses = report["losses"]
+        log.info("fine-tuning after shot %d: loss %.4f -> %.4f in %.1f s", shot, losses[0], losses[-1],
+                 report["seconds"])
+        return report
+
+    return _checkpoint_task(key, ckpt, f"fine-tuning after shot {shot}", compute)
 
 
-@task(name="evaluate", cache_key_fn=_eval_cache_key, persist_result=True)
+@task(name="evaluate", **_CACHED)
 def evaluate(config: PruneConfig, weights: Weights, data: DataRef) -> dict:
     """Paper-protocol perplexity of the weights over the evaluation windows."""
-    result = runner.evaluate_dir(weights.path, data.path, config, progress=phase_logger(get_run_logger()))
-    get_run_logger().info("ppl %.3f over %d windows x %d tokens (%.1f s)", result["ppl"], result["windows"],
-                          result["seqlen"], result["seconds"])
-    return result
+    def compute() -> dict:
+        result = runner.evaluate_dir(weights.path, data.path, config, progress=phase_logger(get_run_logger()))
+        get_run_logger().info("ppl %.3f over %d windows x %d tokens (%.1f s)", result["ppl"], result["windows"],
+                              result["seqlen"], result["seconds"])
+        return result
+
+    return _value_task(_key("eval", weights.key, data.data_id), "evaluation",
+                       _is_metrics("ppl", "nll", "windows", "seqlen"), compute)
 
 
-@task(name="zeroshot", cache_key_fn=_zeroshot_cache_key, persist_result=True)
+@task(name="zeroshot", **_CACHED)
 def zeroshot(config: PruneConfig, weights: Weights) -> dict:
     """Zero-shot accuracy (lm-eval) of the weights on the recipe's tasks. Returns per-task metrics, their average
-    and ``results_file``: lm-eval's full results JSON, kept under the cache root next to the cached result."""
-    if config.compute.threads:
-        torch.set_num_threads(config.compute.threads)
+    and ``results_file``: lm-eval's full results JSON, kept under the cache root (its sha256 in the record)."""
+    key = zeroshot_key(config, weights)
+    folder = cache_root() / "zeroshot" / key
     log, e = get_run_logger(), config.eval
-    log.info("zero-shot (lm-eval) on %s: %s", weights.path, ", ".join(e.zeroshot_tasks))
-    result = lm_zeroshot.evaluate_dir(weights.path, e.zeroshot_tasks, task_dir=e.task_dir, limit=e.zeroshot_limit,
-                                      batch_size=e.batch_size, device=config.compute.device, log=log.info)
-    path = cache_root() / "zeroshot" / f"{zeroshot_key(config, weights)}.json"
-    atomic_write(path, json.dumps(result["results"], indent=1, default=str))
-    out = {k: result[k] for k in ("tasks", "average", "seconds", "limit")}
+    what = "zero-shot"
+    with _key_lock(key, log, what):
+        hit = _lookup(key, log, what, _is_metrics("tasks", "average", "seconds", "limit"), folder=folder)
+        if hit is not None:
+            return {**hit, "results_file": str(folder / "results.json")}
+        shutil.rmtree(folder, ignore_errors=True)
+        if config.compute.threads:
+            torch.set_num_threads(config.compute.threads)
+        log.info("zero-shot (lm-eval) on %s: %s", weights.path, ", ".join(e.zeroshot_tasks))
+        result = lm_zeroshot.evaluate_dir(weights.path, e.zeroshot_tasks, task_dir=e.task_dir,
+                                          limit=e.zeroshot_limit, batch_size=e.batch_size,
+                                          device=config.compute.device, log=log.info)
+        atomic_write(folder / "results.json", json.dumps(result["results"], indent=1, default=str))
+        out = {k: result[k] for k in ("tasks", "average", "seconds", "limit")}
+        _store(key, out, folder)
     log.info("zero-shot average acc %s (%.1f s)", f"{out['average']:.4f}" if out["average"] is not None else "-",
              out["seconds"])
-    return {**out, "results_file": str(path)}
+    return {**out, "results_file": str(folder / "results.json")}
 
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)

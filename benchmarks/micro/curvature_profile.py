@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     out = {"threads": args.threads, "batch_size": args.batch_size, "batches": args.batches, "torch": torch.__version__,
            "attention": {}}
     for impl in ("sdpa", "sdpa-math", "eager", "sdpa"):  # sdpa twice: the spread of repeats
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, trust_remote_code=False,
                                                      attn_implementation="eager" if impl == "eager" else "sdpa").eval()
         kw = {"adapter": adapter_for(model), "batch_size": args.batch_size, "autocast_dtype": torch.bfloat16}
         ctx = sdpa_kernel(SDPBackend.MATH) if impl == "sdpa-math" else contextlib.nullcontext()
