@@ -196,9 +196,9 @@ def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None]:
     but the caches (converted models, token ids). Returns what it resolved."""
     out = cfg.output
     if out.path:
-        check_output(out.path, config_hash=cfg.config_hash(), overwrite=out.overwrite)
+        check_output(out.path, config_hash=cfg.config_hash(), overwrite=out.overwrite, sources=[cfg.model])
     src = prepare_model(cfg)
     if out.path:
         check_output(out.path, config_hash=cfg.config_hash(), source_model=src.content_hash,
-                     overwrite=out.overwrite)
+                     overwrite=out.overwrite, sources=[cfg.model, src.path])
     return src, build_calibration(cfg, src.path), build_eval(cfg, src.path)

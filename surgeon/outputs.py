@@ -4,7 +4,8 @@
   run and naming its holder (pid, host, start time). A second run to the same output is refused at once. The
   kernel drops the lock when its process dies (even ``kill -9``), so a lock file left behind by a dead run is stale
   and simply taken over; nothing has to be cleaned up by hand.
-- :func:`check_output` -- the output policy: a missing or empty folder is fine; an existing complete output of the
+- :func:`check_output` -- the output policy: never the source model (an output that is, contains, lies inside of or
+  links to it is refused, ``overwrite`` or not); a missing or empty folder is fine; an existing complete output of the
   *same* configuration (manifest present, same config hash and source model) is replaced by the identical result
   (so rerunning a finished command is harmless); anything else is refused unless ``overwrite`` is set explicitly.
 - :func:`manifest_files` / :func:`verify_dir` -- ``manifest.json`` lists the sha256 of every file of the folder
@@ -20,7 +21,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from .config import PruneConfig, load_yaml
 from .errors import SurgeonError
 from .utils import sha256_file
 
-__all__ = ["MANIFEST", "lock_path", "output_lock", "check_output", "check_writable", "manifest_files",
+__all__ = ["MANIFEST", "lock_path", "output_lock", "check_output", "check_not_source", "check_writable", "manifest_files",
            "verify_dir"]
 
 MANIFEST = "manifest.json"
@@ -114,9 +115,25 @@ def _read_manifest(folder: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def check_not_source(output: str | os.PathLike, sources: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output that is, contains, lies inside of or links to a source model (symlinks resolved): writing
+    it would replace or delete the model being pruned. ``overwrite`` does not lift this."""
+    out = Path(output).expanduser().resolve()
+    for source in sources:
+        if source is None or not Path(source).expanduser().exists():
+            continue  # a registered name or random:ARCH is no path; its resolved folder is checked too
+        src = Path(source).expanduser().resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            how = "is" if out == src else "contains" if src.is_relative_to(out) else "is inside"
+            raise SurgeonError(f"output {Path(output).expanduser()} {how} the source model {src}: writing it "
+                               "would overwrite or delete the model being pruned; choose another output")
+
+
 def check_output(output: str | os.PathLike, *, config_hash: str, source_model: str | None = None,
-                 overwrite: bool = False) -> Path:
-    """Refuse an output folder that would lose someone's files (see the module docstring). Creates nothing."""
+                 overwrite: bool = False, sources: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output folder that would lose someone's files (see the module docstring): the source model's
+    (``sources``: its reference and resolved folder) always. Creates nothing."""
+    check_not_source(output, sources)
     out = check_writable(output)
     if not out.exists() or overwrite or not any(out.iterdir()):
         return out

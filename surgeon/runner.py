@@ -213,7 +213,8 @@ def run(cfg: PruneConfig, *, checkpoint: str | Path | None = None, progress: Pro
     the same config resumes after the last finished step. ``stop_after``: stop after that many steps (the result
     says so; the checkpoint resumes). Bad input raises :class:`SurgeonError` before any work."""
     if cfg.output.path:
-        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
+        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite,
+                     sources=[cfg.model])
         with output_lock(cfg.output.path):
             return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
     return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
@@ -338,7 +339,7 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
     """Write the final pruned model folder with ``recipe.yaml``, ``layer_sizes.json`` and ``manifest.json`` (hashes
     of every file), atomically: a folder that exists is complete."""
     check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
-                 overwrite=cfg.output.overwrite)
+                 overwrite=cfg.output.overwrite, sources=[cfg.model, source.path])
     size, per_layer, per_type = model_size(model)
     manifest = {"source_model": source.path, "source_model_hash": source.content_hash,
                 "config_hash": cfg.config_hash(), "method": cfg.method.name, "structure": cfg.method.structure,

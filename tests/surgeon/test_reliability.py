@@ -400,3 +400,29 @@ def test_same_recipe_and_seed_identical_masks_and_weights(inputs, tmp_path):
     assert all(torch.equal(a[k] == 0, b[k] == 0) for k in a)  # masks
     assert all(torch.equal(a[k], b[k]) for k in a)  # weights, bit for bit
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed matters (sampled Fisher labels)
+
+
+# ----------------------------------------------------------------------------------------------- the source model
+
+@pytest.mark.heavy
+def test_output_that_is_contains_is_inside_or_links_to_the_source_is_refused_even_with_overwrite(inputs, tmp_path,
+                                                                                               capsys):
+    """The source model is never destroyed: an output that is the model folder, links to it, contains it or lies
+    inside it is refused with or without --overwrite (recipe ``output.overwrite: true``), before any work."""
+    parent = tmp_path / "models"
+    model = copy_model(inputs["model"], parent / "tiny")
+    (tmp_path / "link").symlink_to(model, target_is_directory=True)
+    (tmp_path / "parent-link").symlink_to(parent, target_is_directory=True)
+    before = folder_hashes(parent)
+    outputs = {"the model": model, "a link to it": tmp_path / "link", "its parent": parent,
+               "a link to its parent": tmp_path / "parent-link", "inside it": model / "pruned",
+               "inside it through a link": tmp_path / "link" / "sub" / "pruned"}
+    for name, out in outputs.items():
+        r = recipe(inputs, out, model=str(model))
+        with pytest.raises(SurgeonError, match="source model") as exc:
+            run(load_recipe(None, ["output.overwrite=true"], **r))
+        assert "would overwrite or delete" in str(exc.value), name
+        rc, _, err = cli(capsys, "prune", "--model", model, "--calibration", inputs["text"], "--nsamples", 4,
+                         "--seqlen", 16, "--output", out, "--overwrite", "--no-register", "threads=1")
+        assert rc == 2 and "source model" in err.strip().splitlines()[-1], (name, err)
+        assert folder_hashes(parent) == before, name
