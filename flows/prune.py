@@ -3,7 +3,8 @@
     load model -> calibration windows -> evaluate dense (perplexity; zero-shot accuracy if eval.zeroshot_tasks)
     for each step of the plan:  prune the step's shot -> fine-tune (step.finetune_steps; pruned weights stay 0)
                                 -> evaluate (step.evaluate)
-    export -> register
+    export -> materialize (output.materialize) -> structure report (structured / coupled) -> register (a version
+    with the same weights is reused)
 
 Each shot is its own cached task whose checkpoint is the resume point; see ``tasks/steps.py``.
 
@@ -59,7 +60,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
     log = get_run_logger()
     cfg = resolve_config(config, overrides)
     prune_shot, finetune, evaluate = steps.prune_shot, steps.finetune, steps.evaluate
-    zeroshot = steps.zeroshot
+    zeroshot, structure_report = steps.zeroshot, steps.structure_report
     name = tracking.registered_name(cfg.model, cfg.output.model_name)
     key = reporting.artifact_key("prune", name)
     plan = cfg.plan()
@@ -69,7 +70,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
 
     # the output policy (no silent overwrite) before any work; one writer per output folder for the whole run
     output = cfg.output.path or default_output(cfg, name)
-    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite, sources=[cfg.model])
+    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
     with outputs.output_lock(output), \
             tracking.start_run(f"{name} {m.name} {m.structure} {cfg.final_target:g}", experiment=cfg.output.experiment,
                                params=cfg.flat(), parent_run_id=parent_run_id,
@@ -124,13 +125,20 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         }
         metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
         summary["output"] = steps.export(cfg, weights, output, metrics, model)
+        registered_dir = summary["output"]
+        if cfg.output.materialize and m.structure in ("structured", "coupled"):
+            summary["materialized"] = steps.materialize(summary["output"])
+            registered_dir = summary["materialized"].get("output", registered_dir)
         if cfg.output.structure_report and m.structure in ("structured", "coupled"):
-            summary["structure_report"] = steps.structure_report(cfg, summary["output"], model, run.run_id)
+            report = structure_report(cfg, weights, summary["output"], model)  # cached per weights and settings
+            if report is not None:
+                tracking.log_structure_report(run.run_id, report)
+            summary["structure_report"] = report
         tracking.log_outcome(run.run_id, recipe_yaml=cfg.to_yaml(), shot_reports=reports,
                              ppl_points=[(r["size"], r["ppl"]) for r in rows if r["ppl"] is not None]
                              + ([(1.0, dense_ppl)] if dense_ppl else []),
                              dense_ppl=dense_ppl, summary=summary, finetune_reports=ft_reports)
-        summary["registered_version"] = None
+        summary["registered_version"] = summary["registration"] = None
         if cfg.output.register_model:
             tags = {"method": m.name, "structure": m.structure, "target_size": cfg.final_target,
                     "achieved_size": summary["achieved_size"], "dense_ppl": dense_ppl, "pruned_ppl": final_ppl,
@@ -139,7 +147,10 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
                     "eval_data_id": summary["eval_data_id"],
                     "dense_zeroshot_acc": (dense_zs or {}).get("average"),
                     "pruned_zeroshot_acc": (summary["zeroshot"] or {}).get("average")}
-            summary["registered_version"] = steps.register(run.run_id, summary["output"], name, tags)
+            reg = steps.register(run.run_id, registered_dir, name, tags)
+            summary["registered_version"] = reg["version"]
+            summary["registration"] = "reused" if reg["reused"] else "new"
+            summary["weights_sha256"] = reg["weights_sha256"]
         summary["seconds"] = time.perf_counter() - t0
         reporting.prune_summary(key, title=f"Prune {name}", rows=rows, summary=summary, run_url=run.url)
         if zs_tasks:

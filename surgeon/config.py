@@ -201,7 +201,8 @@ class ComputeSection(_Section):
     model_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype the model's weights are held in "
                                                  "while pruning (the solves stay fp32/fp64)")
     batch_size: int = Field(default=1, description="windows per forward/backward pass")
-    threads: int | None = Field(default=None, description="CPU threads", json_schema_extra=NOT_WEIGHTS)
+    threads: int | None = Field(default=None, description="torch CPU threads (default: the physical cores this "
+                                 "process may use)", json_schema_extra=NOT_WEIGHTS)
     nproc: int = Field(default=1, description="processes per shot (data-parallel curvature)",
                        json_schema_extra=NOT_WEIGHTS)
     checkpoint_layers: bool = Field(default=False, description="recompute layer activations in the backward pass",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -48,6 +49,11 @@ for _cfg, _model in {v[0]: v[1] for v in _FAMILIES.values()}.items():
         AutoModelForCausalLM.register(_cfg, _model)
     except ValueError:  # already registered (module reloaded)
         pass
+    # MLflow's transformers flavour resolves a saved model's class by name in the transformers namespace, and
+    # otherwise turns to the folder's remote code; the namespace is the module object in sys.modules now (importing
+    # the first model class replaces transformers' lazy module)
+    for _cls in (_cfg, _model):
+        setattr(sys.modules["transformers"], _cls.__name__, _cls)
 
 
 def _check_family(config) -> None:

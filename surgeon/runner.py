@@ -35,7 +35,7 @@ from .errors import SurgeonError
 from .inputs import RANDOM, DataRef, ModelRef, load_windows, preflight, random_model
 from .models import load_model, save_model
 from .outputs import check_output, manifest_files, output_lock
-from .utils import atomic_write, keep_freed_memory
+from .utils import atomic_write, keep_freed_memory, torch_threads
 
 __all__ = ["Runner", "run", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
            "shot_with_fallback"]
@@ -95,8 +95,7 @@ def load_for_pruning(source: str, cfg: PruneConfig):
         model, tok = random_model(source, device=cfg.compute.device, dtype=dtype, seed=cfg.method.seed), None
     else:
         model, tok, _ = load_model(source, dtype=dtype, device=cfg.compute.device)
-    if cfg.compute.threads:
-        torch.set_num_threads(cfg.compute.threads)
+    torch_threads(cfg.compute.threads)
     if next(model.parameters()).device.type == "cpu":
         keep_freed_memory()  # reuse the batches' large buffers instead of page-faulting them in again
     return model, tok
@@ -213,8 +212,7 @@ def run(cfg: PruneConfig, *, checkpoint: str | Path | None = None, progress: Pro
     the same config resumes after the last finished step. ``stop_after``: stop after that many steps (the result
     says so; the checkpoint resumes). Bad input raises :class:`SurgeonError` before any work."""
     if cfg.output.path:
-        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite,
-                     sources=[cfg.model])
+        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
         with output_lock(cfg.output.path):
             return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
     return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
@@ -330,8 +328,7 @@ def finetune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: 
 def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig, progress: Progress | None = None) -> dict:
     """Paper-protocol perplexity of a saved model over the saved evaluation windows."""
     model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.compute.device)
-    if cfg.compute.threads:
-        torch.set_num_threads(cfg.compute.threads)
+    torch_threads(cfg.compute.threads)
     return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()
 
 
@@ -339,7 +336,7 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
     """Write the final pruned model folder with ``recipe.yaml``, ``layer_sizes.json`` and ``manifest.json`` (hashes
     of every file), atomically: a folder that exists is complete."""
     check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
-                 overwrite=cfg.output.overwrite, sources=[cfg.model, source.path])
+                 overwrite=cfg.output.overwrite)
     size, per_layer, per_type = model_size(model)
     manifest = {"source_model": source.path, "source_model_hash": source.content_hash,
                 "config_hash": cfg.config_hash(), "method": cfg.method.name, "structure": cfg.method.structure,

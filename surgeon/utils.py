@@ -20,6 +20,8 @@ __all__ = [
     "atomic_write",
     "atomic_dir",
     "keep_freed_memory",
+    "physical_cores",
+    "torch_threads",
 ]
 
 _CHUNK = 1 << 20
@@ -177,3 +179,44 @@ def keep_freed_memory() -> bool:
             except OSError:
                 pass
     return _kept_memory
+
+
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``), in CPUs; None when unlimited or unknown."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (``os.sched_getaffinity``), hyperthread siblings
+    counted once, at most the cgroup's CPU quota: torch's compute threads beyond that only contend."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                       topo.joinpath("core_id").read_text().strip()))
+        except OSError:  # no topology (non-Linux, some containers): one core per CPU
+            cores.add(("cpu", str(cpu)))
+    n = len(cores)
+    quota = _cgroup_cpus()
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    return max(1, n)
+
+
+def torch_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op thread count to ``requested`` (``compute.threads``), else to :func:`physical_cores`;
+    returns the count set."""
+    import torch
+
+    n = int(requested) if requested else physical_cores()
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {requested}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -19,14 +19,14 @@ from tasks.plots import markdown_table
 
 __all__ = ["DebugOpt", "JsonOpt", "ThreadsOpt", "DeviceOpt", "KEY_VALUE_ARGS", "stage", "check_output_file",
            "write_json", "tqdm_progress", "check_model_ref", "check_data_ref", "set_threads", "surgeon_version",
-           "pipeline_env", "print_ui_hint", "markdown_table"]
+           "pipeline_env", "services_file", "running_services", "print_ui_hint", "markdown_table"]
 
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON to this file.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch device, e.g. cpu or cuda.")]
 ThreadsOpt = Annotated[Optional[int], typer.Option(
-    "--threads", help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy "
-                      "machine).", min=1)]
+    "--threads", help="CPU threads for torch (default: the physical cores this process may use; 1 avoids "
+                      "oversubscription on a busy machine).", min=1)]
 
 # context settings of the commands that take config fields as key=value arguments after their options
 KEY_VALUE_ARGS = {"allow_extra_args": True, "ignore_unknown_options": False}
@@ -96,10 +96,10 @@ def check_data_ref(ref: str) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+    """torch's thread count: ``threads``, else the physical cores this process may use."""
+    from surgeon.utils import torch_threads
 
-        torch.set_num_threads(threads)
+    torch_threads(threads)
 
 
 def surgeon_version() -> str:
@@ -109,9 +109,49 @@ def surgeon_version() -> str:
         return "unknown"
 
 
-def pipeline_env() -> str:
-    """Defaults for Prefect (set before it is first imported) and the MLflow tracking URI in use."""
+def services_file() -> Path:
+    """Where deployments/start_services.sh records its servers' addresses (``$SURGEON_RUN_DIR``, default
+    ``$SURGEON_HOME/services``)."""
     home = Path(os.environ.get("SURGEON_HOME") or "~/.llm-surgeon").expanduser()
+    return Path(os.environ.get("SURGEON_RUN_DIR") or home / "services").expanduser() / "services.json"
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def running_services() -> dict | None:
+    """The recorded services (``prefect_api_url``, ``mlflow_tracking_uri``) when their Prefect server answers."""
+    path = services_file()
+    try:
+        svc = json.loads(path.read_text())
+        api = svc["prefect_api_url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return svc if _answers(f"{api.rstrip('/')}/health") else None
+
+
+def pipeline_env() -> str:
+    """Defaults for Prefect (set before it is first imported) and the MLflow tracking URI in use.
+
+    A Prefect server is used when ``PREFECT_API_URL`` names one, else the one deployments/start_services.sh
+    recorded if it answers (with its MLflow server, unless ``MLFLOW_TRACKING_URI`` is set); only without either
+    does a flow start a temporary server over ``$SURGEON_HOME/prefect``."""
+    home = Path(os.environ.get("SURGEON_HOME") or "~/.llm-surgeon").expanduser()
+    if not os.environ.get("PREFECT_API_URL"):
+        svc = running_services()
+        if svc is not None:
+            os.environ["PREFECT_API_URL"] = svc["prefect_api_url"]
+            mlflow_uri = svc.get("mlflow_tracking_uri")
+            if mlflow_uri and _answers(f"{mlflow_uri.rstrip('/')}/health"):
+                os.environ.setdefault("MLFLOW_TRACKING_URI", mlflow_uri)
+            stage(f"using the running services: Prefect {svc['prefect_api_url']} ({services_file().parent})")
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -13,7 +13,7 @@ import typer
 
 from surgeon.errors import SurgeonError
 
-from . import bench, models, outputs, prune, registry
+from . import bench, gc, models, outputs, prune, registry
 from .common import KEY_VALUE_ARGS, DebugOpt
 
 __all__ = ["app", "main"]
@@ -41,6 +41,7 @@ app.command("prune", cls=prune.ConfigCommand, context_settings=KEY_VALUE_ARGS,
 app.command("sweep", cls=prune.ConfigCommand, context_settings=KEY_VALUE_ARGS,
             options_metavar="[OPTIONS] [KEY=VALUE]...")(prune.sweep_cmd)
 app.command("promote")(registry.promote_cmd)
+app.command("gc")(gc.gc_cmd)
 app.command("materialize")(outputs.materialize_cmd)
 app.command("report")(outputs.report_cmd)
 app.command("verify")(outputs.verify_cmd)

@@ -7,6 +7,7 @@ section with its fields and the method registry, generated from :data:`surgeon.c
 
 from __future__ import annotations
 
+import sys
 import typing
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +19,7 @@ from surgeon.errors import SurgeonError
 
 from .common import (DebugOpt, JsonOpt, check_data_ref, check_model_ref, check_output_file,
                      markdown_table, pipeline_env, print_ui_hint, set_threads, stage, write_json)
-from .outputs import materialize_output
+from .outputs import materialize_output, print_materialize
 
 __all__ = ["ConfigCommand", "prune_cmd", "sweep_cmd", "config_help", "MATERIALIZE_STRUCTURES"]
 
@@ -218,10 +219,18 @@ def prune_cmd(
            "cached_shots": result["cached_shots"], "source_model_hash": result["source_model_hash"],
            "calibration_id": result["calibration_id"], "mlflow_run_id": result["run_id"],
            "mlflow_run": result["run_url"], "model_name": result["model_name"],
-           "registered_version": result["registered_version"], "dense_zeroshot": result.get("dense_zeroshot"),
+           "registered_version": result["registered_version"], "registration": result.get("registration"),
+           "dense_zeroshot": result.get("dense_zeroshot"),
            "zeroshot": result.get("zeroshot")}
-    if cfg.output.materialize:
-        out["materialized"] = materialize_output(result["output"])
+    if cfg.output.materialize:  # the flow materializes (and registers the smaller model); else here
+        mat = result.get("materialized")
+        if mat is None:
+            mat = materialize_output(result["output"])
+        elif "skipped" in mat:
+            print(f"warning: not materialized: {mat['skipped']}", file=sys.stderr)
+        else:
+            print_materialize(mat)
+        out["materialized"] = mat
     _print_prune_result(out)
     if json_out is not None:
         write_json(json_out, out)
@@ -245,8 +254,10 @@ def _print_prune_result(out: dict) -> None:
     print(f"MLflow run {out['mlflow_run']}")
     print_ui_hint()
     if out["registered_version"]:
-        print(f"registered {out['model_name']} version {out['registered_version']} (promote: surgeon promote "
-              f"--model-name {out['model_name']} --version {out['registered_version']})")
+        how = "same weights as" if out.get("registration") == "reused" else "registered"
+        print(f"{how} {out['model_name']} version {out['registered_version']} (promote: surgeon promote "
+              f"--model-name {out['model_name']} --version {out['registered_version']}; load: "
+              f"mlflow.transformers.load_model('models:/{out['model_name']}/{out['registered_version']}'))")
 
 
 # ----------------------------------------------------------------------------------------- sweep

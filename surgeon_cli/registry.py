@@ -27,11 +27,16 @@ def promote_cmd(
     """Move the registry alias (champion) to a model version if it passes the perplexity gate (exit 1 if not)."""
     pipeline_env()
     # Prefect and MLflow are imported after pipeline_env() has set their environment
-    from flows.promote import promote_flow
+    from flows.promote import PromotionRefused, promote_flow
     from tasks.tracking import model_version
 
     model_version(model_name, version)  # a missing version: one line, before a flow run starts
-    result = promote_flow(model_name, version, max_ppl_ratio=max_ppl_ratio, alias=alias)
+    state = promote_flow(model_name, version, max_ppl_ratio=max_ppl_ratio, alias=alias, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, PromotionRefused):
+        result = result.result
+    elif isinstance(result, BaseException):
+        raise result
     if result["passed"]:
         print(f"promoted {model_name} version {version} to '{alias}': {result['reason']}")
         return

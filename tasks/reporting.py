@@ -53,7 +53,9 @@ def prune_summary(key: str, *, title: str, rows: list[dict], summary: dict, run_
         lines.append(f"- shots served from the cache: {', '.join(map(str, cached))}")
     lines.append(f"- output `{summary['output']}`")
     if summary.get("registered_version"):
-        lines.append(f"- registered as `{summary['model_name']}` version {summary['registered_version']}")
+        reused = " (the same weights as before: that version is reused)" if summary.get("registration") == "reused" \
+            else ""
+        lines.append(f"- registered as `{summary['model_name']}` version {summary['registered_version']}{reused}")
     lines += [f"- MLflow run: [{run_url}]({run_url})", "", markdown_table(rows)]
     create_markdown_artifact("\n".join(lines), key=key, description=title)
     create_table_artifact(rows, key=f"{key}-shots", description="per-shot size, perplexity and seconds")

@@ -36,7 +36,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -46,7 +45,7 @@ from surgeon import zeroshot as lm_zeroshot
 from surgeon.config import PruneConfig
 from surgeon.errors import SurgeonError
 from surgeon.inputs import DataRef, ModelRef
-from surgeon.utils import atomic_write, cache_dir, phase_logger, sha256_bytes
+from surgeon.utils import atomic_write, cache_dir, phase_logger, sha256_bytes, torch_threads
 from surgeon_core.schedule import Step
 
 from . import tracking
@@ -271,8 +270,7 @@ def zeroshot(config: PruneConfig, weights: Weights) -> dict:
         if hit is not None:
             return {**hit, "results_file": str(folder / "results.json")}
         shutil.rmtree(folder, ignore_errors=True)
-        if config.compute.threads:
-            torch.set_num_threads(config.compute.threads)
+        torch_threads(config.compute.threads)
         log.info("zero-shot (lm-eval) on %s: %s", weights.path, ", ".join(e.zeroshot_tasks))
         result = lm_zeroshot.evaluate_dir(weights.path, e.zeroshot_tasks, task_dir=e.task_dir,
                                           limit=e.zeroshot_limit, batch_size=e.batch_size,
@@ -292,10 +290,22 @@ def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, mo
     return path
 
 
-@task(name="structure-report", cache_policy=NO_CACHE)
-def structure_report(config: PruneConfig, output: str, model: ModelRef, run_id: str) -> dict | None:
-    """Parameters, file sizes and speed (CPU, or the GPU with ``structure_report_device``) of the materialized output
-    vs the dense model, logged to the run."""
+def report_key(config: PruneConfig, weights: Weights, model_hash: str) -> str:
+    """The final weights' key, the dense model's content and the report's settings (device, decode attention,
+    threads): the same weights are measured once, whatever the output folder."""
+    o = config.output
+    return _key("report", weights.key, model_hash, o.report_device, o.report_decode_attention, config.compute.threads)
+
+
+@task(name="structure-report", **_CACHED)
+def structure_report(config: PruneConfig, weights: Weights, output: str, model: ModelRef) -> dict | None:
+    """Parameters, file sizes and speed (CPU, or the GPU with ``structure_report_device``) of the materialized
+    output vs the dense model (``weights`` is the key of the exported weights; the flow logs the report)."""
+    return _value_task(report_key(config, weights, model.content_hash), "structure report",
+                       _is_metrics("parameters", "speed"), lambda: _structure_report(config, output, model))
+
+
+def _structure_report(config: PruneConfig, output: str, model: ModelRef) -> dict | None:
     from surgeon.speed import speed_summary, structure_report as measure
 
     log = get_run_logger()
@@ -308,13 +318,33 @@ def structure_report(config: PruneConfig, output: str, model: ModelRef, run_id: 
     log.info("materialized: %d -> %d parameters (prunable kept %.4f); %s", report["parameters"]["dense_total"],
              report["parameters"]["materialized_total"], report["parameters"]["prunable_fraction"],
              speed_summary(report["speed"]))
-    tracking.log_structure_report(run_id, report)
+    return report
+
+
+@task(name="materialize", cache_policy=NO_CACHE, **IO_RETRIES)
+def materialize(output: str) -> dict:
+    """The exported folder without its all-zero units, written to ``OUTPUT-materialized`` (replacing an earlier
+    one); ``{"skipped": reason}`` when nothing is entirely zero."""
+    from surgeon.materialized_export import NothingToMaterialize, materialize_dir
+
+    dest = Path(f"{str(output).rstrip('/')}-materialized")
+    if dest.exists() and (dest / "materialize.json").exists():
+        shutil.rmtree(dest)
+    try:
+        report = materialize_dir(output, dest)
+    except NothingToMaterialize as exc:  # the pruning itself succeeded
+        get_run_logger().warning("not materialized: %s", exc)
+        return {"skipped": str(exc)}
+    get_run_logger().info("materialized %s: %d -> %d parameters", dest, report["parameters_before"]["total"],
+                          report["parameters_after"]["total"])
     return report
 
 
 @task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
-def register(run_id: str, model_dir: str, name: str, tags: dict) -> str:
-    """Log the exported folder to the run and register it as a new version of model ``name``."""
-    version = tracking.register_model(run_id, model_dir, name, tags)
-    get_run_logger().info("registered %s version %s", name, version)
-    return version
+def register(run_id: str, model_dir: str, name: str, tags: dict) -> dict:
+    """Register the folder as a version of model ``name`` (an MLflow transformers model), or link the run to the
+    version that holds the same weights (:func:`tasks.tracking.register_model`)."""
+    result = tracking.register_model(run_id, model_dir, name, tags)
+    get_run_logger().info("%s %s version %s (weights %s)", "reusing" if result["reused"] else "registered", name,
+                          result["version"], result["weights_sha256"][:12])
+    return result

@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 from . import plots
 
 __all__ = ["TrackedRun", "surgeon_home", "tracking_uri", "ui_url", "ui_command", "start_run", "log_shot", "log_outcome",
-           "log_directory", "register_model", "model_version", "set_alias", "alias_version", "set_version_tags",
-           "registered_name", "log_zeroshot", "log_finetune"]
+           "log_directory", "register_model", "weights_hash", "version_with_weights", "model_version", "set_alias",
+           "alias_version", "set_version_tags", "registered_name", "log_zeroshot", "log_finetune"]
 
 ALIAS = "champion"
 
@@ -76,14 +76,20 @@ def _client():
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag names classic model development
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:  # an experiment made before the tag existed; a user's choice stays
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     db = _sqlite_file(tracking_uri())
     location = (db.parent / "mlartifacts").as_uri() if db is not None else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -328,25 +334,103 @@ def registered_name(model_ref: str, explicit: str | None = None) -> str:
     return tail[: -len(".gguf")] if tail.lower().endswith(".gguf") else tail
 
 
-def register_model(run_id: str, model_dir: str, name: str, tags: dict) -> str:
-    """Log ``model_dir`` under the run's ``model/`` artifacts and register it as a new version of ``name``.
+WEIGHTS_TAG = "weights_sha256"  # model-version tag: the registry's identity of a version's weights
+LINKED_RUNS_TAG = "linked_run_ids"  # model-version tag: later runs that produced the same weights
+PIP_REQUIREMENTS = ("torch", "transformers", "safetensors", "tokenizers")
 
-    Plain artifacts, not ``mlflow.transformers.log_model``: that fails on transformers 5.24 with a directory and
-    does not fit structurally pruned shapes anyway.
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 over a model folder's weight files (``*.safetensors`` and their index: names and contents), the
+    identity of a registered version: the same weights from another run or output folder give the same hash."""
+    from surgeon.errors import SurgeonError
+    from surgeon.utils import sha256_bytes, sha256_file
+
+    folder = Path(model_dir)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors"
+                                                                   or p.name.endswith(".safetensors.index.json")))
+    if not files:
+        raise SurgeonError(f"no safetensors weights in {folder}: nothing to register")
+    return sha256_bytes(json.dumps([[p.name, sha256_file(p)] for p in files]))
+
+
+def version_with_weights(name: str, digest: str) -> str | None:
+    """The earliest version of ``name`` whose weights hash is ``digest``, or None."""
+    client = _client()
+    found = client.search_model_versions(f"name = '{name}' and tags.{WEIGHTS_TAG} = '{digest}'")
+    versions = sorted(int(mv.version) for mv in found)
+    return str(versions[0]) if versions else None
+
+
+def _save_flavour(model_dir: str | Path, dest: Path) -> None:
+    """``model_dir`` saved as an MLflow transformers model (task text-generation, model and tokenizer) in ``dest``.
+
+    The folder is loaded with transformers' own classes: a materialized model's classes are registered by
+    importing ``surgeon.materialized_export``, never taken from code in the folder (trust_remote_code stays off).
+    The copy carries no ``auto_map``, so no loader is pointed at code files either."""
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import surgeon.materialized_export  # noqa: F401 - registers the materialized model classes
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", local_files_only=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    if hasattr(model.config, "auto_map"):
+        del model.config.auto_map
+    from importlib.metadata import version
+
+    mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, str(dest), task="text-generation",
+                                   torch_dtype=model.dtype,
+                                   pip_requirements=[f"{p}=={version(p)}" for p in PIP_REQUIREMENTS])
+
+
+def register_model(run_id: str, model_dir: str, name: str, tags: dict) -> dict:
+    """Register ``model_dir`` as a version of ``name``, unless a version with the same weights exists.
+
+    New weights: the folder is logged under the run's ``model/`` artifacts as an MLflow transformers model (so
+    ``mlflow.transformers.load_model`` and ``mlflow.pyfunc.load_model`` load ``models:/NAME/V`` and
+    ``models:/NAME@champion``) and registered with the ``weights_sha256`` tag. Weights registered before: that
+    version is reused, nothing is copied, the run gets ``registered_model`` / ``registered_version`` /
+    ``registration=reused`` tags and the version lists the run under ``linked_run_ids``.
+    Returns ``{"version", "reused", "weights_sha256"}``.
     """
     from mlflow.exceptions import MlflowException
 
     client = _client()
-    client.log_artifacts(run_id, model_dir, "model")
+    digest = weights_hash(model_dir)
     try:
-        client.create_registered_model(name, description="LLM Surgeon pruned models of this source model")
+        client.create_registered_model(name, description="LLM Surgeon pruned models of this source model; load a "
+                                       "version with mlflow.transformers.load_model('models:/NAME/VERSION')")
     except MlflowException as exc:
         if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    mv = client.create_model_version(name, source=source, run_id=run_id,
-                                     tags={k: str(v) for k, v in tags.items() if v is not None})
-    return str(mv.version)
+    version, reused = version_with_weights(name, digest), True
+    if version is None:
+        reused = False
+        with tempfile.TemporaryDirectory(prefix="surgeon-mlflow-") as tmp:
+            _save_flavour(model_dir, Path(tmp) / "model")
+            client.log_artifacts(run_id, str(Path(tmp) / "model"), "model")
+        source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        mv = client.create_model_version(name, source=source, run_id=run_id,
+                                         tags={**{k: str(v) for k, v in tags.items() if v is not None},
+                                               WEIGHTS_TAG: digest})
+        version = str(mv.version)
+        first = version_with_weights(name, digest)
+        if first != version:  # another run registered the same weights at the same moment: keep the earliest
+            client.delete_model_version(name, version)
+            version = first
+            reused = True
+    if reused:
+        mv = client.get_model_version(name, version)
+        linked = [r for r in mv.tags.get(LINKED_RUNS_TAG, "").split(",") if r]
+        if run_id != mv.run_id and run_id not in linked:
+            # a tag value holds at most 5000 characters: the most recent runs are kept
+            client.set_model_version_tag(name, version, LINKED_RUNS_TAG, ",".join([*linked, run_id])[-4900:]
+                                         .lstrip(","))
+    for k, v in {"registered_model": name, "registered_version": version,
+                 "registration": "reused" if reused else "new", WEIGHTS_TAG: digest}.items():
+        client.set_tag(run_id, k, v)
+    return {"version": version, "reused": reused, "weights_sha256": digest}
 
 
 def model_version(name: str, version: str) -> dict:
@@ -382,3 +466,58 @@ def alias_version(name: str, alias: str = ALIAS) -> str | None:
         return str(_client().get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+# ----------------------------------------------------------------------------------------------- clean-up
+
+def _local_artifact_path(uri: str) -> Path | None:
+    """The local folder of an artifact URI: ``file://`` paths, and ``mlflow-artifacts:/`` ones served from
+    ``$SURGEON_HOME/mlartifacts`` (deployments/start_services.sh); None for any other store."""
+    from urllib.parse import unquote
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and uri.startswith("/"):
+        return Path(uri)
+    if parsed.scheme == "mlflow-artifacts":
+        return surgeon_home().resolve() / "mlartifacts" / unquote(parsed.path).lstrip("/")
+    return None
+
+
+def model_artifacts() -> dict[str, list[dict]]:
+    """The ``model/`` artifact folders of every run in the store (deleted runs included), split into ``needed``
+    (the source of a registered version, or the run of one) and ``unneeded``; each ``{"path", "run_id",
+    "experiment"}``. Only folders on this machine's disk are listed (``skipped`` counts the others)."""
+    from mlflow.entities import ViewType
+
+    client = _client()
+    needed_runs, needed_paths = set(), set()
+    for mv in client.search_model_versions(""):
+        if mv.run_id:
+            needed_runs.add(mv.run_id)
+        path = _local_artifact_path(mv.source or "")
+        if path is not None:
+            needed_paths.add(path.resolve())
+    out: dict[str, list] = {"needed": [], "unneeded": [], "skipped": []}
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    for exp in experiments:
+        token = None
+        while True:
+            runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL, max_results=1000,
+                                      page_token=token)
+            for run in runs:
+                root = _local_artifact_path(run.info.artifact_uri or "")
+                if root is None:
+                    out["skipped"].append({"run_id": run.info.run_id, "uri": run.info.artifact_uri})
+                    continue
+                folder = root / "model"
+                if not folder.is_dir():
+                    continue
+                entry = {"path": str(folder), "run_id": run.info.run_id, "experiment": exp.name}
+                keep = run.info.run_id in needed_runs or folder.resolve() in needed_paths
+                out["needed" if keep else "unneeded"].append(entry)
+            token = runs.token
+            if not token:
+                break
+    return out

@@ -78,7 +78,10 @@ def test_prune_flow_tracks_exports_and_registers(first_run):
     assert {"method", "structure", "target_size", "dense_ppl", "pruned_ppl", "source_model_hash"} <= set(mv.tags)
     assert mv.tags["structure"] == "structured" and mv.tags["source_model_hash"] == r["source_model_hash"]
     assert float(mv.tags["pruned_ppl"]) == pytest.approx(r["ppl"])
-    assert os.path.isfile(c.download_artifacts(r["run_id"], "model/model.safetensors"))
+    # an MLflow transformers model (MLmodel, the weights under model/, the tokenizer under components/)
+    assert os.path.isfile(c.download_artifacts(r["run_id"], "model/model/model.safetensors"))
+    assert "transformers" in yaml.safe_load(open(c.download_artifacts(r["run_id"], "model/MLmodel")))["flavors"]
+    assert mv.tags["weights_sha256"] == r["weights_sha256"] and r["registration"] == "new"
 
     # the structure report of a structured output: parameters, file sizes, CPU speed of the materialized model
     rep = r["structure_report"]
@@ -116,9 +119,18 @@ def test_rerun_to_another_output_reuses_cached_shots(first_run, tiny_recipe, sho
 
     r = prune_flow({**tiny_recipe, "output": str(tmp_path / "again"), "eval_at": [0.85]})
     assert shot_calls["shots"] == [] and r["cached_shots"] == [1, 2]
-    assert r["ppl"] == first_run["ppl"] and r["registered_version"] != first_run["registered_version"]
     a, b = weights(tmp_path / "again"), weights(__import__("pathlib").Path(first_run["output"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same weights: the version registered first is reused, nothing is copied, the new run is linked to it
+    v = first_run["registered_version"]
+    assert r["ppl"] == first_run["ppl"] and r["registered_version"] == v and r["registration"] == "reused"
+    c = client()
+    mv = c.get_model_version("tiny-llama", v)
+    assert mv.run_id == first_run["run_id"] and r["run_id"] in mv.tags["linked_run_ids"].split(",")
+    assert mv.tags["weights_sha256"] == r["weights_sha256"] == first_run["weights_sha256"]
+    tags = c.get_run(r["run_id"]).data.tags
+    assert (tags["registered_version"], tags["registration"]) == (v, "reused")
+    assert "model" not in {f.path for f in c.list_artifacts(r["run_id"])}
 
 
 def test_resume_after_failure_between_shots(tiny_recipe, shot_calls, tmp_path, monkeypatch):
@@ -165,11 +177,16 @@ def test_promote_moves_champion_only_through_the_gate(first_run, tiny_recipe, tm
     v1 = first_run["registered_version"]
     ok = promote_flow("tiny-llama", v1, max_ppl_ratio=100.0)
     assert ok["passed"] and tracking.alias_version("tiny-llama") == v1
-    # a stricter recipe gate (from the version's tags) refuses the next version; the alias stays
-    strict = prune_flow({**tiny_recipe, "output": str(tmp_path / "strict"), "promote_max_ppl_ratio": 0.5})
-    refused = promote_flow("tiny-llama", strict["registered_version"])
+    # a stricter recipe gate (from the version's tags) refuses another version (other weights: target 0.6); the
+    # alias stays, and the flow run ends in a Failed state named Refused whose message is the reason
+    strict = prune_flow({**tiny_recipe, "target_size": 0.6, "output": str(tmp_path / "strict"),
+                         "promote_max_ppl_ratio": 0.5})
+    assert strict["registered_version"] != v1 and strict["registration"] == "new"
+    state = promote_flow("tiny-llama", strict["registered_version"], return_state=True)
+    assert state.is_failed() and state.name == "Refused" and state.message.startswith("Refused: pruned ppl")
+    refused = state.result(raise_on_failure=False).result
     assert not refused["passed"] and refused["max_ppl_ratio"] == 0.5 and "ratio" in refused["reason"]
-    assert tracking.alias_version("tiny-llama") == v1
+    assert refused["reason"] in state.message and tracking.alias_version("tiny-llama") == v1
     assert client().get_model_version("tiny-llama", strict["registered_version"]).tags["promotion_gate"] == "refused"
 
 
