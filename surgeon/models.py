@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from surgeon_core.adapters import ADAPTERS, UnsupportedArchitectureError, adapter_for
+from surgeon_core.adapters import (ADAPTERS, UnsupportedArchitectureError, adapter_for, derive_adapter, moe_reason,
+                                   table_model_types)
 from surgeon_core.methods import DTYPES
 
 from . import materialized_export  # noqa: F401 - registers the per-layer-size (materialized) model classes
@@ -32,6 +33,7 @@ __all__ = ["ModelInfo", "load_model", "save_model", "model_content_hash", "parse
            "SUPPORTED_MODEL_TYPES", "check_finite"]
 
 SUPPORTED_MODEL_TYPES = tuple(sorted({t for a in ADAPTERS for t in a.model_types}))
+_SUPPORTED = ", ".join(table_model_types())  # as named in messages
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 HUB_TIMEOUT_S = 4.0
 
@@ -96,12 +98,29 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _check_model_type(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise SurgeonError(
-            f"unsupported architecture '{model_type}' in {where}: no adapter for it "
-            f"(supported model types: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+def _check_model_type(model_type: str | None, where: str, config=None) -> None:
+    """Refuse before any weight is read: a mixture of experts, or a type without a table entry whose module names
+    (of the model built from ``config`` on the meta device) give no derived adapter."""
+    reason = moe_reason(config) if config is not None else moe_reason(type("C", (), {"model_type": model_type}))
+    if reason is not None:
+        raise SurgeonError(f"unsupported architecture '{model_type}' in {where}: mixture-of-experts model ({reason}); "
+                           "experts are not pruned")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return
+    if config is None and model_type is not None:
+        return  # a GGUF architecture name: the adapter is derived and checked once the model is loaded
+    try:
+        if config is None:
+            raise UnsupportedArchitectureError("no model_type in its config")
+        with torch.device("meta"):
+            derive_adapter(AutoModelForCausalLM.from_config(config, trust_remote_code=False), verify=False)
+    except UnsupportedArchitectureError as exc:
+        raise SurgeonError(f"unsupported architecture '{model_type}' in {where}: no adapter for it and none derived "
+                           f"from its module names: {exc.reason} (supported model types: {_SUPPORTED}, or a "
+                           "Llama-like layout)") from None
+    except Exception as exc:  # noqa: BLE001 - transformers has no model class for this config
+        raise SurgeonError(f"unsupported architecture '{model_type}' in {where}: no causal LM for it "
+                           f"({_first_line(exc)}; supported model types: {_SUPPORTED})") from None
 
 
 def _check_safetensors(files: list[Path]) -> None:
@@ -244,9 +263,10 @@ def _load_dir(ref: str, folder: Path, dtype, device):
     except Exception as exc:
         model_type = _raw_model_type(folder / "config.json")
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
-            _check_model_type(model_type, str(folder))
+            raise SurgeonError(f"unsupported architecture '{model_type}' in {folder}: transformers has no config "
+                               f"class for it (supported model types: {_SUPPORTED}, or a Llama-like layout)") from None
         raise SurgeonError(f"cannot read {folder / 'config.json'}: {_first_line(exc)}") from exc
-    _check_model_type(getattr(config, "model_type", None), str(folder))
+    _check_model_type(getattr(config, "model_type", None), str(folder), config)
     _check_safetensors(weights)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
@@ -288,7 +308,7 @@ def _load_hub(ref: str, dtype, device):
 
     def load(local_only: bool):
         config = AutoConfig.from_pretrained(repo, local_files_only=local_only, trust_remote_code=False)
-        _check_model_type(getattr(config, "model_type", None), f"Hub model '{repo}'")
+        _check_model_type(getattr(config, "model_type", None), f"Hub model '{repo}'", config)
         model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=local_only,
                                                      trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=local_only, trust_remote_code=False)

@@ -2,7 +2,8 @@
 
 A unit spans several linears of one decoder layer:
 
-- FFN unit j: row j of every ``adapter.mlp_in`` linear (gate/up, or fc1 with its bias) + column j of ``mlp_out``;
+- FFN unit j: row j of every ``adapter.mlp_in`` linear (gate/up, or fc1 with its bias; rows j and I + j of a fused
+  gate_up of width 2I) + column j of ``mlp_out``;
 - head h (GQA only): the q rows of head h + the matching o columns;
 - key/value group g: k and v rows of kv head g + q rows and o columns of all its query heads (without GQA a group
   is one head with its q, k, v rows and o columns).
@@ -50,9 +51,18 @@ def _span(idx: torch.Tensor, width: int) -> torch.Tensor:
     return idx[:, None] * width + torch.arange(width)[None, :]
 
 
+def _merge(members: list[tuple[str, str, torch.Tensor]]) -> list[tuple[str, str, torch.Tensor]]:
+    """Members on the same linear and axis as one member (a fused layer's segments: one joint multi-row cost)."""
+    out: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for name, axis, idx in members:
+        out.setdefault((name, axis), []).append(idx)
+    return [(name, axis, torch.cat(idx, dim=1)) for (name, axis), idx in out.items()]
+
+
 def layer_units(layer: nn.Module, adapter: ArchitectureAdapter, layout: tuple[int, int, int], i: int
                 ) -> tuple[list[UnitFamily], dict[tuple, int]]:
-    """Unit families of decoder layer ``i`` and the parameter count of every atomic part."""
+    """Unit families of decoder layer ``i`` and the parameter count of every atomic part. In a fused layer
+    (Phi-3's gate_up_proj, qkv_proj) a unit's rows in every segment are one member of that one linear."""
     n_heads, n_kv, hd = layout
     lin = {n: get_submodule(layer, n) for n in adapter.linears}
     part_params: dict[tuple, int] = {}
@@ -60,12 +70,15 @@ def layer_units(layer: nn.Module, adapter: ArchitectureAdapter, layout: tuple[in
     # FFN
     inter = lin[adapter.mlp_out].in_features
     j = torch.arange(inter)[:, None]
-    per_unit = sum(lin[n].in_features for n in adapter.mlp_in) + lin[adapter.mlp_out].out_features
-    fams.append(UnitFamily(i, "ffn", [(n, "rows", j) for n in adapter.mlp_in] + [(adapter.mlp_out, "cols", j)],
+    segments = adapter.mlp_rows(inter)
+    per_unit = sum(lin[n].in_features for n, _ in segments) + lin[adapter.mlp_out].out_features
+    fams.append(UnitFamily(i, "ffn", _merge([(n, "rows", j + off) for n, off in segments])
+                           + [(adapter.mlp_out, "cols", j)],
                            [((i, "ffn", u),) for u in range(inter)]))
     part_params.update({(i, "ffn", u): per_unit for u in range(inter)})
     # attention
-    q, k, v = adapter.attention_in
+    rows = adapter.attention_rows(layout)
+    (q, q0), (k, k0), (v, v0) = rows["q"], rows["k"], rows["v"]
     o = adapter.attention_out
     group = n_heads // n_kv
     head_params = hd * (lin[q].in_features + lin[o].out_features)
@@ -74,13 +87,13 @@ def layer_units(layer: nn.Module, adapter: ArchitectureAdapter, layout: tuple[in
     part_params.update({(i, "kv", g): kv_params for g in range(n_kv)})
     if group > 1:
         h = torch.arange(n_heads)
-        fams.append(UnitFamily(i, "head", [(q, "rows", _span(h, hd)), (o, "cols", _span(h, hd))],
+        fams.append(UnitFamily(i, "head", [(q, "rows", q0 + _span(h, hd)), (o, "cols", _span(h, hd))],
                                [((i, "head", u),) for u in range(n_heads)]))
     g = torch.arange(n_kv)
     qh = _span(g, group)  # (n_kv, group) query heads of each group
     q_rows = (qh[:, :, None] * hd + torch.arange(hd)).reshape(n_kv, group * hd)
-    fams.append(UnitFamily(i, "kv", [(q, "rows", q_rows), (k, "rows", _span(g, hd)), (v, "rows", _span(g, hd)),
-                                     (o, "cols", q_rows)],
+    fams.append(UnitFamily(i, "kv", _merge([(q, "rows", q0 + q_rows), (k, "rows", k0 + _span(g, hd)),
+                                            (v, "rows", v0 + _span(g, hd))]) + [(o, "cols", q_rows)],
                            [((i, "kv", u),) + tuple((i, "head", int(x)) for x in qh[u]) for u in range(n_kv)]))
     return fams, part_params
 

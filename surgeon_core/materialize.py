@@ -1,8 +1,8 @@
 """Materialization: drop FFN units and attention heads that are entirely zero, slicing the linears in place.
 
 Removable (exact, the logits do not change):
-- FFN unit j: column j of the consumer (down / fc2) is zero, or every producer row j (gate/up, fc1 + bias) is zero
-  (the activations used here all map 0 to 0);
+- FFN unit j: column j of the consumer (down / fc2) is zero, or every producer row j (gate/up, fc1 + bias; rows j
+  and I + j of a fused gate_up) is zero (the activations used here all map 0 to 0);
 - query head h: its o columns are zero (q rows alone are not enough: zero scores still average v);
 - kv group g: all its query heads are removable (then k/v rows feed nothing).
 GQA needs the same number of query heads per kept kv group, so each kept group keeps max-over-groups heads, padded
@@ -25,7 +25,7 @@ from torch import nn
 
 from .adapters import ArchitectureAdapter, get_submodule
 
-__all__ = ["find_kept", "pad_kept", "slice_linear", "materialize_", "count_parameters", "EmptyMLP"]
+__all__ = ["find_kept", "pad_kept", "slice_linear", "materialize_", "count_parameters", "EmptyMLP", "LayerConfig"]
 
 
 def _zero_rows(lin: nn.Linear) -> torch.Tensor:
@@ -42,7 +42,9 @@ def find_kept(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[int,
     for layer in get_submodule(model, adapter.layers):
         down = get_submodule(layer, adapter.mlp_out)
         dead = down.weight.abs().sum(dim=0) == 0
-        prod = torch.stack([_zero_rows(get_submodule(layer, n)) for n in adapter.mlp_in]).all(dim=0)
+        inter = down.in_features
+        prod = torch.stack([_zero_rows(get_submodule(layer, n))[off: off + inter]
+                            for n, off in adapter.mlp_rows(inter)]).all(dim=0)
         ffn = torch.nonzero(~(dead | prod)).flatten().cpu()
         o = get_submodule(layer, adapter.attention_out)
         head_alive = o.weight.abs().reshape(o.out_features, n_heads, hd).sum(dim=(0, 2)) > 0  # (n_heads,)
@@ -115,20 +117,26 @@ def materialize_(model: nn.Module, adapter: ArchitectureAdapter, layout: tuple[i
         width = get_submodule(get_submodule(model, adapter.layers)[0], adapter.mlp_out).in_features
         kept = pad_kept(kept, width, align)
     sizes = []
-    q, k, v = adapter.attention_in
     for layer, kp in zip(get_submodule(model, adapter.layers), kept):
-        for n in adapter.mlp_in:
-            _set(layer, n, slice_linear(get_submodule(layer, n), rows=kp["ffn"]))
+        inter = get_submodule(layer, adapter.mlp_out).in_features
+        ffn_rows: dict[str, list[torch.Tensor]] = {}
+        for n, off in adapter.mlp_rows(inter):
+            ffn_rows.setdefault(n, []).append(kp["ffn"] + off)
+        for n, parts in ffn_rows.items():
+            _set(layer, n, slice_linear(get_submodule(layer, n), rows=torch.cat(parts)))
         _set(layer, adapter.mlp_out, slice_linear(get_submodule(layer, adapter.mlp_out), cols=kp["ffn"]))
         if kp["ffn"].numel() == 0 and adapter.mlp_block:
             _set(layer, adapter.mlp_block, EmptyMLP(get_submodule(layer, adapter.mlp_block)))
         qr, kvr = _head_rows(kp["heads"], hd), _head_rows(kp["kv"], hd)
-        _set(layer, q, slice_linear(get_submodule(layer, q), rows=qr))
-        _set(layer, k, slice_linear(get_submodule(layer, k), rows=kvr))
-        _set(layer, v, slice_linear(get_submodule(layer, v), rows=kvr))
+        attn_rows: dict[str, list[torch.Tensor]] = {}
+        for role, idx in (("q", qr), ("k", kvr), ("v", kvr)):
+            n, off = adapter.attention_rows(layout)[role]
+            attn_rows.setdefault(n, []).append(idx + off)
+        for n, parts in attn_rows.items():
+            _set(layer, n, slice_linear(get_submodule(layer, n), rows=torch.cat(parts)))
         _set(layer, adapter.attention_out, slice_linear(get_submodule(layer, adapter.attention_out), cols=qr))
         nh, nkv = int(kp["heads"].numel()), int(kp["kv"].numel())
-        attn = get_submodule(layer, q.rpartition(".")[0])
+        attn = get_submodule(layer, adapter.attention_out.rpartition(".")[0])
         set_head_counts(attn, nh, nkv)
         sizes.append({"intermediate_size": int(kp["ffn"].numel()), "num_heads": nh, "num_kv_heads": nkv})
     return sizes
@@ -148,11 +156,36 @@ class EmptyMLP(nn.Module):
         return x.new_zeros(())
 
 
+class LayerConfig:
+    """A decoder layer's view of the model config with its own head counts (attention that reads them from its
+    config, as Phi-3's fused qkv split does); every other attribute is the shared config's, read live."""
+
+    def __init__(self, base, **own):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_own", own)
+
+    def __getattr__(self, name):
+        own = object.__getattribute__(self, "_own")
+        return own[name] if name in own else getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
 def set_head_counts(attn: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-    """Per-layer head counts on an attention module (the attribute names Llama-like and OPT attention read)."""
+    """Per-layer head counts on an attention module (the attribute names Llama-like and OPT attention read, and
+    the head counts of its config where it keeps one)."""
     attn.num_heads = num_heads
     attn.num_key_value_heads = num_kv_heads
     attn.num_key_value_groups = num_heads // num_kv_heads
+    config = getattr(attn, "config", None)
+    if config is None or not hasattr(config, "num_attention_heads"):
+        return
+    base = object.__getattribute__(config, "_base") if isinstance(config, LayerConfig) else config
+    if (num_heads, num_kv_heads) == (base.num_attention_heads, getattr(base, "num_key_value_heads", num_kv_heads)):
+        attn.config = base
+    else:
+        attn.config = LayerConfig(base, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads)
 
 
 def count_parameters(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> dict[str, int]:

@@ -39,18 +39,31 @@ class LayerInputs:
     hidden: torch.Tensor
     args: tuple
     kwargs: dict[str, Any]
+    # (args, kwargs) the decoder passed to each layer: layers of different types (Gemma's sliding and full attention)
+    # get other masks and rotary tables; tensors shared between layers are stored once
+    by_layer: list[tuple[tuple, dict[str, Any]]] | None = None
+
+    def for_layer(self, i: int) -> None:
+        """Switch ``args``/``kwargs`` to those of decoder layer ``i``."""
+        if self.by_layer is not None:
+            self.args, self.kwargs = self.by_layer[i]
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (possibly nested) tuple/list/dict to ``device``; other values pass through."""
+def _to(obj: Any, device: torch.device, memo: dict | None = None) -> Any:
+    """Move every tensor in a (possibly nested) tuple/list/dict to ``device``; other values pass through.
+    ``memo`` ({id: moved tensor}) moves a tensor seen before only once."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is kept alive so its id is not reused
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -70,6 +83,19 @@ def _layer_list(model: nn.Module, adapter: ArchitectureAdapter) -> tuple[nn.Modu
     return parent, attr, getattr(parent, attr)
 
 
+class _ArgumentRecorder(nn.Module):
+    """Stands in for a decoder layer while layer 0's inputs are captured: records its arguments, returns the hidden
+    states unchanged."""
+
+    def __init__(self, record: Callable[[tuple, dict], None]):
+        super().__init__()
+        self.record = record
+
+    def forward(self, *args, **kwargs):
+        self.record(args, kwargs)
+        return args[0] if args else kwargs["hidden_states"]
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module,
@@ -79,10 +105,13 @@ def capture_layer_inputs(
     batch_size: int,
     device: torch.device,
     offload_device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[LayerInputs]:
-    """Inputs of decoder layer 0 for each calibration batch of ``windows`` (n, L).
+    """Inputs of decoder layer 0 for each calibration batch of ``windows`` (n, L), with the other arguments the
+    decoder passes to every layer (``LayerInputs.by_layer``).
 
-    The decoder's ModuleList is temporarily replaced by one holding only layer 0, so the forward runs the
+    The decoder's ModuleList is temporarily replaced by one holding layer 0 and, in the places of the others,
+    modules without weights that record their arguments and pass the hidden states through, so the forward runs the
     embeddings, layer 0 and the final norm; the original list is restored in ``finally``. While the list is cut
     down, ``model.base_model.to(device)`` moves only the embeddings/norms/rotary tables and layer 0.
     """
@@ -90,25 +119,46 @@ def capture_layer_inputs(
     base = model.base_model
     origin = _module_device(base)
     captured: list[LayerInputs] = []
+    memo: dict = {}
 
     def record(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append(LayerInputs(hidden.to(offload_device), _to(tuple(args[1:]), offload_device),
-                                    _to(rest, offload_device)))
+        memo.clear()
+        other = (_to(tuple(args[1:]), offload_device, memo), _to(rest, offload_device, memo))
+        captured.append(LayerInputs(hidden.to(offload_device), *other, by_layer=[other]))
+
+    def record_other(args, kwargs):
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured[-1].by_layer.append((_to(tuple(args[1:]), offload_device, memo), _to(rest, offload_device, memo)))
 
     handle = layers[0].register_forward_pre_hook(record, with_kwargs=True)
-    setattr(parent, attr, nn.ModuleList([layers[0]]))
+    setattr(parent, attr, nn.ModuleList([layers[0]] + [_ArgumentRecorder(record_other) for _ in layers[1:]]))
     try:
         base.to(device)
         for s in range(0, windows.shape[0], batch_size):
             base(input_ids=windows[s : s + batch_size].to(device), use_cache=False)
+            if progress is not None:
+                progress(min(s + batch_size, windows.shape[0]), windows.shape[0])
     finally:
         handle.remove()
+        memo.clear()
         if origin is not None:
             base.to(origin)
         setattr(parent, attr, layers)
     return captured
+
+
+class _Phase:
+    """Cumulative progress of one phase over the whole pass: ``tick()`` after each of its ``total`` units."""
+
+    def __init__(self, progress: Callable[[str, int, int], None] | None, name: str, total: int):
+        self.progress, self.name, self.total, self.done = progress, name, total, 0
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.name, self.done, self.total)
 
 
 def _run_layer(layer: nn.Module, batch: LayerInputs, device: torch.device) -> torch.Tensor:
@@ -130,6 +180,7 @@ def _calibrate(
     groups: list[tuple[str, ...]],
     make_stats: Callable[[nn.Linear], InputStatistic],
     device: torch.device,
+    phase: _Phase | None = None,
 ) -> dict[str, InputStatistic]:
     stats: dict[str, InputStatistic] = {}
     handles = []
@@ -143,6 +194,8 @@ def _calibrate(
             handles.append(first.register_forward_hook(lambda _m, args, _out, stat=stat: stat.update(args[0])))
         for batch in batches:
             _run_layer(layer, batch, device)
+            if phase is not None:
+                phase.tick()
     finally:
         for handle in handles:
             handle.remove()
@@ -155,13 +208,14 @@ def _sequential_stages(groups: list[tuple[str, ...]], adapter: ArchitectureAdapt
     return [[group] for group in sorted(groups, key=lambda g: min(order[n] for n in g))]
 
 
-def _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer, device, adapter) -> dict:
+def _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer, device, adapter,
+                           phase: _Phase | None = None) -> dict:
     """True-sequential pruning of one layer: each stage of input groups (:func:`_sequential_stages`) is calibrated on
     the outputs of the stages already pruned before it, then pruned; returns the merged report (``linears`` entries
     and the overall ``sparsity``)."""
     merged: dict = {}
     for stage in _sequential_stages(groups, adapter):
-        stats = _calibrate(layer, linears, batches, stage, make_stats, device)
+        stats = _calibrate(layer, linears, batches, stage, make_stats, device, phase)
         rep = prune_layer(i, {name: linears[name] for group in stage for name in group}, stats) or {}
         del stats
         for key, value in rep.items():
@@ -185,7 +239,7 @@ def run_layerwise(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     offload_device: torch.device | str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     true_sequential: bool = False,
 ) -> list[dict]:
     """Sequential layer-wise calibration and pruning of every decoder layer.
@@ -202,7 +256,10 @@ def run_layerwise(
         device: where each layer runs (default: the model's device). Layers are moved there one at a time and
             moved back afterwards.
         offload_device: where captured hidden states are kept between layers (default: ``device``).
-        progress: called as ``progress(layers_done, num_layers)``.
+        progress: called as ``progress(phase, done, total)`` after every unit of work, each phase counted over the
+            whole pass: ``"inputs"`` (calibration batches through the embeddings to layer 0), ``"statistics"``
+            (batches through a layer with ``make_stats``' hooks, every layer and true-sequential stage),
+            ``"outputs"`` (batches through a pruned layer) and ``"layers"`` (decoder layers done).
         true_sequential: calibrate and prune the input groups of a layer one after another in forward order
             (q/k/v, then o on the outputs of the pruned q/k/v, then gate/up, then down), as GPTQ/SparseGPT's
             ``--true-sequential``; default: every linear of the layer is calibrated on the dense layer's inputs
@@ -226,31 +283,38 @@ def run_layerwise(
     reports = []
     try:
         batches = capture_layer_inputs(model, windows.long(), adapter=adapter, batch_size=batch_size,
-                                       device=device, offload_device=offload_device)
+                                       device=device, offload_device=offload_device,
+                                       progress=(lambda d, n: progress("inputs", d, n)) if progress else None)
         layers = get_submodule(model, adapter.layers)
+        passes = len(_sequential_stages(groups, adapter)) if true_sequential else 1
+        statistics = _Phase(progress, "statistics", len(layers) * len(batches) * passes)
+        outputs = _Phase(progress, "outputs", len(layers) * len(batches))
         for i, layer in enumerate(layers):
             origin = _module_device(layer)
             start = time.perf_counter()
             layer.to(device)
+            for batch in batches:
+                batch.for_layer(i)
             try:
                 linears = {name: get_submodule(layer, name) for name in adapter.linears}
                 if true_sequential and make_stats is not None:
                     report = _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer,
-                                                    device, adapter)
+                                                    device, adapter, statistics)
                 else:
                     stats = {} if make_stats is None else _calibrate(layer, linears, batches, groups, make_stats,
-                                                                     device)
+                                                                     device, statistics)
                     report = prune_layer(i, linears, stats)
                     del stats  # a 7B down_proj Hessian is 0.5 GB: free it before the next layer's
                 for batch in batches:  # outputs of the pruned layer are the next layer's inputs
                     batch.hidden = _run_layer(layer, batch, device).to(batch.hidden.device)
+                    outputs.tick()
                 _sync(device)
             finally:
                 if origin is not None:
                     layer.to(origin)
             reports.append({"layer": i, **(report or {}), "seconds": time.perf_counter() - start})
             if progress is not None:
-                progress(i + 1, len(layers))
+                progress("layers", i + 1, len(layers))
     finally:
         model.train(was_training)
     return reports

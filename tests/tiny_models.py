@@ -8,18 +8,33 @@ VOCAB = 128
 
 
 def tiny_config(family: str, **overrides):
-    from transformers import (LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
     if family == "llama":  # GQA: 4 query heads, 2 key/value heads
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+        cfg = LlamaConfig(**common)
+    elif family == "llama_mha":  # no GQA: one key/value head per query head
+        cfg = LlamaConfig(**{**common, "num_key_value_heads": 4})
     elif family == "mistral":
-        cfg = MistralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
-                            sliding_window=None)
+        cfg = MistralConfig(**common, sliding_window=None)
+    elif family == "mistral_swa":  # a sliding window shorter than the tiny windows
+        cfg = MistralConfig(**common, sliding_window=8)
     elif family == "qwen2":
-        cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+        cfg = Qwen2Config(**common)
+    elif family == "qwen3":  # q/k norms over head_dim, head_dim independent of hidden / heads
+        cfg = Qwen3Config(**common, head_dim=24)
+    elif family == "gemma2":  # head_dim independent, pre/post norms, sliding + full layers, soft-capping, tied
+        cfg = Gemma2Config(**{**common, "num_hidden_layers": 3}, head_dim=24, query_pre_attn_scalar=24,
+                           sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                           attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    elif family == "gemma3":  # as Gemma 2 with q/k norms and two rope bases, no soft-capping
+        cfg = Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, head_dim=24, query_pre_attn_scalar=24,
+                               sliding_window=8,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     elif family == "opt":
         cfg = OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                         vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=64)
@@ -44,6 +59,8 @@ def tiny_windows(n: int = 4, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "opt")
+# every family with its own adapter or layout (the per-family test matrix)
+ALL_FAMILIES = ("llama", "llama_mha", "mistral", "mistral_swa", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "opt")
 
 
 def prune(model, windows, *, options, target_size: float, num_shots: int = 1, on_shot=None, progress=None):

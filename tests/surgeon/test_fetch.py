@@ -18,7 +18,7 @@ def test_registry():
 
 
 def test_unknown_name_lists_known(tmp_path):
-    with pytest.raises(SurgeonError, match=r"unknown model 'gpt-5' \(known: smollm2-135m\)"):
+    with pytest.raises(SurgeonError, match=r"unknown model 'gpt-5' \(known: gemma3-270m, smollm2-135m\)"):
         F.fetch_model("gpt-5", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -132,7 +132,7 @@ def test_usage_errors_and_fetch_unknown(capsys, tmp_path):
     assert rc == 2 and err.strip() == ("error: nothing to evaluate: give --data and --seqlen (perplexity) and/or "
                                        "--tasks (zero-shot)")
     rc, out, err = run(capsys, "fetch-model", "nope", "--output", tmp_path / "o")
-    assert rc == 2 and err.strip() == "error: unknown model 'nope' (known: smollm2-135m)"
+    assert rc == 2 and err.strip() == "error: unknown model 'nope' (known: gemma3-270m, smollm2-135m)"
     assert not (tmp_path / "o").exists()
 
 
