@@ -338,6 +338,9 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
     check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
                  overwrite=cfg.output.overwrite)
     size, per_layer, per_type = model_size(model)
+    if abs(size - cfg.final_target) > SIZE_TOLERANCE:  # the weights handed on must be the pruned ones
+        raise SurgeonError(f"the pruned weights have size {size:.4f} against the target {cfg.final_target:.4f} "
+                           f"(tolerance {SIZE_TOLERANCE}); refusing to export them to {output_dir}")
     manifest = {"source_model": source.path, "source_model_hash": source.content_hash,
                 "config_hash": cfg.config_hash(), "method": cfg.method.name, "structure": cfg.method.structure,
                 "target_size": cfg.final_target, "achieved_size": size, "type_sizes": per_type,

@@ -426,3 +426,16 @@ def test_output_that_is_contains_is_inside_or_links_to_the_source_is_refused_eve
                          "--seqlen", 16, "--output", out, "--overwrite", "--no-register", "threads=1")
         assert rc == 2 and "source model" in err.strip().splitlines()[-1], (name, err)
         assert folder_hashes(parent) == before, name
+
+
+def test_export_refuses_weights_that_missed_the_target_size(inputs, tmp_path):
+    """The size of the weights being exported is compared with the recipe's target: weights that missed it (here
+    the unpruned model, size 1.0, against a 0.7 target) fail with a clear error and nothing is written."""
+    from surgeon.inputs import ModelRef
+    from surgeon.runner import SIZE_TOLERANCE, export
+
+    cfg = load_recipe(None, [], **recipe(inputs, tmp_path / "out", target_size=0.7))
+    with pytest.raises(SurgeonError, match=r"size 1\.0000 .*target 0\.7000") as exc:
+        export(str(inputs["model"]), str(tmp_path / "out"), cfg, {}, ModelRef(str(inputs["model"]), "hash"))
+    assert f"tolerance {SIZE_TOLERANCE}" in str(exc.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
