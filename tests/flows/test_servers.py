@@ -54,7 +54,7 @@ def services(tmp_path_factory):
         assert run.returncode == 0, (f"deployment run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n"
                                      f"worker log:\n{_read(run_dir / 'worker.log')}")
         mlflow_url = re.search(r'MLFLOW_TRACKING_URI="([^"]+)"', (run_dir / "env.sh").read_text()).group(1)
-        yield {"mlflow": mlflow_url, "output": tmp / "pruned", "tmp": tmp,
+        yield {"mlflow": mlflow_url, "output": tmp / "pruned", "tmp": tmp, "run": run, "env": env, "run_dir": run_dir,
                "seconds": {"start": started, "total": time.perf_counter() - t0}}
     finally:
         stop = subprocess.run([ROOT / "deployments" / "stop_services.sh", run_dir], env=env, capture_output=True,
@@ -94,3 +94,28 @@ def test_mlflow_ui_shows_the_model_version_in_chromium(services):
                           "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     assert "tiny-test" in dom, dom[-2000:]
     assert "Version 1" in dom, dom[-2000:]
+
+
+def test_deploy_run_ends_with_a_summary(services):
+    out = services["run"].stdout
+    assert "Completed" in out and "| shot |" in out and "registered as `tiny-test` version 1" in out
+    assert "Prefect: http://127.0.0.1:" in out and "/runs/flow-run/" in out
+    assert "Finished in state" not in out  # no raw event dump
+
+
+def test_promote_deployment_and_cli_on_the_running_services(services):
+    """The promote deployment as its header says (version=1 is a number), its verdict in the summary; the surgeon
+    command finds the running services itself (services.json), no temporary server."""
+    env = {**services["env"], "SURGEON_RUN_DIR": str(services["run_dir"])}
+    run = subprocess.run([ROOT / "deployments" / "run_deployment.sh", "promote/promote", "model_name=tiny-test",
+                          "version=1", "max_ppl_ratio=1000"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "**passed**" in run.stdout and "Completed" in run.stdout
+    refused = subprocess.run([ROOT / "deployments" / "run_deployment.sh", "promote/promote", "model_name=tiny-test",
+                              "version=1", "max_ppl_ratio=0.01"], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Refused: pruned ppl" in refused.stdout, refused.stdout[-3000:]
+    cli = subprocess.run([Path(sys.executable).parent / "surgeon", "promote", "--model-name", "tiny-test",
+                          "--version", "1", "--max-ppl-ratio", "1000"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "using the running services" in cli.stderr and "temporary server" not in cli.stderr
