@@ -76,18 +76,20 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def model_content_hash(path: str | os.PathLike) -> str:
+def model_content_hash(path: str | os.PathLike, *, use_cache: bool = False) -> str:
     """sha256 over ``config.json`` and the weight files of a folder (name + file hash), or over a GGUF file.
 
-    File hashes are streamed and cached by (path, size, mtime), so re-hashing an unchanged folder is instant.
+    Identity by content: every file is read and hashed, since the run's cache keys and the manifest's source hash
+    depend on it (a same-size file swapped in with the old mtime is a new model). ``use_cache``: reuse the file
+    hashes :func:`surgeon.utils.sha256_file` recorded, for reports that decide nothing.
     """
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return sha256_file(path, use_cache=use_cache)
     parts = []
     for f in [path / "config.json", *_weight_files(path)]:
         if f.exists():
-            parts.append(f"{f.name}\t{sha256_file(f)}")
+            parts.append(f"{f.name}\t{sha256_file(f, use_cache=use_cache)}")
     return sha256_bytes("\n".join(parts))
 
 
@@ -278,7 +280,8 @@ def _load_dir(ref: str, folder: Path, dtype, device):
     except Exception as exc:
         raise SurgeonError(f"cannot load the tokenizer from {folder}: {_first_line(exc)}") from exc
     model = _finish(model, dtype, device)
-    return model, tokenizer, _info(ref, folder, "dir", model, dtype, model_content_hash(folder))
+    return model, tokenizer, _info(ref, folder, "dir", model, dtype,
+                                   model_content_hash(folder, use_cache=True))
 
 
 def _raw_model_type(config_json: Path) -> str | None:
@@ -299,7 +302,7 @@ def _load_gguf(ref: str, file: Path, dtype, device):
     except Exception as exc:
         raise SurgeonError(f"cannot convert GGUF file {file}: {_first_line(exc)}") from exc
     model = _finish(model, dtype, device)
-    return model, tokenizer, _info(ref, file, "gguf", model, dtype, model_content_hash(file),
+    return model, tokenizer, _info(ref, file, "gguf", model, dtype, model_content_hash(file, use_cache=True),
                                    note="GGUF weights de-quantized to dense tensors")
 
 

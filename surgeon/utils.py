@@ -52,14 +52,17 @@ def _hash_stream(path: Path, progress=None) -> str:
 
 
 def sha256_file(path: str | os.PathLike, *, use_cache: bool = True) -> str:
-    """Streamed sha256 of a file, cached in a small sidecar entry keyed by (absolute path, size, mtime_ns).
+    """Streamed sha256 of a file, cached in a small sidecar entry keyed by (absolute path, device, inode, size,
+    mtime_ns, ctime_ns).
 
-    The sidecar lives in the cache dir (``hashes/``), so read-only model folders work too; a changed size or
-    modification time invalidates it.
+    The sidecar lives in the cache dir (``hashes/``), so read-only model folders work too. The kernel sets the
+    change time on every write or replacement and no user call can set it back, so a file rewritten with its old
+    size and mtime still misses the entry. Where a hash decides correctness, pass ``use_cache=False``.
     """
     path = Path(path).resolve()
     st = path.stat()
-    key = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key = {"path": str(path), "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "ctime_ns": st.st_ctime_ns}
     entry = None
     if use_cache:
         try:

@@ -439,3 +439,22 @@ def test_export_refuses_weights_that_missed_the_target_size(inputs, tmp_path):
         export(str(inputs["model"]), str(tmp_path / "out"), cfg, {}, ModelRef(str(inputs["model"]), "hash"))
     assert f"tolerance {SIZE_TOLERANCE}" in str(exc.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_model_identity_is_by_content_not_by_path_size_and_mtime(inputs, tmp_path):
+    """A same-size weights file swapped in with the old modification time gets a new content hash (the cache key
+    of every shot and the manifest's source hash), so no earlier result is reused for it."""
+    from surgeon.models import model_content_hash
+
+    model = copy_model(inputs["model"], tmp_path / "m")
+    before = model_content_hash(model)
+    f = model / "model.safetensors"
+    st = f.stat()
+    t = load_file(str(f))
+    key = next(k for k in t if k.endswith("mlp.down_proj.weight"))
+    t[key][0, 0] += 1.0
+    save_file(t, str(f), metadata={"format": "pt"})
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert model_content_hash(model) != before
+    assert sha256_file(f) == sha256_file(f, use_cache=False)  # the cached file hash notices the swap too
