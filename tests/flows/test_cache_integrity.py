@@ -115,3 +115,57 @@ def test_corrupt_checkpoint_is_recomputed_with_a_warning(tiny_recipe, shot_calls
     assert "recomput" in caplog.text
     a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("first", "again"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_live_writers_partial_checkpoint_is_kept_and_reused(monkeypatch, tmp_path):
+    """Two runs of the same shot at once: the second waits for the first (the key's lock) instead of deleting its
+    half-written checkpoint as stale, then reuses the finished one. A partial folder whose writer is gone (no lock
+    holder) is removed."""
+    import threading
+    import time
+
+    from tasks import steps
+
+    monkeypatch.setenv("SURGEON_CACHE", str(tmp_path / "cache"))
+    log = logging.getLogger("test-live-writer")
+    monkeypatch.setattr(steps, "get_run_logger", lambda: log)
+    key = "shot-live"
+    ckpt = steps.cache_root() / "shots" / key
+    partial = ckpt.parent / f".{key}.abc.partial"
+    holding, release, waiting = threading.Event(), threading.Event(), threading.Event()
+    computed = []
+
+    def first_writer():  # holds the key while its checkpoint is half written, then finishes it
+        with steps._key_lock(key, log, "first"):
+            partial.mkdir(parents=True)
+            (partial / "model.safetensors").write_bytes(b"weights")
+            holding.set()
+            release.wait(30)
+            partial.rename(ckpt)
+            steps._store(key, {"report": {"shot": 1}}, ckpt)
+
+    def compute():
+        computed.append(1)
+        return {"shot": 1}
+
+    monkeypatch.setattr(log, "info", lambda msg, *a: waiting.set() if "waiting" in msg else None)
+    writer = threading.Thread(target=first_writer)
+    writer.start()
+    assert holding.wait(30)
+    result = {}
+    second = threading.Thread(target=lambda: result.update(steps._checkpoint_task(key, ckpt, "second", compute)))
+    second.start()
+    assert waiting.wait(30)
+    time.sleep(0.2)
+    assert partial.is_dir() and not ckpt.exists()  # the live writer's folder is untouched
+    release.set()
+    writer.join(30)
+    second.join(30)
+    assert result["cached"] and not computed and result["report"] == {"shot": 1}
+
+    # a writer killed mid-write leaves a partial folder and no lock holder: the next writer removes it
+    dead = ckpt.parent / ".shot-dead.xyz.partial"
+    dead.mkdir()
+    steps._checkpoint_task("shot-dead", ckpt.parent / "shot-dead", "third",
+                           lambda: (ckpt.parent / "shot-dead").mkdir() or {"shot": 2})
+    assert not dead.exists() and (ckpt.parent / "shot-dead").is_dir()
