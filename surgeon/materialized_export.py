@@ -37,11 +37,7 @@ class NothingToMaterialize(SurgeonError):
     """The folder has no all-zero FFN unit or attention head (dense, or only unstructured / N:M zeros)."""
 
 
-_FAMILIES = {  # source model_type -> (config class, model class)
-    "llama": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
-    "mistral": (mp.SurgeonPrunedLlamaConfig, mp.SurgeonPrunedLlamaForCausalLM),
-    "opt": (mp.SurgeonPrunedOPTConfig, mp.SurgeonPrunedOPTForCausalLM),
-}
+_FAMILIES = mp.FAMILIES  # source model_type -> (config class, model class)
 
 for _cfg, _model in {v[0]: v[1] for v in _FAMILIES.values()}.items():
     try:
@@ -59,9 +55,8 @@ for _cfg, _model in {v[0]: v[1] for v in _FAMILIES.values()}.items():
 def _check_family(config) -> None:
     mt = config.model_type
     if mt not in _FAMILIES:
-        raise SurgeonError(f"materialize supports {', '.join(sorted(_FAMILIES))}; got model type '{mt}'")
-    if mt == "mistral" and getattr(config, "sliding_window", None):
-        raise SurgeonError("materialize: Mistral with a sliding window is not supported (set sliding_window=None)")
+        sources = sorted(k for k in _FAMILIES if not k.startswith("surgeon_"))
+        raise SurgeonError(f"materialize supports {', '.join(sources)}; got model type '{mt}'")
 
 
 DEFAULT_ALIGN = 64  # FFN widths padded to a multiple of this (see surgeon_core.materialize.pad_kept)
