@@ -43,9 +43,9 @@ def ui_base() -> str:
 async def run(name: str, params: dict, timeout_s: float) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-    from prefect.deployments import run_deployment
+    from prefect.deployments.flow_runs import arun_deployment
 
-    flow_run = await run_deployment(name, parameters=params, timeout=0)
+    flow_run = await arun_deployment(name, parameters=params, timeout=0)
     url = f"{ui_base()}/runs/flow-run/{flow_run.id}"
     print(f"flow run {flow_run.name} of {name}: {url}", flush=True)
     t0, last = time.monotonic(), None
