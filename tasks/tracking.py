@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from surgeon.integrity import file_lock
+
 from . import plots
 
 __all__ = ["TrackedRun", "surgeon_home", "tracking_uri", "ui_url", "ui_command", "start_run", "log_shot", "log_outcome",
@@ -71,9 +73,18 @@ def _client():
 
     uri = tracking_uri()
     db = _sqlite_file(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if db is None or uri in _READY_STORES:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # two processes creating or migrating one SQLite store at once both fail: one at a time, lock beside it
+    with file_lock(db.parent / f".{db.name}.lock"):
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # creates/migrates the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's
+    _READY_STORES.add(uri)
+    return client
+
+
+_READY_STORES: set[str] = set()  # SQLite stores this process has created or found complete
 
 
 # MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag names classic model development

@@ -1,0 +1,47 @@
+"""Concurrent first use of an MLflow SQLite store: two runs that start at the same moment on a store that does not
+exist yet both succeed, and the store they leave is complete (a third run uses it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.flows, pytest.mark.heavy]
+ROOT = Path(__file__).resolve().parents[2]
+
+_RUN = """
+import sys, time
+from pathlib import Path
+go = Path(sys.argv[1])
+from tasks import tracking  # imports done before the start signal: both reach the store together
+import mlflow  # noqa: F401
+while not go.exists():
+    time.sleep(0.01)
+with tracking.start_run(sys.argv[2], experiment="first-use", params={"who": sys.argv[2]}) as run:
+    pass
+print(run.run_id)
+"""
+
+
+def test_two_runs_creating_one_sqlite_store_at_once_both_succeed(tmp_path):
+    db = tmp_path / "store" / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "SURGEON_HOME": str(tmp_path / "home")}
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _RUN, str(go), name], env=env, cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    time.sleep(20)  # both have imported mlflow and wait for the signal
+    go.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    ids = [out.strip().splitlines()[-1] for out, _ in results]
+    assert len(set(ids)) == 2
+    third = subprocess.run([sys.executable, "-c", _RUN, str(go), "c"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
