@@ -81,9 +81,19 @@ def metrics_of(result: dict) -> dict:
     m: dict = {}
     if "dense" in result:
         m["dense_ppl"] = result["dense"]["ppl"]
+    for name, e in (result.get("dense_also") or {}).items():
+        m[f"dense_ppl/{name}"] = e["ppl"]
     for row in result.get("steps", []):
         if row.get("eval"):
             m[f"ppl@{round(row['target_size'], 4):g}"] = row["eval"]["ppl"]
+        for name, e in (row.get("eval_also") or {}).items():
+            m[f"ppl/{name}@{round(row['target_size'], 4):g}"] = e["ppl"]
+    for name, ppl in (result.get("ppl_also") or {}).items():
+        m[f"ppl/{name}"] = ppl
+    if result.get("finetune"):
+        last = result["finetune"][-1]
+        m.update({k: v for k, v in (("finetune_best_step", last["best_step"]), ("finetune_steps_run", last["steps"]))
+                  if v is not None})
     for key in ("ppl", "achieved_size", "seconds_per_shot", "peak_rss_gb", "peak_gpu_gb"):
         if result.get(key) is not None:
             m[key] = result[key]
@@ -204,7 +214,12 @@ def _step_row(row: dict) -> dict:
     if row.get("finetune"):
         losses = row["finetune"].get("losses") or [None]
         out["finetune"] = {"steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1],
-                           "seconds": row["finetune"].get("seconds")}
+                           "seconds": row["finetune"].get("seconds"), "loss": row["finetune"].get("loss"),
+                           "validation": row["finetune"].get("validation"),
+                           "best_step": row["finetune"].get("best_step"),
+                           "kept_pre_finetune": row["finetune"].get("kept_pre_finetune")}
+    if row.get("eval_also"):
+        out["ppl_also"] = {name: e["ppl"] for name, e in row["eval_also"].items()}
     return out
 
 

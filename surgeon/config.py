@@ -163,6 +163,17 @@ class EvalSection(_Section):
     zeroshot_tasks: list[str] = Field(default_factory=list, description="lm-eval task names ('a,b' works too)")
     task_dir: str | None = Field(default=None, description="folder of local lm-eval task YAMLs for zeroshot_tasks")
     zeroshot_limit: int | None = Field(default=None, description="examples per zero-shot task (None: all)")
+    also: dict[str, str] = Field(default_factory=dict, description="more evaluation texts, name: data; their "
+                                 "perplexity at the dense model and wherever data is evaluated (same seqlen and "
+                                 "max_windows; surgeon bench and in-process runs)")
+
+    @field_validator("also")
+    @classmethod
+    def _also(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(k))]
+        if bad:
+            raise ValueError(f"names of eval.also are letters, digits, '_', '.' and '-', got {bad[0]!r}")
+        return v
 
     @field_validator("zeroshot_tasks", mode="before")
     @classmethod
@@ -244,14 +255,31 @@ class FinetuneSection(_Section):
                                                               "linear decay to 0")
     warmup: int = Field(default=0, description="linear warmup steps at the start of every fine-tuning run")
     batch_size: int = Field(default=1, description="calibration windows per step")
-    holdout: float = Field(default=0.0, description="fraction of calibration windows held out; the best weights "
-                           "on them are kept")
-    validate_every: int = Field(default=0, description="with holdout: also validate every N steps (0: at the "
-                                "start and the end only)")
+    holdout: float = Field(default=0.1, description="fraction of calibration windows held out for validation "
+                           "(sharing no tokens with the training windows); the best weights on them are kept, the "
+                           "pre-fine-tuning ones if none is better (0: no validation)")
+    holdout_min: int = Field(default=2, description="with holdout: at least this many validation windows")
+    validate_every: int = Field(default=0, description="with holdout: validate every N steps (0: every tenth of "
+                                "the run's steps)")
+    patience: int = Field(default=3, description="with holdout: stop after N validations without a new best "
+                          "(0: run every step)")
+    loss: Literal["ce", "kd", "mix"] = Field(default="kd", description="objective: next-token loss (ce), KL to "
+                                             "the dense model's next-token distribution (kd), or both (mix)")
+    kd_weight: float = Field(default=0.5, description="loss mix: weight of the KL term, (1 - w) on the "
+                             "next-token loss")
+    kd_topk: int = Field(default=64, description="kd/mix: teacher tokens kept per position (the rest of the "
+                         "vocabulary is one bucket)")
 
-    _nn = field_validator("steps", "final_steps", "warmup", "validate_every")(
+    _nn = field_validator("steps", "final_steps", "warmup", "validate_every", "patience")(
         classmethod(lambda cls, v: _non_negative(v)))
-    _bs = field_validator("batch_size")(classmethod(lambda cls, v: _positive(v)))
+    _bs = field_validator("batch_size", "holdout_min", "kd_topk")(classmethod(lambda cls, v: _positive(v)))
+
+    @field_validator("kd_weight")
+    @classmethod
+    def _kd_weight(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
 
     @field_validator("lr")
     @classmethod
@@ -356,6 +384,13 @@ class PruneConfig(BaseModel):
             if self.calibration.nsamples < self.compute.nproc:
                 raise ValueError(f"nproc {self.compute.nproc} needs at least one calibration window per process "
                                  f"(nsamples is {self.calibration.nsamples})")
+        f = self.finetune
+        if f.active and f.holdout > 0 and self.calibration.nsamples <= f.holdout_min:
+            raise ValueError(f"fine-tuning with validation needs more than finetune.holdout_min = {f.holdout_min} "
+                             f"calibration windows (nsamples is {self.calibration.nsamples}); set finetune.holdout=0 "
+                             "to fine-tune without validation")
+        if self.eval.also and not self.eval.data:
+            raise ValueError("eval.also needs eval.data (the texts are evaluated where eval.data is)")
         if self.output.report_decode_attention == "flex" and self.output.report_device == "cpu":
             raise ValueError("output.report_decode_attention 'flex' is for a GPU report: set output.report_device "
                              "to cuda or auto")

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from surgeon_core.evaluate import perplexity
-from surgeon_core.finetune import FinetuneOptions, finetune, mask_violations, pruning_masks
+from surgeon_core.finetune import (FinetuneOptions, TeacherTargets, finetune, mask_violations, pruning_masks,
+                                   teacher_targets, validation_split)
 from surgeon_core.methods import DTYPES, PruneOptions
 from surgeon_core.schedule import Step
 from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, ShotReport, model_size, run_step
@@ -84,7 +85,19 @@ def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions
     return FinetuneOptions(steps=steps, lr=f.lr, train=f.train, schedule=f.schedule,
                            warmup_steps=min(f.warmup, steps), batch_size=f.batch_size,
                            autocast_dtype=torch.bfloat16 if cfg.compute.dtype == "bf16" else None,
-                           device=cfg.compute.device, seed=cfg.method.seed + 1000 * shot)
+                           device=cfg.compute.device, seed=cfg.method.seed + 1000 * shot, loss=f.loss,
+                           kd_weight=f.kd_weight)
+
+
+def finetune_summary(row: dict) -> dict:
+    """What a step's fine-tuning chose: steps run, the kept step (0: the weights from before it) and the
+    validation loss before fine-tuning and at the kept step."""
+    val = dict((int(s), v) for s, v in row.get("validation") or [])
+    best = row.get("best_step")
+    return {"shot": row.get("shot"), "loss": row.get("loss"), "steps": row.get("steps"),
+            "planned_steps": row.get("planned_steps"), "best_step": best, "stopped_early": row.get("stopped_early"),
+            "kept_pre_finetune": row.get("kept_pre_finetune"), "val_loss_before": val.get(0),
+            "val_loss_best": val.get(best) if best is not None else None}
 
 
 def load_for_pruning(source: str, cfg: PruneConfig):
@@ -110,6 +123,8 @@ class Runner:
         self.calibration, self.evaluation = calibration, evaluation
         self.options = cfg.options()
         self.progress, self.log = progress, log or _log
+        self.teacher: TeacherTargets | None = None
+        self._split: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def prune(self, step: Step) -> dict:
         rep = shot_with_fallback(self.model, self.calibration, self.options, step, progress=self.progress,
@@ -120,30 +135,80 @@ class Runner:
                                "degenerate weights?)")
         return {**rep.to_dict(), **peak_memory(self.cfg.compute.device)}
 
+    def validation_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(training, validation or None) calibration windows of fine-tuning: ``finetune.holdout`` of them, at least
+        ``holdout_min``, whole groups of overlapping windows at a time, so the validation windows share no tokens
+        with the training windows (:func:`surgeon_core.finetune.validation_split`). The same split for every shot."""
+        if self._split is None:
+            f, windows = self.cfg.finetune, self.calibration
+            if f.holdout <= 0:
+                self._split = (windows, None)
+            else:
+                n = windows.shape[0]
+                n_val = min(n - 1, max(f.holdout_min, round(f.holdout * n)))
+                if n_val < 1:
+                    raise SurgeonError(f"finetune.holdout {f.holdout} of {n} calibration windows leaves no window "
+                                       "to train or to validate on")
+                train, val = validation_split(windows, n_val)
+                if len(val) < min(f.holdout_min, n_val):
+                    raise SurgeonError(f"only {len(val)} of {n} calibration windows share no tokens with the others "
+                                       f"(finetune.holdout_min is {f.holdout_min}): draw more windows from a longer "
+                                       "text, or set finetune.holdout=0")
+                self._split = (windows[train], windows[val])
+        return self._split
+
+    def prepare_teacher(self, dense_model=None) -> None:
+        """The distillation targets (``finetune.loss`` kd or mix): ``dense_model``'s top-k next-token distribution
+        on the training windows, computed once (default: the runner's model, dense before the first shot)."""
+        f = self.cfg.finetune
+        if f.loss == "ce" or self.teacher is not None:
+            return
+        train, _ = self.validation_split()
+        t0 = time.perf_counter()
+        self.teacher = teacher_targets(dense_model if dense_model is not None else self.model, train,
+                                       k=f.kd_topk, batch_size=f.batch_size, device=self.cfg.compute.device,
+                                       autocast_dtype=torch.bfloat16 if self.cfg.compute.dtype == "bf16" else None)
+        self.log.info("teacher: top-%d next-token distributions of %d x %d tokens, %.1f MB, %.1f s", f.kd_topk,
+                      train.shape[0], train.shape[1], self.teacher.nbytes / 2**20, time.perf_counter() - t0)
+
     def finetune(self, step: Step) -> dict:
-        """Mask-preserving fine-tuning after ``step``; every pruned weight is checked to be exactly 0 after it."""
-        cfg, windows = self.cfg, self.calibration
+        """Mask-preserving fine-tuning after ``step``; every pruned weight is checked to be exactly 0 after it.
+        With validation windows the best weights on them are kept: those from before fine-tuning when it never
+        lowered the validation loss (logged, ``kept_pre_finetune`` in the report)."""
+        cfg, f, n = self.cfg, self.cfg.finetune, step.finetune_steps
+        train, held = self.validation_split()
+        if f.loss != "ce" and self.teacher is None:
+            raise SurgeonError(f"finetune.loss {f.loss} needs the dense model's targets: Runner.prepare_teacher "
+                               "before the first shot")
         masks = pruning_masks(self.model)
-        validate, train = None, windows
-        n_val = int(round(cfg.finetune.holdout * windows.shape[0]))
-        if cfg.finetune.holdout > 0:
-            if not 0 < n_val < windows.shape[0]:
-                raise SurgeonError(f"finetune.holdout {cfg.finetune.holdout} of {windows.shape[0]} calibration "
-                                   "windows leaves no window to train or to validate on")
-            train, held = windows[:-n_val], windows[-n_val:]
-            validate = lambda m: self._loss(m, held)  # noqa: E731
-        every = max(1, step.finetune_steps // 10)
+        validate = (lambda m: self._loss(m, held)) if held is not None else None  # noqa: E731
+        every = max(1, n // 10)
 
         def on_step(i: int, loss: float, lr: float) -> None:
-            if i % every == 0 or i == step.finetune_steps:
-                self.log.info("finetune %d/%d loss %.4f lr %.3g", i, step.finetune_steps, loss, lr)
+            if i % every == 0 or i == n:
+                self.log.info("finetune %d/%d %s loss %.4f lr %.3g", i, n, f.loss, loss, lr)
 
-        rep = finetune(self.model, train, options=finetune_options(cfg, step.finetune_steps, step.shot),
-                       on_step=on_step, validate=validate, validate_every=cfg.finetune.validate_every)
+        def on_validate(i: int, value: float) -> None:
+            self.log.info("finetune %d/%d validation loss %.4f", i, n, value)
+
+        rep = finetune(self.model, train, options=finetune_options(cfg, n, step.shot), on_step=on_step,
+                       validate=validate, validate_every=f.validate_every or every,
+                       patience=f.patience if held is not None else 0, teacher=self.teacher,
+                       on_validate=on_validate)
         bad = mask_violations(self.model, masks)
         if bad:  # only a library bug can get here: never hand such weights on
             raise SurgeonError(f"fine-tuning after shot {step.shot} changed {bad} pruned weights")
-        return {**rep.to_dict(), "shot": step.shot, **peak_memory(cfg.compute.device)}
+        if held is not None:
+            val = dict((s, v) for s, v in rep.validation)
+            if rep.kept_pre_finetune:
+                self.log.warning("fine-tuning after shot %d did not lower the validation loss (%.4f before it): the "
+                                 "weights from before fine-tuning are kept", step.shot, val[0])
+            else:
+                self.log.info("fine-tuning after shot %d: validation loss %.4f -> %.4f, weights of step %d of %d "
+                              "kept%s", step.shot, val[0], val[rep.best_step], rep.best_step, n,
+                              f" (stopped after {rep.steps})" if rep.stopped_early else "")
+        return {**rep.to_dict(), "shot": step.shot, "train_windows": int(train.shape[0]),
+                "validation_windows": 0 if held is None else int(held.shape[0]), **peak_memory(cfg.compute.device)}
 
     def _loss(self, model, windows: torch.Tensor) -> float:
         try:
@@ -151,6 +216,11 @@ class Runner:
                               device=self.cfg.compute.device)["nll"]
         except FloatingPointError:
             return math.inf
+
+    def evaluate_also(self, also: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Perplexity on each of ``eval.also``'s texts (name -> windows)."""
+        return {name: perplexity(self.model, w, batch_size=self.cfg.eval.batch_size, device=self.cfg.compute.device)
+                for name, w in also.items()}
 
     def evaluate(self) -> dict | None:
         if self.evaluation is None:
@@ -174,10 +244,22 @@ def zeroshot(cfg: PruneConfig, model, tokenizer, log: logging.Logger | None = No
 
 
 # ------------------------------------------------------------------------------------------- one process, one loop
-def _signature(cfg: PruneConfig, inputs: tuple[ModelRef, DataRef, DataRef | None]) -> dict:
+def _signature(cfg: PruneConfig, inputs: tuple[ModelRef, DataRef, DataRef | None],
+               also: dict[str, DataRef] | None = None) -> dict:
     src, calib, evald = inputs
-    return {"config_hash": cfg.config_hash(), "model": src.content_hash, "calibration": calib.data_id,
-            "eval": evald.data_id if evald else None, "eval_batch_size": cfg.eval.batch_size}
+    out = {"config_hash": cfg.config_hash(), "model": src.content_hash, "calibration": calib.data_id,
+           "eval": evald.data_id if evald else None, "eval_batch_size": cfg.eval.batch_size}
+    if also:
+        out["eval_also"] = {name: ref.data_id for name, ref in also.items()}
+    return out
+
+
+def _eval_also(cfg: PruneConfig, model_path: str) -> dict[str, DataRef]:
+    """The windows of ``eval.also``'s texts, made like the main evaluation's."""
+    from .inputs import build_eval
+
+    return {name: build_eval(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"data": ref})}), model_path)
+            for name, ref in cfg.eval.also.items()}
 
 
 def _save_checkpoint(folder: Path, model, state: dict) -> None:
@@ -226,7 +308,9 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     runner = Runner(cfg, model, load_windows(calib.path), load_windows(evald.path) if evald else None,
                     progress=progress, log=log)
     folder = Path(checkpoint) if checkpoint else None
-    signature = _signature(cfg, inputs)
+    also_refs = _eval_also(cfg, src.path)
+    also = {name: load_windows(ref.path) for name, ref in also_refs.items()}
+    signature = _signature(cfg, inputs, also_refs)
     result = _resume(folder, model, signature)
     if result is None:
         result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
@@ -237,12 +321,21 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
             result["dense"] = dense
             log.info("dense ppl %.3f (%d windows x %d tokens)", dense["ppl"], dense["windows"], dense["seqlen"])
         if cfg.eval.zeroshot_tasks:
+        if also:
+            result["dense_also"] = runner.evaluate_also(also)
             result["dense_zeroshot"] = zeroshot(cfg, model, tok, log)
     done = len(result["steps"])
     steps = cfg.plan()
     if done:
         log.info("resumed from %s after step %d of %d", folder, done, len(steps))
     for step in steps[done:]:
+    if any(s.finetune_steps for s in steps[done:]):
+        if not done:
+            runner.prepare_teacher()  # the model is still the dense one
+        elif cfg.finetune.loss != "ce":
+            dense, _ = load_for_pruning(src.path, cfg)
+            runner.prepare_teacher(dense)
+            del dense
         if stop_after is not None and len(result["steps"]) >= stop_after:
             result["stopped_after"] = stop_after
             break
@@ -254,6 +347,8 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if step.evaluate:
             row["eval"] = runner.evaluate()
             if cfg.eval.zeroshot_tasks:
+            if also and row["eval"] is not None:
+                row["eval_also"] = runner.evaluate_also(also)
                 row["zeroshot"] = zeroshot(cfg, model, tok, log)
         log.info("shot %d/%d: size %.4f (target %.4f)%s; %s", step.shot, step.num_shots, row["achieved_size"],
                  step.target_size, f", ppl {row['eval']['ppl']:.3f}" if row.get("eval") else "",
@@ -273,9 +368,15 @@ def _finish(cfg, result, runner, tok, src: ModelRef, t_start: float) -> dict:
         return result
     final = rows[-1]
     result["achieved_size"] = final["achieved_size"]
+    tuned = [finetune_summary(r["finetune"]) for r in rows if r.get("finetune")]
+    if tuned:
+        result["finetune"] = tuned
+        result["finetune_best_step"] = tuned[-1]["best_step"]
     if final.get("eval"):
         result["ppl"] = final["eval"]["ppl"]
     if final.get("zeroshot"):
+    if final.get("eval_also"):
+        result["ppl_also"] = {name: e["ppl"] for name, e in final["eval_also"].items()}
         result["zeroshot"] = final["zeroshot"]
     result["seconds"] = time.perf_counter() - t_start
     result["seconds_per_shot"] = sum(sum(r["seconds"].values()) for r in rows) / len(rows)
@@ -315,11 +416,20 @@ def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Ste
 
 
 def finetune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, ckpt_dir: str,
-                      log: logging.Logger | None = None) -> dict:
+                      log: logging.Logger | None = None, dense_dir: str | None = None) -> dict:
     """Load a checkpoint, fine-tune it ``step.finetune_steps`` steps on the calibration windows (pruned weights stay
-    exactly 0) and write an HF-loadable checkpoint with ``state.json``, atomically. Returns the report."""
+    exactly 0) and write an HF-loadable checkpoint with ``state.json``, atomically. Returns the report. The kd and
+    mix losses take the teacher from ``dense_dir`` (default: the recipe's model, resolved as the run resolves it)."""
+    runner = Runner(cfg, None, load_windows(calib_path), log=log)
+    if cfg.finetune.loss != "ce":
+        from .inputs import prepare_model
+
+        dense, _ = load_for_pruning(dense_dir or prepare_model(cfg).path, cfg)
+        runner.prepare_teacher(dense)
+        del dense
     model, tok = load_for_pruning(source_dir, cfg)
-    report = Runner(cfg, model, load_windows(calib_path), log=log).finetune(step)
+    runner.model = model
+    report = runner.finetune(step)
     state = {"step": step.to_dict(), "config_hash": cfg.config_hash(), "report": report}
     save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)})
     return report

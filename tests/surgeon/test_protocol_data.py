@@ -34,7 +34,7 @@ def test_every_data_file_matches_the_sha256_of_its_readme(repo_data):
             assert path not in recorded, f"{path} has two sha256 lines"
             recorded[path] = digest
     files = _data_files(repo_data)
-    assert len(files) == 7
+    assert len(files) == 8
     assert set(recorded) == set(files), "a file without a sha256 line in its README, or a line without a file"
     bad = [str(p.relative_to(repo_data)) for p in files if _sha256(p) != recorded[p]]
     assert not bad, f"data files differ from the sha256 in their README (corrupted checkout?): {bad}"

@@ -75,10 +75,10 @@ def test_validation_keeps_the_best_parameters_and_never_ends_worse():
 
     rep = finetune(model, train, options=FinetuneOptions(steps=12, lr=0.3, batch_size=2, schedule="constant"),
                    validate=validate, validate_every=4)
-    steps = [s for s, _ in rep.extra["validation"]]
+    steps = [s for s, _ in rep.validation]
     assert steps == [0, 4, 8, 12] and len(seen) == 4
-    best_step, best_value = min(rep.extra["validation"], key=lambda sv: sv[1])
-    assert rep.extra["best_step"] == best_step
+    best_step, best_value = min(rep.validation, key=lambda sv: sv[1])
+    assert rep.best_step == best_step
     assert mean_loss(model, heldout) == pytest.approx(best_value, rel=1e-6) and best_value <= start + 1e-6
     assert mask_violations(model, masks) == 0
     if best_step == 0:  # the untouched model won: it is restored exactly
