@@ -9,6 +9,8 @@
    ``deployments/run_deployment.sh promote/promote model_name=NAME version=V`` on the worker.
 
 Every time is a wall-clock time of a subprocess, measured once; the JSON says the machine and its load.
+``--demo-json RUN1 RUN2 --home H --cache C`` takes steps 1's results from two earlier ``surgeon prune --json`` runs
+of the demo recipe on that home and cache (their wall times given with ``--demo-wall``) instead of running them.
 
     python benchmarks/pipeline/pipeline_latency.py --work /tmp/latency --json benchmarks/pipeline/latency-cpu.json
 """
@@ -57,11 +59,16 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="fresh folder for the home, cache and logs")
     ap.add_argument("--model", default="models/smollm2-135m")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--home", type=Path, help="SURGEON_HOME of earlier demo runs (default: WORK/home)")
+    ap.add_argument("--cache", type=Path, help="SURGEON_CACHE of earlier demo runs (default: WORK/cache)")
+    ap.add_argument("--demo-json", type=Path, nargs=2, help="the --json files of two earlier demo runs")
+    ap.add_argument("--demo-wall", type=float, nargs=2, help="their wall-clock seconds")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=False)
+    home, cache = (args.home or work / "home").resolve(), (args.cache or work / "cache").resolve()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(SURGEON_HOME=str(work / "home"), SURGEON_CACHE=str(work / "cache"), HF_HUB_OFFLINE="1",
+    env.update(SURGEON_HOME=str(home), SURGEON_CACHE=str(cache), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out = {"machine": {"cpus_affinity": len(os.sched_getaffinity(0)), "processor": platform.processor(),
                        "loadavg_start": os.getloadavg()},
@@ -73,13 +80,16 @@ def main() -> None:
              "--output", work / "pruned"]
     runs = []
     for i in (1, 2):
-        s, rc = timed([*prune, "--json", work / f"prune{i}.json"], env, work / f"prune{i}.log")
-        res = json.loads((work / f"prune{i}.json").read_text()) if rc == 0 else {}
-        runs.append({"wall_s": s, "rc": rc, "cached_shots": res.get("cached_shots"),
+        if args.demo_json:
+            s, rc, res = args.demo_wall[i - 1], 0, json.loads(args.demo_json[i - 1].read_text())
+        else:
+            s, rc = timed([*prune, "--json", work / f"prune{i}.json"], env, work / f"prune{i}.log")
+            res = json.loads((work / f"prune{i}.json").read_text()) if rc == 0 else {}
+        runs.append({"wall_s": s, "rc": rc, "cached_shots": res.get("cached_shots"), "flow_s": res.get("seconds"),
                      "registered_version": res.get("registered_version"), "registration": res.get("registration")})
     out["demo_recipe_runs"] = runs
     name, version = "smollm2-135m", runs[0]["registered_version"]
-    uri = f"sqlite:///{work / 'home' / 'mlflow.db'}"
+    uri = f"sqlite:///{home / 'mlflow.db'}"
     load = subprocess.run([sys.executable, "-c", LOAD, uri, f"models:/{name}/{version}"], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     out["mlflow_transformers_load"] = json.loads(load.stdout.strip().splitlines()[-1]) if load.returncode == 0 \
