@@ -1,7 +1,7 @@
 """Micro-benchmark: speed of the correlated OBS element update (``obs_update_elements_batched``) on random SPD
 factors.
 
-SmolLM2-135M shapes (30 decoder layers): q 576x576, k/v 192x576, o 576x576, gate/up 1536x576, down 576x1536;
+--arch smollm2-135m (default; 30 decoder layers): q 576x576, k/v 192x576, o 576x576, gate/up 1536x576, down 576x1536;
 one batch per layer type, as ``surgeon_core.shot`` groups them. For every --drop-frac and layer type:
 
 * ``total_s``: the real function, timed once after a warm-up (no extra synchronisation inside);
@@ -50,6 +50,9 @@ from surgeon_core.update import (_ChunkPlan, _update_elements, obs_update_elemen
 # layer type -> (rows R = out features, weight columns C = in features)
 SMOLLM2_SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_proj": (576, 576),
                   "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
+LLAMA2_7B_SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+                    "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+ARCH_SHAPES = {"smollm2-135m": SMOLLM2_SHAPES, "llama-2-7b": LLAMA2_7B_SHAPES}
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -98,7 +101,7 @@ def make_problem(B: int, R: int, C: int, frac: float, pattern: str, bias: bool, 
 def bench_update(args, dev, dtype, results, save) -> None:
     for frac in args.drop_frac:
         tot = {"total_s": 0.0, "phases": {}, "reference_s": 0.0, "batched_on_reference_layers_s": 0.0}
-        for i, (name, (R, C)) in enumerate(SMOLLM2_SHAPES.items()):
+        for i, (name, (R, C)) in enumerate(ARCH_SHAPES[args.arch].items()):
             if args.shapes and name not in args.shapes:
                 continue
             rec = {"frac": frac, "layer_type": name, "R": R, "C": C, "layers": args.layers}
@@ -153,7 +156,7 @@ def bench_update(args, dev, dtype, results, save) -> None:
         if args.concurrent:  # every shape's batch at once: interleaved chunk steps, one CUDA stream per batch
             try:
                 problems = [make_problem(args.layers, R, C, frac, args.pattern, args.bias, dev, dtype, args.seed + i)
-                            for i, (name, (R, C)) in enumerate(SMOLLM2_SHAPES.items())
+                            for i, (name, (R, C)) in enumerate(ARCH_SHAPES[args.arch].items())
                             if not args.shapes or name in args.shapes]
                 seq, tot["one_after_another_s"] = timed(lambda: [obs_update_elements_batched(
                     *p, max_correlate=args.max_correlate) for p in problems], dev)
@@ -273,13 +276,14 @@ def bench_cholesky(args, dev, results, save) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--arch", choices=sorted(ARCH_SHAPES), default="smollm2-135m", help="layer shapes")
     p.add_argument("--layers", type=int, default=30, help="layers per layer type (one batch each)")
     p.add_argument("--drop-frac", type=float, nargs="+", default=[0.1, 0.5])
     p.add_argument("--pattern", default="unstructured", help="unstructured (random, --drop-frac) or n:m, e.g. 2:4")
     p.add_argument("--max-correlate", type=int, default=2000)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="W and factor dtype")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="no bias column (default: C' = C + 1)")
-    p.add_argument("--shapes", nargs="*", default=None, help=f"subset of {list(SMOLLM2_SHAPES)}")
+    p.add_argument("--shapes", nargs="*", default=None, help="subset of the layer types (q_proj ... down_proj)")
     p.add_argument("--reference-layers", type=int, default=0,
                    help="also time the reference update (surgeon_core.reference) on this many layers per type and compare")
     p.add_argument("--no-warmup", dest="warmup", action="store_false")
