@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,16 +142,21 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator
         raise
 
 
-def phase_logger(log, every: float = 0.1):
-    """A ``progress(phase, done, total)`` callback that logs each phase about every ``every`` of its way (a phase
-    that starts again, as in the next shot, is followed from its start again)."""
+def phase_logger(log, every: float = 0.1, interval: float = 5.0, clock=time.monotonic):
+    """A ``progress(phase, done, total)`` callback that logs each phase about every ``every`` of its way, and
+    whenever it advanced after ``interval`` seconds without a line of any phase (so a long phase is never silent
+    longer than that between its updates); a phase that starts again, as in the next shot, is followed from its
+    start again."""
     last: dict[str, int] = {}
+    said = [clock()]  # when the last line of any phase was written
 
     def progress(phase: str, done: int, total: int) -> None:
         if done < last.get(phase, 0):
             last[phase] = 0
-        if done == total or done - last.get(phase, 0) >= max(1, int(total * every)):
-            last[phase] = done
+        now = clock()
+        if done == total or done - last.get(phase, 0) >= max(1, int(total * every)) or \
+                (done > last.get(phase, 0) and now - said[0] >= interval):
+            last[phase], said[0] = done, now
             log.info("%s %d/%d (%.0f%%)", phase, done, total, 100.0 * done / total)
 
     return progress

@@ -24,6 +24,7 @@ from .sequential import run_layerwise
 
 __all__ = [
     "METHODS",
+    "PHASES",
     "flatten_inputs",
     "math_dtype",
     "accumulate_hessian_",
@@ -36,6 +37,14 @@ __all__ = [
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
+# the progress phases of each method: run_layerwise's phases and the pruning of the linears, in the method's words
+PHASES = {
+    "magnitude": {"prune": "magnitude masks", "layers": "layers"},
+    "wanda": {"inputs": "wanda layer inputs", "statistics": "wanda input norms", "prune": "wanda masks",
+              "outputs": "wanda layer outputs", "layers": "layers"},
+    "sparsegpt": {"inputs": "sparsegpt layer inputs", "statistics": "sparsegpt hessians", "prune": "sparsegpt solves",
+                  "outputs": "sparsegpt layer outputs", "layers": "layers"},
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,6 +219,7 @@ def sparsegpt_prune(
     n_m: tuple[int, int] | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
+    on_block: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SparseGPT: OBS pruning column by column with lazy batched updates between column blocks.
 
@@ -221,6 +231,7 @@ def sparsegpt_prune(
         n_m: (N, M) keeps N of every M consecutive inputs of each row, chosen every M columns.
         block_size: columns per lazy-update block (a multiple of M for N:M).
         dampening_frac: λ = dampening_frac * mean(diag H) added to diag H (x10 retries if Cholesky fails).
+        on_block: called after each block of columns (progress of a long solve).
 
     Returns:
         (W_new (d_out, d_in) in W's dtype, mask (d_out, d_in) bool with True = kept, loss: 0-dim tensor in the
@@ -251,6 +262,8 @@ def sparsegpt_prune(
         W[:, i1:i2] = Q1
         loss += Err1.square().sum() / 2
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of the later blocks
+        if on_block is not None:
+            on_block()
     return W.to(out_dtype), mask, loss
 
 
@@ -260,9 +273,11 @@ def sparsegpt_prune(
 
 
 def _apply_rule(
-    linears: dict[str, nn.Linear], rule: Callable[[str, nn.Linear], tuple[torch.Tensor, torch.Tensor | None]]
+    linears: dict[str, nn.Linear], rule: Callable[[str, nn.Linear], tuple[torch.Tensor, torch.Tensor | None]],
+    on_linear: Callable[[], None] | None = None,
 ) -> dict:
-    """Run ``rule`` on each linear, assign the new weight in place, and report sparsity/loss/timing.
+    """Run ``rule`` on each linear, assign the new weight in place, and report sparsity/loss/timing;
+    ``on_linear()`` is called after each linear.
 
     The reported sparsity is the fraction of exactly-zero weights after pruning, so zeros the weight already had
     outside the mask (de-quantized 4-bit weights have a few) count too.
@@ -279,6 +294,8 @@ def _apply_rule(
         report[name] = {"sparsity": n_zero / linear.weight.numel(), "seconds": time.perf_counter() - start}
         if loss is not None:
             report[name]["loss"] = float(loss)
+        if on_linear is not None:
+            on_linear()
     return {"sparsity": zeros / total if total else 0.0, "linears": report}
 
 
@@ -296,17 +313,18 @@ def _check_layerwise(method: str, linears: dict[str, nn.Linear], windows, sparsi
 
 
 def _magnitude_layers(model: nn.Module, adapter, sparsity: float, n_m: tuple[int, int] | None, device,
-                      progress: Callable[[int, int], None] | None) -> list[dict]:
+                      progress: Callable[[str, int, int], None] | None, on_linear: Callable[[], None]) -> list[dict]:
     """Magnitude pruning of every decoder layer in turn (no calibration); one report per layer."""
     layers = get_submodule(model, adapter.layers)
     reports = []
     for i, layer in enumerate(layers):
         t0 = time.perf_counter()
         named = {name: get_submodule(layer, name) for name in adapter.linears}
-        report = _apply_rule(named, lambda _name, lin: (_magnitude_pruned(lin.weight, sparsity, n_m, device), None))
+        report = _apply_rule(named, lambda _name, lin: (_magnitude_pruned(lin.weight, sparsity, n_m, device), None),
+                             on_linear)
         reports.append({"layer": i, **report, "seconds": time.perf_counter() - t0})
         if progress is not None:
-            progress(i + 1, len(layers))
+            progress("layers", i + 1, len(layers))
     return reports
 
 
@@ -328,7 +346,7 @@ def prune_model_layerwise(
     offload_device: torch.device | str | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     true_sequential: bool = False,
     stats_dtype: torch.dtype | None = None,
 ) -> dict:
@@ -340,7 +358,13 @@ def prune_model_layerwise(
         method: "magnitude", "wanda" or "sparsegpt".
         sparsity: fraction pruned in every linear (must equal 1 - N/M when ``n_m`` is given).
         n_m: (N, M) semi-structured pattern, e.g. (2, 4).
-        batch_size, device, offload_device, progress: see ``sequential.run_layerwise``.
+        batch_size, device, offload_device: see ``sequential.run_layerwise``.
+        progress: ``progress(phase, done, total)`` after every unit of work, each phase named after the method and
+            counted over the whole pass (:data:`PHASES`): the calibration batches to layer 0 (``"wanda layer
+            inputs"``), through each layer with statistics hooks (``"wanda input norms"``, ``"sparsegpt
+            hessians"``), the linears pruned (``"wanda masks"``, ``"sparsegpt solves"``, ``"magnitude masks"``),
+            the batches through each pruned layer (``"wanda layer outputs"``), and ``"layers"`` per decoder layer;
+            SparseGPT's solves are counted in blocks of ``block_size`` columns.
         block_size, dampening_frac: SparseGPT settings.
         true_sequential: calibrate each input group on the outputs of the already-pruned groups of the same layer
             (``sequential.run_layerwise``); default False, the Wanda/SparseGPT scripts' default.
@@ -359,9 +383,25 @@ def prune_model_layerwise(
     _check_layerwise(method, linears, windows, sparsity, n_m, block_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     start = time.perf_counter()
+    labels = PHASES[method]
+
+    def report_phase(phase: str, done: int, total: int) -> None:
+        progress(labels.get(phase, phase), done, total)
+
+    # pruning progress in units of work: SparseGPT's column blocks (one solve can take seconds), else linears
+    blocks = method == "sparsegpt"
+    units = sum((-(-lin.in_features // block_size) if blocks else 1) for lin in linears.values() if lin.weight.numel())
+    pruned = {"done": 0}
+
+    def tick() -> None:
+        pruned["done"] += 1
+        if progress is not None:
+            progress(labels["prune"], pruned["done"], units)
+
+    on_linear = None if blocks else tick
 
     if method == "magnitude":  # no calibration: no forward passes at all
-        reports = _magnitude_layers(model, adapter, sparsity, n_m, device, progress)
+        reports = _magnitude_layers(model, adapter, sparsity, n_m, device, progress, tick)
     else:
         def make_stats(linear: nn.Linear) -> InputStats:
             return InputStats(linear.in_features, hessian=method == "sparsegpt", sq_norms=method == "wanda",
@@ -370,15 +410,17 @@ def prune_model_layerwise(
         def rule(name: str, linear: nn.Linear, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor | None]:
             if method == "wanda":
                 return linear.weight * wanda_mask(linear.weight, stats.sq_norms, sparsity, n_m), None
-            W_new, _, loss = sparsegpt_prune(linear.weight, stats.H, sparsity, n_m, block_size, dampening_frac)
+            W_new, _, loss = sparsegpt_prune(linear.weight, stats.H, sparsity, n_m, block_size, dampening_frac,
+                                             on_block=tick)
             return W_new, loss
 
         def prune_layer(i: int, named: dict[str, nn.Linear], stats: dict[str, InputStats]) -> dict:
-            return _apply_rule(named, lambda name, lin: rule(name, lin, stats[name]))
+            return _apply_rule(named, lambda name, lin: rule(name, lin, stats[name]), on_linear)
 
         reports = run_layerwise(model, windows, prune_layer=prune_layer, make_stats=make_stats, adapter=adapter,
                                 batch_size=batch_size, device=device, offload_device=offload_device,
-                                progress=progress, true_sequential=true_sequential)
+                                progress=report_phase if progress is not None else None,
+                                true_sequential=true_sequential)
 
     zeros = sum(int((lin.weight == 0).sum()) for lin in linears.values())
     total = sum(lin.weight.numel() for lin in linears.values())

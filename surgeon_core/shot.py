@@ -354,8 +354,7 @@ def run_step(
         sparsity=1.0 - step.target_size if st.kind != "nm" else 1 - st.n / st.m,
         n_m=(st.n, st.m) if st.kind == "nm" else None, batch_size=options.batch_size, device=options.device,
         block_size=options.block_size, dampening_frac=options.baseline_damping,
-        true_sequential=options.true_sequential, stats_dtype=options.baseline_dtype,
-        progress=(lambda i, n: progress("layers", i, n)) if progress else None)
+        true_sequential=options.true_sequential, stats_dtype=options.baseline_dtype, progress=progress)
     size, per_layer, per_type = model_size(model, adapter)
     return ShotReport(shot=1, num_shots=1, target_size=step.target_size, achieved_size=size,
                       estimated_loss=float("nan"), layer_sizes=per_layer, type_sizes=per_type,

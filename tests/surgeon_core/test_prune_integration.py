@@ -225,4 +225,6 @@ def test_layerwise_baseline_reports_progress_per_decoder_layer():
     prune(model, tiny_windows(2, 8), options=PruneOptions(method="wanda", structure="2:4"), target_size=0.5,
           progress=lambda phase, done, total: calls.append((phase, done, total)))
     n = model.config.num_hidden_layers
-    assert calls == [("layers", i, n) for i in range(1, n + 1)]
+    assert [c for c in calls if c[0] == "layers"] == [("layers", i, n) for i in range(1, n + 1)]
+    assert {c[0] for c in calls} == {"layers", "wanda layer inputs", "wanda input norms", "wanda masks",
+                                     "wanda layer outputs"}  # its own phases, none of LLM Surgeon's
