@@ -375,11 +375,70 @@ def _load_npy(path: Path) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
+_PIECE = 1 << 20  # characters read at a time: a file of one huge line is never read whole for a prefix
+_MARGIN_TOKENS = 64  # a prefix's last tokens may differ from the full text's (a word cut in two), earlier ones not
+
+
+def _plain_text_file(ref_s: str) -> Path | None:
+    """The file of a reference that :func:`load_text` reads as plain text (not a dataset, JSON or Parquet)."""
+    if ref_s.startswith("hf:") or ref_s == BUILTIN:
+        return None
+    path = builtin_path(ref_s) if ref_s.startswith("builtin:") else Path(ref_s).expanduser()
+    _check_file(path)
+    return None if path.suffix.lower() in (*_JSON_SUFFIXES, ".parquet", ".npy") else path
+
+
+def _text_prefix(path: Path, join: str | None, chars: int) -> tuple[str, bool]:
+    """At least the first ``chars`` characters of ``load_text(path, join=join)`` (or all of it), read in pieces;
+    and whether that is the whole text. Lines are records exactly as the ``datasets`` text loader splits them
+    (text mode, split at ``"\n"``, line breaks kept, a blank line an empty record)."""
+    parts, n, first, row_start = [], 0, True, True
+    try:
+        with open(path, encoding="utf-8") as f:
+            while n < chars:
+                size = min(_PIECE, chars - n)
+                piece = f.read(size) if join is None else f.readline(size)
+                if not piece:
+                    return "".join(parts), True
+                ends_row = piece.endswith("\n")
+                if join is not None and row_start:
+                    if not first:
+                        parts.append(join)
+                        n += len(join)
+                    first = False
+                    if piece == "\n":
+                        piece = ""
+                row_start = ends_row
+                parts.append(piece)
+                n += len(piece)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SurgeonError(f"cannot read text file {path}: {_first_line(exc)}") from exc
+    return "".join(parts), False
+
+
+def _prefix_ids(path: Path, tokenizer, join: str | None, max_tokens: int) -> torch.Tensor:
+    """The first ``max_tokens`` ids of the file's text, tokenizing a prefix that doubles until it holds them with
+    a margin: memory and time follow the tokens asked for, not the file."""
+    chars = 8 * (max_tokens + _MARGIN_TOKENS)
+    while True:
+        text, whole = _text_prefix(path, join, chars)
+        if whole:
+            if not text.strip():
+                raise SurgeonError(f"corpus is empty: {path}")
+            return tokenize(tokenizer, text, use_cache=False)[:max_tokens]
+        ids = _encode(tokenizer, text)
+        if len(ids) >= max_tokens + _MARGIN_TOKENS:
+            return torch.tensor(ids[:max_tokens], dtype=torch.int64)
+        chars *= 2
+
+
 def load_ids(ref: str | os.PathLike, tokenizer=None, *, split: str | None = None, column: str = "text",
-             join: str | None = EVAL_JOIN) -> torch.Tensor:
+             join: str | None = EVAL_JOIN, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids for a data reference: a ``.npy`` file as is (1-D or 2-D), else ``tokenize(load_text(...))``.
 
-    Ids are checked against the tokenizer's vocabulary size when a tokenizer is given.
+    ``max_tokens``: only the first ``max_tokens`` ids are needed (evaluation windows); a plain text file is then
+    read and tokenized only as far as they reach, so a huge file costs what the windows cost. Ids are checked
+    against the tokenizer's vocabulary size when a tokenizer is given.
     """
     ref_s = str(ref)
     if ref_s.lower().endswith(".npy") and not ref_s.startswith(("hf:", "builtin:")):
@@ -390,7 +449,11 @@ def load_ids(ref: str | os.PathLike, tokenizer=None, *, split: str | None = None
     else:
         if tokenizer is None:
             raise SurgeonError(f"a tokenizer is needed to tokenize {ref_s}")
-        ids = tokenize(tokenizer, load_text(ref_s, split=split, column=column, join=join))
+        text_file = _plain_text_file(ref_s) if max_tokens else None
+        if text_file is not None:
+            ids = _prefix_ids(text_file, tokenizer, join, max_tokens)
+        else:
+            ids = tokenize(tokenizer, load_text(ref_s, split=split, column=column, join=join))
     if ids.numel() == 0:
         raise SurgeonError(f"corpus is empty: {ref_s}")
     if tokenizer is not None:

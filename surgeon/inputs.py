@@ -179,7 +179,8 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
         return None
     seqlen = e.seqlen or cfg.calibration.seqlen
     check_seqlen(seqlen, _model_config(model_path))
-    ids = load_ids(e.data, _tokenizer(model_path), split=e.split, column=e.column)
+    ids = load_ids(e.data, _tokenizer(model_path), split=e.split, column=e.column,
+                   max_tokens=e.max_windows * seqlen if e.max_windows else None)
     windows = eval_windows(ids, seqlen, e.max_windows)
     did = data_id(windows, source=e.data)
     return _save_windows(windows, did, "eval")

@@ -164,9 +164,11 @@ def _eval_windows(data: str, tokenizer, config, *, seqlen: int, max_windows: int
     D.check_seqlen(seqlen, config)
     join_value = D.parse_join(join)
     stage(f"tokenizing {data}")
-    ids = D.load_ids(data, tokenizer, split=split or "test", column=column, join=join_value)
+    ids = D.load_ids(data, tokenizer, split=split or "test", column=column, join=join_value,
+                     max_tokens=max_windows * seqlen if max_windows else None)  # only what the windows need
     windows = D.eval_windows(ids, seqlen, max_windows)
-    meta = {"ref": data, "split": split, "column": column, "join": join_value, "corpus_tokens": int(ids.numel())}
+    meta = {"ref": data, "split": split, "column": column, "join": join_value,
+            "corpus_tokens": int(ids.numel()) if not max_windows else None}
     did = D.data_id(windows, kind="eval", **{k: v for k, v in meta.items() if k != "ref"})
     return windows, did, meta
 
