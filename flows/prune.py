@@ -70,7 +70,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
 
     # the output policy (no silent overwrite) before any work; one writer per output folder for the whole run
     output = cfg.output.path or default_output(cfg, name)
-    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
+    outputs.check_output(output, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite, sources=[cfg.model])
     with outputs.output_lock(output), \
             tracking.start_run(f"{name} {m.name} {m.structure} {cfg.final_target:g}", experiment=cfg.output.experiment,
                                params=cfg.flat(), parent_run_id=parent_run_id,

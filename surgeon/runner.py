@@ -294,7 +294,8 @@ def run(cfg: PruneConfig, *, checkpoint: str | Path | None = None, progress: Pro
     the same config resumes after the last finished step. ``stop_after``: stop after that many steps (the result
     says so; the checkpoint resumes). Bad input raises :class:`SurgeonError` before any work."""
     if cfg.output.path:
-        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite)
+        check_output(cfg.output.path, config_hash=cfg.config_hash(), overwrite=cfg.output.overwrite,
+                     sources=[cfg.model])
         with output_lock(cfg.output.path):
             return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
     return _run(cfg, checkpoint, progress, on_step, stop_after, log or _log)
@@ -446,7 +447,7 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
     """Write the final pruned model folder with ``recipe.yaml``, ``layer_sizes.json`` and ``manifest.json`` (hashes
     of every file), atomically: a folder that exists is complete."""
     check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
-                 overwrite=cfg.output.overwrite)
+                 overwrite=cfg.output.overwrite, sources=[cfg.model, source.path])
     size, per_layer, per_type = model_size(model)
     if abs(size - cfg.final_target) > SIZE_TOLERANCE:  # the weights handed on must be the pruned ones
         raise SurgeonError(f"the pruned weights have size {size:.4f} against the target {cfg.final_target:.4f} "
