@@ -303,8 +303,11 @@ def run(cfg: PruneConfig, *, checkpoint: str | Path | None = None, progress: Pro
 
 def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     t_start = time.perf_counter()
+    log.info("resolving %s and tokenizing the calibration%s data", cfg.model,
+             " and evaluation" if cfg.eval.data else "")
     inputs = preflight(cfg)
     src, calib, evald = inputs
+    log.info("loading %s on %s", src.path, cfg.compute.device)
     model, tok = load_for_pruning(src.path, cfg)
     runner = Runner(cfg, model, load_windows(calib.path), load_windows(evald.path) if evald else None,
                     progress=progress, log=log)
@@ -317,6 +320,8 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
                   "source_path": src.path, "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
                   "device": _device_name(cfg.compute.device), "steps": [], "prune_seconds": 0.0}
+        if runner.evaluation is not None:
+            log.info("dense evaluation: %d windows x %d tokens", *runner.evaluation.shape)
         dense = runner.evaluate()
         if dense is not None:
             result["dense"] = dense
@@ -340,6 +345,8 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if stop_after is not None and len(result["steps"]) >= stop_after:
             result["stopped_after"] = stop_after
             break
+        log.info("shot %d/%d: %s %s to size %.4f", step.shot, step.num_shots, cfg.method.name, cfg.method.structure,
+                 step.target_size)
         t0 = time.perf_counter()
         row = runner.prune(step)
         result["prune_seconds"] += time.perf_counter() - t0

@@ -268,13 +268,15 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
                  augmented: Callable[[nn.Linear], torch.Tensor], write_back: Callable[[nn.Linear, torch.Tensor], None],
                  n_remove: int, kind: str, update: bool, damping_a: float, damping_g: float,
                  max_correlate: int = 0, offload: torch.device | str | None = None, score: str = "cost",
-                 inverse_dtype: torch.dtype = torch.float64) -> tuple[float, int]:
+                 inverse_dtype: torch.dtype = torch.float64,
+                 progress: Callable[[str, int, int], None] | None = None) -> tuple[float, int]:
     """One coupled shot over all decoder layers: costs → global greedy selection → per-member updates.
     Returns (estimated loss increase, damping escalations). ``score``: the selection order (``select_units``).
 
     ``offload`` (e.g. "cpu"): where each layer's weights and factor inverses wait between the cost phase and the
     update phase; without it every layer's inverses are alive at once (about the size of all K-FAC factors again,
-    which may not fit next to the factors on one GPU)."""
+    which may not fit next to the factors on one GPU). ``progress(phase, done, total)``: after each layer's costs
+    (``"costs"``) and updates (``"update"``)."""
     states, part_params, escalations = [], {}, 0
     devices = []
     for i, layer in enumerate(layers):
@@ -300,11 +302,13 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
         if offload is not None:
             st.to(torch.device(offload))
         states.append(st)
+        if progress is not None:
+            progress("costs", i + 1, len(layers))
     all_fams = [f for s in states for f in s.fams]
     masks = select_units([f.costs for f in all_fams], [f.parts for f in all_fams], part_params, n_remove, score=score)
     estimated = float(sum(f.costs[m & torch.isfinite(f.costs)].sum() for f, m in zip(all_fams, masks)))
     k = 0
-    for layer, st, dev in zip(layers, states, devices):
+    for j, (layer, st, dev) in enumerate(zip(layers, states, devices), 1):
         m = masks[k: k + len(st.fams)]
         k += len(st.fams)
         if offload is not None:
@@ -313,4 +317,6 @@ def coupled_shot(layers: list[nn.Module], adapter: ArchitectureAdapter, layout: 
         for n, Wn in new.items():
             write_back(get_submodule(layer, n), Wn)
         st.W = st.A_inv = st.G_inv = None
+        if progress is not None:
+            progress("update", j, len(layers))
     return estimated, escalations

@@ -123,7 +123,8 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     if opts.structure_spec.kind == "coupled":
         if dp is not None and not dp.is_main:
             return None  # rank 0 solves the coupled shot; prune_shot broadcasts its weights
-        return _coupled_shot(model, factors, linears, adapter, opts, device, target_size, shot, num_shots, seconds)
+        return _coupled_shot(model, factors, linears, adapter, opts, device, target_size, shot, num_shots, seconds,
+                             progress)
 
     where = Placement.plan(linears, adapter, dp, opts, device, factors)
     t0 = time.perf_counter()
@@ -142,7 +143,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     if opts.structure_spec.kind == "structured":
         _update_structured(layers, selections, opts, where, progress)
     else:
-        _update_elements(layers, selections, opts, where)
+        _update_elements(layers, selections, opts, where, progress)
     seconds["update"] = time.perf_counter() - t0
     if dp is not None:
         seconds["broadcast"] = _broadcast_weights(layers, where, dp)
@@ -260,7 +261,7 @@ def _update_structured(layers: list[LayerProblem], selections: list, opts, where
             progress("update", k + 1, len(mine))
 
 
-def _update_elements(layers: list[LayerProblem], selections: list, opts, where: Placement) -> None:
+def _update_elements(layers: list[LayerProblem], selections: list, opts, where: Placement, progress=None) -> None:
     """§3.4 for elements and N:M: this rank's layers in batches of same-shaped layers. Consumes ``selections``
     (emptied, like every layer's costs, once the removed entries are known)."""
     moved: dict = {}
@@ -270,11 +271,16 @@ def _update_elements(layers: list[LayerProblem], selections: list, opts, where: 
         l.costs = None
     selections.clear()
 
+    own = [layers[i] for i in mine]
+    written = [0]
+
     def write(layer: LayerProblem, W_new: torch.Tensor) -> None:
         write_back(layer.lin, W_new)
         layer.W = layer.A_inv = layer.G_inv = layer.nm_drop = None
+        written[0] += 1
+        if progress:
+            progress("update", written[0], len(own))
 
-    own = [layers[i] for i in mine]
     batch = opts.update_batch_layers or (len(own) if where.device.type == "cuda" else 1)
     apply_elements_grouped(own, drops, opts, batch, lambda layer: where.fetch(layer, moved), write)
 
@@ -296,7 +302,7 @@ def _report(model, adapter, shot, num_shots, target_size, estimated, seconds, es
 
 
 def _coupled_shot(model, factors, linears, adapter, opts, device, target_size, shot, num_shots,
-                  seconds) -> ShotReport:
+                  seconds, progress=None) -> ShotReport:
     """The coupled-structure shot (surgeon_core.coupled): costs, global greedy selection and updates per unit."""
     t0 = time.perf_counter()
     layers = list(get_submodule(model, adapter.layers))
@@ -322,7 +328,8 @@ def _coupled_shot(model, factors, linears, adapter, opts, device, target_size, s
         layers, adapter, layout, get_factors=get_factors, augmented=lambda lin: augmented(lin, device),
         write_back=write_back, n_remove=round((1.0 - target_size) * total), kind=opts.spec.cost_kind,
         update=opts.spec.update, damping_a=opts.damping_a, damping_g=opts.damping_g, max_correlate=opts.max_correlate,
-        inverse_dtype=opts.inverse_dtype, offload="cpu" if device.type == "cuda" else None, score=opts.coupled_score)
+        inverse_dtype=opts.inverse_dtype, offload="cpu" if device.type == "cuda" else None, score=opts.coupled_score,
+        progress=progress)
     seconds["coupled"] = time.perf_counter() - t0
     return _report(model, adapter, shot, num_shots, target_size, estimated, seconds, escalations)
 
