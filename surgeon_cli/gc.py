@@ -15,7 +15,9 @@ from .common import DebugOpt, JsonOpt, pipeline_env, write_json
 
 __all__ = ["gc_cmd", "collect", "remove", "CACHE_PARTS"]
 
-CACHE_PARTS = ("shots", "finetune", "results", "zeroshot")  # under $SURGEON_CACHE/pipeline
+# under $SURGEON_CACHE/pipeline: checkpoints, the tasks' records, zero-shot files, and Prefect result files of
+# earlier versions; locks/ stays (a held lock belongs to a running writer)
+CACHE_PARTS = ("shots", "finetune", "records", "zeroshot", "results")
 
 
 def _bytes(path: Path) -> int:
