@@ -214,10 +214,11 @@ def distillation_loss(model: nn.Module, batch: torch.Tensor, t_logp: torch.Tenso
     return per_token[0], per_token[1]
 
 
-def overlap_groups(windows: torch.Tensor, min_overlap: int = 1) -> list[list[int]]:
+def overlap_groups(windows: torch.Tensor, min_overlap: int = 8) -> list[list[int]]:
     """Windows (n, L) grouped so that any two that may come from overlapping stretches of one token sequence are in
     the same group: i and j are linked when the last m tokens of one equal the first m of the other for some
-    m >= ``min_overlap`` (two windows of one sequence that share tokens always are; so are equal windows).
+    m >= ``min_overlap`` (two windows of one sequence that share m tokens always are; so are equal windows). The
+    default 8 ignores chance repeats of a few tokens at window edges, which in text link unrelated windows.
 
     Suffix/prefix equality is found with polynomial hashes of every prefix and suffix and confirmed token by token;
     groups are the connected components, each listed in index order, groups ordered by their first window."""
@@ -255,7 +256,7 @@ def overlap_groups(windows: torch.Tensor, min_overlap: int = 1) -> list[list[int
     return sorted(groups.values(), key=lambda g: g[0])
 
 
-def validation_split(windows: torch.Tensor, n_val: int, min_overlap: int = 1) -> tuple[list[int], list[int]]:
+def validation_split(windows: torch.Tensor, n_val: int, min_overlap: int = 8) -> tuple[list[int], list[int]]:
     """(training, validation) window indices: about ``n_val`` validation windows taken from the end, whole
     :func:`overlap_groups` at a time, so no validation window shares tokens with a training window. A group too
     large for the places left is skipped; fewer than ``n_val`` come back when the groups do not fit."""

@@ -198,15 +198,23 @@ def log_shot(run_id: str, step: int, report: dict | None = None, evaluation: dic
 
 def log_finetune(run_id: str, shot: int, report: dict, *, first_step: int = 0) -> None:
     """The loss curve of the fine-tuning after shot ``shot``: ``finetune/loss/shot_<shot>`` (step = fine-tuning step
-    within the shot), ``finetune/loss`` (one curve over all shots: step = steps so far), and at step = shot the
-    first and last loss, seconds and optimizer-state size."""
+    within the shot), ``finetune/loss`` (one curve over all shots: step = steps so far), the validation loss the
+    same two ways (``finetune/val_loss/shot_<shot>``, ``finetune/val_loss``; step 0 = before fine-tuning), and at
+    step = shot the kept step (``finetune/best_step``; 0 and ``finetune/kept_pre_finetune`` 1: the weights from
+    before fine-tuning), the first and last loss, seconds and optimizer-state size."""
     client = _client()
     metrics = []
     for i, (loss, lr) in enumerate(zip(report["losses"], report["lrs"]), start=1):
         metrics += _metrics({f"finetune/loss/shot_{shot}": loss}, step=i)
         metrics += _metrics({"finetune/loss": loss, "finetune/lr": lr}, step=first_step + i)
+    for i, value in report.get("validation") or []:  # held-out loss; step 0: before fine-tuning
+        metrics += _metrics({f"finetune/val_loss/shot_{shot}": value}, step=int(i))
+        metrics += _metrics({"finetune/val_loss": value}, step=first_step + int(i))
     metrics += _metrics({"finetune/loss_first": report["losses"][0], "finetune/loss_last": report["losses"][-1],
                          "seconds/finetune": report["seconds"], "finetune/state_gb": report["state_bytes"] / 1e9,
+                         "finetune/best_step": report.get("best_step"),
+                         "finetune/kept_pre_finetune": (float(report["kept_pre_finetune"])
+                                                        if report.get("validation") else None),
                          "finetune/peak_rss_gb": report.get("peak_rss_gb"),
                          "finetune/peak_gpu_gb": (report["peak_gpu_bytes"] / 1e9
                                                   if report.get("peak_gpu_bytes") else None)}, step=shot)

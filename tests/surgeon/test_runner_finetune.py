@@ -1,35 +1,132 @@
-"""surgeon.runner.Runner.finetune with the recipe's fine-tuning section: finetune.holdout keeps the last windows out
-of training and lets them decide which weights are kept (the fine-tuning itself:
+"""surgeon.runner.Runner.finetune with the recipe's fine-tuning section: validation windows carved from the
+calibration data, the guard, distillation from the dense model through the whole run (the fine-tuning itself:
 tests/surgeon_core/test_finetune.py)."""
 
+import logging
+
 import pytest
+import torch
 
 from surgeon_core.finetune import mask_violations, pruning_masks
+from tiny_io import run_inputs, tiny_recipe
 from tiny_models import shot_pruned as pruned
 from tiny_models import tiny_windows
 
 pytestmark = pytest.mark.unit
 
 
+def _runner(windows, **finetune):
+    from surgeon.config import PruneConfig
+    from surgeon.runner import Runner
+
+    cfg = PruneConfig(model="tiny", finetune={"batch_size": 2, "loss": "ce", **finetune}, compute={"device": "cpu"},
+                      calibration={"nsamples": windows.shape[0], "seqlen": windows.shape[1]})
+    return Runner(cfg, pruned(), windows)
 
 
 def test_recipe_holdout_keeps_fine_tuning_from_hurting_the_held_out_windows():
-    """finetune.holdout: the last windows are not trained on and decide which weights are kept."""
-    from surgeon.config import PruneConfig, build_config
+    """finetune.holdout: held-out windows are not trained on and decide which weights are kept."""
+    from surgeon.config import build_config
     from surgeon.errors import SurgeonError
-    from surgeon.runner import Runner
     from surgeon_core.schedule import Step
 
-    model = pruned()
-    masks = pruning_masks(model)
     windows = tiny_windows(8, 16, seed=6)
-    cfg = PruneConfig(model="tiny", finetune={"lr": 0.3, "batch_size": 2, "schedule": "constant", "holdout": 0.25, "loss": "ce",
-                                              "validate_every": 3}, compute={"device": "cpu"})
-    runner = Runner(cfg, model, windows)
-    before = runner._loss(model, windows[-2:])
+    runner = _runner(windows, lr=0.3, schedule="constant", holdout=0.25, validate_every=3, patience=0)
+    masks = pruning_masks(runner.model)
+    train, held = runner.validation_split()
+    assert held.shape == (2, 16) and train.shape == (6, 16)
+    before = runner._loss(runner.model, held)
     report = runner.finetune(Step(shot=1, num_shots=1, target_size=0.6, finetune_steps=9))
     assert [s for s, _ in report["validation"]] == [0, 3, 6, 9]
-    assert runner._loss(model, windows[-2:]) <= before + 1e-6
-    assert report["tokens"] == 9 * 2 * 16 and mask_violations(model, masks) == 0
+    assert runner._loss(runner.model, held) <= before + 1e-6
+    assert report["tokens"] == 9 * 2 * 16 and mask_violations(runner.model, masks) == 0
+    assert (report["train_windows"], report["validation_windows"]) == (6, 2)
     with pytest.raises(SurgeonError, match="finetune.holdout"):
         build_config({"model": "tiny", "finetune_holdout": 1.0})
+    with pytest.raises(SurgeonError, match="holdout_min"):
+        build_config({"model": "tiny", "nsamples": 2, "finetune_steps": 4})
+    assert build_config({"model": "tiny", "nsamples": 2, "finetune_steps": 4, "finetune_holdout": 0}).finetune.active
+
+
+def test_validation_windows_share_no_tokens_with_the_training_windows():
+    """Calibration windows drawn like surgeon.data.calibration_windows from one sequence of distinct ids: the
+    runner's validation windows share no token (so no position) with its training windows; default holdout 10%
+    with at least 2 windows."""
+    from surgeon.data import calibration_windows
+
+    ids = torch.randperm(2000, generator=torch.Generator().manual_seed(3))
+    windows = calibration_windows(ids, 40, 64, seed=1)
+    train, held = _runner(windows).validation_split()
+    assert held.shape[0] == 4 and train.shape[0] == 36
+    assert not set(held.flatten().tolist()) & set(train.flatten().tolist())
+    train, held = _runner(windows[:8]).validation_split()
+    assert held.shape[0] == 2 and train.shape[0] == 6
+
+
+def test_guard_keeps_the_weights_from_before_fine_tuning_and_says_so(caplog):
+    """lr huge: no validation beats the value before fine-tuning, so the run keeps the pre-fine-tuning weights,
+    reports kept_pre_finetune and logs a warning."""
+    from surgeon_core.finetune import FinetuneOptions, finetune
+    from surgeon_core.schedule import Step
+
+    windows = tiny_windows(8, 16, seed=11)
+    runner = _runner(windows, lr=50.0, schedule="constant", validate_every=2, holdout=0.25)
+    _, held = runner.validation_split()
+    finetune(runner.model, held, options=FinetuneOptions(steps=30, lr=1e-2, train="both", batch_size=2))
+    before = {n: p.detach().clone() for n, p in runner.model.named_parameters()}
+    with caplog.at_level(logging.INFO, logger="surgeon.runner"):
+        report = runner.finetune(Step(shot=1, num_shots=1, target_size=0.6, finetune_steps=6))
+    assert report["kept_pre_finetune"] and report["best_step"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in runner.model.named_parameters())
+    assert any("did not lower the validation loss" in m and "from before fine-tuning are kept" in m
+               for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.heavy
+def test_run_distils_from_the_dense_model_once_and_reports_the_chosen_steps(tmp_path, monkeypatch):
+    """A whole run with the default objective (kd): the teacher is computed once, from the dense model, before
+    the first shot; every fine-tuning keeps the masks, reports train and validation losses; the summary names the
+    chosen step; eval.also texts are evaluated beside eval.data; the flow's finetune_step_dir gets the same
+    teacher from the recipe's model."""
+    import surgeon.runner as runner_mod
+    from surgeon.bench import metrics_of
+    from surgeon.config import load_recipe
+    from surgeon_core.schedule import Step
+
+    inputs = run_inputs(tmp_path)
+    seen = []
+    real = runner_mod.teacher_targets
+
+    def spy(model, windows, **kw):
+        seen.append((sum(int((p == 0).sum()) for p in model.parameters()), windows.shape))
+        return real(model, windows, **kw)
+
+    monkeypatch.setattr(runner_mod, "teacher_targets", spy)
+    recipe = tiny_recipe(inputs, finetune={"steps": 2, "final_steps": 2, "lr": 1e-3})
+    recipe["calibration"]["nsamples"] = 8
+    recipe["eval"]["also"] = {"again": str(inputs["text"])}
+    cfg = load_recipe(None, [], extra=recipe)
+    assert cfg.finetune.loss == "kd"
+    result = runner_mod.run(cfg)
+    assert len(seen) == 1 and seen[0][1] == (6, 16)  # training windows only: 8 minus 2 held out
+    rows = [r["finetune"] for r in result["steps"]]
+    assert [r["planned_steps"] for r in rows] == [2, 2, 4]
+    for r in rows:
+        assert r["loss"] == "kd" and len(r["losses"]) == r["steps"] and r["validation"][0][0] == 0
+        assert r["best_step"] in [s for s, _ in r["validation"]] and r["extra"]["teacher_bytes"] > 0
+    assert result["finetune_best_step"] == rows[-1]["best_step"]
+    assert [f["best_step"] for f in result["finetune"]] == [r["best_step"] for r in rows]
+    m = metrics_of(result)
+    assert m["dense_ppl/again"] == pytest.approx(m["dense_ppl"]) and "ppl/again" in m
+
+    dense_zeros = seen[0][0]
+    from surgeon.inputs import build_calibration, load_windows
+
+    calib = build_calibration(cfg, str(inputs["model"])).path
+    model, tok = runner_mod.load_for_pruning(str(inputs["model"]), cfg)
+    runner_mod.Runner(cfg, model, load_windows(calib)).prune(Step(shot=1, num_shots=1, target_size=0.7))
+    runner_mod.save_model(model, tok, tmp_path / "pruned")
+    rep = runner_mod.finetune_step_dir(cfg, str(tmp_path / "pruned"), calib,
+                                       Step(shot=1, num_shots=1, target_size=0.7, finetune_steps=2),
+                                       str(tmp_path / "ckpt"))
+    assert len(seen) == 2 and seen[1][0] == dense_zeros and rep["loss"] == "kd"  # the teacher is the dense model

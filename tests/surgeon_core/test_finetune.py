@@ -8,8 +8,9 @@ import torch
 from surgeon_core.adapters import adapter_for, prunable_linears
 from surgeon_core.costs import column_costs, element_costs, row_costs
 from surgeon_core.curvature import estimate_kfac
-from surgeon_core.finetune import (FinetuneOptions, finetune, lr_factor, mask_violations, pruning_masks,
-                                   trainable_parameters)
+from surgeon_core.finetune import (FinetuneOptions, distillation_loss, finetune, lr_factor, mask_violations,
+                                   overlap_groups, pruning_masks, teacher_targets, trainable_parameters,
+                                   validation_split)
 from surgeon_core.lm import sequence_nll
 from surgeon_core.methods import PruneOptions
 from surgeon_core.shot import prune_shot
@@ -134,9 +135,142 @@ def test_lr_schedules_and_bad_options():
     assert [lr_factor(s, 4, "constant", 2) for s in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
     assert [lr_factor(s, 4, "linear") for s in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert lr_factor(0, 10, "cosine") == 1.0 and lr_factor(5, 10, "cosine") == pytest.approx(0.5)
-    for bad in (dict(train="embeddings"), dict(schedule="step"), dict(lr=0.0), dict(steps=-1), dict(batch_size=0)):
+    for bad in (dict(train="embeddings"), dict(schedule="step"), dict(lr=0.0), dict(steps=-1), dict(batch_size=0),
+                dict(loss="mse"), dict(kd_weight=1.5)):
         with pytest.raises(ValueError):
             FinetuneOptions(**bad)
+
+
+# ------------------------------------------------------------------------------- validation and distillation
+
+def _windows_at(ids: torch.Tensor, starts: list[int], L: int) -> torch.Tensor:
+    return torch.stack([ids[s : s + L] for s in starts])
+
+
+def test_validation_windows_share_no_tokens_with_training_windows():
+    """Random windows of one sequence of distinct tokens (so a shared token is a shared position): whatever the
+    overlaps, no validation window shares a position with a training window, and the split is near the asked size."""
+    L = 32
+    ids = torch.randperm(3000, generator=torch.Generator().manual_seed(0))
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, 3000 - L, (30,), generator=g).tolist()
+        windows = _windows_at(ids, starts, L)
+        covered = [set(range(s, s + L)) for s in starts]
+        assert any(covered[i] & covered[j] for i in range(30) for j in range(i)), "the draw must overlap somewhere"
+        train, val = validation_split(windows, 5, min_overlap=1)
+        assert sorted(train + val) == list(range(30)) and 3 <= len(val) <= 5
+        train_pos = set().union(*(covered[i] for i in train))
+        assert all(not covered[v] & train_pos for v in val), (seed, val)
+
+
+def test_overlap_groups_link_overlapping_windows_only():
+    """Default min_overlap 8 on text-like ids (a small vocabulary repeats tokens): windows overlapping by >= 8
+    positions are grouped, windows apart or overlapping by fewer positions are not."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (4000,), generator=g)
+    L = 64
+    starts = [0, 40, 90, 1000, 1050, 2000, 3000, 3010, 3500]
+    groups = overlap_groups(_windows_at(ids, starts, L))
+    assert groups == [[0, 1, 2], [3, 4], [5], [6, 7], [8]]
+    dup = _windows_at(ids, [5, 5, 700], L)
+    assert overlap_groups(dup) == [[0, 1], [2]]
+    assert overlap_groups(_windows_at(ids, [0, 60], L)) == [[0], [1]]  # 4 shared positions: below min_overlap
+    assert overlap_groups(_windows_at(ids, [0, 60], L), min_overlap=4) == [[0, 1]]
+    _, val = validation_split(_windows_at(ids, starts, L), 3)
+    assert val == [6, 7, 8]  # whole groups from the end
+    with pytest.raises(ValueError, match="between 1 and"):
+        validation_split(dup, 3)
+
+
+def test_early_stop_after_patience_keeps_the_best_evaluated_weights():
+    """Scripted validation values: best at step 4, then two evaluations without a new best stop the run (patience
+    2); the weights of step 4 are put back."""
+    model = pruned()
+    values = iter([5.0, 4.0, 3.0, 3.5, 3.2, 9.0, 9.0])
+    snapshots = {}
+
+    def validate(m):
+        return next(values)
+
+    def on_validate(step, value):
+        snapshots[step] = {n: p.detach().clone() for n, p in m_params.items()}
+
+    m_params = trainable_parameters(model, "linears")
+    rep = finetune(model, tiny_windows(4, 16, seed=2), options=FinetuneOptions(steps=12, lr=1e-2, batch_size=2),
+                   validate=validate, validate_every=2, patience=2, on_validate=on_validate)
+    assert rep.validation == [[0, 5.0], [2, 4.0], [4, 3.0], [6, 3.5], [8, 3.2]]
+    assert rep.best_step == 4 and rep.stopped_early and rep.steps == 8 == len(rep.losses) and rep.planned_steps == 12
+    assert not rep.kept_pre_finetune
+    assert all(torch.equal(p, snapshots[4][n]) for n, p in trainable_parameters(model, "linears").items())
+    assert not all(torch.equal(snapshots[8][n], snapshots[4][n]) for n in snapshots[4])
+    with pytest.raises(ValueError, match="patience"):
+        finetune(model, tiny_windows(4, 16), options=FinetuneOptions(steps=1), patience=-1)
+
+
+@pytest.mark.parametrize("loss", ["ce", "kd"])
+def test_guard_restores_the_pre_finetuning_weights_when_validation_does_not_improve(loss):
+    """A huge lr wrecks the model at the first step: no evaluation beats step 0, so every parameter is exactly
+    what it was before fine-tuning and the report says so."""
+    model = pruned()
+    train, held = tiny_windows(4, 16, seed=7), tiny_windows(2, 16, seed=8)
+    # first fit the held-out windows, so the model before fine-tuning is good there and the big steps can only hurt
+    finetune(model, held, options=FinetuneOptions(steps=30, lr=1e-2, train="both", batch_size=2, schedule="constant"))
+    assert mean_loss(model, held) < 4.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    teacher = teacher_targets(tiny_model(seed=3), train, k=8) if loss == "kd" else None
+    rep = finetune(model, train, options=FinetuneOptions(steps=6, lr=50.0, batch_size=2, loss=loss, grad_clip=None,
+                                                         schedule="constant"),
+                   validate=lambda m: mean_loss(m, held), validate_every=2, teacher=teacher)
+    assert rep.kept_pre_finetune and rep.best_step == 0
+    assert all(v > rep.validation[0][1] for _, v in rep.validation[1:])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_kd_loss_is_zero_when_the_student_is_the_teacher_and_bounded_by_the_full_kl():
+    torch.manual_seed(0)
+    teacher, windows = tiny_model(), tiny_windows(3, 16, seed=9)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    t = teacher_targets(teacher, windows, k=8, batch_size=2, chunk_tokens=16)
+    assert t.logp.shape == (3, 15, 9) and t.index.shape == (3, 15, 8) and t.nbytes == 3 * 15 * (9 + 8) * 4
+    assert torch.allclose(t.logp.exp().sum(-1), torch.ones(3, 15), atol=1e-5)  # k tokens + tail: a distribution
+    student = pruned()
+    with torch.no_grad():
+        ce, kl = distillation_loss(teacher, windows, t.logp, t.index)
+        assert abs(float(kl)) < 1e-6
+        assert float(ce) == pytest.approx(mean_loss(teacher, windows), rel=1e-5)
+        _, kl_bucket = distillation_loss(student, windows, t.logp, t.index)
+        full_t = teacher_targets(teacher, windows, k=vocab - 1)  # the tail is one token: the bucketed KL is exact
+        _, kl_full = distillation_loss(student, windows, full_t.logp, full_t.index)
+        p_t = torch.log_softmax(teacher(windows).logits[:, :-1].float(), -1)
+        p_s = torch.log_softmax(student(windows).logits[:, :-1].float(), -1)
+        exact = (p_t.exp() * (p_t - p_s)).sum(-1).mean()
+    assert float(kl_full) == pytest.approx(float(exact), rel=1e-4)
+    assert 0 < float(kl_bucket) <= float(kl_full) + 1e-6
+
+
+@pytest.mark.parametrize("loss", ["kd", "mix"])
+def test_distillation_keeps_pruned_weights_exactly_zero_and_moves_towards_the_teacher(loss):
+    windows = tiny_windows(4, 16, seed=10)
+    teacher, model = tiny_model(seed=3), pruned()
+    # a teacher that has fitted the windows: peaked distributions, far from the student's to start with
+    finetune(teacher, windows, options=FinetuneOptions(steps=30, lr=1e-2, train="both", batch_size=2))
+    masks = pruning_masks(model)
+    t = teacher_targets(teacher, windows, k=16)
+    with torch.no_grad():
+        _, kl0 = distillation_loss(model, windows, t.logp, t.index)
+    violations = []
+    rep = finetune(model, windows, options=FinetuneOptions(steps=8, lr=3e-3, batch_size=2, loss=loss,
+                                                           schedule="constant"),
+                   teacher=t, on_step=lambda *a: violations.append(mask_violations(model, masks)))
+    with torch.no_grad():
+        _, kl1 = distillation_loss(model, windows, t.logp, t.index)
+    assert violations == [0] * 8 and rep.loss == loss and rep.extra["teacher_bytes"] == t.nbytes
+    assert float(kl1) < float(kl0)
+    with pytest.raises(ValueError, match="teacher"):
+        finetune(model, windows, options=FinetuneOptions(steps=1, loss=loss))
+    with pytest.raises(ValueError, match="teacher targets cover"):
+        finetune(model, windows[:2], options=FinetuneOptions(steps=1, loss=loss), teacher=t)
 
 
 # ------------------------------------------------------------------------------------- first-order term
