@@ -316,6 +316,13 @@ class OutputSection(_Section):
     report_decode_attention: Literal["sdpa", "flex"] = Field(default="sdpa", description="attention of the "
                                                              "structure report's decode steps (flex: CUDA only)")
 
+    @field_validator("model_name")
+    @classmethod
+    def _registry_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c in v for c in "/:")):
+            raise ValueError(f"a registered model name must be non-empty, without '/' or ':', got {v!r}")
+        return v
+
     @field_validator("promote_max_ppl_ratio")
     @classmethod
     def _ratio(cls, v: float) -> float:

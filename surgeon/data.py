@@ -216,6 +216,8 @@ def _check_file(path: Path) -> None:
         raise SurgeonError(f"data file not found: {path} (or use {BUILTIN} or hf:NAME[:CONFIG])")
     if path.is_dir():
         raise SurgeonError(f"data path is a folder, expected a file: {path}")
+    if not path.is_file():  # a device (/dev/zero) or a pipe never ends or cannot be read twice
+        raise SurgeonError(f"data path {path} is not a regular file")
 
 
 def check_ref(ref: str | os.PathLike) -> None:
@@ -248,6 +250,10 @@ def _column(ds, column: str, where: str) -> list:
     names = list(ds.column_names)
     if column not in names:
         raise SurgeonError(f"column '{column}' not found in {where} (columns: {', '.join(names) or 'none'})")
+    dtype = getattr(ds.features.get(column), "dtype", None)
+    if dtype not in ("string", "large_string"):  # numbers or lists would be turned into text silently
+        raise SurgeonError(f"column '{column}' of {where} holds {dtype or 'non-string'} values, not text; "
+                           "choose a text column")
     return ds[column]
 
 
@@ -372,6 +378,8 @@ def _load_npy(path: Path) -> torch.Tensor:
         raise SurgeonError(f"corpus is empty: {path}")
     if arr.min() < 0:
         raise SurgeonError(f"{path} holds negative token ids")
+    if int(arr.max()) > np.iinfo(np.int64).max:  # an unsigned id that would wrap around in int64
+        raise SurgeonError(f"{path} holds token id {int(arr.max())}, beyond any vocabulary")
     return torch.from_numpy(arr.astype(np.int64))
 
 

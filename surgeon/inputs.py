@@ -5,6 +5,7 @@ Every function takes and returns references (paths, ids), never a model, so Pref
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class DataRef:
     shape: tuple[int, ...]
 
 
+_log = logging.getLogger("surgeon.inputs")
 RANDOM = "random:"
 # decoder shapes for random-weight models (speed and memory measurements; their quality means nothing)
 RANDOM_ARCHS = {
@@ -139,11 +141,20 @@ def _tokenizer(model_path: str):
 
 
 def _save_windows(windows: torch.Tensor, did: str, kind: str) -> DataRef:
+    """The windows as ``.npy`` in the cache, named by their id; a cached file that does not hold exactly these
+    windows (corrupt, truncated, replaced) is rewritten with a warning."""
     path = cache_dir("data") / f"{kind}-{did[:20]}.npy"
-    if not path.exists():
-        buf = io.BytesIO()
-        np.save(buf, windows.numpy().astype(np.int32))
-        atomic_write(path, buf.getvalue())
+    if path.exists():
+        try:
+            if torch.equal(load_windows(str(path)), windows.long()):
+                return DataRef(str(path), did, tuple(windows.shape))
+            problem = "holds other windows"
+        except (OSError, ValueError) as exc:
+            problem = f"cannot be read ({str(exc).splitlines()[0][:120]})"
+        _log.warning("cached %s windows %s %s; rebuilding it", kind, path, problem)
+    buf = io.BytesIO()
+    np.save(buf, windows.numpy().astype(np.int32))
+    atomic_write(path, buf.getvalue())
     return DataRef(str(path), did, tuple(windows.shape))
 
 
@@ -153,6 +164,14 @@ def _model_config(model_path: str):
 
         return LlamaConfig(max_position_embeddings=4096, **_random_arch(model_path))
     return AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+
+
+def _check_embedding(windows: torch.Tensor, config, source: str) -> None:
+    """Every token id indexes the model's embedding (a tokenizer may know more tokens than the model embeds)."""
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and int(windows.max()) >= int(vocab):
+        raise SurgeonError(f"{source} holds token id {int(windows.max())}, beyond the model's embedding of "
+                           f"{vocab} tokens")
 
 
 def build_calibration(cfg: PruneConfig, model_path: str) -> DataRef:
@@ -169,6 +188,7 @@ def build_calibration(cfg: PruneConfig, model_path: str) -> DataRef:
                            f"seqlen = {c.nsamples} x {c.seqlen} = {c.nsamples * c.seqlen} (the windows would "
                            "mostly repeat); give more text or fewer/shorter windows")
     windows = calibration_windows(ids, c.nsamples, c.seqlen, c.seed)
+    _check_embedding(windows, config, c.data)
     did = data_id(windows, source=c.data, seed=c.seed)
     return _save_windows(windows, did, "calib")
 
@@ -182,6 +202,7 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
     ids = load_ids(e.data, _tokenizer(model_path), split=e.split, column=e.column,
                    max_tokens=e.max_windows * seqlen if e.max_windows else None)
     windows = eval_windows(ids, seqlen, e.max_windows)
+    _check_embedding(windows, _model_config(model_path), e.data)
     did = data_id(windows, source=e.data)
     return _save_windows(windows, did, "eval")
 

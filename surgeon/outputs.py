@@ -19,6 +19,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ from safetensors import safe_open
 
 from .config import PruneConfig, load_yaml
 from .errors import SurgeonError
+from .integrity import open_lock_file
 from .utils import sha256_file
 
 __all__ = ["MANIFEST", "lock_path", "output_lock", "check_output", "check_not_source", "check_writable", "manifest_files",
@@ -60,7 +62,7 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     path = lock_path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(path)  # never through a symlink: the holder's line would overwrite its target
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -83,6 +85,7 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(info).encode())
         os.fsync(fd)
+        _remove_stale_partials(Path(output))
         yield path
     finally:
         with contextlib.suppress(OSError):
@@ -90,14 +93,31 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def _remove_stale_partials(output: Path) -> None:
+    """Temporary folders of an earlier write of ``output`` (``.NAME.*.partial`` / ``.old``), left by a writer that
+    was killed; called with the output's lock held, so their writer is gone."""
+    out = output.expanduser().resolve()
+    for pattern in (f".{out.name}.*.partial", f".{out.name}.*.old"):
+        for stale in out.parent.glob(pattern):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------- policy
 
 def check_writable(output: str | os.PathLike) -> Path:
     """The output can be created: its nearest existing ancestor is a writable folder. Creates nothing."""
     out = Path(output).expanduser()
+    # the longest name written beside the output: ".NAME.<8 random>.partial" (atomic_dir)
+    longest = len(f".{out.resolve().name}.12345678.partial".encode())
     existing = out.resolve()
     while not existing.exists():
         existing = existing.parent
+    with contextlib.suppress(OSError, ValueError):
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        if longest > name_max:
+            raise SurgeonError(f"output name {out.name[:40]}... is {len(out.name)} characters: name too long "
+                               f"(its temporary folder needs {longest} of the file system's {name_max} bytes)")
     if existing != out.resolve() and not existing.is_dir():
         raise SurgeonError(f"cannot create output {out}: {existing} is not a folder")
     if existing == out.resolve() and not out.is_dir():

@@ -278,11 +278,22 @@ def _resume(folder: Path | None, model, signature: dict) -> dict | None:
         return None
     from safetensors.torch import load_model as load_weights
 
-    state = json.loads((folder / "state.json").read_text())
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("result"), dict):
+            raise ValueError("state.json is not a checkpoint state")
+    except (OSError, ValueError) as exc:
+        _log.warning("checkpoint %s is corrupt (%s); recomputing from the start", folder, exc)
+        return None
     if state.get("signature") != signature:
         raise SurgeonError(f"checkpoint {folder} holds another run (config, model or data differ); remove it or "
                            "choose another folder")
-    load_weights(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    try:  # the file is read whole before any weight is replaced: a failure leaves the model as loaded
+        load_weights(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
+        _log.warning("checkpoint %s is corrupt (%s); recomputing from the start", folder,
+                     str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return None
     return state["result"]
 
 

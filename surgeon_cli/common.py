@@ -49,6 +49,10 @@ def check_output_file(path: Path | None) -> Path | None:
         existing = existing.parent
     if not existing.is_dir():
         raise SurgeonError(f"cannot create output file {path}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SurgeonError(f"cannot create output file {path}: {existing} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SurgeonError(f"output file {path} is not writable")
     return path
 
 

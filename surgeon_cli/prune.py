@@ -197,6 +197,10 @@ def prune_cmd(
     if cfg.output.materialize and m.structure not in MATERIALIZE_STRUCTURES:
         raise SurgeonError(f"--materialize needs --structure structured or coupled (whole units removed); "
                            f"{m.structure} zeros stay inside dense matrices")
+    if json_out is not None and cfg.output.path and json_out.resolve().is_relative_to(
+            Path(cfg.output.path).expanduser().resolve()):
+        raise SurgeonError(f"--json {json_out} is inside the output folder {cfg.output.path}, which is replaced "
+                           "as a whole; write it elsewhere")
     check_model_ref(cfg.model)
     for ref in (cfg.calibration.data, cfg.eval.data):
         if ref is not None:

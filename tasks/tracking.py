@@ -350,7 +350,8 @@ def registered_name(model_ref: str, explicit: str | None = None) -> str:
     if explicit:
         return explicit
     tail = Path(model_ref.rstrip("/")).name
-    return tail[: -len(".gguf")] if tail.lower().endswith(".gguf") else tail
+    tail = tail[: -len(".gguf")] if tail.lower().endswith(".gguf") else tail
+    return tail.replace(":", "-")  # MLflow refuses ':' (and '/') in names, only at registration
 
 
 WEIGHTS_TAG = "weights_sha256"  # model-version tag: the registry's identity of a version's weights

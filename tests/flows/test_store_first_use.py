@@ -45,3 +45,16 @@ def test_two_runs_creating_one_sqlite_store_at_once_both_succeed(tmp_path):
     third = subprocess.run([sys.executable, "-c", _RUN, str(go), "c"], env=env, cwd=tmp_path, capture_output=True,
                            text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
+
+
+def test_default_registered_name_of_a_folder_with_a_colon_is_valid_for_mlflow():
+    """The registry name taken from the source folder never holds the characters MLflow refuses ('/' and ':'),
+    so registration cannot fail after the output is written."""
+    from mlflow.utils.validation import _validate_model_name
+
+    from tasks.tracking import registered_name
+
+    for ref in ("/models/team:a", "/models/run:2/", "/m/llama:7b.gguf", "random:llama-2-7b"):
+        name = registered_name(ref)
+        _validate_model_name(name)
+        assert name and ":" not in name and "/" not in name

@@ -92,6 +92,12 @@ def _bad_models(root: Path, good: Path) -> dict[str, Path]:
         key = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
         tensors[key][0, 0] = value
         save_file(tensors, str(models[name] / "model.safetensors"), metadata={"format": "pt"})
+    models["grown tokenizer"] = copy_model(good, root / "m-grown")  # 128 embeddings, a tokenizer of 5200 tokens
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(good, trust_remote_code=False)
+    tok.add_tokens([f"extra{i}" for i in range(5200 - len(tok))])
+    tok.save_pretrained(models["grown tokenizer"])
     return models
 
 
@@ -107,6 +113,8 @@ def bad_cases(inputs, root: Path) -> dict[str, tuple[dict, list[str], str]]:
     (root / "other").mkdir()
     (root / "other" / "manifest.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "files": {}}))
     (root / "afile").write_text("x")
+    np.save(root / "u64.npy", np.array([1, 2, 2**64 - 1, 3] * 40, dtype=np.uint64))
+    (root / "numbers.jsonl").write_text("\n".join(json.dumps({"text": i}) for i in range(400)))
     return {
         "target size above 1": ({"target_size": 1.5}, [], "invalid recipe value for 'method.target_size'"),
         "target size 0": ({"target_size": 0}, [], "invalid recipe value for 'method.target_size'"),
@@ -147,6 +155,18 @@ def bad_cases(inputs, root: Path) -> dict[str, tuple[dict, list[str], str]]:
         "output under a file": ({"output": str(root / "afile" / "out")}, [], "is not a folder"),
         "unknown recipe key": ({"shotz": 2}, [], "unknown recipe key 'shotz'"),
         "bad override": ({}, ["shots"], "override must look like key=value"),
+        "threads 0": ({"threads": 0}, [], "invalid recipe value for 'compute.threads'"),
+        "damping_a NaN": ({"damping_a": float("nan")}, [], "damping_a must be a non-negative number"),
+        "uint64 token ids beyond int64": ({"calibration": str(root / "u64.npy")}, [], "beyond any vocabulary"),
+        "token ids beyond the embedding": ({"model": str(models["grown tokenizer"]),
+                                            "calibration": str(root / "big.npy")}, [],
+                                           "beyond the model's embedding of 128 tokens"),
+        "non-text data column": ({"calibration": str(root / "numbers.jsonl")}, [], "not text"),
+        "/dev/zero as data": ({"calibration": "/dev/zero"}, [], "is not a regular file"),
+        "245-character output name": ({"output": str(root / ("x" * 245))}, [], "name too long"),
+        "model_name with a slash": ({"model_name": "team/a"}, [], "invalid recipe value for 'output.model_name'"),
+        "infinite promotion-gate ratio": ({"promote_max_ppl_ratio": float("inf")}, [],
+                                          "invalid recipe value for 'output.promote_max_ppl_ratio'"),
     }
 
 
@@ -186,7 +206,7 @@ def test_bad_input_cli_and_api_one_line_nothing_written_model_untouched(inputs, 
         assert f"error: {exc.value}" == errors[0], name
         assert not out.exists() and not lock_path(target).exists(), name
         seen += 1
-    assert seen >= 30
+    assert seen >= 40
     assert folder_hashes(inputs["model"]) == before
     assert not (tmp_path / "mlflow.db").exists()  # no run was started
 
@@ -458,3 +478,94 @@ def test_model_identity_is_by_content_not_by_path_size_and_mtime(inputs, tmp_pat
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
     assert model_content_hash(model) != before
     assert sha256_file(f) == sha256_file(f, use_cache=False)  # the cached file hash notices the swap too
+
+
+# ----------------------------------------------------------------------------------------------- faults, more
+
+def test_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock_path(tmp_path / "o").symlink_to(victim)
+    with pytest.raises(SurgeonError, match="symbolic link"):
+        with output_lock(tmp_path / "o"):
+            pass
+    assert victim.read_text() == "precious" and lock_path(tmp_path / "o").is_symlink()
+
+
+def test_partial_folders_of_a_killed_export_are_removed_by_the_next_run(inputs, tmp_path):
+    """``kill -9`` while an export writes leaves ``.OUT.*.partial`` (and ``.OUT.*.old``) beside the output; the
+    next run to that output (holding its lock: no writer is alive) removes them."""
+    out = tmp_path / "out"
+    left = [tmp_path / ".out.k1ll3d.partial", tmp_path / ".out.0ld.old"]
+    for d in left:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1024)
+    other = tmp_path / ".other.x.partial"  # another output's: not this run's to remove
+    other.mkdir()
+    run(load_recipe(None, [], **recipe(inputs, out)))
+    assert not any(d.exists() for d in left) and other.is_dir() and (out / "manifest.json").is_file()
+
+
+def test_corrupt_cached_calibration_windows_are_rebuilt_with_a_warning(inputs, tmp_path, caplog):
+    import logging
+
+    from surgeon.inputs import build_calibration, load_windows
+
+    cfg = load_recipe(None, [], **recipe(inputs, None, seed=21))
+    first = build_calibration(cfg, str(inputs["model"]))
+    good = load_windows(first.path)
+    Path(first.path).write_bytes(b"\x93NUMPY garbage")
+    caplog.set_level(logging.WARNING)
+    again = build_calibration(cfg, str(inputs["model"]))
+    assert again.data_id == first.data_id and torch.equal(load_windows(again.path), good)
+    assert "rebuilding" in caplog.text
+
+
+def test_corrupt_checkpoint_of_an_in_process_run_is_recomputed_with_a_warning(inputs, tmp_path, caplog):
+    import logging
+
+    ck = tmp_path / "ck"
+    r = recipe(inputs, tmp_path / "a", shots=2, target_size=0.7)
+    run(load_recipe(None, [], **r), checkpoint=ck)
+    ref = weights(tmp_path / "a")
+    data = bytearray((ck / "model.safetensors").read_bytes())
+    (ck / "model.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    caplog.set_level(logging.WARNING)
+    run(load_recipe(None, [], **{**r, "output": str(tmp_path / "b")}), checkpoint=ck)
+    assert "recomputing" in caplog.text
+    assert all(torch.equal(ref[k], v) for k, v in weights(tmp_path / "b").items())
+
+
+def test_full_disk_during_export_is_one_clear_error_and_nothing_half_written(inputs, tmp_path, monkeypatch):
+    import errno
+
+    import surgeon.models as models
+
+    real = models.atomic_write
+
+    def full(path, data):
+        if Path(path).name == "layer_sizes.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(models, "atomic_write", full)
+    with pytest.raises(SurgeonError, match="No space left on device"):
+        run(load_recipe(None, [], **recipe(inputs, tmp_path / "out")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_json_inside_the_output_or_read_only_is_refused_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    import surgeon_cli.common as common
+
+    args = ["prune", "--model", inputs["model"], "--calibration", inputs["text"], "--nsamples", 4, "--seqlen", 16,
+            "--output", tmp_path / "out", "--no-register", "threads=1"]
+    rc, _, err = cli(capsys, *args, "--json", tmp_path / "out" / "result.json")
+    assert rc == 2 and "inside the output folder" in err.strip().splitlines()[-1], err
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(common.os, "access", lambda p, mode, *a, **k: False if Path(p).resolve() == ro.resolve()
+                        and mode & os.W_OK else real_access(p, mode, *a, **k))
+    rc, _, err = cli(capsys, *args, "--json", ro / "result.json")
+    assert rc == 2 and "not writable" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "out").exists()
