@@ -73,6 +73,9 @@ def _client():
 
     uri = tracking_uri()
     db = _sqlite_file(uri)
+    if db is None and uri not in _READY_STORES and urlparse(uri).scheme in ("http", "https"):
+        _check_server(uri)
+        _READY_STORES.add(uri)
     if db is None or uri in _READY_STORES:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +87,24 @@ def _client():
     return client
 
 
-_READY_STORES: set[str] = set()  # SQLite stores this process has created or found complete
+_READY_STORES: set[str] = set()  # SQLite stores this process has created or found complete, servers that answered
+SERVER_TIMEOUT_S = 5.0
+
+
+def _check_server(uri: str) -> None:
+    """One quick request to the server's ``/health``: MLflow's client would retry a dead server for minutes."""
+    import urllib.error
+    import urllib.request
+
+    from surgeon.errors import SurgeonError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S) as response:
+            response.read(64)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise SurgeonError(f"MLflow tracking server {uri} is unreachable ({reason}); start it (make services) or "
+                           "unset MLFLOW_TRACKING_URI to track in the local SQLite store") from None
 
 
 # MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag names classic model development

@@ -58,3 +58,41 @@ def test_default_registered_name_of_a_folder_with_a_colon_is_valid_for_mlflow():
         name = registered_name(ref)
         _validate_model_name(name)
         assert name and ":" not in name and "/" not in name
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: m\nsweep: [unclosed\n", "malformed recipe YAML"),
+    ("model: m\nsweep: 5\n", "needs 'sweep:'"),
+    ("model: m\nsweep:\n  - 0.5\n", "needs 'sweep:'"),
+    ("model: m\nsweep:\n  - {target_size: 2}\n", "sweep[0]: invalid recipe value"),
+    ("- a\n- b\n", "must be a mapping"),
+], ids=["syntax", "sweep-not-a-list", "variant-not-a-mapping", "bad-variant-value", "not-a-mapping"])
+def test_malformed_sweep_yaml_is_one_clear_error(tmp_path, text, message):
+    from flows.sweep import sweep_configs
+    from surgeon.errors import SurgeonError
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    with pytest.raises(SurgeonError, match=message.replace("[", r"\[")):
+        sweep_configs(str(path))
+
+
+def test_unreachable_tracking_server_is_a_quick_clear_error(tmp_path):
+    """A tracking URI whose server does not answer fails at once with one line, not after minutes of retries."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("from tasks import tracking\n"
+            "from surgeon.errors import SurgeonError\n"
+            "try:\n"
+            "    with tracking.start_run('x', experiment='e'):\n"
+            "        pass\n"
+            "except SurgeonError as exc:\n"
+            "    print('error:', exc)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("error: MLflow tracking server"), proc.stdout + proc.stderr[-2000:]
+    assert "unreachable" in proc.stdout and time.time() - t0 < 60
