@@ -122,6 +122,8 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
             "layer_sizes": reports[-1]["layer_sizes"],
             "run_id": run.run_id, "run_url": run.url,
             "finetune_seconds": sum(r["seconds"] for r in ft_reports),
+            # the step whose weights each fine-tuning kept (0: those from before it; None: no validation)
+            "finetune_best_steps": [r.get("best_step") for r in ft_reports],
         }
         metrics = {k: summary[k] for k in ("ppl", "dense_ppl", "achieved_size")}
         summary["output"] = steps.export(cfg, weights, output, metrics, model)

@@ -375,6 +375,10 @@ def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_ca
     assert [m.step for m in c.get_metric_history(r["run_id"], "finetune/loss/shot_1")] == [1, 2]
     assert [m.step for m in c.get_metric_history(r["run_id"], "finetune/loss/shot_2")] == [1, 2, 3, 4, 5]
     assert [m.step for m in c.get_metric_history(r["run_id"], "finetune/loss")] == list(range(1, 8))
+    # validation on held-out calibration windows: step 0 is the loss before fine-tuning; the kept step is reported
+    val = c.get_metric_history(r["run_id"], "finetune/val_loss/shot_2")
+    assert val[0].step == 0 and len(val) >= 2 and len(r["finetune_best_steps"]) == 2
+    assert [m.value for m in c.get_metric_history(r["run_id"], "finetune/best_step")] == r["finetune_best_steps"]
     assert [m.step for m in c.get_metric_history(r["run_id"], "seconds/finetune")] == [1, 2]
     assert "plots/finetune_loss.png" in {f.path for f in c.list_artifacts(r["run_id"], "plots")}
     summary = json.load(open(c.download_artifacts(r["run_id"], "summary.json")))
