@@ -43,6 +43,7 @@ import torch
 from surgeon_core.evaluate import windows_from_ids
 
 from .errors import SurgeonError
+from .integrity import read_record, write_record
 from .utils import atomic_write, cache_dir, sha256_bytes
 
 __all__ = [
@@ -342,17 +343,17 @@ def _encode(tokenizer, text: str) -> list[int]:
 def tokenize(tokenizer, text: str, *, use_cache: bool = True) -> torch.Tensor:
     """Token ids (1-D LongTensor) of ``text`` in one pass, no special tokens (no BOS/EOS).
 
-    Cached on disk (``$SURGEON_CACHE/tokens``) by tokenizer hash + text hash.
+    Cached on disk (``$SURGEON_CACHE/tokens``) by tokenizer hash + text hash, each ``.npy`` with a signed record
+    of its sha256 (:mod:`surgeon.integrity`): an entry written by anyone without the key is tokenized again.
     """
     if not text:
         raise SurgeonError("corpus is empty: nothing to tokenize")
     key = sha256_bytes(tokenizer_hash(tokenizer) + ":" + sha256_bytes(text))[:40]
     path = cache_dir("tokens") / f"{key}.npy" if use_cache else None
-    if path is not None and path.exists():
-        try:
-            return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
-        except (OSError, ValueError):
-            pass
+    if path is not None:
+        cached = _cached_ids(path, key)
+        if cached is not None:
+            return cached
     arr = np.asarray(_encode(tokenizer, text), dtype=np.int64)
     if path is not None:
         buf = io.BytesIO()
@@ -360,9 +361,23 @@ def tokenize(tokenizer, text: str, *, use_cache: bool = True) -> torch.Tensor:
         np.save(buf, small)
         try:
             atomic_write(path, buf.getvalue())
+            write_record(path.with_suffix(".json"), key, {"sha256": sha256_bytes(buf.getvalue())})
         except OSError:
             pass
     return torch.from_numpy(arr)
+
+
+def _cached_ids(path: Path, key: str) -> torch.Tensor | None:
+    """The ids of a token cache entry whose signed record vouches for its bytes; else None."""
+    value, _ = read_record(path.with_suffix(".json"), key,
+                           check=lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str))
+    try:
+        data = path.read_bytes() if value is not None else None
+        if data is None or sha256_bytes(data) != value["sha256"]:
+            return None
+        return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64))
+    except (OSError, ValueError):
+        return None
 
 
 def _load_npy(path: Path) -> torch.Tensor:

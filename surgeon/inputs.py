@@ -20,6 +20,7 @@ from .config import PruneConfig
 from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
 from .errors import SurgeonError
 from .fetch import fetch_model, known_models
+from .integrity import read_record, write_record
 from .models import load_model, model_content_hash, save_model
 from .outputs import check_output
 from .utils import atomic_write, cache_dir, sha256_bytes, sha256_file
@@ -108,9 +109,10 @@ def validate_model(model_path: str, cfg: PruneConfig, content_hash: str | None =
     truncated files, an unsupported architecture, NaN/Inf weights (all in :func:`load_model`), and an N:M
     structure whose M does not divide every prunable layer's input dimension. A success is remembered per content
     hash and structure (``$SURGEON_CACHE/validated``), so a large model is read for this only once."""
-    marker = cache_dir("validated") / f"{content_hash[:32]}-{cfg.method.structure.replace(':', 'of')}" \
+    marker = cache_dir("validated") / f"{content_hash[:32]}-{cfg.method.structure.replace(':', 'of')}.json" \
         if content_hash else None
-    if marker is not None and marker.is_file():
+    marker_key = f"validated-{content_hash}-{cfg.method.structure}"
+    if marker is not None and read_record(marker, marker_key)[0] is not None:  # signed: a forged one is ignored
         return
     model, _, _ = load_model(model_path, dtype=torch.float32, device="cpu")
     st = Structure.parse(cfg.method.structure)
@@ -122,7 +124,7 @@ def validate_model(model_path: str, cfg: PruneConfig, content_hash: str | None =
                                f"{bad[0][0]} has {bad[0][1]} inputs ({len(bad)} layer(s) affected)")
     del model
     if marker is not None:
-        atomic_write(marker, model_path)
+        write_record(marker, marker_key, {"model": model_path})
 
 
 def _random_windows(ref: str, vocab: int, seed: int) -> torch.Tensor:

@@ -569,3 +569,30 @@ def test_json_inside_the_output_or_read_only_is_refused_before_any_work(inputs, 
     rc, _, err = cli(capsys, *args, "--json", ro / "result.json")
     assert rc == 2 and "not writable" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_forged_token_cache_and_validation_marker_are_not_trusted(inputs, tmp_path):
+    """Entries someone else wrote into the cache (no valid MAC) are ignored: a token cache file holding other ids
+    is recomputed, and a 'validated' marker for a model with NaN weights does not skip the model check."""
+    import surgeon.data as D
+    from surgeon.inputs import validate_model
+    from surgeon.models import model_content_hash
+    from surgeon.utils import cache_dir
+
+    tok = __import__("tiny_io").tiny_tokenizer()
+    text = "A text that nobody has tokenized before, with a few words."
+    ids = D.tokenize(tok, text)
+    for f in cache_dir("tokens").glob("*.npy"):
+        np.save(f, np.zeros(7, dtype=np.int32))  # a forged entry: other ids
+    assert torch.equal(D.tokenize(tok, text), ids)
+
+    bad = _bad_models(tmp_path, inputs["model"])["nan"]
+    content = model_content_hash(bad)
+    cfg = load_recipe(None, [], **recipe(inputs, None, model=str(bad)))
+    name = f"{content[:32]}-{cfg.method.structure.replace(':', 'of')}"
+    (cache_dir("validated") / name).write_text(str(bad))  # a marker as an unsigned format would hold it
+    (cache_dir("validated") / f"{name}.json").write_text(json.dumps(
+        {"format": "surgeon-cache-record/1", "key": f"validated-{content}-{cfg.method.structure}",
+         "value": {"model": str(bad)}, "files": {}, "mac": "0" * 64}))
+    with pytest.raises(SurgeonError, match="NaN/Inf"):
+        validate_model(str(bad), cfg, content)
