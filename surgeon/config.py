@@ -303,7 +303,8 @@ class FinetuneSection(_Section):
 class OutputSection(_Section):
     path: str | None = Field(default=None, description="output model folder")
     overwrite: bool = Field(default=False, description="replace an output that is not this recipe's own")
-    materialize: bool = Field(default=False, description="also write the smaller model (structured / coupled)")
+    materialize: bool | None = Field(default=None, description="also write the smaller model (structured / "
+                                     "coupled; default: on for coupled, off otherwise)")
     register_model: bool = Field(default=True, description="register the pruned model in MLflow")
     model_name: str | None = Field(default=None, description="registered model name (default: the source model's "
                                    "name)")
@@ -398,6 +399,8 @@ class PruneConfig(BaseModel):
                              "to fine-tune without validation")
         if self.eval.also and not self.eval.data:
             raise ValueError("eval.also needs eval.data (the texts are evaluated where eval.data is)")
+        if self.output.materialize is None:  # coupled pruning removes whole units: the smaller model is its point
+            self.output.materialize = self.method.structure == "coupled"
         if self.output.report_decode_attention == "flex" and self.output.report_device == "cpu":
             raise ValueError("output.report_decode_attention 'flex' is for a GPU report: set output.report_device "
                              "to cuda or auto")
