@@ -90,3 +90,29 @@ def test_structure_report_of_a_model_with_nothing_removed(tmp_path):
     assert "no measurable change" in summary and "nothing removed" in summary and "1 thread(s)" in summary
     assert sum("timing round" in line for line in lines) == 3
     assert any("materializing" in line for line in lines)
+
+
+def test_bench_speed_metrics_carry_every_name_the_speed_configs_expect(monkeypatch):
+    from pathlib import Path
+
+    from surgeon import bench
+
+    def fake_report(*_args, **_kw):
+        ratios = speed.spread([1.1, 1.2, 1.3])
+        sp = {"ideal_speedup": 1.29, "settings": {"repeats": 3}, "measured_on": speed.measured_on("cpu")}
+        for work in ("prefill", "decode"):
+            sp.update({f"{work}_speedup": ratios["median"], f"{work}_speedup_spread": ratios,
+                       f"{work}_verdict": speed.verdict(ratios)})
+        return {"speed": sp, "parameters": {"materialized_total": 10, "dense_total": 20, "prunable_fraction": 0.5},
+                "file_bytes": {"dense": 200, "materialized": 100, "zeroed": 200}}
+
+    monkeypatch.setattr(speed, "structure_report", fake_report)
+    configs = sorted(Path(__file__).resolve().parents[2].joinpath("benchmarks", "configs").glob("speed-*.yaml"))
+    assert configs
+    for path in configs:
+        cfg, block, _ = bench.load_bench(path)
+        metrics = bench._speed(cfg, block, {"source_path": "models/x", "output": "out"})
+        missing = set(block["expect"]) - set(metrics) - {"dense_ppl", "ppl", "achieved_size"}
+        assert not missing, (path.name, missing)
+        assert metrics["prefill_verdict"] == "faster" and metrics["rounds"] == 3
+        assert metrics["file_bytes"] == 100 and metrics["dense_file_bytes"] == 200
