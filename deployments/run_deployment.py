@@ -70,8 +70,10 @@ async def run(name: str, params: dict, timeout_s: float) -> int:
         if artifact.type == "markdown" and artifact.data:
             print(str(artifact.data).strip())
             print()
-    message = f": {state.message}" if state.message else ""
-    print(f"{state.name}{message} ({time.monotonic() - t0:.0f} s)")
+    verdict = state.message or state.name
+    if not verdict.startswith(state.name):
+        verdict = f"{state.name}: {verdict}"
+    print(f"{verdict} ({time.monotonic() - t0:.0f} s)")
     print(f"Prefect: {url}")
     if os.environ.get("MLFLOW_TRACKING_URI", "").startswith("http"):
         print(f"MLflow:  {os.environ['MLFLOW_TRACKING_URI']}")
