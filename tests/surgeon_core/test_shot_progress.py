@@ -11,7 +11,8 @@ from tiny_models import prune, tiny_model, tiny_windows
 pytestmark = pytest.mark.unit
 
 
-@pytest.mark.parametrize("structure", ["unstructured", "2:4", "structured", "coupled"])
+@pytest.mark.parametrize("structure", [pytest.param("unstructured", marks=pytest.mark.heavy),
+                                       pytest.param("2:4", marks=pytest.mark.heavy), "structured", "coupled"])
 def test_every_phase_of_a_shot_counts_to_its_total(structure):
     calls: list[tuple[str, int, int]] = []
     prune(tiny_model("llama"), tiny_windows(3, 8), options=PruneOptions(structure=structure),
