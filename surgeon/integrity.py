@@ -81,7 +81,7 @@ def secret_key() -> bytes:
 
 def _mac(key: str, value, files: dict[str, str]) -> str:
     body = json.dumps({"format": RECORD_FORMAT, "key": key, "value": value, "files": files}, sort_keys=True,
-                      separators=(",", ":"), allow_nan=False)
+                      separators=(",", ":"))
     return hmac.new(secret_key(), body.encode(), hashlib.sha256).hexdigest()
 
 
@@ -102,11 +102,7 @@ def write_record(path: str | os.PathLike, key: str, value, files: dict[str, str]
     the files the value stands for (:func:`folder_digest`), checked again by :func:`read_record`."""
     files = dict(files or {})
     record = {"format": RECORD_FORMAT, "key": key, "value": value, "files": files, "mac": _mac(key, value, files)}
-    return atomic_write(path, json.dumps(record, indent=1, allow_nan=False))
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"non-standard JSON constant {name}")
+    return atomic_write(path, json.dumps(record, indent=1))  # NaN/Infinity kept: a metric may be either
 
 
 def read_record(path: str | os.PathLike, key: str, *, check: Callable[[object], bool] | None = None,
@@ -126,7 +122,7 @@ def read_record(path: str | os.PathLike, key: str, *, check: Callable[[object], 
     with os.fdopen(fd, "rb") as f:
         raw = f.read(64 << 20)
     try:
-        record = json.loads(raw, parse_constant=_reject_constant)
+        record = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None, "is not a JSON record"
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or set(record) != {
