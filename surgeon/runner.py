@@ -127,8 +127,12 @@ class Runner:
         self._split: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def prune(self, step: Step) -> dict:
-        rep = shot_with_fallback(self.model, self.calibration, self.options, step, progress=self.progress,
-                                 log=self.log)
+        try:
+            rep = shot_with_fallback(self.model, self.calibration, self.options, step, progress=self.progress,
+                                     log=self.log)
+        except NonFiniteCurvatureError as exc:  # fp32 overflowed too: the model's own values are the cause
+            raise SurgeonError(f"shot {step.shot}: {exc}; the model's weights or activations are too large to "
+                               "prune (weights untouched)") from exc
         if abs(rep.achieved_size - step.target_size) > SIZE_TOLERANCE:
             raise SurgeonError(f"shot {step.shot} left size {rep.achieved_size:.4f} against its target "
                                f"{step.target_size:.4f}: the costs could not rank the weights (non-finite or "

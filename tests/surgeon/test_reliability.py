@@ -596,3 +596,17 @@ def test_forged_token_cache_and_validation_marker_are_not_trusted(inputs, tmp_pa
          "value": {"model": str(bad)}, "files": {}, "mac": "0" * 64}))
     with pytest.raises(SurgeonError, match="NaN/Inf"):
         validate_model(str(bad), cfg, content)
+
+
+def test_huge_finite_weights_fail_clearly_and_export_nothing(inputs, tmp_path):
+    """Weights of 1e30 (finite) overflow the curvature even in fp32: one clear SurgeonError, no output, instead of a
+    pruned model that missed its target or an internal error."""
+    model = copy_model(inputs["model"], tmp_path / "huge")
+    t = load_file(str(model / "model.safetensors"))
+    for k in t:
+        if k.endswith("proj.weight"):
+            t[k] = t[k] * 1e30
+    save_file(t, str(model / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SurgeonError, match="overflow"):
+        run(load_recipe(None, [], **recipe(inputs, tmp_path / "out", model=str(model), target_size=0.7)))
+    assert not (tmp_path / "out").exists()
