@@ -33,8 +33,8 @@ from .errors import SurgeonError
 from .integrity import open_lock_file
 from .utils import sha256_file
 
-__all__ = ["MANIFEST", "lock_path", "output_lock", "check_output", "check_not_source", "check_writable", "manifest_files",
-           "verify_dir"]
+__all__ = ["MANIFEST", "lock_path", "output_lock", "check_output", "check_not_source", "check_writable",
+           "manifest_files", "verify_dir"]
 
 MANIFEST = "manifest.json"
 
