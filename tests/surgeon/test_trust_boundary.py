@@ -106,3 +106,31 @@ def test_every_loading_call_passes_trust_remote_code_false():
                     missing.append(f"{path.relative_to(ROOT)}:{call.lineno}")
     assert seen >= 10
     assert not missing, "calls without trust_remote_code=False: " + ", ".join(missing)
+
+
+def test_materialized_folder_loads_through_the_registered_classes_not_its_modelling_file(tmp_path):
+    """The product's own materialized format loads (``trust_remote_code=False``) through the classes
+    ``surgeon.materialized_export`` registers: the modelling file shipped in the folder is never imported."""
+    import torch
+
+    from surgeon.materialized_export import materialize_dir
+    from surgeon.models import load_model
+    from tiny_io import tiny_tokenizer
+    from tiny_models import coupled_pruned, tiny_windows
+
+    model = coupled_pruned("llama")
+    x = tiny_windows(2, 16, seed=1)
+    with torch.no_grad():
+        ref = model(x).logits
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    materialize_dir(tmp_path / "src", tmp_path / "out")
+    marker = tmp_path / "executed"
+    shipped = [p for p in (tmp_path / "out").glob("*.py")]
+    assert shipped, "the materialized folder ships its modelling file for users without surgeon"
+    for p in shipped:
+        p.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n" + p.read_text())
+    loaded, _, info = load_model(tmp_path / "out")
+    with torch.no_grad():
+        assert (loaded(x).logits - ref).abs().max() <= 1e-4
+    assert not marker.exists() and info.source == "dir"
