@@ -139,14 +139,37 @@ def _versions() -> dict:
     return out
 
 
+# the structure report's own timing protocol: batch 1, a prompt of 32 tokens, one warm-up round; fp32 on a CPU,
+# bf16 compiled on a GPU
+_REPORT_FIXED = {"prefill_batch": 1, "decode_batch": 1, "prompt_len": 32, "warmup": 1}
+_REPORT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
+
+
+def speed_settings(speed: dict, cfg) -> dict:
+    """The structure report's arguments from a benchmark's ``speed:`` block (defaults: the recipe's compute threads
+    and output report settings); a setting the report does not take must equal what it does, or the config is
+    refused rather than silently timed another way."""
+    out = {"threads": speed.get("threads", cfg.compute.threads), "device": speed.get("device", cfg.output.report_device),
+           "decode_attention": speed.get("decode_attention", cfg.output.report_decode_attention)}
+    for key in ("prefill_len", "decode_tokens", "repeats", "align"):
+        if key in speed:
+            out[key] = speed[key]
+    fixed = {**_REPORT_FIXED, "dtype": _REPORT_DTYPE.get(out["device"]), "compile": out["device"] == "cuda"}
+    bad = {k: v for k, v in speed.items() if k in fixed and v != fixed[k]}
+    unknown = set(speed) - set(out) - set(fixed) - {"prefill_len", "decode_tokens", "repeats", "align"}
+    if bad or unknown:
+        raise SurgeonError(f"speed settings the structure report does not take: {sorted(set(bad) | unknown)} "
+                           f"(it times {fixed} on {out['device']})")
+    return out
+
+
 def _speed(cfg, block: dict, result: dict) -> dict:
     from .speed import structure_report
 
     if result["source_path"].startswith("random:"):
         raise SurgeonError("speed benchmarks of random-weight architectures are not supported by surgeon bench yet")
-    rep = structure_report(result["output"], result["source_path"], threads=cfg.compute.threads,
-                           device=cfg.output.report_device,
-                           decode_attention=cfg.output.report_decode_attention)
+    rep = structure_report(result["output"], result["source_path"], log=_log.info,
+                           **speed_settings(block.get("speed") or {}, cfg))
     sp, params, files = rep["speed"], rep["parameters"], rep["file_bytes"]
     out = {"ideal_speedup": sp["ideal_speedup"], "parameters": params["materialized_total"],
            "dense_parameters": params["dense_total"], "prunable_fraction": params["prunable_fraction"],

@@ -91,3 +91,16 @@ def test_bench_config_errors_name_the_file(inputs, tmp_path):
     cfg, block, name = load_bench(bench_config(inputs, tmp_path, "ok", {}), ["method.shots=1"])
     assert name == "ok" and cfg.method.shots == 1 and cfg.output.register_model is False
     assert block["kind"] == "quality" and block["tolerance"] == 0.0
+
+
+def test_speed_settings_pass_what_the_report_takes_and_refuse_the_rest():
+    from surgeon.bench import load_bench, speed_settings
+
+    cfg, block, _ = load_bench(Path(__file__).parents[2] / "benchmarks/configs/speed-smollm2-cpu.yaml")
+    got = speed_settings(block["speed"], cfg)
+    assert got["repeats"] == block["speed"]["repeats"] and got["prefill_len"] == block["speed"]["prefill_len"]
+    assert got["threads"] == block["speed"]["threads"] and got["device"] == "cpu"
+    with pytest.raises(SurgeonError, match="prefill_batch"):
+        speed_settings({**block["speed"], "prefill_batch": 8}, cfg)
+    with pytest.raises(SurgeonError, match="nonsense"):
+        speed_settings({"nonsense": 1}, cfg)
