@@ -1,8 +1,8 @@
 """Mask-preserving fine-tuning of a pruned model (no adapters): the surviving weights are trained directly.
 
 The paper interleaves low-rank (LoRA) first-order corrections between shots (paper §3.6); the reference
-code's LoRA path never runs. Here the remaining weights themselves are trained with AdamW on the next-token loss,
-and every pruned weight (exactly 0 when training starts) stays exactly 0:
+code's LoRA path never runs. Here the remaining weights themselves are trained with AdamW (objectives below), and
+every pruned weight (exactly 0 when training starts) stays exactly 0:
 
 - masks are taken from the weights: an entry of a prunable linear is pruned iff it is exactly 0; a bias entry is
   pruned iff it is 0 and its whole weight row is 0 (a removed output feature);
