@@ -408,6 +408,7 @@ def _save_flavour(model_dir: str | Path, dest: Path) -> None:
     importing ``surgeon.materialized_export``, never taken from code in the folder (trust_remote_code stays off).
     The copy carries no ``auto_map``, so no loader is pointed at code files either."""
     import mlflow.transformers
+    from mlflow.models import infer_signature
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import surgeon.materialized_export  # noqa: F401 - registers the materialized model classes
@@ -419,8 +420,11 @@ def _save_flavour(model_dir: str | Path, dest: Path) -> None:
         del model.config.auto_map
     from importlib.metadata import version
 
+    # a params schema, so pyfunc's predict(..., params={"max_new_tokens": N}) is passed on, not dropped
+    signature = infer_signature(["The capital of France is"], ["The capital of France is Paris."],
+                                params={"max_new_tokens": 32, "do_sample": False, "temperature": 1.0})
     mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, str(dest), task="text-generation",
-                                   torch_dtype=model.dtype,
+                                   torch_dtype=model.dtype, signature=signature,
                                    pip_requirements=[f"{p}=={version(p)}" for p in PIP_REQUIREMENTS])
 
 

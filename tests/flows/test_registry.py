@@ -45,8 +45,9 @@ def test_registered_version_loads_through_mlflow_and_generates(first_run):
     text = pipe(PROMPT, max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
     model = mlflow.pyfunc.load_model(f"models:/tiny-llama/{v}")
-    out = model.predict([PROMPT], params={"max_new_tokens": 4, "do_sample": False})
-    assert isinstance(out[0], str) and out[0]
+    short = model.predict([PROMPT], params={"max_new_tokens": 1, "do_sample": False})[0]
+    longer = model.predict([PROMPT], params={"max_new_tokens": 6, "do_sample": False})[0]
+    assert isinstance(short, str) and len(longer) > len(short)  # the params reach generate
     # the registered weights are the exported ones
     from safetensors.torch import load_file
 
