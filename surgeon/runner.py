@@ -341,15 +341,14 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if dense is not None:
             result["dense"] = dense
             log.info("dense ppl %.3f (%d windows x %d tokens)", dense["ppl"], dense["windows"], dense["seqlen"])
-        if cfg.eval.zeroshot_tasks:
         if also:
             result["dense_also"] = runner.evaluate_also(also)
+        if cfg.eval.zeroshot_tasks:
             result["dense_zeroshot"] = zeroshot(cfg, model, tok, log)
     done = len(result["steps"])
     steps = cfg.plan()
     if done:
         log.info("resumed from %s after step %d of %d", folder, done, len(steps))
-    for step in steps[done:]:
     if any(s.finetune_steps for s in steps[done:]):
         if not done:
             runner.prepare_teacher()  # the model is still the dense one
@@ -357,6 +356,7 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
             dense, _ = load_for_pruning(src.path, cfg)
             runner.prepare_teacher(dense)
             del dense
+    for step in steps[done:]:
         if stop_after is not None and len(result["steps"]) >= stop_after:
             result["stopped_after"] = stop_after
             break
@@ -369,9 +369,9 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
             row["finetune"] = runner.finetune(step)
         if step.evaluate:
             row["eval"] = runner.evaluate()
-            if cfg.eval.zeroshot_tasks:
             if also and row["eval"] is not None:
                 row["eval_also"] = runner.evaluate_also(also)
+            if cfg.eval.zeroshot_tasks:
                 row["zeroshot"] = zeroshot(cfg, model, tok, log)
         log.info("shot %d/%d: size %.4f (target %.4f)%s; %s", step.shot, step.num_shots, row["achieved_size"],
                  step.target_size, f", ppl {row['eval']['ppl']:.3f}" if row.get("eval") else "",
@@ -390,16 +390,16 @@ def _finish(cfg, result, runner, tok, src: ModelRef, t_start: float) -> dict:
         result["seconds"] = time.perf_counter() - t_start
         return result
     final = rows[-1]
-    result["achieved_size"] = final["achieved_size"]
     tuned = [finetune_summary(r["finetune"]) for r in rows if r.get("finetune")]
     if tuned:
         result["finetune"] = tuned
         result["finetune_best_step"] = tuned[-1]["best_step"]
+    result["achieved_size"] = final["achieved_size"]
     if final.get("eval"):
         result["ppl"] = final["eval"]["ppl"]
-    if final.get("zeroshot"):
     if final.get("eval_also"):
         result["ppl_also"] = {name: e["ppl"] for name, e in final["eval_also"].items()}
+    if final.get("zeroshot"):
         result["zeroshot"] = final["zeroshot"]
     result["seconds"] = time.perf_counter() - t_start
     result["seconds_per_shot"] = sum(sum(r["seconds"].values()) for r in rows) / len(rows)
