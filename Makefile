@@ -75,7 +75,7 @@ demo: venv
 	@echo "Prefect UI (the flow run, its task runs, summary/table/link artifacts):"
 	@echo "  PREFECT_HOME=$(SURGEON_HOME)/prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200"
 	@echo "  then open http://127.0.0.1:4200"
-	@echo "Promotion: moves the alias champion only if ppl <= 1.15 x dense ppl (output.promote_max_ppl_ratio), else exits 1:"
+	@echo "Promotion: moves the alias champion only if ppl <= the recipe's output.promote_max_ppl_ratio x dense ppl, else exits 1:"
 	@echo "  $(SURGEON) promote --model-name smollm2-135m --version <VERSION printed above>"
 	@echo "Load a version (an MLflow transformers model; README: Loading a registered model):"
 	@echo "  mlflow.transformers.load_model('models:/smollm2-135m/<VERSION>')  or  'models:/smollm2-135m@champion'"
