@@ -139,9 +139,10 @@ def _versions() -> dict:
     return out
 
 
-# the structure report's own timing protocol: batch 1, a prompt of 32 tokens, one warm-up round; fp32 on a CPU,
-# bf16 compiled on a GPU
-_REPORT_FIXED = {"prefill_batch": 1, "decode_batch": 1, "prompt_len": 32, "warmup": 1}
+# the structure report's own timing protocol: a prompt of 32 tokens, one warm-up round; fp32 on a CPU, bf16 compiled
+# with CUDA-graph decoding on a GPU
+_REPORT_FIXED = {"prompt_len": 32, "warmup": 1}
+_REPORT_TAKES = ("prefill_len", "decode_tokens", "repeats", "align", "prefill_batch", "decode_batch")
 _REPORT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
 
 
@@ -151,12 +152,11 @@ def speed_settings(speed: dict, cfg) -> dict:
     refused rather than silently timed another way."""
     out = {"threads": speed.get("threads", cfg.compute.threads), "device": speed.get("device", cfg.output.report_device),
            "decode_attention": speed.get("decode_attention", cfg.output.report_decode_attention)}
-    for key in ("prefill_len", "decode_tokens", "repeats", "align"):
-        if key in speed:
-            out[key] = speed[key]
-    fixed = {**_REPORT_FIXED, "dtype": _REPORT_DTYPE.get(out["device"]), "compile": out["device"] == "cuda"}
+    out.update({k: speed[k] for k in _REPORT_TAKES if k in speed})
+    on_gpu = out["device"] == "cuda"
+    fixed = {**_REPORT_FIXED, "dtype": _REPORT_DTYPE.get(out["device"]), "compile": on_gpu, "decode_graph": on_gpu}
     bad = {k: v for k, v in speed.items() if k in fixed and v != fixed[k]}
-    unknown = set(speed) - set(out) - set(fixed) - {"prefill_len", "decode_tokens", "repeats", "align"}
+    unknown = set(speed) - set(out) - set(fixed)
     if bad or unknown:
         raise SurgeonError(f"speed settings the structure report does not take: {sorted(set(bad) | unknown)} "
                            f"(it times {fixed} on {out['device']})")

@@ -577,13 +577,13 @@ def compare(dense: nn.Module, pruned: nn.Module, *, repeats: int = 3, warmup: in
 
 def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | None = None,
                      threads: int | None = None, prefill_len: int = 256, decode_tokens: int = 16, repeats: int = 7,
-                     align: int = 64, device: str = "cpu", decode_attention: str = "sdpa",
+                     prefill_batch: int = 1, decode_batch: int = 1, align: int = 64, device: str = "cpu", decode_attention: str = "sdpa",
                      log: Callable[[str], None] | None = None) -> dict:
     """The honest report of a structured output: parameters, file sizes and speed of the materialized model.
 
     The zeroed model in ``pruned_dir`` is materialized in memory (all-zero FFN units and heads dropped, widths
     padded to ``align``) and written to a temporary folder for its file size; both it and the dense model in
-    ``dense_dir`` are then timed (:func:`compare`, batch 1) on ``device``: "cpu" (fp32), "cuda" (bf16, compiled
+    ``dense_dir`` are then timed (:func:`compare`, batch 1 unless ``prefill_batch``/``decode_batch`` say otherwise) on ``device``: "cpu" (fp32), "cuda" (bf16, compiled
     prefill and CUDA-graph decode, the launch overhead of eager decoding would hide the smaller matmuls) or
     "auto" (CUDA when there is a GPU). ``decode_attention="flex"`` (CUDA only): FlexAttention decode steps for both
     models (:func:`set_decode_attention`).
@@ -648,7 +648,7 @@ def structure_report(pruned_dir: str | None, dense_dir: str, *, kept: dict | Non
         say(f"structure report: timing dense and materialized models on {where['name']} ({where['threads']} "
             f"thread(s)), warm-up then {repeats} interleaved rounds")
         res = compare(dense, pruned, repeats=repeats, prefill_len=seqlen, decode_tokens=decode_tokens,
-                      prompt_len=min(32, seqlen), compile=on_gpu, decode_graph=on_gpu,
+                      prefill_batch=prefill_batch, decode_batch=decode_batch, prompt_len=min(32, seqlen), compile=on_gpu, decode_graph=on_gpu,
                       decode_attention=decode_attention, log=say,
                       progress=lambda r, n: say(f"structure report: timing round {r}/{n}"))
         res["device_name"] = torch.cuda.get_device_name() if on_gpu else "cpu"

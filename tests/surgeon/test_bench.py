@@ -100,7 +100,7 @@ def test_speed_settings_pass_what_the_report_takes_and_refuse_the_rest():
     got = speed_settings(block["speed"], cfg)
     assert got["repeats"] == block["speed"]["repeats"] and got["prefill_len"] == block["speed"]["prefill_len"]
     assert got["threads"] == block["speed"]["threads"] and got["device"] == "cpu"
-    with pytest.raises(SurgeonError, match="prefill_batch"):
-        speed_settings({**block["speed"], "prefill_batch": 8}, cfg)
+    with pytest.raises(SurgeonError, match="prompt_len"):
+        speed_settings({**block["speed"], "prompt_len": 8}, cfg)
     with pytest.raises(SurgeonError, match="nonsense"):
         speed_settings({"nonsense": 1}, cfg)

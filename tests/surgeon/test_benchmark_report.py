@@ -38,9 +38,10 @@ def test_config_is_a_recipe_with_a_benchmark_block(path):
     assert re.fullmatch(r"unstructured|structured|coupled|\d+:\d+", str(method["structure"]))
     assert 0 < method["target_size"] <= 1 and method["shots"] >= 1
     data = cfg["calibration"]["data"]
-    assert data.startswith("random:") or data.startswith("data/"), data  # in-repo paths, no machine staging
+    in_repo = ("random:", "data/", "builtin:")  # in-repo data or the product's built-in texts, no machine staging
+    assert data.startswith(in_repo), data
     if "eval" in cfg:
-        assert cfg["eval"]["data"].startswith("data/")
+        assert cfg["eval"]["data"].startswith(in_repo[1:]), cfg["eval"]["data"]
     assert cfg["compute"]["device"] in ("cpu", "cuda")
 
     bench = cfg["benchmark"]
