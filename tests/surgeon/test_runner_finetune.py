@@ -84,7 +84,7 @@ def test_guard_keeps_the_weights_from_before_fine_tuning_and_says_so(caplog):
 
 @pytest.mark.heavy
 def test_run_distils_from_the_dense_model_once_and_reports_the_chosen_steps(tmp_path, monkeypatch):
-    """A whole run with the default objective (kd): the teacher is computed once, from the dense model, before
+    """A whole run with distillation (finetune.loss kd): the teacher is computed once, from the dense model, before
     the first shot; every fine-tuning keeps the masks, reports train and validation losses; the summary names the
     chosen step; eval.also texts are evaluated beside eval.data; the flow's finetune_step_dir gets the same
     teacher from the recipe's model."""
@@ -102,11 +102,11 @@ def test_run_distils_from_the_dense_model_once_and_reports_the_chosen_steps(tmp_
         return real(model, windows, **kw)
 
     monkeypatch.setattr(runner_mod, "teacher_targets", spy)
-    recipe = tiny_recipe(inputs, finetune={"steps": 2, "final_steps": 2, "lr": 1e-3})
+    recipe = tiny_recipe(inputs, finetune={"steps": 2, "final_steps": 2, "lr": 1e-3, "loss": "kd"})
     recipe["calibration"]["nsamples"] = 8
     recipe["eval"]["also"] = {"again": str(inputs["text"])}
     cfg = load_recipe(None, [], extra=recipe)
-    assert cfg.finetune.loss == "kd"
+    assert load_recipe(None, [], extra=tiny_recipe(inputs)).finetune.loss == "ce"  # the default
     result = runner_mod.run(cfg)
     assert len(seen) == 1 and seen[0][1] == (6, 16)  # training windows only: 8 minus 2 held out
     rows = [r["finetune"] for r in result["steps"]]
