@@ -29,6 +29,8 @@ GROUPS: dict[str, str] = {
     "p": "Protocol P, LLM Surgeon (SmolLM2; 128 × 2048 calibration tokens, full WikiText-2 test at 2048)",
     "baselines": "Protocol P, layer-wise baselines",
     "finetune": "Mask-preserving fine-tuning",
+    "finetune-domains": "Fine-tuning in and out of domain (Python-docs calibration; WikiText-2, The Devil's Dictionary, "
+                        "stdlib docstrings)",
     "speed": "Materialized models: size and speed against the dense model",
     "shot": "One shot of the Llama-2-7B architecture (random weights)",
     "smoke": "CI smoke run",
