@@ -263,7 +263,7 @@ class FinetuneSection(_Section):
                                 "the run's steps)")
     patience: int = Field(default=3, description="with holdout: stop after N validations without a new best "
                           "(0: run every step)")
-    loss: Literal["ce", "kd", "mix"] = Field(default="ce", description="objective: next-token loss (ce), KL to "
+    loss: Literal["ce", "kd", "mix"] = Field(default="mix", description="objective: next-token loss (ce), KL to "
                                              "the dense model's next-token distribution (kd), or both (mix)")
     kd_weight: float = Field(default=0.5, description="loss mix: weight of the KL term, (1 - w) on the "
                              "next-token loss")

@@ -106,7 +106,7 @@ def test_run_distils_from_the_dense_model_once_and_reports_the_chosen_steps(tmp_
     recipe["calibration"]["nsamples"] = 8
     recipe["eval"]["also"] = {"again": str(inputs["text"])}
     cfg = load_recipe(None, [], extra=recipe)
-    assert load_recipe(None, [], extra=tiny_recipe(inputs)).finetune.loss == "ce"  # the default
+    assert load_recipe(None, [], extra=tiny_recipe(inputs)).finetune.loss == "mix"  # the default
     result = runner_mod.run(cfg)
     assert len(seen) == 1 and seen[0][1] == (6, 16)  # training windows only: 8 minus 2 held out
     rows = [r["finetune"] for r in result["steps"]]
