@@ -361,8 +361,8 @@ def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_ca
         return real(cfg, source_dir, calib_path, step, ckpt_dir, log=log)
 
     monkeypatch.setattr(steps.runner, "finetune_step_dir", spy)
-    recipe = {**tiny_recipe, "finetune_steps": 2, "final_finetune_steps": 3, "finetune_lr": 1e-3, "finetune_patience": 0,
-              "register_model": False}
+    recipe = {**tiny_recipe, "finetune_steps": 2, "final_finetune_steps": 3, "finetune_lr": 1e-3,
+              "finetune_patience": 0, "register_model": False}
     r = prune_flow({**recipe, "output": str(tmp_path / "ft")})
     assert ft_calls == [(1, 2), (2, 5)] and shot_calls["shots"] == [1, 2]
     assert all(row["finetune_loss"] > 0 for row in r["rows"]) and r["finetune_seconds"] > 0
