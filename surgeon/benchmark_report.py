@@ -34,8 +34,8 @@ GROUPS: dict[str, str] = {
     "speed": "Materialized models: size and speed against the dense model",
     "shot": "One shot of the Llama-2-7B architecture (random weights)",
     "smoke": "CI smoke run",
-    "gemma3": "Gemma-3-270M, weights 4-bit (Q4_K_M) GGUF de-quantized; protocol G1 (CPU-sized: 8 × 256 calibration "
-              "tokens, 8 × 256 WikiText-2 evaluation tokens)",
+    "gemma3": "Gemma-3-270M, weights 4-bit (Q4_K_M) GGUF de-quantized; G1 (CPU: 8 × 256 calibration tokens, 8 × 256 "
+              "WikiText-2 evaluation tokens) and P (GPU: 128 × 2048, the whole WikiText-2 test)",
 }
 # machine class -> what it stands for
 MACHINES: dict[str, str] = {
