@@ -284,16 +284,23 @@ def render(configs: dict[str, dict], results: dict[str, dict], *, base: Path, co
         if group in plots:
             lines += [f"![{group}: perplexity against size]({Path(os.path.relpath(plots[group], base)).as_posix()})",
                       ""]
-        lines += ["| config | title | machine | metric | expected | measured | check | reference | ratio | seconds "
-                  "| commit | date |",
-                  "|---|---|---|---|---:|---:|---|---:|---:|---:|---|---|"]
-        notes = []
+        notes, pending = [], []
+        if any(n in results for n in names):
+            lines += ["| config | title | machine | metric | expected | measured | check | reference | ratio | seconds "
+                      "| commit | date |",
+                      "|---|---|---|---|---:|---:|---|---:|---:|---:|---|---|"]
         for name in names:
             link = Path(os.path.relpath(configs_dir / f"{name}.yaml", base)).as_posix()
-            rows, extra, status = _config_rows(name, configs[name], results.get(name), link)
+            if name not in results:  # one line for the configs still to run, their expectations stay in the file
+                pending.append(f"[`{name}`]({link}) ({configs[name].get('benchmark', {}).get('machine', '?')})")
+                counts["not run yet"] += 1
+                continue
+            rows, extra, status = _config_rows(name, configs[name], results[name], link)
             lines += rows
             notes += extra
             counts[status] += 1
+        if pending:
+            lines += ["", "Not run yet: " + ", ".join(pending) + "."]
         refs = sorted({str(configs[n]["benchmark"]["reference_source"]) for n in names
                        if configs[n].get("benchmark", {}).get("reference_source")})
         if refs:
