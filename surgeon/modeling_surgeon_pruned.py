@@ -55,15 +55,17 @@ class _LayerConfig:
     the config's head count); every other attribute is the shared config's, read live."""
 
     def __init__(self, base, **own):
-        object.__setattr__(self, "_base", base)
-        object.__setattr__(self, "_own", own)
+        # own values are found by plain lookup, the rest through __getattr__ (no object.__getattribute__: torch.compile)
+        self.__dict__.update(own, _base=base)
 
-    def __getattr__(self, name):
-        own = object.__getattribute__(self, "_own")
-        return own[name] if name in own else getattr(object.__getattribute__(self, "_base"), name)
+    def __getattr__(self, name):  # only for names not found on the instance: the shared config's, read live
+        base = self.__dict__.get("_base")
+        if base is None:
+            raise AttributeError(name)
+        return getattr(base, name)
 
     def __setattr__(self, name, value):
-        setattr(object.__getattribute__(self, "_base"), name, value)
+        setattr(self.__dict__["_base"], name, value)
 
 
 # family -> (decoder layers path, attention, (q, k, v) or (fused qkv,), o, mlp ("" = the layer), producers,

@@ -232,8 +232,9 @@ def test_repository_builtins_resolve_to_data_files():
     assert D.repo_data_dir() == ROOT / "data"
     assert D.builtin_path("builtin:wikitext-2-test") == WIKI
     assert D.builtin_path("builtin:python-docs") == DOCS
+    assert D.builtin_path("builtin:devils-dictionary") == ROOT / "data" / "devils-dictionary" / "devils-dictionary.txt"
     assert D.builtin_path(D.BUILTIN) is None  # embedded, no file
-    assert set(D.BUILTINS) == {D.BUILTIN, "builtin:wikitext-2-test", "builtin:python-docs"}
+    assert set(D.BUILTINS) == {D.BUILTIN, "builtin:wikitext-2-test", "builtin:python-docs", "builtin:devils-dictionary"}
     for ref in D.BUILTINS:
         D.check_ref(ref)
     # read exactly like the same path given as a file
@@ -261,7 +262,8 @@ def test_repository_builtins_absent_give_one_clear_error(tmp_path, monkeypatch):
 def test_unknown_builtin_lists_the_known_names(tmp_path):
     for call in (D.check_ref, D.load_text):
         with pytest.raises(SurgeonError, match="unknown builtin data 'builtin:wikitext' \\(known: builtin:stdlib-docs, "
-                                               "builtin:wikitext-2-test, builtin:python-docs\\)"):
+                                               "builtin:wikitext-2-test, builtin:python-docs, "
+                                               "builtin:devils-dictionary\\)"):
             call("builtin:wikitext")
     with pytest.raises(SurgeonError, match="data file not found"):
         D.check_ref(tmp_path / "nope.txt")
