@@ -333,6 +333,40 @@ def _magnitude_pruned(W: torch.Tensor, sparsity: float, n_m: tuple[int, int] | N
     return W * magnitude_mask(W, sparsity, n_m)
 
 
+def _prune_ticker(linears: dict[str, nn.Linear], block_size: int | None, progress, label: str) -> Callable[[], None]:
+    """Pruning progress in units of work: SparseGPT's column blocks (``block_size``: one solve can take seconds),
+    else linears; the returned ``tick()`` counts one unit."""
+    units = sum((-(-lin.in_features // block_size) if block_size else 1) for lin in linears.values()
+                if lin.weight.numel())
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(label, done[0], units)
+
+    return tick
+
+
+def _calibrated_rule(method, sparsity, n_m, block_size, dampening_frac, stats_dtype, tick, on_linear):
+    """Wanda's or SparseGPT's (prune_layer, make_stats) pair for :func:`sequential.run_layerwise`."""
+    def make_stats(linear: nn.Linear) -> InputStats:
+        return InputStats(linear.in_features, hessian=method == "sparsegpt", sq_norms=method == "wanda",
+                          device=linear.weight.device, dtype=stats_dtype or math_dtype(linear.weight))
+
+    def rule(name: str, linear: nn.Linear, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if method == "wanda":
+            return linear.weight * wanda_mask(linear.weight, stats.sq_norms, sparsity, n_m), None
+        W_new, _, loss = sparsegpt_prune(linear.weight, stats.H, sparsity, n_m, block_size, dampening_frac,
+                                         on_block=tick)
+        return W_new, loss
+
+    def prune_layer(i: int, named: dict[str, nn.Linear], stats: dict[str, InputStats]) -> dict:
+        return _apply_rule(named, lambda name, lin: rule(name, lin, stats[name]), on_linear)
+
+    return prune_layer, make_stats
+
+
 @torch.no_grad()
 def prune_model_layerwise(
     model: nn.Module,
@@ -388,35 +422,15 @@ def prune_model_layerwise(
     def report_phase(phase: str, done: int, total: int) -> None:
         progress(labels.get(phase, phase), done, total)
 
-    # pruning progress in units of work: SparseGPT's column blocks (one solve can take seconds), else linears
     blocks = method == "sparsegpt"
-    units = sum((-(-lin.in_features // block_size) if blocks else 1) for lin in linears.values() if lin.weight.numel())
-    pruned = {"done": 0}
-
-    def tick() -> None:
-        pruned["done"] += 1
-        if progress is not None:
-            progress(labels["prune"], pruned["done"], units)
-
+    tick = _prune_ticker(linears, block_size if blocks else None, progress, labels["prune"])
     on_linear = None if blocks else tick
 
     if method == "magnitude":  # no calibration: no forward passes at all
         reports = _magnitude_layers(model, adapter, sparsity, n_m, device, progress, tick)
     else:
-        def make_stats(linear: nn.Linear) -> InputStats:
-            return InputStats(linear.in_features, hessian=method == "sparsegpt", sq_norms=method == "wanda",
-                              device=linear.weight.device, dtype=stats_dtype or math_dtype(linear.weight))
-
-        def rule(name: str, linear: nn.Linear, stats: InputStats) -> tuple[torch.Tensor, torch.Tensor | None]:
-            if method == "wanda":
-                return linear.weight * wanda_mask(linear.weight, stats.sq_norms, sparsity, n_m), None
-            W_new, _, loss = sparsegpt_prune(linear.weight, stats.H, sparsity, n_m, block_size, dampening_frac,
-                                             on_block=tick)
-            return W_new, loss
-
-        def prune_layer(i: int, named: dict[str, nn.Linear], stats: dict[str, InputStats]) -> dict:
-            return _apply_rule(named, lambda name, lin: rule(name, lin, stats[name]), on_linear)
-
+        prune_layer, make_stats = _calibrated_rule(method, sparsity, n_m, block_size, dampening_frac, stats_dtype,
+                                                   tick, on_linear)
         reports = run_layerwise(model, windows, prune_layer=prune_layer, make_stats=make_stats, adapter=adapter,
                                 batch_size=batch_size, device=device, offload_device=offload_device,
                                 progress=report_phase if progress is not None else None,

@@ -422,6 +422,37 @@ class _Best:
                 p.copy_(self.state[n].to(p.device))
 
 
+def _check_finetune_inputs(windows: torch.Tensor, opts: FinetuneOptions, teacher: TeacherTargets | None,
+                           validate_every: int, patience: int) -> None:
+    if validate_every < 0:
+        raise ValueError(f"validate_every must be >= 0, got {validate_every}")
+    if patience < 0:
+        raise ValueError(f"patience must be >= 0, got {patience}")
+    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError("fine-tuning needs a non-empty (n, L >= 2) tensor of token windows")
+    if opts.loss != "ce" and opts.steps:
+        if teacher is None:
+            raise ValueError(f"fine-tuning loss {opts.loss!r} needs the teacher's targets (teacher_targets)")
+        if teacher.logp.shape[:2] != (windows.shape[0], windows.shape[1] - 1):
+            raise ValueError(f"teacher targets cover {tuple(teacher.logp.shape[:2])} positions, the windows "
+                             f"{(windows.shape[0], windows.shape[1] - 1)}")
+
+
+def _fp32_masters(params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The parameter itself when it is fp32, else an fp32 copy (bf16/fp16 model on the GPU)."""
+    return {n: (p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone())) for n, p in params.items()}
+
+
+def _step_loss(model: nn.Module, batch: torch.Tensor, idx, opts: FinetuneOptions, teacher: TeacherTargets | None,
+               device: torch.device) -> torch.Tensor:
+    """The objective of one step: mean next-token loss (ce), KL to the teacher (kd) or their mix."""
+    with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
+        if opts.loss == "ce":
+            return sequence_nll(model, batch).sum() / (batch.shape[0] * (batch.shape[1] - 1))
+        ce, kl = distillation_loss(model, batch, *teacher.rows(idx, device))
+        return kl if opts.loss == "kd" else (1 - opts.kd_weight) * ce + opts.kd_weight * kl
+
+
 def finetune(
     model: nn.Module,
     windows: torch.Tensor,
@@ -449,19 +480,8 @@ def finetune(
     from before fine-tuning are restored exactly (``report.kept_pre_finetune``).
     """
     opts = options
-    if validate_every < 0:
-        raise ValueError(f"validate_every must be >= 0, got {validate_every}")
-    if patience < 0:
-        raise ValueError(f"patience must be >= 0, got {patience}")
+    _check_finetune_inputs(windows, opts, teacher, validate_every, patience)
     adapter = adapter or adapter_for(model)
-    if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise ValueError("fine-tuning needs a non-empty (n, L >= 2) tensor of token windows")
-    if opts.loss != "ce" and opts.steps:
-        if teacher is None:
-            raise ValueError(f"fine-tuning loss {opts.loss!r} needs the teacher's targets (teacher_targets)")
-        if teacher.logp.shape[:2] != (windows.shape[0], windows.shape[1] - 1):
-            raise ValueError(f"teacher targets cover {tuple(teacher.logp.shape[:2])} positions, the windows "
-                             f"{(windows.shape[0], windows.shape[1] - 1)}")
     device = torch.device(opts.device) if opts.device else next(model.parameters()).device
     params = trainable_parameters(model, opts.train, adapter)
     if not params:
@@ -469,9 +489,7 @@ def finetune(
     all_masks = pruning_masks(model, adapter)
     masks = {n: all_masks[n].to(device) for n in params if n in all_masks}
 
-    # fp32 masters: the parameter itself when it is fp32, else an fp32 copy (bf16/fp16 model on the GPU)
-    masters = {n: (p if p.dtype == torch.float32 else nn.Parameter(p.detach().float().clone()))
-               for n, p in params.items()}
+    masters = _fp32_masters(params)
     optimizer = _adamw(masters, opts, device)
     plan = _batches(windows.shape[0], opts.batch_size, opts.steps, torch.Generator(device="cpu").manual_seed(opts.seed))
     if device.type == "cuda":
@@ -491,12 +509,7 @@ def finetune(
         check(0)
         for step, idx in enumerate(plan):
             batch = windows[idx].to(device)
-            with torch.autocast(device.type, dtype=opts.autocast_dtype, enabled=opts.autocast_dtype is not None):
-                if opts.loss == "ce":
-                    loss = sequence_nll(model, batch).sum() / (batch.shape[0] * (batch.shape[1] - 1))
-                else:
-                    ce, kl = distillation_loss(model, batch, *teacher.rows(idx, device))
-                    loss = kl if opts.loss == "kd" else (1 - opts.kd_weight) * ce + opts.kd_weight * kl
+            loss = _step_loss(model, batch, idx, opts, teacher, device)
             loss.backward()
             lr = _masked_step(params, masters, masks, optimizer, opts, step)
             losses.append(float(loss.detach()))

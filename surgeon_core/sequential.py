@@ -229,6 +229,27 @@ def _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune
 
 
 @torch.no_grad()
+def _prune_layer_and_propagate(i, layer, batches, groups, adapter, make_stats, prune_layer, device,
+                               true_sequential, statistics, outputs):
+    """Calibrate and prune decoder layer ``i`` (already on ``device``), then run the batches through it: its
+    outputs are the next layer's inputs. Returns ``prune_layer``'s report."""
+    linears = {name: get_submodule(layer, name) for name in adapter.linears}
+    if true_sequential and make_stats is not None:
+        report = _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer,
+                                        device, adapter, statistics)
+    else:
+        stats = {} if make_stats is None else _calibrate(layer, linears, batches, groups, make_stats,
+                                                         device, statistics)
+        report = prune_layer(i, linears, stats)
+        del stats  # a 7B down_proj Hessian is 0.5 GB: free it before the next layer's
+    for batch in batches:
+        batch.hidden = _run_layer(layer, batch, device).to(batch.hidden.device)
+        outputs.tick()
+    _sync(device)
+    return report
+
+
+@torch.no_grad()
 def run_layerwise(
     model: nn.Module,
     windows: torch.Tensor,
@@ -296,19 +317,8 @@ def run_layerwise(
             for batch in batches:
                 batch.for_layer(i)
             try:
-                linears = {name: get_submodule(layer, name) for name in adapter.linears}
-                if true_sequential and make_stats is not None:
-                    report = _prune_groups_in_order(i, layer, linears, batches, groups, make_stats, prune_layer,
-                                                    device, adapter, statistics)
-                else:
-                    stats = {} if make_stats is None else _calibrate(layer, linears, batches, groups, make_stats,
-                                                                     device, statistics)
-                    report = prune_layer(i, linears, stats)
-                    del stats  # a 7B down_proj Hessian is 0.5 GB: free it before the next layer's
-                for batch in batches:  # outputs of the pruned layer are the next layer's inputs
-                    batch.hidden = _run_layer(layer, batch, device).to(batch.hidden.device)
-                    outputs.tick()
-                _sync(device)
+                report = _prune_layer_and_propagate(i, layer, batches, groups, adapter, make_stats, prune_layer,
+                                                    device, true_sequential, statistics, outputs)
             finally:
                 if origin is not None:
                     layer.to(origin)
