@@ -209,6 +209,8 @@ class ComputeSection(_Section):
                                                 "(sums stay fp32)")
     inverse_dtype: Literal["fp64", "fp32"] = Field(default="fp64", description="dtype of the damped factors' "
                                                    "Cholesky inverses")
+    solve_dtype: Literal["fp64", "fp32"] = Field(default="fp64", description="dtype of the element updates' "
+                                                 "Cholesky factorizations (fp32: refined to float64 accuracy)")
     model_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype the model's weights are held in "
                                                  "while pruning (the solves stay fp32/fp64)")
     batch_size: int = Field(default=1, description="windows per forward/backward pass")
@@ -421,7 +423,8 @@ class PruneConfig(BaseModel):
                             batch_size=c.batch_size, device=c.device, checkpoint_layers=c.checkpoint_layers,
                             autocast_dtype=None if c.dtype == "fp32" else DTYPES[c.dtype],
                             gram_dtype=None if c.gram_dtype == "fp32" else DTYPES[c.gram_dtype],
-                            inverse_dtype=DTYPES[c.inverse_dtype], update_concurrent_batches=c.update_concurrent,
+                            inverse_dtype=DTYPES[c.inverse_dtype], solve_dtype=DTYPES[c.solve_dtype],
+                            update_concurrent_batches=c.update_concurrent,
                             update_batch_layers=c.update_batch_layers,
                             **opts)
 

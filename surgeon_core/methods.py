@@ -133,6 +133,8 @@ class PruneOptions:
     # dtype of the damped factors' Cholesky inverses: float64 (the reference's precision) or float32 (faster); the
     # inverses are stored in fp32 either way
     inverse_dtype: torch.dtype = torch.float64
+    # dtype of the element updates' Cholesky factorizations: float32 adds iterative refinement (float64 accuracy)
+    solve_dtype: torch.dtype = torch.float64
     device: str | None = None
     factor_device: str | None = None  # where K-FAC factors live (default: device); "spread": over all visible GPUs
     seed: int = 0
@@ -179,6 +181,8 @@ class PruneOptions:
             raise ValueError("damping must be non-negative")
         if self.inverse_dtype not in (torch.float64, torch.float32):
             raise ValueError(f"inverse_dtype must be torch.float64 or torch.float32, not {self.inverse_dtype}")
+        if self.solve_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"solve_dtype must be torch.float64 or torch.float32, not {self.solve_dtype}")
         if self.baseline_dtype not in (None, torch.float64, torch.float32):
             raise ValueError(f"baseline_dtype must be None, torch.float64 or torch.float32, not {self.baseline_dtype}")
         if self.structured_update not in ("sequential", "sum"):
@@ -210,6 +214,6 @@ class PruneOptions:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
-        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "baseline_dtype"):
+        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "solve_dtype", "baseline_dtype"):
             d[key] = str(d[key]).replace("torch.", "") if d[key] else None
         return d

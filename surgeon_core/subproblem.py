@@ -233,7 +233,8 @@ def apply_elements_grouped(layers: list[LayerProblem], drops: list[torch.Tensor]
         problems = [(torch.stack([layers[i].W for i in part]), torch.stack([drops[i] for i in part]),
                      torch.stack([layers[i].G_inv for i in part]), torch.stack([layers[i].A_inv for i in part]))
                     for part in group]
-        new_W = obs_update_elements_concurrent(problems, max_correlate=opts.max_correlate)  # one: no side streams
+        new_W = obs_update_elements_concurrent(problems, max_correlate=opts.max_correlate,  # one: no side streams
+                                              solve_dtype=opts.solve_dtype)
         del problems
         for part, W in zip(group, new_W):
             for k, i in enumerate(part):

@@ -7,6 +7,11 @@ Whole rows R (or columns) reduce to one factor: ΔW = −G⁻¹[:, R] (G⁻¹[R,
 ``max_correlate`` bounds how many removed structures/entries are solved jointly: 0 = all at once; k > 0 =
 chunks (whole rows packed greedily for elements) solved one after another, each from the weights already updated
 by the previous chunks (Gauss-Seidel, the reference code's ``--addupdate``). Removed entries end exactly zero.
+
+The element systems are built in float64. ``solve_dtype=torch.float32`` factorizes them in float32 and recovers
+float64 accuracy with ``REFINE_STEPS`` steps of iterative refinement (residual in float64), which converges while
+cond(C)·2⁻²⁴ < 1; a layer whose system is not positive definite in float32, or whose last refinement step still
+moved the solution by more than ``REFINED_CHANGE``, is redone in float64.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import time
 import torch
 
 from .linalg import cholesky_solve, solve_spd
+
+REFINE_STEPS = 3  # float32 factorization: each step multiplies the error by about cond(C)·2⁻²⁴
+REFINED_CHANGE = 1e-6  # the last refinement step must move x by less than this (relative), else float64 again
 
 __all__ = ["obs_update_rows", "obs_update_columns", "obs_update_elements", "obs_update_elements_batched",
            "obs_update_elements_concurrent", "newton_step", "quadratic_loss"]
@@ -149,7 +157,7 @@ def _tick(phases: dict | None, name: str, t0: float, dev: torch.device) -> float
 
 
 def obs_update_elements_batched(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
-                                max_correlate: int = 2000) -> torch.Tensor:
+                                max_correlate: int = 2000, solve_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """:func:`obs_update_elements` for a batch of B independent layers of one shape (GPU-friendly).
 
     W (B, R, C'), drop (B, R, C), G_inv (B, R, R), A_inv (B, C', C'). Chunk j of every layer is solved in one
@@ -159,18 +167,19 @@ def obs_update_elements_batched(W: torch.Tensor, drop: torch.Tensor, G_inv: torc
     already) so that finished layers drop out of the batch. Positive-definiteness is checked once at the end;
     a layer whose Cholesky failed is redone alone, damped as :func:`linalg.solve_spd` does.
     """
-    return _update_elements(W, drop, G_inv, A_inv, max_correlate=max_correlate)
+    return _update_elements(W, drop, G_inv, A_inv, max_correlate=max_correlate, solve_dtype=solve_dtype)
 
 
 def obs_update_elements_concurrent(problems: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], *,
-                                   max_correlate: int = 2000, streams: bool = True) -> list[torch.Tensor]:
+                                   max_correlate: int = 2000, streams: bool = True,
+                                   solve_dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
     """:func:`obs_update_elements_batched` for several independent batches (e.g. one per layer shape) at once.
 
     The batches advance one chunk step each in turn; on CUDA each batch issues its work on a stream of its own, so
     the GPU can overlap their factorizations (one batched Cholesky of <= 30 systems may not fill the GPU). Results
     equal those of solving the batches one after another. All batches' working memory is alive at the same time.
     """
-    steps = [_update_steps(*p, max_correlate=max_correlate) for p in problems]
+    steps = [_update_steps(*p, max_correlate=max_correlate, solve_dtype=solve_dtype) for p in problems]
     if not steps:
         return []
     dev = problems[0][0].device
@@ -198,10 +207,13 @@ def obs_update_elements_concurrent(problems: list[tuple[torch.Tensor, torch.Tens
 
 
 def _update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
-                     max_correlate: int, strict: bool = False, phases: dict | None = None) -> torch.Tensor:
+                     max_correlate: int, strict: bool = False, phases: dict | None = None,
+                     solve_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Implementation of :func:`obs_update_elements_batched`. ``strict``: check every Cholesky at once and jitter
-    (host sync per step; the fallback for failed layers). ``phases``: accumulate synchronised phase timings."""
-    steps = _update_steps(W, drop, G_inv, A_inv, max_correlate=max_correlate, strict=strict, phases=phases)
+    (host sync per step; the fallback for failed layers, always float64). ``phases``: accumulate synchronised phase
+    timings."""
+    steps = _update_steps(W, drop, G_inv, A_inv, max_correlate=max_correlate, strict=strict, phases=phases,
+                          solve_dtype=solve_dtype)
     while True:
         try:
             next(steps)
@@ -210,7 +222,8 @@ def _update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A
 
 
 def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
-                  max_correlate: int, strict: bool = False, phases: dict | None = None):
+                  max_correlate: int, strict: bool = False, phases: dict | None = None,
+                  solve_dtype: torch.dtype = torch.float64):
     """:func:`_update_elements` as a generator that pauses after every chunk step (its return value is the new W),
     so that several batches can be interleaved (:func:`obs_update_elements_concurrent`)."""
     B, R, Cp = W.shape
@@ -253,9 +266,8 @@ def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_in
         if strict:
             m = solve_spd(Cmat, w_Q, triangular=True)
         else:
-            L, info = torch.linalg.cholesky_ex(Cmat)
+            m, info = _factor_solve(Cmat, w_Q, solve_dtype)
             failed[:k] |= info != 0
-            m = cholesky_solve(w_Q.unsqueeze(-1), L).squeeze(-1)
         t0 = _tick(phases, "cholesky", t0, dev)
         # ΔW = −G⁻¹ M A⁻¹ = −G⁻¹[:, S] (M_S A⁻¹); M_S (k, P, C') holds m at (slot, column), padding lands in row P
         M = torch.zeros(k, (P + 1) * Cp, device=dev, dtype=W.dtype)
@@ -275,8 +287,24 @@ def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_in
     return W
 
 
+def _factor_solve(C: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = C⁻¹ b for float64 SPD systems (k, Q, Q) and b (k, Q), factorized in ``dtype``; float32 adds iterative
+    refinement with float64 residuals. Returns x (float64) and an info per system: non-zero where the Cholesky
+    failed or the last refinement step still moved x by more than ``REFINED_CHANGE`` of its norm."""
+    L, info = torch.linalg.cholesky_ex(C if dtype == torch.float64 else C.to(dtype))
+    x = cholesky_solve(b.to(L.dtype).unsqueeze(-1), L).squeeze(-1).double()
+    if dtype == torch.float64:
+        return x, info
+    for _ in range(REFINE_STEPS):
+        r = b - torch.bmm(C, x.unsqueeze(-1)).squeeze(-1)
+        dx = cholesky_solve(r.to(L.dtype).unsqueeze(-1), L).squeeze(-1).double()
+        x += dx
+    converged = dx.norm(dim=-1) <= REFINED_CHANGE * x.norm(dim=-1)  # False for NaN
+    return x, info.masked_fill(~converged, -1)
+
+
 def obs_update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor, *,
-                        max_correlate: int = 2000) -> torch.Tensor:
+                        max_correlate: int = 2000, solve_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Remove the entries ``drop`` (R, C) — weight columns only, W may carry a bias column — with correlated OBS.
 
     For each chunk of rows S with entries Q: C = G⁻¹[r_q, r_q'] · A⁻¹[c_q, c_q'] (Hadamard form of the
@@ -284,7 +312,7 @@ def obs_update_elements(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor
     (cost 0), so they stay zero.
     """
     return obs_update_elements_batched(W[None], drop[None], G_inv[None], A_inv[None],
-                                       max_correlate=max_correlate)[0]
+                                       max_correlate=max_correlate, solve_dtype=solve_dtype)[0]
 
 
 def newton_step(grad: torch.Tensor, G_inv: torch.Tensor, A_inv: torch.Tensor) -> torch.Tensor:

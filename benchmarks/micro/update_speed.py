@@ -104,7 +104,8 @@ def bench_update(args, dev, dtype, results, save) -> None:
         for i, (name, (R, C)) in enumerate(ARCH_SHAPES[args.arch].items()):
             if args.shapes and name not in args.shapes:
                 continue
-            rec = {"frac": frac, "layer_type": name, "R": R, "C": C, "layers": args.layers}
+            rec = {"frac": frac, "layer_type": name, "R": R, "C": C, "layers": args.layers,
+                   "solve_dtype": args.solve_dtype}
             results["update"].append(rec)
             try:
                 W, drop, G_inv, A_inv = make_problem(args.layers, R, C, frac, args.pattern, args.bias, dev, dtype,
@@ -116,17 +117,23 @@ def bench_update(args, dev, dtype, results, save) -> None:
                                entries_per_chunk_mean=sum(q * k for q, k in zip(plan.Q, plan.k)) / sum(plan.k))
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
+                sd = DTYPES[args.solve_dtype]
                 if args.warmup:  # kernels, cuSOLVER handles, allocator: one layer
                     obs_update_elements_batched(W[:1], drop[:1], G_inv[:1], A_inv[:1],
-                                                max_correlate=args.max_correlate)
+                                                max_correlate=args.max_correlate, solve_dtype=sd)
                 batched, rec["total_s"] = timed(lambda: obs_update_elements_batched(
-                    W, drop, G_inv, A_inv, max_correlate=args.max_correlate), dev)
+                    W, drop, G_inv, A_inv, max_correlate=args.max_correlate, solve_dtype=sd), dev)
                 if dev.type == "cuda":
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 phases: dict = {}
                 _, rec["instrumented_s"] = timed(lambda: _update_elements(
-                    W, drop, G_inv, A_inv, max_correlate=args.max_correlate, phases=phases), dev)
+                    W, drop, G_inv, A_inv, max_correlate=args.max_correlate, phases=phases, solve_dtype=sd), dev)
                 rec["phases"] = phases
+                if sd != torch.float64:
+                    exact, rec["fp64_s"] = timed(lambda: obs_update_elements_batched(
+                        W, drop, G_inv, A_inv, max_correlate=args.max_correlate), dev)
+                    rec["max_rel_diff_vs_fp64"] = float((batched - exact).abs().max() / W.abs().max())
+                    del exact
                 tot["total_s"] += rec["total_s"]
                 for k, v in phases.items():
                     tot["phases"][k] = tot["phases"].get(k, 0.0) + v
@@ -282,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--pattern", default="unstructured", help="unstructured (random, --drop-frac) or n:m, e.g. 2:4")
     p.add_argument("--max-correlate", type=int, default=2000)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="W and factor dtype")
+    p.add_argument("--solve-dtype", choices=sorted(DTYPES), default="fp64",
+                   help="Cholesky dtype of the batched update (fp32: refined; also compared with fp64)")
     p.add_argument("--no-bias", dest="bias", action="store_false", help="no bias column (default: C' = C + 1)")
     p.add_argument("--shapes", nargs="*", default=None, help="subset of the layer types (q_proj ... down_proj)")
     p.add_argument("--reference-layers", type=int, default=0,

@@ -77,6 +77,21 @@ def test_concurrent_update_batches_give_the_same_weights(structure, batch_layers
     assert (outs[0] == 0).float().mean() > 0.3
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_float32_solves_keep_the_masks(structure):
+    """Element updates factorized in float32 and refined (compute.solve_dtype: fp32) prune the same entries in
+    every shot as float64 factorizations, with weights equal to float32 rounding."""
+    outs = []
+    for solve_dtype in (torch.float64, torch.float32):
+        model = tiny_model("llama")
+        prune(model, tiny_windows(4, 16), options=PruneOptions(structure=structure, max_correlate=40,
+                                                                solve_dtype=solve_dtype),
+              target_size=0.5, num_shots=3)
+        outs.append(torch.cat([l.weight.flatten() for l in prunable_linears(model).values()]))
+    assert torch.equal(outs[0] == 0, outs[1] == 0) and (outs[0] == 0).float().mean() > 0.4
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5 * outs[0].abs().max()
+
+
 def test_hooks_removed_after_exception():
     model = tiny_model("opt")
     bad = torch.full((2, 8), 10_000)  # token ids beyond the vocabulary: the forward pass raises

@@ -128,3 +128,53 @@ def test_concurrent_batches_equal_one_after_another():
     for p, W in zip(problems, together):
         assert torch.equal(W, obs_update_elements_batched(*p, max_correlate=30))
     assert obs_update_elements_concurrent([]) == []
+
+
+def _spd_with_condition(n: int, cond: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    C = (U * torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)) @ U.T
+    return (C + C.T) / 2
+
+
+@pytest.mark.parametrize("cond", [1e2, 1e4])
+def test_float32_factorization_refines_to_float64_accuracy(cond):
+    from surgeon_core.update import _factor_solve
+
+    C = torch.stack([_spd_with_condition(80, cond, s) for s in range(3)])
+    b = torch.randn(3, 80, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = torch.linalg.solve(C, b)
+    x, info = _factor_solve(C, b, torch.float32)
+    assert x.dtype == torch.float64 and (info == 0).all()
+    unrefined = torch.cholesky_solve(b.float()[..., None], torch.linalg.cholesky(C.float())).squeeze(-1).double()
+    err = ((x - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+    assert err < 1e-11 and err < 1e-3 * ((unrefined - exact).norm(dim=-1) / exact.norm(dim=-1)).max()
+
+
+def test_float32_factorization_flags_what_refinement_cannot_fix():
+    from surgeon_core.update import _factor_solve
+
+    C = torch.stack([_spd_with_condition(60, 1e2, 0), _spd_with_condition(60, 1e12, 1)])
+    C[1] -= 1e-11 * torch.eye(60, dtype=torch.float64)  # still positive definite in float64, not in float32
+    x, info = _factor_solve(C, torch.ones(2, 60, dtype=torch.float64), torch.float32)
+    assert info[0] == 0 and info[1] != 0
+
+
+@pytest.mark.parametrize("kind", ["random", "nm"])
+def test_float32_solves_give_the_float64_update(kind):
+    W, drop, G_inv, A_inv = _problem(30, B=3, R=24, C=20, bias=True, kind=kind)
+    exact = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=30)
+    fast = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=30, solve_dtype=torch.float32)
+    _check(fast, exact, W, drop)
+
+
+def test_ill_conditioned_layer_falls_back_to_float64():
+    W, drop, G_inv, A_inv = _problem(31, B=2, R=12, C=10, bias=False, dtype=torch.float64)
+    A = _spd_with_condition(10, 1e13, 2)
+    A_inv[1] = torch.linalg.inv(A)  # float32 cannot factorize its blocks; float64 can
+    exact = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=6)
+    fast = obs_update_elements_batched(W, drop, G_inv, A_inv, max_correlate=6, solve_dtype=torch.float32)
+    assert torch.isfinite(fast).all() and (fast[:, :, :10][drop] == 0).all()
+    assert (fast[0] - exact[0]).abs().max() <= 1e-8 * W.abs().max()
+    alone = _update_elements(W[1:], drop[1:], G_inv[1:], A_inv[1:], max_correlate=6, strict=True)[0]
+    assert torch.equal(fast[1], alone)
