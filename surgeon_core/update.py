@@ -255,8 +255,8 @@ def _update_steps(W: torch.Tensor, drop: torch.Tensor, G_inv: torch.Tensor, A_in
         G_SS = torch.gather(Gcols, 1, rows[:, :, None].expand(k, P, P)).double()  # G⁻¹[S, S]
         G_SS = torch.nn.functional.pad(G_SS, (0, 1, 0, 1))  # slot P (padding) reads zeros
         # C = [G⁻¹ ⊗ A⁻¹]_{Q,Q} = G⁻¹[r_q, r_q'] · A⁻¹[c_q, c_q'], identity on the padding   (k, Q, Q)
-        Cmat = torch.gather(torch.gather(A_inv[:k], 1, c[:, :, None].expand(k, Q, Cp)).double(), 2,
-                            c[:, None, :].expand(k, Q, Q))  # A⁻¹[c_q, c_q'] (one dtype: fast elementwise product)
+        Cmat = torch.gather(torch.gather(A_inv[:k], 1, c[:, :, None].expand(k, Q, Cp)), 2,
+                            c[:, None, :].expand(k, Q, Q)).double()  # A⁻¹[c_q, c_q'], gathered before the cast
         Cmat.mul_(torch.gather(torch.gather(G_SS, 1, s[:, :, None].expand(k, Q, P + 1)), 2,
                                s[:, None, :].expand(k, Q, Q)))  # G⁻¹[r_q, r_q']
         Cmat.diagonal(dim1=-2, dim2=-1).add_((~valid).to(Cmat.dtype))
