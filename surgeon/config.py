@@ -36,6 +36,12 @@ __all__ = ["PruneConfig", "load_recipe", "build_config", "parse_overrides", "loa
 NOT_WEIGHTS = {"weights": False}  # json_schema_extra of fields that do not change the pruned weights
 
 
+def added_later(before: Any) -> dict:
+    """json_schema_extra of a weight field added after recipes were hashed: at ``before`` (the behaviour from before
+    the field existed) it is left out of the config hash, so earlier recipes, caches and outputs keep their keys."""
+    return {"weights_before": before}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -210,7 +216,8 @@ class ComputeSection(_Section):
     inverse_dtype: Literal["fp64", "fp32"] = Field(default="fp64", description="dtype of the damped factors' "
                                                    "Cholesky inverses")
     solve_dtype: Literal["fp64", "fp32"] = Field(default="fp64", description="dtype of the element updates' "
-                                                 "Cholesky factorizations (fp32: refined to float64 accuracy)")
+                                                 "Cholesky factorizations (fp32: refined to float64 accuracy)",
+                                                 json_schema_extra=added_later("fp64"))
     model_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype the model's weights are held in "
                                                  "while pruning (the solves stay fp32/fp64)")
     batch_size: int = Field(default=1, description="windows per forward/backward pass")
@@ -443,8 +450,11 @@ class PruneConfig(BaseModel):
             if sec == "finetune" and not section.active:
                 continue
             fields = type(section).model_fields
-            payload[sec] = {k: v for k, v in section.model_dump().items()
-                            if (fields[k].json_schema_extra or {}).get("weights", True)}
+            payload[sec] = {}
+            for k, v in section.model_dump().items():
+                extra = fields[k].json_schema_extra or {}
+                if extra.get("weights", True) and not ("weights_before" in extra and v == extra["weights_before"]):
+                    payload[sec][k] = v
         m = self.method
         payload["method"] = {"name": m.name, "structure": m.structure, "target_size": self.final_target,
                              "shots": m.shots, "seed": m.seed, **m.options()}

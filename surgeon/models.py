@@ -25,7 +25,6 @@ from surgeon_core.adapters import (ADAPTERS, UnsupportedArchitectureError, adapt
                                    table_model_types)
 from surgeon_core.methods import DTYPES
 
-from . import materialized_export  # noqa: F401 - registers the per-layer-size (materialized) model classes
 from .errors import SurgeonError
 from .utils import atomic_dir, atomic_write, sha256_bytes, sha256_file
 
@@ -251,12 +250,23 @@ def _info(ref, path, source, model, dtype, content_hash, **extra) -> ModelInfo:
     )
 
 
+MATERIALIZED_PREFIX = "surgeon_pruned_"  # model_type of the per-layer-size (materialized) families
+
+
+def _register_materialized(model_type: str | None) -> None:
+    """Register the materialized model classes with the Auto* factories when a folder holds one (their import pulls
+    every family's modelling code, so only then)."""
+    if model_type and model_type.startswith(MATERIALIZED_PREFIX):
+        from . import materialized_export  # noqa: F401
+
+
 def _load_dir(ref: str, folder: Path, dtype, device):
     if not (folder / "config.json").is_file():
         ggufs = sorted(folder.glob("*.gguf"))
         if len(ggufs) == 1:
             return _load_gguf(ref, ggufs[0], dtype, device)
         raise SurgeonError(f"not a Hugging Face model folder (no config.json): {folder}")
+    _register_materialized(_raw_model_type(folder / "config.json"))
     weights = _weight_files(folder)
     if not any(w.suffix in (".safetensors", ".bin") for w in weights):
         raise SurgeonError(f"no weight files (*.safetensors) in model folder {folder}")
@@ -307,6 +317,7 @@ def _load_gguf(ref: str, file: Path, dtype, device):
 
 
 def _load_hub(ref: str, dtype, device):
+    from . import materialized_export  # noqa: F401 - its config may be a materialized family's
     repo = ref[3:] if ref.startswith("hf:") else ref
 
     def load(local_only: bool):

@@ -465,9 +465,11 @@ def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig, progress: Pro
     return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()
 
 
-def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
+def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef,
+                 weights_key: str | None = None) -> str:
     """Write the final pruned model folder with ``recipe.yaml``, ``layer_sizes.json`` and ``manifest.json`` (hashes
-    of every file), atomically: a folder that exists is complete."""
+    of every file), atomically: a folder that exists is complete. ``weights_key``: the pipeline's key of these
+    weights, kept in the manifest (:func:`export` skips a folder that already holds them)."""
     check_output(output_dir, config_hash=cfg.config_hash(), source_model=source.content_hash,
                  overwrite=cfg.output.overwrite, sources=[cfg.model, source.path])
     size, per_layer, per_type = model_size(model)
@@ -479,6 +481,8 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
                 "target_size": cfg.final_target, "achieved_size": size, "type_sizes": per_type,
                 "metrics": metrics, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "recipe": cfg.recipe()}  # what recipe.yaml holds (surgeon verify compares the two)
+    if weights_key:
+        manifest["weights_key"] = weights_key
 
     def write_manifest(folder: Path) -> None:  # inside the temporary folder: the manifest is there before the rename
         atomic_write(folder / "manifest.json", json.dumps({**manifest, "files": manifest_files(folder)}, indent=1))
@@ -489,8 +493,31 @@ def export_model(model, tok, output_dir: str, cfg: PruneConfig, metrics: dict, s
     return str(out)
 
 
-def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef) -> str:
-    """:func:`export_model` of a checkpoint folder."""
+def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef,
+           weights_key: str | None = None, log: logging.Logger | None = None) -> str:
+    """:func:`export_model` of a checkpoint folder; with ``weights_key``, a folder that already holds these weights
+    with the same recipe, source and metrics, every file matching its manifest, is left as it is."""
+    if weights_key and not cfg.output.overwrite and _holds(output_dir, cfg, metrics, source, weights_key):
+        (log or _log).info("%s already holds these weights (manifest verified): not rewritten", output_dir)
+        return str(Path(output_dir).expanduser().resolve())
     model, tok, _ = load_model(ckpt_dir, dtype=torch.float32)
-    return export_model(model, tok, output_dir, cfg, metrics, source)
+    path = export_model(model, tok, output_dir, cfg, metrics, source, weights_key)
+    (log or _log).info("wrote %s", path)
+    return path
+
+
+def _holds(output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef, weights_key: str) -> bool:
+    """Whether ``output_dir`` is this export already: the same weights key, recipe, source and metrics, and every
+    file's hash as its manifest says."""
+    from .outputs import verify_dir
+
+    try:
+        manifest = json.loads((Path(output_dir).expanduser() / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    same = (isinstance(manifest, dict) and manifest.get("weights_key") == weights_key
+            and manifest.get("config_hash") == cfg.config_hash()
+            and manifest.get("source_model_hash") == source.content_hash
+            and manifest.get("metrics") == json.loads(json.dumps(metrics)))
+    return same and verify_dir(output_dir, check_weights=False)["ok"]
 

@@ -285,9 +285,8 @@ def zeroshot(config: PruneConfig, weights: Weights) -> dict:
 
 @task(name="export", cache_policy=NO_CACHE, **IO_RETRIES)
 def export(config: PruneConfig, weights: Weights, output: str, metrics: dict, model: ModelRef) -> str:
-    path = runner.export(weights.path, output, config, metrics, model)
-    get_run_logger().info("wrote %s", path)
-    return path
+    return runner.export(weights.path, output, config, metrics, model, weights_key=weights.key,
+                         log=get_run_logger())
 
 
 def report_key(config: PruneConfig, weights: Weights, model_hash: str) -> str:

@@ -9,6 +9,7 @@ tests/flows/test_flows_cli.py.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -131,6 +132,28 @@ def test_rerun_to_another_output_reuses_cached_shots(first_run, tiny_recipe, sho
     tags = c.get_run(r["run_id"]).data.tags
     assert (tags["registered_version"], tags["registration"]) == (v, "reused")
     assert "model" not in {f.path for f in c.list_artifacts(r["run_id"])}
+
+
+def test_rerun_to_the_same_output_leaves_it_unless_it_was_altered(first_run, tiny_recipe, tmp_path):
+    """An output folder that already holds the run's weights, recipe and metrics (every file as its manifest says)
+    is not rewritten; one whose files were altered is written again."""
+    import shutil
+    from pathlib import Path
+
+    from flows.prune import prune_flow
+    from surgeon.outputs import verify_dir
+
+    out = tmp_path / "same"
+    shutil.copytree(first_run["output"], out)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    recipe = {**tiny_recipe, "output": str(out), "eval_at": [0.85]}
+    assert prune_flow(recipe)["output"] == str(out.resolve())
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    (out / "tokenizer_config.json").write_text("{}")
+    prune_flow(recipe)
+    assert verify_dir(out)["ok"] and json.loads((out / "tokenizer_config.json").read_text()) != {}
+    assert json.loads((out / "manifest.json").read_text())["weights_key"]
+    assert Path(first_run["output"]).is_dir()
 
 
 def test_resume_after_failure_between_shots(tiny_recipe, shot_calls, tmp_path, monkeypatch):

@@ -170,10 +170,19 @@ def test_config_hash_ignores_what_does_not_change_the_weights(override):
                                       "method.name=kobd", "calibration.seqlen=64", "calibration.data=c.txt",
                                       "calibration.seed=1", "compute.gram_dtype=bf16", "compute.inverse_dtype=fp32",
                                       "compute.batch_size=4", "compute.model_dtype=bf16", "finetune.steps=1",
-                                      "finetune.final_steps=1"])
+                                      "finetune.final_steps=1", "compute.solve_dtype=fp32"])
 def test_config_hash_follows_what_changes_the_weights(override):
     base = cfg_of("shots=2", "nsamples=8")
     assert cfg_of("shots=2", "nsamples=8", override).config_hash() != base.config_hash()
+
+
+def test_fields_added_later_keep_earlier_hashes():
+    """A weight field added after recipes were hashed counts only away from the behaviour from before it: recipes,
+    caches and output folders made before it keep their keys (the hash below is such a recipe's)."""
+    base = cfg_of("shots=2", "nsamples=8")
+    assert "solve_dtype" not in base.weight_payload()["compute"]
+    assert cfg_of("shots=2", "nsamples=8", "compute.solve_dtype=fp64").config_hash() == base.config_hash()
+    assert build_config({"model": "x"}).config_hash() == "9a6dc666819c2302"
 
 
 def test_fine_tuning_settings_count_once_fine_tuning_runs():

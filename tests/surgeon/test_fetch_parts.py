@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from surgeon import fetch as F
+from surgeon import models as M
 from surgeon.errors import SurgeonError
 from tiny_io import tiny_tokenizer
 from tiny_models import tiny_model
@@ -50,7 +51,7 @@ def registered(monkeypatch):
         model = tiny_model("gemma3")
         return model, tiny_tokenizer(), SimpleNamespace(model_type="gemma3_text", num_parameters=1)
 
-    monkeypatch.setattr(F, "load_model", fake_load)
+    monkeypatch.setattr(M, "load_model", fake_load)  # fetch imports it when it converts
     return spec, seen
 
 
