@@ -277,11 +277,12 @@ def _save_checkpoint(folder: Path, model, state: dict) -> None:
     atomic_write(folder / "state.json", json.dumps(state, indent=1, default=str))
 
 
-def _resume(folder: Path | None, model, signature: dict) -> dict | None:
+EVAL_SIGNATURE = ("eval", "eval_batch_size", "eval_also")  # what only the evaluation depends on
+
+
+def _read_state(folder: Path | None) -> dict | None:
     if folder is None or not (folder / "state.json").is_file():
         return None
-    from safetensors.torch import load_model as load_weights
-
     try:
         state = json.loads((folder / "state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("result"), dict):
@@ -289,16 +290,40 @@ def _resume(folder: Path | None, model, signature: dict) -> dict | None:
     except (OSError, ValueError) as exc:
         _log.warning("checkpoint %s is corrupt (%s); recomputing from the start", folder, exc)
         return None
-    if state.get("signature") != signature:
-        raise SurgeonError(f"checkpoint {folder} holds another run (config, model or data differ); remove it or "
-                           "choose another folder")
+    return state
+
+
+def _load_checkpoint_weights(folder: Path, model) -> bool:
+    """The checkpoint's weights into ``model``; False (model untouched) when the file is corrupt."""
+    from safetensors.torch import load_model as load_weights
+
     try:  # the file is read whole before any weight is replaced: a failure leaves the model as loaded
         load_weights(model, str(folder / "model.safetensors"), device=str(next(model.parameters()).device))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for corrupt files
         _log.warning("checkpoint %s is corrupt (%s); recomputing from the start", folder,
                      str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-        return None
-    return state["result"]
+        return False
+    return True
+
+
+def _resume(folder: Path | None, model, signature: dict, steps: list[Step]) -> tuple[dict | None, bool]:
+    """(the checkpoint's result, whether its evaluations must be redone). A finished run whose checkpoint differs
+    only in the evaluation and evaluates its final weights only is re-evaluated (weights not loaded yet then: the
+    dense model is evaluated first); any other difference is refused."""
+    state = _read_state(folder)
+    if state is None:
+        return None, False
+    old = state.get("signature")
+    if old != signature:
+        same_weights = isinstance(old, dict) and all(old.get(k) == v for k, v in signature.items()
+                                                     if k not in EVAL_SIGNATURE)
+        done = state["result"].get("steps", [])
+        final_only = [s.evaluate for s in steps[:-1]] == [False] * (len(steps) - 1)
+        if not (same_weights and final_only and len(done) == len(steps)):
+            raise SurgeonError(f"checkpoint {folder} holds another run (config, model or data differ); remove it or "
+                               "choose another folder")
+        return state["result"], True
+    return (state["result"], False) if _load_checkpoint_weights(folder, model) else (None, False)
 
 
 def run(cfg: PruneConfig, *, checkpoint: str | Path | None = None, progress: Progress | None = None,
@@ -330,7 +355,12 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     also_refs = _eval_also(cfg, src.path)
     also = {name: load_windows(ref.path) for name, ref in also_refs.items()}
     signature = _signature(cfg, inputs, also_refs)
-    result = _resume(folder, model, signature)
+    steps = cfg.plan()
+    result, reevaluate = _resume(folder, model, signature, steps)
+    if reevaluate:
+        result = _reevaluate(folder, model, runner, also, result, signature, log)
+        if result is not None:
+            result["eval_id"] = evald.data_id if evald else None
     if result is None:
         result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
                   "source_path": src.path, "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
@@ -346,7 +376,6 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if cfg.eval.zeroshot_tasks:
             result["dense_zeroshot"] = zeroshot(cfg, model, tok, log)
     done = len(result["steps"])
-    steps = cfg.plan()
     if done:
         log.info("resumed from %s after step %d of %d", folder, done, len(steps))
     if any(s.finetune_steps for s in steps[done:]):
@@ -382,6 +411,31 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if on_step:
             on_step(row)
     return _finish(cfg, result, runner, tok, src, t_start)
+
+
+def _reevaluate(folder: Path, model, runner: Runner, also: dict, result: dict, signature: dict,
+                log: logging.Logger) -> dict | None:
+    """A finished run's evaluations redone for a changed evaluation: the dense model's, then the final weights'
+    (from the checkpoint, which is rewritten with the new signature)."""
+    log.info("checkpoint %s: a finished run with another evaluation; evaluating the dense and the final weights",
+             folder)
+    result = {**result, "steps": [dict(r) for r in result["steps"]]}
+    for key in ("dense", "dense_also"):
+        result.pop(key, None)
+    dense = runner.evaluate()
+    if dense is not None:
+        result["dense"] = dense
+    if also:
+        result["dense_also"] = runner.evaluate_also(also)
+    if not _load_checkpoint_weights(folder, model):
+        return None
+    final = result["steps"][-1]
+    final.pop("eval_also", None)
+    final["eval"] = runner.evaluate()
+    if also and final["eval"] is not None:
+        final["eval_also"] = runner.evaluate_also(also)
+    _save_checkpoint(folder, model, {"signature": signature, "result": result})
+    return result
 
 
 def _finish(cfg, result, runner, tok, src: ModelRef, t_start: float) -> dict:

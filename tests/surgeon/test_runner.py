@@ -79,6 +79,35 @@ def test_checkpoint_of_another_config_is_refused(inputs, tmp_path):
     assert [r["shot"] for r in again["steps"]] == [1, 2, 3]
 
 
+def test_finished_run_with_another_evaluation_is_reevaluated_not_pruned_again(inputs, tmp_path, caplog):
+    """A finished run that evaluates only its final weights, called again with only its evaluation changed (here a
+    second text), evaluates the dense and the final weights from the checkpoint: the same perplexities as a fresh run
+    of the new config, the weights untouched. A run evaluated in between, or not finished, is refused."""
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(inputs["text"].read_text().split())))
+    also = ("eval.at=[]", "method.shots=2", f"eval.also={{other: {other}}}")
+    first = run(config(inputs, "eval.at=[]", "method.shots=2"), checkpoint=tmp_path / "ck")
+    before = weights(tmp_path / "ck")
+    with caplog.at_level(logging.INFO, logger="surgeon.runner"):
+        again = run(config(inputs, *also), checkpoint=tmp_path / "ck")
+    assert any("another evaluation" in m for m in caplog.messages), caplog.messages
+    fresh = run(config(inputs, *also), checkpoint=tmp_path / "fresh")
+    assert same_weights(weights(tmp_path / "ck"), before)
+    assert again["steps"][-1]["seconds"] == first["steps"][-1]["seconds"]  # not pruned again
+    assert again["ppl"] == fresh["ppl"] == first["ppl"] and again["dense"]["ppl"] == fresh["dense"]["ppl"]
+    assert again["ppl_also"] == fresh["ppl_also"]
+    assert again["dense_also"]["other"]["ppl"] == fresh["dense_also"]["other"]["ppl"]
+    assert "ppl_also" not in first
+    assert run(config(inputs, *also), checkpoint=tmp_path / "ck")["ppl_also"] == fresh["ppl_also"]  # plain resume
+
+    run(config(inputs), checkpoint=tmp_path / "between")  # evaluated at 80% too
+    with pytest.raises(SurgeonError, match="holds another run"):
+        run(config(inputs, f"eval.also={{other: {other}}}"), checkpoint=tmp_path / "between")
+    run(config(inputs, "eval.at=[]", "method.shots=2"), checkpoint=tmp_path / "part", stop_after=1)
+    with pytest.raises(SurgeonError, match="holds another run"):
+        run(config(inputs, *also), checkpoint=tmp_path / "part")
+
+
 @pytest.mark.heavy
 def test_interleaved_finetuning_keeps_masks_and_resumes_exactly(inputs, tmp_path):
     """finetune.steps: the weights move between shots (so the run differs from one without it), every pruned
