@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["select_elements", "select_groups", "select_structures", "structured_removed", "uniform_elements"]
+__all__ = ["select_elements", "select_groups", "select_structures", "structured_removed", "structure_slots_to_remove",
+           "uniform_elements"]
 
 
 def _order_keys(c: torch.Tensor) -> torch.Tensor:
@@ -83,6 +84,25 @@ def select_groups(group_costs: list[torch.Tensor], n_groups: int) -> list[torch.
 def structured_removed(r: torch.Tensor, c: torch.Tensor, R: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """Parameters removed by r rows and c columns of an R×C matrix: r·C + c·R − r·c (overlap counted once)."""
     return r * C + c * R - r * c
+
+
+@torch.no_grad()
+def structure_slots_to_remove(weights: list[torch.Tensor], target_size: float) -> int:
+    """Weight slots whole rows and columns must cover (those already all zero included) for the nonzero fraction to
+    reach ``target_size``: removing structures also removes the exact zeros inside them (a de-quantized model's), so
+    the kept slots are ``target_size · total / density``, with density the nonzero fraction of the rows and columns
+    still alive. Without exact zeros this is (1 − target_size) · total."""
+    total = live = nonzero = 0
+    for W in weights:
+        nz = W != 0
+        R, C = nz.shape
+        dead_r, dead_c = int((~nz.any(1)).sum()), int((~nz.any(0)).sum())
+        total += R * C
+        live += R * C - (dead_r * C + dead_c * R - dead_r * dead_c)
+        nonzero += int(nz.sum())
+    if nonzero == 0:
+        return total
+    return round(total - min(live, target_size * total * live / nonzero))
 
 
 def select_structures(row_costs: list[torch.Tensor], col_costs: list[torch.Tensor], n_remove: int

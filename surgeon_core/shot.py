@@ -17,7 +17,7 @@ from torch import nn
 
 from . import coupled, distributed, placement
 from .adapters import ArchitectureAdapter, adapter_for, get_submodule, prunable_linears
-from .allocation import select_elements, select_groups, select_structures
+from .allocation import select_elements, select_groups, select_structures, structure_slots_to_remove
 from .baselines import prune_model_layerwise
 from .curvature import KFACFactors, NonFiniteCurvatureError, RoundedCurvatureError, check_factors, estimate_kfac
 from .methods import METHODS, MethodSpec, PruneOptions, Structure
@@ -135,7 +135,10 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n_remove = round((1.0 - target_size) * sum(lin.weight.numel() for lin in linears.values()))
+    if opts.structure_spec.kind == "structured":
+        n_remove = structure_slots_to_remove([lin.weight for lin in linears.values()], target_size)
+    else:  # entries already zero cost nothing and are selected first: they count as removed
+        n_remove = round((1.0 - target_size) * sum(lin.weight.numel() for lin in linears.values()))
     selections, estimated = _threshold(layers, n_remove, target_size, opts)
     seconds["allocation"] = time.perf_counter() - t0
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from surgeon_core.allocation import select_elements, select_groups, select_structures, structured_removed
+from surgeon_core.allocation import (select_elements, select_groups, select_structures, structure_slots_to_remove,
+                                     structured_removed)
 from surgeon_core.costs import column_costs, element_costs, nm_groups, row_costs
 from surgeon_core.linalg import damped_inverse
 from surgeon_core.update import obs_update_columns, obs_update_elements, obs_update_rows, quadratic_loss
@@ -235,3 +236,13 @@ def test_float32_inverse_option_is_close_and_validated(monkeypatch):
     assert fast.options().inverse_dtype == torch.float32
     assert base.options().inverse_dtype == torch.float64
     assert fast.config_hash() != base.config_hash()
+
+
+def test_structure_slots_to_remove_by_hand():
+    W = torch.ones(4, 5)
+    assert structure_slots_to_remove([W], 0.5) == 10  # no zeros: (1 - size) of the slots
+    W[0] = 0  # a dead row (5 slots, counted as removed) and one exact zero elsewhere: 14 nonzeros in 15 live slots
+    W[2, 3] = 0
+    assert structure_slots_to_remove([W], 0.5) == round(20 - 0.5 * 20 * 15 / 14)  # = 9: keep 10.7 live slots
+    assert structure_slots_to_remove([W], 0.9) == 5  # already below 0.9: only the dead row
+    assert structure_slots_to_remove([torch.zeros(2, 3)], 0.5) == 6

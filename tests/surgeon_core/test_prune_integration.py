@@ -36,6 +36,22 @@ def test_achieved_size_within_half_percent(family, method, structure):
         assert not lin._forward_hooks and not lin._backward_hooks
 
 
+@pytest.mark.parametrize("structure", ["structured", "unstructured", "2:4"])
+def test_size_on_target_when_weights_hold_exact_zeros(structure):
+    """A de-quantized model holds exact zeros (Gemma-3-270M's Q4_K_M: 4.5% of its prunable weights): removed rows
+    and columns take theirs along, and element selection takes them first, so the size (nonzero fraction) still ends
+    on target."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lin in prunable_linears(model).values():
+            lin.weight.masked_fill_(torch.rand(lin.weight.shape, generator=g) < 0.1, 0.0)
+    target = 0.5 if structure == "2:4" else 0.8
+    reports = prune(model, tiny_windows(4, 16), options=PruneOptions(structure=structure, max_correlate=128),
+                    target_size=target, num_shots=1)
+    assert abs(reports[-1].achieved_size - target) <= 0.01
+
+
 def test_structured_zeros_whole_rows_and_columns_and_layers_differ():
     model = tiny_model("llama")
     prune(model, tiny_windows(4, 16), options=PruneOptions(), target_size=0.6, num_shots=2)
