@@ -17,7 +17,7 @@ from torch import nn
 
 from . import coupled, distributed, placement
 from .adapters import ArchitectureAdapter, adapter_for, get_submodule, prunable_linears
-from .allocation import select_elements, select_groups, select_structures, structure_slots_to_remove
+from .allocation import select_elements, select_groups, select_structures
 from .baselines import prune_model_layerwise
 from .curvature import KFACFactors, NonFiniteCurvatureError, RoundedCurvatureError, check_factors, estimate_kfac
 from .methods import METHODS, MethodSpec, PruneOptions, Structure
@@ -135,10 +135,11 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if opts.structure_spec.kind == "structured":
-        n_remove = structure_slots_to_remove([lin.weight for lin in linears.values()], target_size)
+    total = sum(lin.weight.numel() for lin in linears.values())
+    if opts.structure_spec.kind == "structured":  # the nonzeros to take: removed structures count theirs
+        n_remove = sum(int(torch.count_nonzero(lin.weight)) for lin in linears.values()) - round(target_size * total)
     else:  # entries already zero cost nothing and are selected first: they count as removed
-        n_remove = round((1.0 - target_size) * sum(lin.weight.numel() for lin in linears.values()))
+        n_remove = round((1.0 - target_size) * total)
     selections, estimated = _threshold(layers, n_remove, target_size, opts)
     seconds["allocation"] = time.perf_counter() - t0
 
@@ -224,7 +225,8 @@ def _threshold(layers: list[LayerProblem], n_remove: int, target_size: float, op
     Rows/columns: (row mask, column mask) per layer; elements: entry masks; N:M: group masks."""
     st = opts.structure_spec
     if st.kind == "structured":
-        row_sel, col_sel = select_structures([l.row_cost for l in layers], [l.col_cost for l in layers], n_remove)
+        row_sel, col_sel = select_structures([l.row_cost for l in layers], [l.col_cost for l in layers], n_remove,
+                                             nonzero=[l.lin.weight != 0 for l in layers])
         estimated = 0.0
         for l, rs, cs in zip(layers, row_sel, col_sel):
             rs, cs = rs.to(l.row_cost.device), cs.to(l.col_cost.device)

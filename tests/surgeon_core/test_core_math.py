@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from surgeon_core.allocation import (select_elements, select_groups, select_structures, structure_slots_to_remove,
-                                     structured_removed)
+from surgeon_core.allocation import select_elements, select_groups, select_structures, structured_removed
 from surgeon_core.costs import column_costs, element_costs, nm_groups, row_costs
 from surgeon_core.linalg import damped_inverse
 from surgeon_core.update import obs_update_columns, obs_update_elements, obs_update_rows, quadratic_loss
@@ -238,11 +237,15 @@ def test_float32_inverse_option_is_close_and_validated(monkeypatch):
     assert fast.config_hash() != base.config_hash()
 
 
-def test_structure_slots_to_remove_by_hand():
+
+def test_structures_count_the_nonzeros_they_take_by_hand():
     W = torch.ones(4, 5)
-    assert structure_slots_to_remove([W], 0.5) == 10  # no zeros: (1 - size) of the slots
-    W[0] = 0  # a dead row (5 slots, counted as removed) and one exact zero elsewhere: 14 nonzeros in 15 live slots
-    W[2, 3] = 0
-    assert structure_slots_to_remove([W], 0.5) == round(20 - 0.5 * 20 * 15 / 14)  # = 9: keep 10.7 live slots
-    assert structure_slots_to_remove([W], 0.9) == 5  # already below 0.9: only the dead row
-    assert structure_slots_to_remove([torch.zeros(2, 3)], 0.5) == 6
+    W[1, :4] = 0  # row 1 holds 1 nonzero, column 4 holds 4; 17 nonzeros in all
+    rows, cols = [torch.tensor([3.0, 1.0, 4.0, 5.0])], [torch.tensor([9.0, 9.0, 9.0, 9.0, 2.0])]
+    r, c = select_structures(rows, cols, n_remove=1, nonzero=[W != 0])  # row 1 (cost 1): 1 nonzero
+    assert r[0].tolist() == [False, True, False, False] and not c[0].any()
+    # + column 4 (cost 2): 4 more, less the overlap estimated as 1 · 4 / 17 -> 4.76 <= 5
+    r, c = select_structures(rows, cols, n_remove=5, nonzero=[W != 0])
+    assert r[0].tolist() == [False, True, False, False] and c[0].tolist() == [False] * 4 + [True]
+    r, c = select_structures(rows, cols, n_remove=5)  # counting slots: row 1 (5) only
+    assert r[0].tolist() == [False, True, False, False] and not c[0].any()
