@@ -85,42 +85,24 @@ def structured_removed(r: torch.Tensor, c: torch.Tensor, R: torch.Tensor, C: tor
     return r * C + c * R - r * c
 
 
-def select_structures(row_costs: list[torch.Tensor], col_costs: list[torch.Tensor], n_remove: int,
-                      nonzero: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def select_structures(row_costs: list[torch.Tensor], col_costs: list[torch.Tensor], n_remove: int
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Rows and columns: the largest threshold τ whose removed parameters (summed over layers) stay ≤ n_remove.
 
-    Dead rows/columns are passed with cost −inf and are always removed. ``nonzero``: per-layer masks of the weights
-    that are nonzero; then a removal counts the nonzeros it takes (a de-quantized model's exact zeros are often
-    where the cheap rows are), the nonzeros both a removed row and a removed column hold estimated as
-    rows' · columns' / all (exact when the live rows and columns hold no zeros). Returns per-layer boolean row and
-    column masks.
+    Dead rows/columns are passed with cost −inf and are always removed. Returns per-layer boolean row and column
+    masks.
     """
     rows = [r.float().cpu() for r in row_costs]
     cols = [c.float().cpu() for c in col_costs]
     R = torch.tensor([r.numel() for r in rows], dtype=torch.float64)
     C = torch.tensor([c.numel() for c in cols], dtype=torch.float64)
-    row_order = [torch.sort(r, stable=True) for r in rows]
-    col_order = [torch.sort(c, stable=True) for c in cols]
-    rows_sorted = [o.values for o in row_order]
-    cols_sorted = [o.values for o in col_order]
-    if nonzero is not None:  # cumulative nonzeros of the cheapest k rows / columns, k = 0..R
-        nz = [m.detach().cpu() for m in nonzero]
-        row_cum = [torch.cat([torch.zeros(1, dtype=torch.float64), m.sum(1).double()[o.indices].cumsum(0)])
-                   for m, o in zip(nz, row_order)]
-        col_cum = [torch.cat([torch.zeros(1, dtype=torch.float64), m.sum(0).double()[o.indices].cumsum(0)])
-                   for m, o in zip(nz, col_order)]
-        nnz = [float(m.sum()) for m in nz]
+    rows_sorted = [r.sort().values for r in rows]
+    cols_sorted = [c.sort().values for c in cols]
 
     def removed(tau: torch.Tensor) -> float:
-        r = [int(torch.searchsorted(s, tau, right=True)) for s in rows_sorted]
-        c = [int(torch.searchsorted(s, tau, right=True)) for s in cols_sorted]
-        rt, ct = torch.tensor(r, dtype=torch.float64), torch.tensor(c, dtype=torch.float64)
-        if nonzero is None:
-            return float(structured_removed(rt, ct, R, C).sum())
-        out = 0.0
-        for rc, cc, n, i, j in zip(row_cum, col_cum, nnz, r, c):  # overlap: the two masses as if independent
-            out += float(rc[i] + cc[j] - (rc[i] * cc[j] / n if n else 0.0))
-        return out
+        r = torch.tensor([float(torch.searchsorted(s, tau, right=True)) for s in rows_sorted], dtype=torch.float64)
+        c = torch.tensor([float(torch.searchsorted(s, tau, right=True)) for s in cols_sorted], dtype=torch.float64)
+        return float(structured_removed(r, c, R, C).sum())
 
     candidates = torch.cat([s for s in rows_sorted + cols_sorted])
     candidates = candidates[torch.isfinite(candidates)].unique()  # sorted ascending

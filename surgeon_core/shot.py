@@ -135,11 +135,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     seconds["costs"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    total = sum(lin.weight.numel() for lin in linears.values())
-    if opts.structure_spec.kind == "structured":  # the nonzeros to take: removed structures count theirs
-        n_remove = sum(int(torch.count_nonzero(lin.weight)) for lin in linears.values()) - round(target_size * total)
-    else:  # entries already zero cost nothing and are selected first: they count as removed
-        n_remove = round((1.0 - target_size) * total)
+    n_remove = round((1.0 - target_size) * sum(lin.weight.numel() for lin in linears.values()))
     selections, estimated = _threshold(layers, n_remove, target_size, opts)
     seconds["allocation"] = time.perf_counter() - t0
 
@@ -225,8 +221,7 @@ def _threshold(layers: list[LayerProblem], n_remove: int, target_size: float, op
     Rows/columns: (row mask, column mask) per layer; elements: entry masks; N:M: group masks."""
     st = opts.structure_spec
     if st.kind == "structured":
-        row_sel, col_sel = select_structures([l.row_cost for l in layers], [l.col_cost for l in layers], n_remove,
-                                             nonzero=[l.lin.weight != 0 for l in layers])
+        row_sel, col_sel = select_structures([l.row_cost for l in layers], [l.col_cost for l in layers], n_remove)
         estimated = 0.0
         for l, rs, cs in zip(layers, row_sel, col_sel):
             rs, cs = rs.to(l.row_cost.device), cs.to(l.col_cost.device)

@@ -237,15 +237,3 @@ def test_float32_inverse_option_is_close_and_validated(monkeypatch):
     assert fast.config_hash() != base.config_hash()
 
 
-
-def test_structures_count_the_nonzeros_they_take_by_hand():
-    W = torch.ones(4, 5)
-    W[1, :4] = 0  # row 1 holds 1 nonzero, column 4 holds 4; 17 nonzeros in all
-    rows, cols = [torch.tensor([3.0, 1.0, 4.0, 5.0])], [torch.tensor([9.0, 9.0, 9.0, 9.0, 2.0])]
-    r, c = select_structures(rows, cols, n_remove=1, nonzero=[W != 0])  # row 1 (cost 1): 1 nonzero
-    assert r[0].tolist() == [False, True, False, False] and not c[0].any()
-    # + column 4 (cost 2): 4 more, less the overlap estimated as 1 · 4 / 17 -> 4.76 <= 5
-    r, c = select_structures(rows, cols, n_remove=5, nonzero=[W != 0])
-    assert r[0].tolist() == [False, True, False, False] and c[0].tolist() == [False] * 4 + [True]
-    r, c = select_structures(rows, cols, n_remove=5)  # counting slots: row 1 (5) only
-    assert r[0].tolist() == [False, True, False, False] and not c[0].any()
