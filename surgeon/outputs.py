@@ -34,7 +34,7 @@ from .integrity import open_lock_file
 from .utils import sha256_file
 
 __all__ = ["MANIFEST", "lock_path", "output_lock", "check_output", "check_not_source", "check_writable",
-           "manifest_files", "verify_dir"]
+           "holds_export", "manifest_files", "verify_dir"]
 
 MANIFEST = "manifest.json"
 
@@ -167,6 +167,19 @@ def check_output(output: str | os.PathLike, *, config_hash: str, source_model: s
         raise SurgeonError(f"output {out} holds a pruned model of another recipe (config {manifest.get('config_hash')}, "
                            f"this one {config_hash}); choose another folder or pass --overwrite")
     return out
+
+
+def holds_export(output: str | os.PathLike, **expected) -> bool:
+    """Whether ``output`` already is an export whose manifest has every ``expected`` value and whose files all
+    have the hashes it records (the weights' finiteness is not re-read)."""
+    out = Path(output).expanduser()
+    manifest = _read_manifest(out)
+    if manifest is None or any(manifest.get(k) != v for k, v in expected.items()):
+        return False
+    try:
+        return verify_dir(out, check_weights=False)["ok"]
+    except SurgeonError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- manifest

@@ -35,7 +35,7 @@ from .config import PruneConfig
 from .errors import SurgeonError
 from .inputs import RANDOM, DataRef, ModelRef, load_windows, preflight, random_model
 from .models import load_model, save_model
-from .outputs import check_output, manifest_files, output_lock
+from .outputs import check_output, holds_export, manifest_files, output_lock
 from .utils import atomic_write, keep_freed_memory, torch_threads
 
 __all__ = ["Runner", "run", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
@@ -318,7 +318,7 @@ def _resume(folder: Path | None, model, signature: dict, steps: list[Step]) -> t
         same_weights = isinstance(old, dict) and all(old.get(k) == v for k, v in signature.items()
                                                      if k not in EVAL_SIGNATURE)
         done = state["result"].get("steps", [])
-        final_only = [s.evaluate for s in steps[:-1]] == [False] * (len(steps) - 1)
+        final_only = not any(s.evaluate for s in steps[:-1])
         if not (same_weights and final_only and len(done) == len(steps)):
             raise SurgeonError(f"checkpoint {folder} holds another run (config, model or data differ); remove it or "
                                "choose another folder")
@@ -365,14 +365,7 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
                   "source_path": src.path, "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
                   "device": _device_name(cfg.compute.device), "steps": [], "prune_seconds": 0.0}
-        if runner.evaluation is not None:
-            log.info("dense evaluation: %d windows x %d tokens", *runner.evaluation.shape)
-        dense = runner.evaluate()
-        if dense is not None:
-            result["dense"] = dense
-            log.info("dense ppl %.3f (%d windows x %d tokens)", dense["ppl"], dense["windows"], dense["seqlen"])
-        if also:
-            result["dense_also"] = runner.evaluate_also(also)
+        result.update(_dense_evaluations(runner, also, log))
         if cfg.eval.zeroshot_tasks:
             result["dense_zeroshot"] = zeroshot(cfg, model, tok, log)
     done = len(result["steps"])
@@ -397,9 +390,7 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         if step.finetune_steps:
             row["finetune"] = runner.finetune(step)
         if step.evaluate:
-            row["eval"] = runner.evaluate()
-            if also and row["eval"] is not None:
-                row["eval_also"] = runner.evaluate_also(also)
+            row.update(_evaluations(runner, also))
             if cfg.eval.zeroshot_tasks:
                 row["zeroshot"] = zeroshot(cfg, model, tok, log)
         log.info("shot %d/%d: size %.4f (target %.4f)%s; %s", step.shot, step.num_shots, row["achieved_size"],
@@ -419,23 +410,38 @@ def _reevaluate(folder: Path, model, runner: Runner, also: dict, result: dict, s
     (from the checkpoint, which is rewritten with the new signature)."""
     log.info("checkpoint %s: a finished run with another evaluation; evaluating the dense and the final weights",
              folder)
-    result = {**result, "steps": [dict(r) for r in result["steps"]]}
-    for key in ("dense", "dense_also"):
-        result.pop(key, None)
-    dense = runner.evaluate()
-    if dense is not None:
-        result["dense"] = dense
-    if also:
-        result["dense_also"] = runner.evaluate_also(also)
+    result = {k: v for k, v in result.items() if k not in ("dense", "dense_also")}
+    result.update(_dense_evaluations(runner, also, log))
     if not _load_checkpoint_weights(folder, model):
         return None
-    final = result["steps"][-1]
-    final.pop("eval_also", None)
-    final["eval"] = runner.evaluate()
-    if also and final["eval"] is not None:
-        final["eval_also"] = runner.evaluate_also(also)
+    final = {k: v for k, v in result["steps"][-1].items() if k != "eval_also"}
+    final.update(_evaluations(runner, also))
+    result["steps"] = [*result["steps"][:-1], final]
     _save_checkpoint(folder, model, {"signature": signature, "result": result})
     return result
+
+
+def _evaluations(runner: Runner, also: dict) -> dict:
+    """The current weights' perplexity (``eval``) and, when there is one, on each ``eval.also`` text."""
+    out = {"eval": runner.evaluate()}
+    if also and out["eval"] is not None:
+        out["eval_also"] = runner.evaluate_also(also)
+    return out
+
+
+def _dense_evaluations(runner: Runner, also: dict, log: logging.Logger) -> dict:
+    """The dense model's evaluations as a result holds them: ``dense`` (absent without evaluation data) and
+    ``dense_also``."""
+    if runner.evaluation is not None:
+        log.info("dense evaluation: %d windows x %d tokens", *runner.evaluation.shape)
+    out = {}
+    dense = runner.evaluate()
+    if dense is not None:
+        out["dense"] = dense
+        log.info("dense ppl %.3f (%d windows x %d tokens)", dense["ppl"], dense["windows"], dense["seqlen"])
+    if also:
+        out["dense_also"] = runner.evaluate_also(also)
+    return out
 
 
 def _finish(cfg, result, runner, tok, src: ModelRef, t_start: float) -> dict:
@@ -551,7 +557,9 @@ def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, sour
            weights_key: str | None = None, log: logging.Logger | None = None) -> str:
     """:func:`export_model` of a checkpoint folder; with ``weights_key``, a folder that already holds these weights
     with the same recipe, source and metrics, every file matching its manifest, is left as it is."""
-    if weights_key and not cfg.output.overwrite and _holds(output_dir, cfg, metrics, source, weights_key):
+    if weights_key and not cfg.output.overwrite and holds_export(
+            output_dir, weights_key=weights_key, config_hash=cfg.config_hash(), source_model_hash=source.content_hash,
+            metrics=json.loads(json.dumps(metrics))):
         (log or _log).info("%s already holds these weights (manifest verified): not rewritten", output_dir)
         return str(Path(output_dir).expanduser().resolve())
     model, tok, _ = load_model(ckpt_dir, dtype=torch.float32)
@@ -559,19 +567,4 @@ def export(ckpt_dir: str, output_dir: str, cfg: PruneConfig, metrics: dict, sour
     (log or _log).info("wrote %s", path)
     return path
 
-
-def _holds(output_dir: str, cfg: PruneConfig, metrics: dict, source: ModelRef, weights_key: str) -> bool:
-    """Whether ``output_dir`` is this export already: the same weights key, recipe, source and metrics, and every
-    file's hash as its manifest says."""
-    from .outputs import verify_dir
-
-    try:
-        manifest = json.loads((Path(output_dir).expanduser() / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    same = (isinstance(manifest, dict) and manifest.get("weights_key") == weights_key
-            and manifest.get("config_hash") == cfg.config_hash()
-            and manifest.get("source_model_hash") == source.content_hash
-            and manifest.get("metrics") == json.loads(json.dumps(metrics)))
-    return same and verify_dir(output_dir, check_weights=False)["ok"]
 
