@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 __all__ = ["GROUPS", "MACHINES", "MAX_LINES", "ROUNDING", "load_configs", "load_results", "metric_direction",
-           "tolerance_for", "check_metric", "check_metrics", "render", "write_plots", "write_report"]
+           "tolerance_for", "check_metric", "check_metrics", "default_metrics", "render", "write_plots", "write_report"]
 
 # group -> section title, in the order of the report
 GROUPS: dict[str, str] = {
@@ -47,8 +47,29 @@ MAX_LINES = 250
 ROUNDING = 5e-4
 
 _LOWER_IS_BETTER = ("seconds_per_shot", "shot_seconds", "peak_rss_gb", "peak_gpu_gb")
-# metrics shown for a config that has a result but expects nothing yet
-_DEFAULT_METRICS = ("dense_ppl", "ppl", "achieved_size", "seconds_per_shot", "peak_rss_gb", "peak_gpu_gb")
+# metrics shown for a config that has a result but expects nothing yet, by kind (the seconds column times the run)
+_DEFAULT_METRICS = {
+    "quality": ("dense_ppl", "ppl@*", "ppl/*", "achieved_size"),
+    "shot": ("shot_seconds", "peak_gpu_gb", "peak_rss_gb", "achieved_size"),
+    "speed": ("ppl", "achieved_size", "parameters", "file_bytes", "dense_file_bytes", "prefill_speedup",
+              "decode_speedup"),
+}
+
+
+def default_metrics(kind: str, metrics: dict) -> list[str]:
+    """The metrics a result shows when its config expects nothing: those of ``_DEFAULT_METRICS[kind]`` it has.
+    ``ppl@*`` stands for every size-tagged perplexity, or ``ppl`` when there is at most one; ``ppl/*`` for the final
+    perplexity on each extra text (``eval.also``)."""
+    names: list[str] = []
+    for pattern in _DEFAULT_METRICS.get(kind, _DEFAULT_METRICS["quality"]):
+        if pattern == "ppl@*":
+            tagged = [k for k in metrics if k.startswith("ppl@")]
+            names += tagged if len(tagged) > 1 else ["ppl"]
+        elif pattern == "ppl/*":
+            names += [k for k in metrics if k.startswith("ppl/") and "@" not in k]
+        else:
+            names.append(pattern)
+    return [k for k in names if metrics.get(k) is not None]
 
 
 def metric_direction(name: str) -> str:
@@ -231,7 +252,7 @@ def _config_rows(name: str, config: dict, result: dict | None, link: str) -> tup
         tail = [_fmt("seconds", result.get("seconds")), _cell(commit), _cell(str(result.get("date", ""))[:10])]
         names = list(expect) + [k for k in reference if k not in expect]
         if not names:
-            names = [k for k in _DEFAULT_METRICS if metrics.get(k) is not None]
+            names = default_metrics(str(bench.get("kind") or result.get("kind") or "quality"), metrics)
         status = "measured" if not expect else "pass"
     rows = []
     for i, metric in enumerate(names or [""]):

@@ -138,6 +138,32 @@ def test_report_tables_pass_fail_and_not_run(tmp_path):
     assert br.write_report(configs, results, tmp_path / "again.md", plots=False).read_text() == text  # deterministic
 
 
+def test_a_result_without_expectations_shows_the_figures_of_its_kind(tmp_path):
+    configs, results = tmp_path / "benchmarks" / "configs", tmp_path / "benchmarks" / "results"
+    configs.mkdir(parents=True)
+    results.mkdir()
+    _config(configs / "fast.yaml", "a1", {}, 0.0, kind="speed")
+    _config(configs / "sweep.yaml", "a1", {}, 0.0)
+    _config(configs / "one.yaml", "a1", {}, 0.0)
+    _result(results / "fast.json", {"ppl": 30.0, "achieved_size": 0.69, "parameters": 99, "file_bytes": 396,
+                                    "dense_file_bytes": 500, "prefill_speedup": 1.095, "decode_speedup": 1.134,
+                                    "peak_rss_gb": 4.5})
+    _result(results / "sweep.json", {"dense_ppl": 10.0, "ppl@0.9": 12.0, "ppl@0.8": 15.0, "ppl": 15.0,
+                                     "achieved_size": 0.8, "seconds_per_shot": 3.0})
+    _result(results / "one.json", {"dense_ppl": 10.0, "ppl@0.5": 20.0, "ppl": 20.0, "ppl/docs@0.5": 14.0,
+                                   "ppl/docs": 14.0, "achieved_size": 0.5, "peak_rss_gb": 2.0})
+    text = br.write_report(configs, results, tmp_path / "BENCHMARKS.md", plots=False).read_text()
+
+    def shown(name):
+        block = text.split(f"| [{name}]")[1].split("\n| [")[0].split("\n\n")[0]
+        return [row.split(" | ")[3] for row in ("| [" + block).splitlines()]
+
+    assert shown("fast") == ["ppl", "achieved_size", "parameters", "file_bytes", "dense_file_bytes",
+                             "prefill_speedup", "decode_speedup"]
+    assert shown("sweep") == ["dense_ppl", "ppl@0.9", "ppl@0.8", "achieved_size"]
+    assert shown("one") == ["dense_ppl", "ppl", "ppl/docs", "achieved_size"]
+
+
 def test_report_plots_ppl_against_size(tmp_path):
     pytest.importorskip("matplotlib")
     configs, results = tmp_path / "configs", tmp_path / "results"
