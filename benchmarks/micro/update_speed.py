@@ -12,7 +12,8 @@ one batch per layer type, as ``surgeon_core.shot`` groups them. For every --drop
   largest difference from the batched result relative to max |W|.
 
 Then ``torch.linalg.cholesky_ex`` on (B, n, n) SPD matrices (default 2000, the chunk size): batched float64 and
-float32, a Python loop of single-matrix calls, and the solve with one right-hand side (the library's two triangular
+float32, a Python loop of single-matrix calls, a blocked Cholesky whose trailing updates are batched matmuls
+(``--chol-blocks``, checked against the library's factor), and the solve with one right-hand side (the library's two triangular
 solves and ``torch.cholesky_solve``); on CUDA once per linalg backend (default, cusolver, magma), to see what the
 batched solvers do. ``--solve cholesky_solve`` runs the updates with ``torch.cholesky_solve`` instead.
 
@@ -185,6 +186,25 @@ def bench_update(args, dev, dtype, results, save) -> None:
         save()
 
 
+def blocked_cholesky(S: torch.Tensor, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-looking blocked Cholesky of SPD matrices (B, n, n): a library factorization of each nb x nb diagonal
+    block, a triangular solve for the panel below it and the trailing update as one batched matmul, where most of
+    the FLOPs are. Returns (L, info) as ``torch.linalg.cholesky_ex`` does (info: non-zero where a block failed)."""
+    L = S.clone()
+    n = S.shape[-1]
+    info = torch.zeros(S.shape[0], dtype=torch.int32, device=S.device)
+    for k in range(0, n, nb):
+        e = min(k + nb, n)
+        Lkk, bad = torch.linalg.cholesky_ex(L[:, k:e, k:e])
+        info |= bad
+        L[:, k:e, k:e] = Lkk
+        if e < n:
+            L21 = torch.linalg.solve_triangular(Lkk, L[:, e:, k:e].mT, upper=False).mT  # A21 Lkk⁻ᵀ
+            L[:, e:, k:e] = L21
+            L[:, e:, e:] -= torch.bmm(L21, L21.mT)
+    return L.tril_(), info
+
+
 def bench_cholesky(args, dev, results, save) -> None:
     B, n = args.chol_batch, args.chol_n
     backends = [None]
@@ -214,6 +234,7 @@ def bench_cholesky(args, dev, results, save) -> None:
             "batched_fp32": lambda: torch.linalg.cholesky_ex(S32),
             "loop_fp64": lambda: [torch.linalg.cholesky_ex(S64[b]) for b in range(B)],
             "loop_fp32": lambda: [torch.linalg.cholesky_ex(S32[b]) for b in range(B)],
+            **{f"blocked{nb}_fp64": (lambda nb=nb: blocked_cholesky(S64, nb)) for nb in args.chol_blocks},
         }
         for case, fn in cases.items():
             rec = {"backend": be or "default", "case": case, "B": B, "n": n}
@@ -224,6 +245,11 @@ def bench_cholesky(args, dev, results, save) -> None:
                 if case.startswith("batched"):
                     L, info = torch.linalg.cholesky_ex(S64 if case.endswith("64") else S32)
                     rec["all_info_zero"] = bool((info == 0).all())
+                if case.startswith("blocked"):
+                    L, info = fn()
+                    rec["all_info_zero"] = bool((info == 0).all())
+                    rec["max_rel_diff_vs_library"] = float((L - torch.linalg.cholesky(S64)).abs().max()
+                                                           / L.abs().max())
             except Exception as e:
                 rec["error"] = f"{type(e).__name__}: {e}"
             results["cholesky"].append(rec)
@@ -299,6 +325,8 @@ def main(argv=None) -> int:
     p.add_argument("--chol-batch", type=int, default=30)
     p.add_argument("--chol-n", type=int, default=2000)
     p.add_argument("--chol-repeats", type=int, default=3)
+    p.add_argument("--chol-blocks", type=int, nargs="*", default=[128, 256, 512],
+                   help="block sizes of the matmul-based blocked Cholesky cases (none: skip them)")
     p.add_argument("--chol-scan", type=int, nargs="*", default=[],
                    help="also factor k x --chol-batch systems in one call (and on CUDA: k batches on k streams)")
     p.add_argument("--solve", choices=["triangular", "cholesky_solve"], default="triangular",
