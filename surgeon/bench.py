@@ -213,7 +213,8 @@ def run_bench(config_path: str | Path, *, device: str | None = None, json_path: 
             metrics.update(_speed(cfg, block, result))
     failures = check_metrics(block["expect"], block["tolerance"], metrics)
     out = {"name": name, "config": str(config_path), "title": block.get("title", name), "group": block.get("group"),
-           "kind": block["kind"], "commit": _git("rev-parse", "--short", "HEAD") or os.environ.get("SURGEON_COMMIT", "")[:7],
+           "kind": block["kind"],
+           "commit": _git("rev-parse", "--short", "HEAD") or os.environ.get("SURGEON_COMMIT", "")[:7],
            "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": _machine(cfg.compute.device, cfg.compute.threads), "versions": _versions(),

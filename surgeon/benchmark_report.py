@@ -21,7 +21,8 @@ from pathlib import Path
 import yaml
 
 __all__ = ["GROUPS", "MACHINES", "MAX_LINES", "ROUNDING", "load_configs", "load_results", "metric_direction",
-           "tolerance_for", "check_metric", "check_metrics", "default_metrics", "render", "write_plots", "write_report"]
+           "tolerance_for", "check_metric", "check_metrics", "default_metrics", "render", "write_plots",
+           "write_report"]
 
 # group -> section title, in the order of the report
 GROUPS: dict[str, str] = {

@@ -235,5 +235,3 @@ def test_float32_inverse_option_is_close_and_validated(monkeypatch):
     assert fast.options().inverse_dtype == torch.float32
     assert base.options().inverse_dtype == torch.float64
     assert fast.config_hash() != base.config_hash()
-
-
