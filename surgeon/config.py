@@ -227,12 +227,19 @@ class ComputeSection(_Section):
                        json_schema_extra=NOT_WEIGHTS)
     checkpoint_layers: bool = Field(default=False, description="recompute layer activations in the backward pass",
                                     json_schema_extra=NOT_WEIGHTS)
+    factor_passes: int = Field(default=1, description="curvature passes, one per block of decoder layers: one "
+                               "block's fp32 factor sums alive at a time", json_schema_extra=NOT_WEIGHTS)
+    shard_factors: bool = Field(default=False, description="nproc > 1: each K-FAC factor is kept only by the "
+                                "process that solves its layer", json_schema_extra=NOT_WEIGHTS)
+    factor_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype the finished K-FAC factors "
+                                                  "are stored in (their sums stay fp32)",
+                                                  json_schema_extra=added_later("fp32"))
     update_concurrent: int = Field(default=1, description="element updates: layer shapes solved at once",
                                    json_schema_extra=NOT_WEIGHTS)
     update_batch_layers: int = Field(default=0, description="element updates: same-shaped layers solved as one "
                                      "batch (0: all on a GPU, one on a CPU)", json_schema_extra=NOT_WEIGHTS)
 
-    @field_validator("batch_size", "nproc", "update_concurrent")
+    @field_validator("batch_size", "nproc", "update_concurrent", "factor_passes")
     @classmethod
     def _pos(cls, v: int) -> int:
         return _positive(v)
@@ -401,6 +408,13 @@ class PruneConfig(BaseModel):
             if self.calibration.nsamples < self.compute.nproc:
                 raise ValueError(f"nproc {self.compute.nproc} needs at least one calibration window per process "
                                  f"(nsamples is {self.calibration.nsamples})")
+        if self.compute.shard_factors:
+            if self.compute.nproc < 2:
+                raise ValueError("compute.shard_factors spreads the factors over the processes of a shot: it needs "
+                                 "compute.nproc of 2 or more")
+            if self.method.structure == "coupled":
+                raise ValueError("compute.shard_factors needs per-layer solves: coupled structures are solved by one "
+                                 "process")
         f = self.finetune
         if f.active and f.holdout > 0 and self.calibration.nsamples <= f.holdout_min:
             raise ValueError(f"fine-tuning with validation needs more than finetune.holdout_min = {f.holdout_min} "
@@ -432,7 +446,9 @@ class PruneConfig(BaseModel):
                             gram_dtype=None if c.gram_dtype == "fp32" else DTYPES[c.gram_dtype],
                             inverse_dtype=DTYPES[c.inverse_dtype], solve_dtype=DTYPES[c.solve_dtype],
                             update_concurrent_batches=c.update_concurrent,
-                            update_batch_layers=c.update_batch_layers,
+                            update_batch_layers=c.update_batch_layers, factor_passes=c.factor_passes,
+                            shard_factors=c.shard_factors,
+                            factor_dtype=None if c.factor_dtype == "fp32" else DTYPES[c.factor_dtype],
                             **opts)
 
     def plan(self) -> list[Step]:

@@ -37,6 +37,7 @@ __all__ = [
     "accumulate_output_factor",
     "capture_kfac",
     "estimate_kfac",
+    "layer_blocks",
     "NonFiniteCurvatureError",
     "RoundedCurvatureError",
     "check_factors",
@@ -157,19 +158,59 @@ class KFACFactors:
     g_sizes: dict[str, int] = field(default_factory=dict)  # linear name -> side of G (R)
     recomputing: bool = False  # inside a checkpointed layer's backward-pass recomputation: the hooks stand aside
 
+    def merge(self, other: "KFACFactors") -> None:
+        """Take in the factors (and layout) of another set of layers from the same pass settings."""
+        for mine, theirs in ((self.A, other.A), (self.G, other.G), (self.group_of, other.group_of),
+                             (self.grads, other.grads), (self.has_bias, other.has_bias),
+                             (self.a_sizes, other.a_sizes), (self.g_sizes, other.g_sizes)):
+            mine.update(theirs)
+        self.tokens = other.tokens
+
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, G) of one linear, normalised by the token count."""
         return self.A[self.group_of[name]], self.G[name]
 
 
-def _input_groups(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[str, list[tuple[str, nn.Linear]]]]:
+def _input_groups(model: nn.Module, adapter: ArchitectureAdapter, only=None
+                  ) -> list[tuple[str, list[tuple[str, nn.Linear]]]]:
+    """(input-group key, its linears) of every decoder layer, or of the layer indices in ``only``."""
     layers = get_submodule(model, adapter.layers)
     groups = []
     for i, layer in enumerate(layers):
+        if only is not None and i not in only:
+            continue
         for group in adapter.input_groups:
             members = [(f"{adapter.layers}.{i}.{n}", get_submodule(layer, n)) for n in group]
             groups.append((members[0][0], members))
     return groups
+
+
+def _layer_factor_sizes(model: nn.Module, adapter: ArchitectureAdapter) -> list[int]:
+    """Entries of every decoder layer's factors (the A of each input group with its bias column, the G of each
+    linear): the weights of the balanced layer blocks."""
+    sizes = []
+    for layer in get_submodule(model, adapter.layers):
+        total = sum((get_submodule(layer, group[0]).in_features + 1) ** 2 for group in adapter.input_groups)
+        total += sum(get_submodule(layer, name).out_features ** 2 for name in adapter.linears)
+        sizes.append(total)
+    return sizes
+
+
+def _balanced_blocks(sizes: list[int], k: int) -> list[list[int]]:
+    """``k`` contiguous blocks of the indices of ``sizes`` (some possibly empty): index i goes to the block its
+    running total falls in, in shares of sum(sizes) / k."""
+    share = sum(sizes) / k
+    blocks: list[list[int]] = [[] for _ in range(k)]
+    acc = 0.0
+    for i, size in enumerate(sizes):
+        blocks[min(int(acc / share), k - 1) if share else 0].append(i)
+        acc += size
+    return blocks
+
+
+def layer_blocks(model: nn.Module, adapter: ArchitectureAdapter, k: int) -> list[list[int]]:
+    """At most ``k`` contiguous, non-empty blocks of decoder-layer indices, balanced by factor size."""
+    return [b for b in _balanced_blocks(_layer_factor_sizes(model, adapter), k) if b]
 
 
 def spread_devices(model: nn.Module, adapter: ArchitectureAdapter, devices: list[torch.device]
@@ -180,25 +221,14 @@ def spread_devices(model: nn.Module, adapter: ArchitectureAdapter, devices: list
     accumulates and stores its factor, so a model whose fp32 factors exceed one GPU (13B: ~125 GB) spreads them,
     and their Gram matmuls, over the GPUs of one machine.
     """
-    layers = get_submodule(model, adapter.layers)
-    sizes = []
-    for layer in layers:
-        total = 0
+    blocks = _balanced_blocks(_layer_factor_sizes(model, adapter), len(devices))
+    device_of = {i: devices[b] for b, block in enumerate(blocks) for i in block}
+    placement = {}
+    for i in device_of:
         for group in adapter.input_groups:
-            lin = get_submodule(layer, group[0])
-            total += (lin.in_features + 1) ** 2
+            placement[f"{adapter.layers}.{i}.{group[0]}"] = device_of[i]
         for name in adapter.linears:
-            total += get_submodule(layer, name).out_features ** 2
-        sizes.append(total)
-    share = sum(sizes) / len(devices)
-    placement, acc = {}, 0.0
-    for i, layer in enumerate(layers):
-        dev = devices[min(int(acc / share), len(devices) - 1)] if share else devices[0]
-        acc += sizes[i]
-        for group in adapter.input_groups:
-            placement[f"{adapter.layers}.{i}.{group[0]}"] = dev
-        for name in adapter.linears:
-            placement[f"{adapter.layers}.{i}.{name}"] = dev
+            placement[f"{adapter.layers}.{i}.{name}"] = device_of[i]
     return placement
 
 
@@ -206,13 +236,15 @@ def spread_devices(model: nn.Module, adapter: ArchitectureAdapter, devices: list
 def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: bool = True,
                  collect_G: bool = True, device: torch.device | None = None,
                  gram_dtype: torch.dtype | None = None,
-                 placement: dict[str, torch.device] | None = None) -> Iterator[KFACFactors]:
+                 placement: dict[str, torch.device] | None = None,
+                 layers=None) -> Iterator[KFACFactors]:
     """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
 
     The yielded factors hold *sums*, complete (symmetric) once the block exits; inside it only their upper
     triangles are (see :func:`accumulate_input_factor`). :func:`estimate_kfac` normalises them.
     ``gram_dtype``: see :func:`_gram`.
     ``placement`` (from :func:`spread_devices`) overrides ``device`` per factor key.
+    ``layers``: the decoder-layer indices whose factors are collected (default: all).
     """
     stats = KFACFactors()
     handles = []
@@ -244,7 +276,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
         return hook
 
     try:
-        for group_key, members in _input_groups(model, adapter):
+        for group_key, members in _input_groups(model, adapter, layers):
             bias = members[0][1].bias is not None
             stats.a_sizes[group_key] = members[0][1].in_features + int(bias)
             handles.append(members[0][1].register_forward_hook(on_forward(group_key, members, bias)))
@@ -317,6 +349,9 @@ def estimate_kfac(
     progress: Callable[[int, int], None] | None = None,
     process_group=None,
     checkpoint_layers: bool = False,
+    passes: int = 1,
+    owners: dict[str, int] | None = None,
+    storage_dtype: torch.dtype | None = None,
 ) -> KFACFactors:
     """One forward+backward pass over the calibration ``windows`` (n, L) collecting K-FAC factors.
 
@@ -337,39 +372,72 @@ def estimate_kfac(
 
     ``checkpoint_layers`` trades a second forward pass per decoder layer for not keeping its activations during
     the backward pass (for batches whose activations would not fit); the factors are unchanged.
+
+    Memory: ``passes`` > 1 repeats the pass over the windows once per contiguous block of decoder layers (balanced
+    by factor size, :func:`layer_blocks`), collecting only that block's sums, which are reduced, normalised and
+    stored before the next block starts: the same factors, with one block's fp32 sums alive at a time.
+    ``owners`` (data-parallel; factor key -> rank) sums each factor onto its owner alone instead of onto every
+    rank: a rank returns only the factors it owns. ``storage_dtype`` (e.g. bf16) is the dtype the finished
+    factors are kept in; the sums and the division stay fp32.
     """
     if fisher not in ("empirical", "sampled"):
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
     if collect_weight_grads and (fisher != "empirical" or not collect_gradients):
         raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if passes < 1:
+        raise ValueError(f"passes must be at least 1, got {passes}")
     dp = distributed.resolve(process_group)
     factor_device, placement = _factor_placement(model, adapter, device, factor_device, dp)
     n_all, L = windows.shape
     mine = distributed.share(n_all, dp.rank, dp.world_size) if dp else slice(0, n_all)
     windows = windows[mine]
     k = fisher_samples if fisher == "sampled" else 1
+    blocks = layer_blocks(model, adapter, passes) if passes > 1 else [None]
+    n = windows.shape[0]
+    factors = KFACFactors()
+    seconds = {"curvature": 0.0, "allreduce": 0.0}
     with _calibration_mode(model, adapter, collect_weight_grads) as grad_params:
-        t0 = time.perf_counter()
-        with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
-                          gram_dtype=gram_dtype, placement=placement) as stats, \
-                (checkpointed_layers(model, adapter, stats) if checkpoint_layers and collect_gradients
-                 else nullcontext()):
-            _calibration_pass(model, windows, stats, device=device, batch_size=batch_size, fisher=fisher, k=k,
-                              seed=seed, first_window=mine.start, autocast_dtype=autocast_dtype,
-                              collect_gradients=collect_gradients, progress=progress)
-        for name, g in _mean_weight_grads(grad_params, windows.shape[0] * L):
-            stats.grads[name] = g.to(factor_device)
-    tokens = windows.shape[0] * L
-    if dp is not None:
-        tokens = _all_reduce_stats(stats, tokens, dp, factor_device, collect_gradients)
-    for key in stats.A:
-        stats.A[key].div_(tokens)
-    for key in stats.G:
-        stats.G[key].div_(tokens * k)
+        for b, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
+                              gram_dtype=gram_dtype, placement=placement, layers=block) as stats, \
+                    (checkpointed_layers(model, adapter, stats) if checkpoint_layers and collect_gradients
+                     else nullcontext()):
+                _calibration_pass(model, windows, stats, device=device, batch_size=batch_size, fisher=fisher, k=k,
+                                  seed=seed, first_window=mine.start, autocast_dtype=autocast_dtype,
+                                  collect_gradients=collect_gradients,
+                                  progress=(lambda i, total, b=b: progress(b * total + i, len(blocks) * total))
+                                  if progress else None)
+            if b == 0:  # the loss gradients are the same in every pass: the first one's are kept
+                for name, g in _mean_weight_grads(grad_params, n * L):
+                    stats.grads[name] = g.to(factor_device)
+            for w, bias in grad_params.values():
+                w.grad = None
+                if bias is not None:
+                    bias.grad = None
+            tokens = n * L
+            if dp is not None:
+                tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners)
+                seconds["allreduce"] += stats.seconds["allreduce"]
+            _finish(stats, tokens, k, storage_dtype)
+            factors.merge(stats)
+            del stats
+            seconds["curvature"] += time.perf_counter() - t0
+    if dp is None:
+        del seconds["allreduce"]
+    factors.seconds.update(seconds)
+    return factors
+
+
+def _finish(stats: KFACFactors, tokens: int, k: int, storage_dtype: torch.dtype | None) -> None:
+    """Sums -> means (A over tokens, G over tokens and label samples), kept in ``storage_dtype``."""
     stats.tokens = tokens
-    stats.seconds["curvature"] = time.perf_counter() - t0
-    return stats
+    for d, count in ((stats.A, tokens), (stats.G, tokens * k)):
+        for key in list(d):
+            d[key].div_(count)
+            if storage_dtype is not None and d[key].dtype != storage_dtype:
+                d[key] = d[key].to(storage_dtype)
 
 
 def _factor_placement(model, adapter, device: torch.device, factor_device, dp
@@ -459,14 +527,18 @@ def _window_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + index) % (2**63))
 
 
-def _all_reduce_stats(stats: KFACFactors, tokens: int, dp: distributed.DataParallel, device: torch.device,
-                      collect_gradients: bool) -> int:
-    """SUM-all-reduce this rank's factor sums (and mean weight gradients, if any); returns the total token count."""
+def _reduce_stats(stats: KFACFactors, tokens: int, dp: distributed.DataParallel, device: torch.device,
+                  collect_gradients: bool, owners: dict[str, int] | None) -> int:
+    """SUM this rank's factor sums over the ranks: onto every rank, or with ``owners`` onto each factor's owner
+    alone (the others drop it); the mean weight gradients, if any, onto every rank. Returns the total token count."""
     t0 = time.perf_counter()
-    stats.A = distributed.all_reduce_sums(stats.A, {k: (d, d) for k, d in stats.a_sizes.items()}, dp, device=device)
-    if collect_gradients:
-        stats.G = distributed.all_reduce_sums(stats.G, {k: (d, d) for k, d in stats.g_sizes.items()}, dp,
-                                              device=device)
+    sizes = [(stats.A, stats.a_sizes)] + ([(stats.G, stats.g_sizes)] if collect_gradients else [])
+    for sums, side in sizes:
+        shapes = {key: (d, d) for key, d in side.items()}
+        reduced = (distributed.all_reduce_sums(sums, shapes, dp, device=device) if owners is None else
+                   distributed.reduce_sums(sums, shapes, dp, device=device, owners=owners))
+        sums.clear()
+        sums.update(reduced)
     count = torch.tensor([float(tokens)], dtype=torch.float64, device=device)
     total = int(distributed.all_reduce_(count, dp).item())
     if getattr(stats, "grads", None):  # per-rank means over its own tokens -> one mean over all tokens

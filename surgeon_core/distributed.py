@@ -2,7 +2,9 @@
 
 Each rank runs the forward+backward passes over its own contiguous share of the calibration windows; the K-FAC
 *sums* (A, G) and the token counts are then all-reduced (SUM) before the division by the token count, so every
-rank holds the same factors as one process over all windows (up to fp32 rounding of the summation order).
+rank holds the same factors as one process over all windows (up to fp32 rounding of the summation order). With
+sharded factors each sum is reduced onto the rank that solves its decoder layer instead, and only that rank keeps
+it.
 
 The per-layer solves of a shot (damped inverses, removal costs) and its OBS updates are spread over the ranks by
 decoder layer (surgeon_core.shot): each layer's owner broadcasts its costs, every rank applies the same global
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DataParallel", "resolve", "share", "all_reduce_", "all_reduce_sums", "broadcast_tensors",
+__all__ = ["DataParallel", "resolve", "share", "all_reduce_", "all_reduce_sums", "reduce_sums", "broadcast_tensors",
            "broadcast_object"]
 
 
@@ -81,16 +83,43 @@ def all_reduce_sums(sums: dict[str, torch.Tensor], shapes: dict[str, tuple[int, 
     linear whose output never received a gradient). ``shapes`` lists every possible key, in the same order on
     every rank; a key present on no rank stays absent, a key missing on this rank starts from zeros."""
     keys = list(shapes)
-    present = torch.tensor([float(k in sums) for k in keys], dtype=torch.float32, device=device)
-    all_reduce_(present, dp)
     out = {}
-    for key, flag in zip(keys, present.tolist()):
-        if flag == 0:
+    for key, flag in zip(keys, _present(sums, keys, dp, device)):
+        if not flag:
             continue
         t = sums.get(key)
         if t is None:
             t = torch.zeros(shapes[key], dtype=torch.float32, device=device)
         out[key] = all_reduce_(t, dp)
+    return out
+
+
+def _present(sums: dict[str, torch.Tensor], keys: list[str], dp: DataParallel, device: torch.device) -> list[bool]:
+    """Whether each key is present on any rank."""
+    present = torch.tensor([float(k in sums) for k in keys], dtype=torch.float32, device=device)
+    all_reduce_(present, dp)
+    return [flag > 0 for flag in present.tolist()]
+
+
+def reduce_sums(sums: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], dp: DataParallel, *,
+                device: torch.device, owners: dict[str, int]) -> dict[str, torch.Tensor]:
+    """:func:`all_reduce_sums` onto each key's owner alone (``owners``: key -> rank): a rank returns the summed
+    tensors of the keys it owns and frees the others."""
+    keys = list(shapes)
+    out = {}
+    for key, flag in zip(keys, _present(sums, keys, dp, device)):
+        t = sums.pop(key, None)
+        if not flag:
+            continue
+        if t is None:
+            t = torch.zeros(shapes[key], dtype=torch.float32, device=device)
+        work = _on_backend_device(t, dp)
+        dist.reduce(work, dst=_global(owners[key], dp), op=dist.ReduceOp.SUM, group=dp.group)
+        if dp.rank == owners[key]:
+            if work is not t:
+                t.copy_(work)
+            out[key] = t
+        del t, work
     return out
 
 

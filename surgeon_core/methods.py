@@ -146,6 +146,9 @@ class PruneOptions:
     # stream of its own (same results; their working memory is alive together)
     update_concurrent_batches: int = 1
     checkpoint_layers: bool = False  # curvature pass: recompute decoder-layer activations in backward (less memory)
+    factor_passes: int = 1  # curvature passes, one per block of decoder layers: one block's fp32 sums alive at a time
+    shard_factors: bool = False  # data-parallel: each factor is kept by the rank that solves its layer, not by all
+    factor_dtype: torch.dtype | None = None  # dtype the finished factors are stored in (None: fp32; sums stay fp32)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
     baseline_damping: float = 0.01
@@ -187,6 +190,12 @@ class PruneOptions:
             raise ValueError(f"baseline_dtype must be None, torch.float64 or torch.float32, not {self.baseline_dtype}")
         if self.structured_update not in ("sequential", "sum"):
             raise ValueError("structured_update must be 'sequential' or 'sum'")
+        if self.factor_passes < 1:
+            raise ValueError("factor_passes must be at least 1")
+        if self.factor_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"factor_dtype must be None, torch.float32 or torch.bfloat16, not {self.factor_dtype}")
+        if self.shard_factors and self.structure_spec.kind == "coupled":
+            raise ValueError("sharded factors need per-layer solves: coupled structures are solved on one rank")
         if self.fisher_samples < 1:
             raise ValueError("fisher_samples must be at least 1")
         if self.batch_size < 1:
@@ -214,6 +223,6 @@ class PruneOptions:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
-        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "solve_dtype", "baseline_dtype"):
+        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "solve_dtype", "baseline_dtype", "factor_dtype"):
             d[key] = str(d[key]).replace("torch.", "") if d[key] else None
         return d

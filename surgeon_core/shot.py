@@ -162,7 +162,8 @@ def _curvature(model, windows, opts, adapter, device, shot, progress, dp, second
         model, windows, adapter=adapter, fisher=opts.fisher, fisher_samples=opts.fisher_samples,
         batch_size=opts.batch_size, device=device, factor_device=opts.factor_device or device,
         autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype, seed=opts.seed + shot,
-        checkpoint_layers=opts.checkpoint_layers,
+        checkpoint_layers=opts.checkpoint_layers, passes=opts.factor_passes, storage_dtype=opts.factor_dtype,
+        owners=placement.owners(prunable_linears(model, adapter), adapter, dp) if opts.shard_factors and dp else None,
         collect_gradients=spec.curvature == "kfac", collect_weight_grads=opts.first_order,
         progress=(lambda i, n: progress("curvature", i, n)) if progress else None,
         process_group=dp.group if dp else None,
@@ -171,7 +172,24 @@ def _curvature(model, windows, opts, adapter, device, shot, progress, dp, second
     if "allreduce" in factors.seconds:
         seconds["allreduce"] = factors.seconds["allreduce"]
     rounded = opts.gram_dtype not in (None, torch.float32) and device.type != "cuda"
-    check_factors(factors, opts.autocast_dtype, rounded_damping=(opts.damping_a, opts.damping_g) if rounded else None)
+    damping = (opts.damping_a, opts.damping_g) if rounded else None
+    if dp is None or not opts.shard_factors:
+        check_factors(factors, opts.autocast_dtype, rounded_damping=damping)
+        return factors
+    try:  # each rank checks the factors it holds; all ranks raise together, so none waits for the others
+        check_factors(factors, opts.autocast_dtype, rounded_damping=damping)
+        error = None
+    except NonFiniteCurvatureError as exc:
+        error = exc
+    kinds = torch.tensor([float(type(error) is NonFiniteCurvatureError), float(type(error) is RoundedCurvatureError)],
+                         device=device)
+    distributed.all_reduce_(kinds, dp)
+    if error is None and kinds[1] > 0:
+        error = RoundedCurvatureError("rounded bf16 factors of another rank are not positive definite")
+    elif error is None and kinds[0] > 0:
+        error = NonFiniteCurvatureError("calibration overflow: curvature factors of another rank hold NaN/Inf")
+    if error is not None:
+        raise error
     return factors
 
 

@@ -60,12 +60,13 @@ def write_back(lin: nn.Linear, W_aug: torch.Tensor) -> None:
 
 
 def factors_for(factors: KFACFactors | None, name: str, W: torch.Tensor, device):
-    """(A, G) of one linear on ``device``; G = I where none was collected; (None, None) without curvature."""
+    """(A, G) of one linear on ``device`` in fp32 (whatever their storage dtype); G = I where none was collected;
+    (None, None) without curvature."""
     if factors is None:
         return None, None
-    A = factors.A[factors.group_of[name]].to(device)
+    A = factors.A[factors.group_of[name]].to(device, torch.float32)
     G = factors.G.get(name)
-    G = G.to(device) if G is not None else torch.eye(W.shape[0], device=device)
+    G = G.to(device, torch.float32) if G is not None else torch.eye(W.shape[0], device=device)
     return A, G
 
 

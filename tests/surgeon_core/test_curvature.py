@@ -130,3 +130,46 @@ def test_softmax_nll_gradcheck():
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0, 3, 6, 2, 2])
     assert torch.autograd.gradcheck(lambda v: lm._SoftmaxNLL.apply(v, t), (x,))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_layer_block_passes_give_the_same_factors(arch):
+    model = tiny_model(arch)
+    adapter = adapter_for(model)
+    windows = tiny_windows(4, 16)
+    seen = []
+    one = estimate_kfac(model, windows, adapter=adapter, batch_size=2, collect_weight_grads=True)
+    split = estimate_kfac(model, windows, adapter=adapter, batch_size=2, collect_weight_grads=True, passes=2,
+                          progress=lambda i, n: seen.append((i, n)))
+    assert seen[-1] == (8, 8) and len(seen) == 4  # one count across both passes
+    for kind in ("A", "G", "grads"):
+        mine, theirs = getattr(one, kind), getattr(split, kind)
+        assert mine.keys() == theirs.keys() and mine
+        for key in mine:  # the same matmuls on the same inputs: bit for bit
+            assert torch.equal(mine[key], theirs[key]), (kind, key)
+    assert split.tokens == one.tokens and split.group_of == one.group_of
+
+
+def test_layer_blocks_are_contiguous_balanced_and_never_empty():
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    n = len(curvature.get_submodule(model, adapter.layers))
+    assert curvature.layer_blocks(model, adapter, 1) == [list(range(n))]
+    blocks = curvature.layer_blocks(model, adapter, 2)
+    assert [i for b in blocks for i in b] == list(range(n)) and len(blocks) == 2 and all(blocks)
+    assert [i for b in curvature.layer_blocks(model, adapter, n + 3) for i in b] == list(range(n))
+    with pytest.raises(ValueError, match="passes"):
+        estimate_kfac(model, tiny_windows(2, 8), adapter=adapter, passes=0)
+
+
+def test_bf16_storage_keeps_the_rounded_fp32_factors():
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    windows = tiny_windows(4, 16)
+    f32 = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
+    bf = estimate_kfac(model, windows, adapter=adapter, batch_size=2, storage_dtype=torch.bfloat16, passes=2)
+    for kind in ("A", "G"):
+        for key, M in getattr(f32, kind).items():
+            stored = getattr(bf, kind)[key]
+            assert stored.dtype == torch.bfloat16
+            assert torch.equal(stored, M.to(torch.bfloat16))

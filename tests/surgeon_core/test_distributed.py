@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 WORLD = 2
 STRUCTURES = ("structured", "unstructured", "2:4", "coupled", "structured+first-order")  # coupled: rank 0 alone
+SHARDED = ("structured+sharded", "unstructured+sharded", "2:4+sharded")  # factors kept by their layer's rank
 
 
 def _factors(model, windows, **kw):
@@ -27,6 +28,17 @@ def _factors(model, windows, **kw):
 
     f = estimate_kfac(model, windows, adapter=adapter_for(model), **kw)
     return {"A": f.A, "G": f.G, "grads": f.grads, "tokens": f.tokens}
+
+
+def _owners(model, world: int | None = None) -> dict[str, int]:
+    """The rank that solves each linear: under the running process group, or in a group of ``world``."""
+    from surgeon_core.adapters import adapter_for, prunable_linears
+    from surgeon_core.distributed import DataParallel, resolve
+    from surgeon_core.placement import owners
+
+    adapter = adapter_for(model)
+    dp = resolve() if world is None else DataParallel(None, 0, world, "gloo")
+    return owners(prunable_linears(model, adapter), adapter, dp)
 
 
 def _shot(model, windows, structure, **options):
@@ -47,8 +59,11 @@ def _cases() -> dict:
     out["sampled"] = _factors(model, tiny_windows(5, 24, seed=1), fisher="sampled", fisher_samples=2, seed=3)
     out["one_window"] = _factors(model, tiny_windows(1, 24), batch_size=1)  # rank 1 has no window
     out["opt"] = _factors(tiny_model("opt"), tiny_windows(3, 24))  # bias column in A
-    for structure in STRUCTURES:
+    out["sharded_factors"] = _factors(model, tiny_windows(6, 24), batch_size=2, passes=2, owners=_owners(model))
+    for structure in STRUCTURES + SHARDED:
         extra = {"first_order": True} if structure.endswith("first-order") else {}
+        if structure.endswith("sharded"):
+            extra = {"shard_factors": True, "factor_passes": 2}
         out[structure] = _shot(tiny_model("llama"), tiny_windows(6, 24), structure, **extra)
     return out
 
@@ -94,7 +109,23 @@ def test_factors_match_one_process(runs, case):
             assert torch.equal(ranks[0][case][kind][key], ranks[1][case][kind][key])
 
 
-@pytest.mark.parametrize("structure", STRUCTURES)
+def test_sharded_factors_are_kept_by_their_layers_rank_alone(runs):
+    single, ranks = runs
+    ref, owners = single["sharded_factors"], _owners(tiny_model("llama"), WORLD)
+    assert ref["A"].keys() == single["empirical"]["A"].keys()  # one process owns everything
+    assert set(owners.values()) == {0, 1}
+    for kind in ("A", "G"):
+        held = [set(r["sharded_factors"][kind]) for r in ranks]
+        assert held[0].isdisjoint(held[1]) and held[0] | held[1] == set(ref[kind])
+        for rank, keys in enumerate(held):
+            assert keys and all(owners[key] == rank for key in keys)
+            for key in keys:
+                scale = ref[kind][key].abs().max()
+                torch.testing.assert_close(ranks[rank]["sharded_factors"][kind][key], ref[kind][key], rtol=1e-5,
+                                           atol=1e-6 * float(scale))
+
+
+@pytest.mark.parametrize("structure", STRUCTURES + SHARDED)
 def test_shot_masks_match_one_process(runs, structure):
     single, ranks = runs
     ref = single[structure]
