@@ -231,9 +231,10 @@ class ComputeSection(_Section):
                                "block's fp32 factor sums alive at a time", json_schema_extra=NOT_WEIGHTS)
     shard_factors: bool = Field(default=False, description="nproc > 1: each K-FAC factor is kept only by the "
                                 "process that solves its layer", json_schema_extra=NOT_WEIGHTS)
-    factor_dtype: Literal["fp32", "bf16"] = Field(default="fp32", description="dtype the finished K-FAC factors "
-                                                  "are stored in (their sums stay fp32)",
-                                                  json_schema_extra=added_later("fp32"))
+    factor_storage: Literal["fp32", "packed", "bf16"] = Field(
+        default="fp32", description="how the finished K-FAC factors are kept (their sums stay fp32): fp32 matrices, "
+        "packed (fp32 upper halves: half the memory, exact) or bf16 (half the memory, rounded)",
+        json_schema_extra=added_later("fp32"))
     update_concurrent: int = Field(default=1, description="element updates: layer shapes solved at once",
                                    json_schema_extra=NOT_WEIGHTS)
     update_batch_layers: int = Field(default=0, description="element updates: same-shaped layers solved as one "
@@ -448,7 +449,7 @@ class PruneConfig(BaseModel):
                             update_concurrent_batches=c.update_concurrent,
                             update_batch_layers=c.update_batch_layers, factor_passes=c.factor_passes,
                             shard_factors=c.shard_factors,
-                            factor_dtype=None if c.factor_dtype == "fp32" else DTYPES[c.factor_dtype],
+                            factor_storage=c.factor_storage,
                             **opts)
 
     def plan(self) -> list[Step]:

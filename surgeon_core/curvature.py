@@ -37,6 +37,9 @@ __all__ = [
     "accumulate_output_factor",
     "capture_kfac",
     "estimate_kfac",
+    "factor_memory",
+    "pack_symmetric",
+    "unpack_symmetric",
     "layer_blocks",
     "NonFiniteCurvatureError",
     "RoundedCurvatureError",
@@ -141,6 +144,32 @@ def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor,
     return _accumulate(G, g, dtype, upper_only)
 
 
+PACK_BLOCK = 256  # column-block width of packed factors: n x n keeps n²/2 + n·PACK_BLOCK/2 entries
+STORAGES = ("fp32", "packed", "bf16")
+
+
+def _pack_blocks(n: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + PACK_BLOCK)) for s in range(0, n, PACK_BLOCK)]
+
+
+def pack_symmetric(M: torch.Tensor) -> torch.Tensor:
+    """The upper part of a symmetric (n, n) matrix as one flat tensor: for each column block [s, e), rows [0, e)
+    (the diagonal block whole). About half the entries, exactly; :func:`unpack_symmetric` restores M."""
+    return torch.cat([M[:e, s:e].reshape(-1) for s, e in _pack_blocks(M.shape[0])])
+
+
+def unpack_symmetric(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The (n, n) symmetric matrix :func:`pack_symmetric` packed into ``v``."""
+    M = torch.empty(n, n, dtype=v.dtype, device=v.device)
+    offset = 0
+    for s, e in _pack_blocks(n):
+        block = v[offset : offset + e * (e - s)].view(e, e - s)
+        M[:e, s:e] = block
+        M[s:e, :s] = block[:s].T
+        offset += e * (e - s)
+    return M
+
+
 @dataclass
 class KFACFactors:
     """Factors of every prunable linear: ``A[group]`` shared by an input group, ``G[name]`` per linear."""
@@ -166,9 +195,18 @@ class KFACFactors:
             mine.update(theirs)
         self.tokens = other.tokens
 
-    def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, G) of one linear, normalised by the token count."""
-        return self.A[self.group_of[name]], self.G[name]
+    def input_factor(self, name: str) -> torch.Tensor:
+        """A of one linear as an fp32 matrix (whatever its storage), where the factor is kept."""
+        return _full(self.A[self.group_of[name]], self.a_sizes[self.group_of[name]])
+
+    def output_factor(self, name: str) -> torch.Tensor | None:
+        """G of one linear as an fp32 matrix (None where none was collected)."""
+        G = self.G.get(name)
+        return None if G is None else _full(G, self.g_sizes[name])
+
+
+def _full(M: torch.Tensor, n: int) -> torch.Tensor:
+    return (unpack_symmetric(M, n) if M.dim() == 1 else M).float()
 
 
 def _input_groups(model: nn.Module, adapter: ArchitectureAdapter, only=None
@@ -211,6 +249,34 @@ def _balanced_blocks(sizes: list[int], k: int) -> list[list[int]]:
 def layer_blocks(model: nn.Module, adapter: ArchitectureAdapter, k: int) -> list[list[int]]:
     """At most ``k`` contiguous, non-empty blocks of decoder-layer indices, balanced by factor size."""
     return [b for b in _balanced_blocks(_layer_factor_sizes(model, adapter), k) if b]
+
+
+def factor_memory(model: nn.Module, adapter: ArchitectureAdapter, *, world: int = 1, passes: int = 1,
+                  shard: bool = False, storage: str = "fp32") -> dict[str, int]:
+    """Bytes of K-FAC factors on the fullest rank of a data-parallel group of ``world`` (works on a meta-device
+    model): ``stored``, what it keeps after the curvature pass (its own layers' factors with ``shard``, else all,
+    kept as ``storage`` says, see :func:`estimate_kfac`), and ``peak``, the most alive during the pass (the factors kept from earlier layer
+    blocks plus the current block's fp32 sums, which every rank accumulates)."""
+    def kept(n: int) -> int:  # bytes of one stored n x n factor
+        if storage == "packed":
+            return 4 * sum(e * (e - s) for s, e in _pack_blocks(n))
+        return (2 if storage == "bf16" else 4) * n * n
+
+    entries, stored_bytes = [], []
+    for layer in get_submodule(model, adapter.layers):
+        sides = [get_submodule(layer, g[0]).in_features + int(get_submodule(layer, g[0]).bias is not None)
+                 for g in adapter.input_groups] + [get_submodule(layer, name).out_features for name in adapter.linears]
+        entries.append(sum(n * n for n in sides))
+        stored_bytes.append(sum(kept(n) for n in sides))
+    blocks = layer_blocks(model, adapter, passes)
+    stored, peak = [0] * world, [0] * world
+    for block in blocks:
+        sums = 4 * sum(entries[i] for i in block)
+        for r in range(world):
+            peak[r] = max(peak[r], stored[r] + sums)
+            stored[r] += sum(stored_bytes[i] for i in block if not shard or i % world == r)
+    peak = [max(p, s) for p, s in zip(peak, stored)]
+    return {"stored": max(stored), "peak": max(peak)}
 
 
 def spread_devices(model: nn.Module, adapter: ArchitectureAdapter, devices: list[torch.device]
@@ -351,7 +417,7 @@ def estimate_kfac(
     checkpoint_layers: bool = False,
     passes: int = 1,
     owners: dict[str, int] | None = None,
-    storage_dtype: torch.dtype | None = None,
+    storage: str = "fp32",
 ) -> KFACFactors:
     """One forward+backward pass over the calibration ``windows`` (n, L) collecting K-FAC factors.
 
@@ -377,8 +443,9 @@ def estimate_kfac(
     by factor size, :func:`layer_blocks`), collecting only that block's sums, which are reduced, normalised and
     stored before the next block starts: the same factors, with one block's fp32 sums alive at a time.
     ``owners`` (data-parallel; factor key -> rank) sums each factor onto its owner alone instead of onto every
-    rank: a rank returns only the factors it owns. ``storage_dtype`` (e.g. bf16) is the dtype the finished
-    factors are kept in; the sums and the division stay fp32.
+    rank: a rank returns only the factors it owns. ``storage``: how the finished factors are kept (the sums
+    and the division stay fp32): "fp32" matrices, "packed" (fp32 upper parts, :func:`pack_symmetric`: half the
+    memory, exact) or "bf16" matrices (half the memory, rounded); read them with ``input_factor``/``output_factor``.
     """
     if fisher not in ("empirical", "sampled"):
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
@@ -387,6 +454,8 @@ def estimate_kfac(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if passes < 1:
         raise ValueError(f"passes must be at least 1, got {passes}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
     dp = distributed.resolve(process_group)
     factor_device, placement = _factor_placement(model, adapter, device, factor_device, dp)
     n_all, L = windows.shape
@@ -420,7 +489,7 @@ def estimate_kfac(
             if dp is not None:
                 tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners)
                 seconds["allreduce"] += stats.seconds["allreduce"]
-            _finish(stats, tokens, k, storage_dtype)
+            _finish(stats, tokens, k, storage)
             factors.merge(stats)
             del stats
             seconds["curvature"] += time.perf_counter() - t0
@@ -430,14 +499,16 @@ def estimate_kfac(
     return factors
 
 
-def _finish(stats: KFACFactors, tokens: int, k: int, storage_dtype: torch.dtype | None) -> None:
-    """Sums -> means (A over tokens, G over tokens and label samples), kept in ``storage_dtype``."""
+def _finish(stats: KFACFactors, tokens: int, k: int, storage: str) -> None:
+    """Sums -> means (A over tokens, G over tokens and label samples), kept as ``storage`` says."""
     stats.tokens = tokens
     for d, count in ((stats.A, tokens), (stats.G, tokens * k)):
         for key in list(d):
             d[key].div_(count)
-            if storage_dtype is not None and d[key].dtype != storage_dtype:
-                d[key] = d[key].to(storage_dtype)
+            if storage == "packed":
+                d[key] = pack_symmetric(d[key])
+            elif storage == "bf16":
+                d[key] = d[key].to(torch.bfloat16)
 
 
 def _factor_placement(model, adapter, device: torch.device, factor_device, dp
@@ -582,11 +653,10 @@ def check_factors(factors: KFACFactors, compute_dtype: torch.dtype | None = None
     if rounded_damping is None:
         return
     bad = []
-    for kind, group, frac in (("A", factors.A, rounded_damping[0]), ("G", factors.G, rounded_damping[1])):
+    for kind, group, sizes, frac in (("A", factors.A, factors.a_sizes, rounded_damping[0]),
+                                     ("G", factors.G, factors.g_sizes, rounded_damping[1])):
         for name, M in group.items():
-            if M.dim() != 2:  # diagonal-only factors hold no off-diagonal rounding
-                continue
-            if not is_positive_definite(M, frac):
+            if not is_positive_definite(_full(M, sizes[name]), frac):
                 bad.append(f"{kind}[{name}]")
     if bad:
         raise RoundedCurvatureError(

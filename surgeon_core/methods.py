@@ -148,7 +148,7 @@ class PruneOptions:
     checkpoint_layers: bool = False  # curvature pass: recompute decoder-layer activations in backward (less memory)
     factor_passes: int = 1  # curvature passes, one per block of decoder layers: one block's fp32 sums alive at a time
     shard_factors: bool = False  # data-parallel: each factor is kept by the rank that solves its layer, not by all
-    factor_dtype: torch.dtype | None = None  # dtype the finished factors are stored in (None: fp32; sums stay fp32)
+    factor_storage: str = "fp32"  # finished factors: fp32, packed (fp32 upper parts, exact) or bf16 (rounded)
     # layer-wise baselines (SparseGPT / Wanda / magnitude on unstructured and N:M)
     block_size: int = 128
     baseline_damping: float = 0.01
@@ -192,8 +192,8 @@ class PruneOptions:
             raise ValueError("structured_update must be 'sequential' or 'sum'")
         if self.factor_passes < 1:
             raise ValueError("factor_passes must be at least 1")
-        if self.factor_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"factor_dtype must be None, torch.float32 or torch.bfloat16, not {self.factor_dtype}")
+        if self.factor_storage not in ("fp32", "packed", "bf16"):
+            raise ValueError(f"factor_storage must be fp32, packed or bf16, not {self.factor_storage!r}")
         if self.shard_factors and self.structure_spec.kind == "coupled":
             raise ValueError("sharded factors need per-layer solves: coupled structures are solved on one rank")
         if self.fisher_samples < 1:
@@ -223,6 +223,6 @@ class PruneOptions:
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items()}
-        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "solve_dtype", "baseline_dtype", "factor_dtype"):
+        for key in ("autocast_dtype", "gram_dtype", "inverse_dtype", "solve_dtype", "baseline_dtype"):
             d[key] = str(d[key]).replace("torch.", "") if d[key] else None
         return d

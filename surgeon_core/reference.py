@@ -47,7 +47,7 @@ def prune_shot_reference(model: nn.Module, windows: torch.Tensor, options: Prune
         W = lin.weight.detach().float()
         if lin.bias is not None:  # the bias is the last column of W; A carries the matching constant-1 input
             W = torch.cat([W, lin.bias.detach().float()[:, None]], dim=1)
-        layers.append(dict(name=name, lin=lin, W=W, A=factors.A[factors.group_of[name]], G=factors.G[name]))
+        layers.append(dict(name=name, lin=lin, W=W, A=factors.input_factor(name), G=factors.output_factor(name)))
     if structure.kind == "structured":
         return _prune_rows_and_columns(layers, n_remove, opts)
     return _prune_elements(layers, n_remove, target_size, opts)

@@ -162,7 +162,7 @@ def _curvature(model, windows, opts, adapter, device, shot, progress, dp, second
         model, windows, adapter=adapter, fisher=opts.fisher, fisher_samples=opts.fisher_samples,
         batch_size=opts.batch_size, device=device, factor_device=opts.factor_device or device,
         autocast_dtype=opts.autocast_dtype, gram_dtype=opts.gram_dtype, seed=opts.seed + shot,
-        checkpoint_layers=opts.checkpoint_layers, passes=opts.factor_passes, storage_dtype=opts.factor_dtype,
+        checkpoint_layers=opts.checkpoint_layers, passes=opts.factor_passes, storage=opts.factor_storage,
         owners=placement.owners(prunable_linears(model, adapter), adapter, dp) if opts.shard_factors and dp else None,
         collect_gradients=spec.curvature == "kfac", collect_weight_grads=opts.first_order,
         progress=(lambda i, n: progress("curvature", i, n)) if progress else None,

@@ -64,9 +64,9 @@ def factors_for(factors: KFACFactors | None, name: str, W: torch.Tensor, device)
     (None, None) without curvature."""
     if factors is None:
         return None, None
-    A = factors.A[factors.group_of[name]].to(device, torch.float32)
-    G = factors.G.get(name)
-    G = G.to(device, torch.float32) if G is not None else torch.eye(W.shape[0], device=device)
+    A = factors.input_factor(name).to(device)
+    G = factors.output_factor(name)
+    G = G.to(device) if G is not None else torch.eye(W.shape[0], device=device)
     return A, G
 
 

@@ -162,14 +162,52 @@ def test_layer_blocks_are_contiguous_balanced_and_never_empty():
         estimate_kfac(model, tiny_windows(2, 8), adapter=adapter, passes=0)
 
 
-def test_bf16_storage_keeps_the_rounded_fp32_factors():
-    model = tiny_model("llama")
+def test_stored_factors_read_back_as_the_fp32_ones(monkeypatch):
+    monkeypatch.setattr(curvature, "PACK_BLOCK", 5)  # several column blocks in the tiny factors
+    model = tiny_model("opt")  # biases: factors of odd sizes
     adapter = adapter_for(model)
     windows = tiny_windows(4, 16)
     f32 = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
-    bf = estimate_kfac(model, windows, adapter=adapter, batch_size=2, storage_dtype=torch.bfloat16, passes=2)
-    for kind in ("A", "G"):
-        for key, M in getattr(f32, kind).items():
-            stored = getattr(bf, kind)[key]
-            assert stored.dtype == torch.bfloat16
-            assert torch.equal(stored, M.to(torch.bfloat16))
+    packed = estimate_kfac(model, windows, adapter=adapter, batch_size=2, storage="packed", passes=2)
+    bf = estimate_kfac(model, windows, adapter=adapter, batch_size=2, storage="bf16")
+    for name in f32.G:
+        A, G = f32.input_factor(name), f32.output_factor(name)
+        assert torch.equal(packed.input_factor(name), A) and torch.equal(packed.output_factor(name), G)
+        assert torch.equal(bf.input_factor(name), A.bfloat16().float())
+        assert torch.equal(bf.output_factor(name), G.bfloat16().float())
+    n = f32.a_sizes[next(iter(f32.A))]
+    assert packed.A[next(iter(f32.A))].numel() < 0.75 * n * n
+    with pytest.raises(ValueError, match="storage"):
+        estimate_kfac(model, windows, adapter=adapter, storage="fp16")
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 6, 13])
+def test_packing_a_symmetric_matrix_round_trips(monkeypatch, n):
+    monkeypatch.setattr(curvature, "PACK_BLOCK", 5)
+    X = torch.randn(n, n + 2)
+    M = X @ X.T
+    v = curvature.pack_symmetric(M)
+    assert v.dim() == 1 and v.numel() == sum(e * (e - s) for s, e in curvature._pack_blocks(n))
+    assert torch.equal(curvature.unpack_symmetric(v, n), M)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_factor_memory_counts_the_bytes_a_pass_keeps(arch):
+    model = tiny_model(arch)
+    adapter = adapter_for(model)
+    windows = tiny_windows(2, 8)
+    for passes, storage in ((1, "fp32"), (2, "bf16"), (2, "packed")):
+        f = estimate_kfac(model, windows, adapter=adapter, passes=passes, storage=storage)
+        held = sum(M.numel() * M.element_size() for d in (f.A, f.G) for M in d.values())
+        plan = curvature.factor_memory(model, adapter, passes=passes, storage=storage)
+        assert plan["stored"] == held
+        fp32 = sum(M.numel() * 4 for d in (f.A, f.G) for M in d.values())
+        if passes == 1:
+            assert plan["peak"] == fp32
+        elif storage == "bf16":  # one block's fp32 sums beside the other block's bf16 factors
+            assert plan["stored"] < plan["peak"] < fp32
+    one = curvature.factor_memory(model, adapter)
+    split = curvature.factor_memory(model, adapter, passes=2, storage="bf16")
+    assert split["peak"] < one["peak"] and split["stored"] * 2 == one["stored"]
+    shared = curvature.factor_memory(model, adapter, world=2, shard=True)
+    assert one["stored"] / 2 <= shared["stored"] < one["stored"] and shared["peak"] == one["peak"]

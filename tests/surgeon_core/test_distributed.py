@@ -125,6 +125,17 @@ def test_sharded_factors_are_kept_by_their_layers_rank_alone(runs):
                                            atol=1e-6 * float(scale))
 
 
+def test_factor_memory_predicts_what_the_fullest_rank_keeps(runs):
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.curvature import factor_memory
+
+    _, ranks = runs
+    held = [sum(M.numel() * M.element_size() for kind in ("A", "G") for M in r["sharded_factors"][kind].values())
+            for r in ranks]
+    model = tiny_model("llama")
+    assert factor_memory(model, adapter_for(model), world=WORLD, passes=2, shard=True)["stored"] == max(held)
+
+
 @pytest.mark.parametrize("structure", STRUCTURES + SHARDED)
 def test_shot_masks_match_one_process(runs, structure):
     single, ranks = runs

@@ -258,3 +258,19 @@ def test_layerwise_baseline_reports_progress_per_decoder_layer():
     assert [c for c in calls if c[0] == "layers"] == [("layers", i, n) for i in range(1, n + 1)]
     assert {c[0] for c in calls} == {"layers", "wanda layer inputs", "wanda input norms", "wanda masks",
                                      "wanda layer outputs"}  # its own phases, none of LLM Surgeon's
+
+
+@pytest.mark.parametrize("structure", ["structured", "unstructured", "coupled"])
+def test_packed_factors_and_layer_block_passes_give_the_same_weights(monkeypatch, structure):
+    import surgeon_core.curvature as curvature
+
+    monkeypatch.setattr(curvature, "PACK_BLOCK", 7)  # several column blocks in the tiny factors
+    results = []
+    for extra in ({}, {"factor_storage": "packed", "factor_passes": 2}):
+        model = tiny_model("llama")
+        mc = None if structure != "unstructured" else 128
+        prune(model, tiny_windows(4, 16), options=PruneOptions(structure=structure, batch_size=2, max_correlate=mc,
+                                                                **extra), target_size=0.7, num_shots=2)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name, w in results[0].items():
+        assert torch.equal(results[1][name], w), name
