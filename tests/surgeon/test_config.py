@@ -139,6 +139,10 @@ def test_unquoted_n_m_in_yaml_is_the_structure(tmp_path):
     ("compute_dtype=fp8", "invalid recipe value for 'compute.dtype'"),
     ("finetune.holdout=1.0", "invalid recipe value for 'finetune.holdout'"),
     ("structure_report_decode_attention=flex", "is for a GPU report"),
+    ("compute.shard_factors=true", "compute.shard_factors spreads the factors over the processes of a shot: it "
+                                   "needs compute.nproc of 2 or more"),
+    ("compute.factor_passes=0", "invalid recipe value for 'compute.factor_passes'"),
+    ("compute.factor_storage=fp16", "invalid recipe value for 'compute.factor_storage'"),
 ])
 def test_bad_values_are_refused_at_load(override, message):
     with pytest.raises(SurgeonError) as exc:
@@ -153,7 +157,7 @@ def test_a_non_finite_ratio_is_refused_from_python_too():
 
 @pytest.mark.parametrize("override", ["compute.threads=3", "compute.device=cuda", "compute.nproc=2",
                                       "compute.checkpoint_layers=true", "compute.update_concurrent=7",
-                                      "compute.update_batch_layers=2",
+                                      "compute.update_batch_layers=2", "compute.factor_passes=3",
                                       "eval.data=e.txt", "eval.seqlen=64", "eval.at=[0.9]", "eval.batch_size=8",
                                       "eval.max_windows=3", "eval.zeroshot_tasks=a", "output.path=/elsewhere",
                                       "output.overwrite=true", "output.register_model=false",
@@ -170,7 +174,8 @@ def test_config_hash_ignores_what_does_not_change_the_weights(override):
                                       "method.name=kobd", "calibration.seqlen=64", "calibration.data=c.txt",
                                       "calibration.seed=1", "compute.gram_dtype=bf16", "compute.inverse_dtype=fp32",
                                       "compute.batch_size=4", "compute.model_dtype=bf16", "finetune.steps=1",
-                                      "finetune.final_steps=1", "compute.solve_dtype=fp32"])
+                                      "finetune.final_steps=1", "compute.solve_dtype=fp32",
+                                      "compute.factor_storage=bf16"])
 def test_config_hash_follows_what_changes_the_weights(override):
     base = cfg_of("shots=2", "nsamples=8")
     assert cfg_of("shots=2", "nsamples=8", override).config_hash() != base.config_hash()
@@ -182,6 +187,7 @@ def test_fields_added_later_keep_earlier_hashes():
     base = cfg_of("shots=2", "nsamples=8")
     assert "solve_dtype" not in base.weight_payload()["compute"]
     assert cfg_of("shots=2", "nsamples=8", "compute.solve_dtype=fp64").config_hash() == base.config_hash()
+    assert cfg_of("shots=2", "nsamples=8", "compute.factor_storage=fp32").config_hash() == base.config_hash()
     assert build_config({"model": "x"}).config_hash() == "9a6dc666819c2302"
 
 
@@ -236,6 +242,18 @@ def test_update_concurrent_recipe_key_reaches_the_shot_and_is_validated():
     assert load_recipe(None, model="some/model").options().update_concurrent_batches == 1
     with pytest.raises(SurgeonError, match="update_concurrent"):
         load_recipe(None, ["update_concurrent=0"], model="some/model")
+
+
+def test_factor_memory_keys_reach_the_shot():
+    from surgeon.config import load_recipe
+
+    opts = load_recipe(None, ["nproc=2", "shard_factors=true", "factor_passes=4", "factor_storage=packed"],
+                       model="some/model").options()
+    assert (opts.shard_factors, opts.factor_passes, opts.factor_storage) == (True, 4, "packed")
+    plain = load_recipe(None, model="some/model").options()
+    assert (plain.shard_factors, plain.factor_passes, plain.factor_storage) == (False, 1, "fp32")
+    with pytest.raises(SurgeonError, match="coupled structures are solved by one process"):
+        load_recipe(None, ["nproc=2", "shard_factors=true", "structure=coupled"], model="some/model")
 
 
 def test_every_shipped_recipe_validates():
