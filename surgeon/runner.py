@@ -38,7 +38,7 @@ from .models import load_model, save_model
 from .outputs import check_output, holds_export, manifest_files, output_lock
 from .utils import atomic_write, keep_freed_memory, torch_threads
 
-__all__ = ["Runner", "run", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
+__all__ = ["Runner", "run", "check_factor_memory", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
            "shot_with_fallback"]
 
 _log = logging.getLogger("surgeon.runner")
@@ -112,6 +112,33 @@ def load_for_pruning(source: str, cfg: PruneConfig):
     if next(model.parameters()).device.type == "cpu":
         keep_freed_memory()  # reuse the batches' large buffers instead of page-faulting them in again
     return model, tok
+
+
+def check_factor_memory(cfg: PruneConfig, model, device_bytes: int, log: logging.Logger | None = None) -> dict | None:
+    """The K-FAC factors' bytes per GPU (surgeon_core.curvature.factor_memory) under the recipe's compute keys,
+    logged; a :class:`SurgeonError` before any work when their peak alone exceeds what ``device_bytes`` leaves beside
+    the weights, naming the settings that would fit. None for methods without K-FAC factors."""
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.curvature import factor_memory, passes_to_fit
+
+    opts = cfg.options()
+    if opts.layerwise or opts.spec.curvature == "none":
+        return None
+    c, adapter = cfg.compute, adapter_for(model)
+    spread = dict(world=c.nproc, shard=c.shard_factors)
+    plan = factor_memory(model, adapter, passes=c.factor_passes, storage=c.factor_storage, **spread)
+    (log or _log).info("K-FAC factors per GPU: at most %.1f GB during the curvature pass, %.1f GB kept after it",
+                       plan["peak"] / 1e9, plan["stored"] / 1e9)
+    budget = device_bytes - sum(p.numel() * p.element_size() for p in model.parameters())
+    if plan["peak"] <= budget:
+        return plan
+    fits = passes_to_fit(model, adapter, budget, storage="packed", **spread)
+    advice = (f"compute.factor_passes={fits} compute.factor_storage=packed would need at most "
+              f"{factor_memory(model, adapter, passes=fits, storage='packed', **spread)['peak'] / 1e9:.1f} GB"
+              if fits else "no number of layer-block passes fits: spread the factors over more GPUs "
+              "(compute.nproc with compute.shard_factors=true)")
+    raise SurgeonError(f"the K-FAC factors need {plan['peak'] / 1e9:.1f} GB per GPU during the curvature pass, more "
+                       f"than the {budget / 1e9:.1f} GB the GPU leaves beside the weights; {advice}")
 
 
 class Runner:
@@ -349,6 +376,9 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     src, calib, evald = inputs
     log.info("loading %s on %s", src.path, cfg.compute.device)
     model, tok = load_for_pruning(src.path, cfg)
+    if next(model.parameters()).device.type == "cuda":
+        check_factor_memory(cfg, model, torch.cuda.get_device_properties(next(model.parameters()).device).total_memory,
+                            log)
     runner = Runner(cfg, model, load_windows(calib.path), load_windows(evald.path) if evald else None,
                     progress=progress, log=log)
     folder = Path(checkpoint) if checkpoint else None

@@ -38,6 +38,7 @@ __all__ = [
     "capture_kfac",
     "estimate_kfac",
     "factor_memory",
+    "passes_to_fit",
     "pack_symmetric",
     "unpack_symmetric",
     "layer_blocks",
@@ -277,6 +278,16 @@ def factor_memory(model: nn.Module, adapter: ArchitectureAdapter, *, world: int 
             stored[r] += sum(stored_bytes[i] for i in block if not shard or i % world == r)
     peak = [max(p, s) for p, s in zip(peak, stored)]
     return {"stored": max(stored), "peak": max(peak)}
+
+
+def passes_to_fit(model: nn.Module, adapter: ArchitectureAdapter, budget: float, *, world: int = 1,
+                  shard: bool = False, storage: str = "fp32") -> int | None:
+    """The fewest layer-block passes whose :func:`factor_memory` peak is at most ``budget`` bytes (None: not even
+    one decoder layer per pass fits)."""
+    for passes in range(1, len(get_submodule(model, adapter.layers)) + 1):
+        if factor_memory(model, adapter, world=world, passes=passes, shard=shard, storage=storage)["peak"] <= budget:
+            return passes
+    return None
 
 
 def spread_devices(model: nn.Module, adapter: ArchitectureAdapter, devices: list[torch.device]

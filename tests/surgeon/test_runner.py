@@ -148,3 +148,27 @@ def test_run_exports_a_verified_output(inputs, tmp_path):
     assert manifest["recipe"] == yaml.safe_load((out / "recipe.yaml").read_text())
     assert manifest["metrics"]["ppl"] == result["ppl"] and manifest["config_hash"] == result["config_hash"]
     assert verify_dir(out)["ok"], verify_dir(out)["problems"]
+
+
+def test_factor_memory_is_checked_before_any_work_and_the_error_names_what_fits(caplog, monkeypatch):
+    import surgeon_core.curvature as curvature
+    from surgeon.runner import check_factor_memory
+    from surgeon_core.adapters import adapter_for
+    from surgeon_core.curvature import factor_memory
+    from tiny_models import tiny_model
+
+    monkeypatch.setattr(curvature, "PACK_BLOCK", 4)  # packing saves memory on the tiny factors too
+    model = tiny_model("llama")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    full = factor_memory(model, adapter_for(model))["peak"]
+    cfg = load_recipe(None, model="some/model")
+    with caplog.at_level(logging.INFO, logger="surgeon.runner"):
+        assert check_factor_memory(cfg, model, weights + full)["peak"] == full
+    assert "K-FAC factors per GPU: at most" in caplog.text
+    with pytest.raises(SurgeonError, match=r"compute.factor_passes=\d+ compute.factor_storage=packed would need") as e:
+        check_factor_memory(cfg, model, weights + int(0.8 * full))
+    assert "\n" not in str(e.value)
+    with pytest.raises(SurgeonError, match="no number of layer-block passes fits"):
+        check_factor_memory(cfg, model, weights + 1000)
+    assert check_factor_memory(load_recipe(None, ["method=magnitude"], model="m"), model, 0) is None
+    assert check_factor_memory(load_recipe(None, ["method=wanda", "structure=2:4"], model="m"), model, 0) is None
