@@ -150,6 +150,9 @@ class Runner:
         self.calibration, self.evaluation = calibration, evaluation
         self.options = cfg.options()
         self.progress, self.log = progress, log or _log
+        device = next(model.parameters()).device
+        if device.type == "cuda":
+            check_factor_memory(cfg, model, torch.cuda.get_device_properties(device).total_memory, self.log)
         self.teacher: TeacherTargets | None = None
         self._split: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -376,9 +379,6 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     src, calib, evald = inputs
     log.info("loading %s on %s", src.path, cfg.compute.device)
     model, tok = load_for_pruning(src.path, cfg)
-    if next(model.parameters()).device.type == "cuda":
-        check_factor_memory(cfg, model, torch.cuda.get_device_properties(next(model.parameters()).device).total_memory,
-                            log)
     runner = Runner(cfg, model, load_windows(calib.path), load_windows(evald.path) if evald else None,
                     progress=progress, log=log)
     folder = Path(checkpoint) if checkpoint else None
