@@ -38,8 +38,8 @@ from .models import load_model, save_model
 from .outputs import check_output, holds_export, manifest_files, output_lock
 from .utils import atomic_write, keep_freed_memory, torch_threads
 
-__all__ = ["Runner", "run", "check_factor_memory", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir", "export", "peak_memory",
-           "shot_with_fallback"]
+__all__ = ["Runner", "run", "check_factor_memory", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir",
+           "export", "peak_memory", "shot_with_fallback"]
 
 _log = logging.getLogger("surgeon.runner")
 SIZE_TOLERANCE = 0.05  # a shot's achieved size may differ from its target by whole rows/units, never by more

@@ -256,8 +256,8 @@ def factor_memory(model: nn.Module, adapter: ArchitectureAdapter, *, world: int 
                   shard: bool = False, storage: str = "fp32") -> dict[str, int]:
     """Bytes of K-FAC factors on the fullest rank of a data-parallel group of ``world`` (works on a meta-device
     model): ``stored``, what it keeps after the curvature pass (its own layers' factors with ``shard``, else all,
-    kept as ``storage`` says, see :func:`estimate_kfac`), and ``peak``, the most alive during the pass (the factors kept from earlier layer
-    blocks plus the current block's fp32 sums, which every rank accumulates)."""
+    kept as ``storage`` says, see :func:`estimate_kfac`), and ``peak``, the most alive during the pass (the factors
+    kept from earlier layer blocks plus the current block's fp32 sums, which every rank accumulates)."""
     def kept(n: int) -> int:  # bytes of one stored n x n factor
         if storage == "packed":
             return 4 * sum(e * (e - s) for s, e in _pack_blocks(n))
