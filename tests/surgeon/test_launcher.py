@@ -19,9 +19,11 @@ def _masks(folder) -> dict[str, torch.Tensor]:
     return {k: v == 0 for k, v in load_file(folder / "model.safetensors").items() if "layers" in k}
 
 
-def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path):
+@pytest.mark.parametrize("factors", [[], ["compute.shard_factors=true", "compute.factor_passes=2",
+                                           "compute.factor_storage=packed"]], ids=["replicated", "sharded"])
+def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path, factors):
     """prune_step_dir with compute.nproc=2 launches torchrun (gloo, surgeon.shot_worker); its checkpoint has one
-    process's masks."""
+    process's masks, with the factors replicated or sharded (packed, in layer-block passes)."""
     import numpy as np
 
     from surgeon.config import load_recipe
@@ -36,8 +38,8 @@ def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path):
     step = cfg.plan()[0]
     one = prune_step_dir(cfg, str(model), str(calib), step, str(tmp_path / "one"))
     seen = []
-    cfg2 = load_recipe(None, ["compute.nproc=2"], **recipe)
-    assert cfg2.config_hash() == cfg.config_hash() and cfg2.plan()[0] == step
+    cfg2 = load_recipe(None, ["compute.nproc=2", *factors], **recipe)
+    assert cfg2.plan()[0] == step and (factors or cfg2.config_hash() == cfg.config_hash())
     two = prune_step_dir(cfg2, str(model), str(calib), step, str(tmp_path / "two"),
                          progress=lambda phase, done, total: seen.append((phase, done, total)))
     assert two["achieved_size"] == one["achieved_size"] < 0.9
