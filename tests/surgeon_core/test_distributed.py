@@ -68,13 +68,31 @@ def _cases() -> dict:
     return out
 
 
+def _fsdp_factors() -> dict:
+    """The factors of a model whose decoder layers and body are sharded with FSDP2 (every rank holds a shard of each
+    weight; the vocabulary head stays whole), data-parallel as usual."""
+    from torch.distributed.fsdp import fully_shard
+
+    from surgeon_core.adapters import adapter_for, get_submodule
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model)
+    for layer in get_submodule(model, adapter.layers):
+        fully_shard(layer)
+    fully_shard(model.model)
+    assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
+    return _factors(model, tiny_windows(6, 24), batch_size=2)
+
+
 def _worker(rank: int, store: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
-        torch.save(_cases(), os.path.join(out_dir, f"rank{rank}.pt"))
+        out = _cases()
+        out["fsdp"] = _fsdp_factors()
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -107,6 +125,17 @@ def test_factors_match_one_process(runs, case):
     for kind in ("A", "G"):  # every rank holds bit-identical factors
         for key in ref[kind]:
             assert torch.equal(ranks[0][case][kind][key], ranks[1][case][kind][key])
+
+
+def test_factors_of_a_model_with_fsdp_sharded_weights_match_one_process(runs):
+    single, ranks = runs
+    ref = single["empirical"]
+    for r in ranks:
+        for kind in ("A", "G"):
+            assert r["fsdp"][kind].keys() == ref[kind].keys()
+            for key in ref[kind]:
+                scale = ref[kind][key].abs().max()
+                torch.testing.assert_close(r["fsdp"][kind][key], ref[kind][key], rtol=1e-5, atol=1e-6 * float(scale))
 
 
 def test_sharded_factors_are_kept_by_their_layers_rank_alone(runs):
