@@ -12,7 +12,13 @@ so every rank ends with the factors of one process over all windows.
 
 Memory: ``checkpoint_layers=True`` recomputes each decoder layer's activations in the backward pass instead of
 keeping them (``torch.utils.checkpoint``, non-reentrant); the hooks skip the recomputation, so the factors are the
-same as without it.
+same as without it. ``passes`` > 1 repeats the pass over the windows once per contiguous block of decoder layers
+(balanced by factor size, :func:`layer_blocks`), collecting only that block's sums, which are reduced, normalised and
+stored before the next block starts: the same factors, with one block's fp32 sums alive at a time. ``owners``
+(data-parallel; factor key -> rank) sums each factor onto its owner alone instead of onto every rank, which returns
+only the factors it owns. ``storage``: how the finished factors are kept (sums and division stay fp32): "fp32"
+matrices, "packed" (fp32 upper parts, :func:`pack_symmetric`: about half the memory, exact) or "bf16" (half the
+memory, rounded); read them with ``KFACFactors.input_factor``/``output_factor``.
 """
 
 from __future__ import annotations
@@ -450,23 +456,10 @@ def estimate_kfac(
     ``checkpoint_layers`` trades a second forward pass per decoder layer for not keeping its activations during
     the backward pass (for batches whose activations would not fit); the factors are unchanged.
 
-    Memory: ``passes`` > 1 repeats the pass over the windows once per contiguous block of decoder layers (balanced
-    by factor size, :func:`layer_blocks`), collecting only that block's sums, which are reduced, normalised and
-    stored before the next block starts: the same factors, with one block's fp32 sums alive at a time.
-    ``owners`` (data-parallel; factor key -> rank) sums each factor onto its owner alone instead of onto every
-    rank: a rank returns only the factors it owns. ``storage``: how the finished factors are kept (the sums
-    and the division stay fp32): "fp32" matrices, "packed" (fp32 upper parts, :func:`pack_symmetric`: half the
-    memory, exact) or "bf16" matrices (half the memory, rounded); read them with ``input_factor``/``output_factor``.
+    ``passes``, ``owners`` (factor key -> rank) and ``storage``: see the module's "Memory" paragraph.
     """
-    if fisher not in ("empirical", "sampled"):
-        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
-    if collect_weight_grads and (fisher != "empirical" or not collect_gradients):
-        raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
+    _check_arguments(fisher, collect_weight_grads, collect_gradients, passes, storage)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if passes < 1:
-        raise ValueError(f"passes must be at least 1, got {passes}")
-    if storage not in STORAGES:
-        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
     dp = distributed.resolve(process_group)
     factor_device, placement = _factor_placement(model, adapter, device, factor_device, dp)
     n_all, L = windows.shape
@@ -474,29 +467,22 @@ def estimate_kfac(
     windows = windows[mine]
     k = fisher_samples if fisher == "sampled" else 1
     blocks = layer_blocks(model, adapter, passes) if passes > 1 else [None]
-    n = windows.shape[0]
+    capture = dict(collect_G=collect_gradients, device=factor_device, gram_dtype=gram_dtype, placement=placement)
+    calibrate = dict(device=device, batch_size=batch_size, fisher=fisher, k=k, seed=seed, first_window=mine.start,
+                     autocast_dtype=autocast_dtype, collect_gradients=collect_gradients)
     factors = KFACFactors()
     seconds = {"curvature": 0.0, "allreduce": 0.0}
     with _calibration_mode(model, adapter, collect_weight_grads) as grad_params:
         for b, block in enumerate(blocks):
             t0 = time.perf_counter()
-            with capture_kfac(model, adapter, collect_G=collect_gradients, device=factor_device,
-                              gram_dtype=gram_dtype, placement=placement, layers=block) as stats, \
+            with capture_kfac(model, adapter, layers=block, **capture) as stats, \
                     (checkpointed_layers(model, adapter, stats) if checkpoint_layers and collect_gradients
                      else nullcontext()):
-                _calibration_pass(model, windows, stats, device=device, batch_size=batch_size, fisher=fisher, k=k,
-                                  seed=seed, first_window=mine.start, autocast_dtype=autocast_dtype,
-                                  collect_gradients=collect_gradients,
+                _calibration_pass(model, windows, stats, **calibrate,
                                   progress=(lambda i, total, b=b: progress(b * total + i, len(blocks) * total))
                                   if progress else None)
-            if b == 0:  # the loss gradients are the same in every pass: the first one's are kept
-                for name, g in _mean_weight_grads(grad_params, n * L):
-                    stats.grads[name] = g.to(factor_device)
-            for w, bias in grad_params.values():
-                w.grad = None
-                if bias is not None:
-                    bias.grad = None
-            tokens = n * L
+            _take_weight_grads(stats, grad_params, windows.shape[0] * L, factor_device, keep=b == 0)
+            tokens = windows.shape[0] * L
             if dp is not None:
                 tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners)
                 seconds["allreduce"] += stats.seconds["allreduce"]
@@ -508,6 +494,30 @@ def estimate_kfac(
         del seconds["allreduce"]
     factors.seconds.update(seconds)
     return factors
+
+
+def _check_arguments(fisher: str, collect_weight_grads: bool, collect_gradients: bool, passes: int,
+                     storage: str) -> None:
+    if fisher not in ("empirical", "sampled"):
+        raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}")
+    if collect_weight_grads and (fisher != "empirical" or not collect_gradients):
+        raise ValueError("the first-order term needs the gradient of the true-label loss: use fisher='empirical'")
+    if passes < 1:
+        raise ValueError(f"passes must be at least 1, got {passes}")
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, not {storage!r}")
+
+
+def _take_weight_grads(stats: KFACFactors, grad_params: dict, tokens: int, device, *, keep: bool) -> None:
+    """Move the pass's mean weight gradients into ``stats`` (``keep``: the first pass; every pass computes the same
+    ones) and clear the parameters' gradients for the next pass."""
+    if keep:
+        for name, g in _mean_weight_grads(grad_params, tokens):
+            stats.grads[name] = g.to(device)
+    for w, bias in grad_params.values():
+        w.grad = None
+        if bias is not None:
+            bias.grad = None
 
 
 def _finish(stats: KFACFactors, tokens: int, k: int, storage: str) -> None:
