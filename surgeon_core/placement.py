@@ -3,21 +3,33 @@ cost and update phases, and how the costs reach every rank.
 
 Data-parallel (surgeon_core.distributed): whole decoder layers are shared round-robin over the ranks; each owner
 broadcasts its layers' costs, so every rank applies the same global threshold, and later its new weights.
+
+FSDP-sharded weights (``torch.distributed.fsdp.fully_shard``: DTensor parameters, each rank holding a slice): for
+the costs and updates each owner gathers its layers' whole weights (:func:`gather_owned`); afterwards the new weights
+go back into every rank's slices (:func:`scatter_back`). Both walk all linears in the same order on every rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+
 import torch
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed: nothing is ever sharded
+    DTensor = ()
 
 from . import distributed
 from .adapters import ArchitectureAdapter
 from .curvature import KFACFactors
 from .subproblem import LayerProblem, augmented
 
-__all__ = ["Placement", "owners", "cost_stub", "share_costs", "park_device", "move_layer", "restore_working_weight"]
+__all__ = ["Placement", "owners", "cost_stub", "share_costs", "park_device", "move_layer", "restore_working_weight",
+           "sharded_weights", "gather_owned", "scatter_back"]
 
 PARKED = ("W", "A_inv", "G_inv")  # what waits, per layer, between the cost and the update phase
 
@@ -111,6 +123,63 @@ def move_layer(layer: LayerProblem, device: torch.device, moved: dict) -> None:
             layer.A_inv = moved["dst"]
         else:
             setattr(layer, attr, t.to(device))
+
+
+def sharded_weights(linears: dict[str, nn.Linear]) -> bool:
+    """Whether the linears' weights are FSDP-sharded (DTensor parameters)."""
+    return any(isinstance(lin.weight, DTensor) for lin in linears.values())
+
+
+def gather_owned(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int) -> dict[str, dict[str, DTensor]]:
+    """Every sharded weight and bias gathered whole on every rank (one all-gather each, in the same order on all
+    ranks); the owner of a linear keeps them, as plain parameters, for the shot. Returns the owners' sharded
+    parameters, which :func:`scatter_back` puts back."""
+    kept = {}
+    for name, lin in linears.items():
+        sharded = {k: p for k in ("weight", "bias") if isinstance(p := getattr(lin, k), DTensor)}
+        whole = {k: p.full_tensor().detach() for k, p in sharded.items()}
+        if owners[name] == rank and sharded:
+            for k, t in whole.items():
+                setattr(lin, k, nn.Parameter(t, requires_grad=False))
+            kept[name] = sharded
+    return kept
+
+
+def scatter_back(linears: dict[str, nn.Linear], owners: dict[str, int], rank: int, kept: dict[str, dict[str, DTensor]],
+                 dp) -> float:
+    """Each owner's new weights into every rank's slices of them (a broadcast of the whole tensor, from which each
+    rank copies its own slice), the owners' sharded parameters restored; returns the seconds taken."""
+    t0 = time.perf_counter()
+    for name, lin in linears.items():
+        mine = owners[name] == rank
+        for k in ("weight", "bias"):
+            sharded = kept.get(name, {}).get(k) if mine else getattr(lin, k)
+            if not isinstance(sharded, DTensor):
+                continue
+            local = sharded.to_local()
+            whole = getattr(lin, k).detach() if mine else torch.empty(sharded.shape, dtype=local.dtype,
+                                                                      device=local.device)
+            if dp is not None:
+                distributed.broadcast_tensors([whole], dp, src=owners[name])
+            with torch.no_grad():
+                local.copy_(_local_slice(whole, sharded))
+            if mine:
+                setattr(lin, k, sharded)
+    return time.perf_counter() - t0
+
+
+def _local_slice(whole: torch.Tensor, sharded: DTensor) -> torch.Tensor:
+    """This rank's part of ``whole`` under ``sharded``'s placement (FSDP: ``torch.chunk`` along one dimension)."""
+    (placement,) = sharded.placements
+    if not placement.is_shard():
+        return whole
+    mesh = sharded.device_mesh
+    chunks = whole.chunk(mesh.size(), dim=placement.dim)
+    i = mesh.get_local_rank()
+    part = chunks[i] if i < len(chunks) else whole.narrow(placement.dim, 0, 0)
+    if part.shape != sharded.to_local().shape:
+        raise ValueError(f"unexpected shard layout: {tuple(part.shape)} vs {tuple(sharded.to_local().shape)}")
+    return part
 
 
 @dataclass

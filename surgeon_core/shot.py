@@ -64,7 +64,8 @@ def model_size(model: nn.Module, adapter: ArchitectureAdapter | None = None) -> 
     per_layer, type_tot, type_nz = {}, {}, {}
     total = nonzero = 0
     for name, lin in prunable_linears(model, adapter).items():
-        nz, n = int(torch.count_nonzero(lin.weight)), lin.weight.numel()
+        count = torch.count_nonzero(lin.weight)
+        nz, n = int(count.full_tensor() if hasattr(count, "full_tensor") else count), lin.weight.numel()
         per_layer[name] = nz / n
         t = adapter.layer_type(name)
         type_tot[t] = type_tot.get(t, 0) + n
@@ -118,6 +119,9 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
         raise ValueError(f"{opts.method} is a layer-wise baseline: call run_step() instead")
     device = torch.device(opts.device) if opts.device else next(model.parameters()).device
     linears = prunable_linears(model, adapter)
+    sharded = placement.sharded_weights(linears)
+    if sharded and opts.structure_spec.kind == "coupled":
+        raise ValueError("coupled structures are solved by one rank: they need whole weights, not FSDP-sharded ones")
     seconds: dict[str, float] = {}
     factors = _curvature(model, windows, opts, adapter, device, shot, progress, dp, seconds)
     if opts.structure_spec.kind == "coupled":
@@ -127,6 +131,7 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
                              progress)
 
     where = Placement.plan(linears, adapter, dp, opts, device, factors)
+    kept = placement.gather_owned(linears, where.owners, where.rank) if sharded else None
     t0 = time.perf_counter()
     layers, escalations, extra_gain = _costs(linears, factors, opts, where, progress)
     del factors  # each factor was dropped after its last use: the last reference goes
@@ -145,7 +150,9 @@ def _prune_shot(model, windows, *, options, target_size, shot, num_shots, adapte
     else:
         _update_elements(layers, selections, opts, where, progress)
     seconds["update"] = time.perf_counter() - t0
-    if dp is not None:
+    if sharded:
+        seconds["broadcast"] = placement.scatter_back(linears, where.owners, where.rank, kept, dp)
+    elif dp is not None:
         seconds["broadcast"] = _broadcast_weights(layers, where, dp)
     extra = {"first_order_gain": extra_gain} if opts.first_order else {}  # the Newton steps' predicted change
     return _report(model, adapter, shot, num_shots, target_size, estimated, seconds, escalations, extra)

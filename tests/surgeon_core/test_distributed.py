@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 WORLD = 2
 STRUCTURES = ("structured", "unstructured", "2:4", "coupled", "structured+first-order")  # coupled: rank 0 alone
 SHARDED = ("structured+sharded", "unstructured+sharded", "2:4+sharded")  # factors kept by their layer's rank
+FSDP_SHOTS = ("structured", "unstructured", "2:4+sharded")  # shots on FSDP-sharded weights
 
 
 def _factors(model, windows, **kw):
@@ -68,20 +69,34 @@ def _cases() -> dict:
     return out
 
 
-def _fsdp_factors() -> dict:
-    """The factors of a model whose decoder layers and body are sharded with FSDP2 (every rank holds a shard of each
-    weight; the vocabulary head stays whole), data-parallel as usual."""
+def _fsdp_model():
+    """A tiny Llama whose decoder layers and body are sharded with FSDP2 (the vocabulary head stays whole)."""
     from torch.distributed.fsdp import fully_shard
 
     from surgeon_core.adapters import adapter_for, get_submodule
 
     model = tiny_model("llama")
-    adapter = adapter_for(model)
-    for layer in get_submodule(model, adapter.layers):
+    for layer in get_submodule(model, adapter_for(model).layers):
         fully_shard(layer)
     fully_shard(model.model)
     assert type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
-    return _factors(model, tiny_windows(6, 24), batch_size=2)
+    return model
+
+
+def _fsdp_shot(structure: str) -> dict:
+    """:func:`_shot` on FSDP-sharded weights; the weights come back whole, gathered from the shards."""
+    model = _fsdp_model()
+    extra = {"shard_factors": True} if structure.endswith("sharded") else {}
+    out = _shot(model, tiny_windows(6, 24), structure, **extra)
+    out["weights"] = {n: p.full_tensor() for n, p in model.named_parameters() if "layers" in n}
+    out["sharded"] = type(model.model.layers[0].mlp.up_proj.weight).__name__ == "DTensor"
+    return out
+
+
+def _fsdp_factors() -> dict:
+    """The factors of a model whose decoder layers and body are sharded with FSDP2 (every rank holds a shard of each
+    weight; the vocabulary head stays whole), data-parallel as usual."""
+    return _factors(_fsdp_model(), tiny_windows(6, 24), batch_size=2)
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:
@@ -92,6 +107,8 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     try:
         out = _cases()
         out["fsdp"] = _fsdp_factors()
+        for structure in FSDP_SHOTS:
+            out[f"fsdp {structure}"] = _fsdp_shot(structure)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -136,6 +153,19 @@ def test_factors_of_a_model_with_fsdp_sharded_weights_match_one_process(runs):
             for key in ref[kind]:
                 scale = ref[kind][key].abs().max()
                 torch.testing.assert_close(r["fsdp"][kind][key], ref[kind][key], rtol=1e-5, atol=1e-6 * float(scale))
+
+
+@pytest.mark.parametrize("structure", FSDP_SHOTS)
+def test_a_shot_on_fsdp_sharded_weights_matches_one_process(runs, structure):
+    single, ranks = runs
+    ref = single[structure]
+    for r in ranks:
+        got = r[f"fsdp {structure}"]
+        assert got["sharded"] and got["size"] == ref["size"]
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+        for name, w in ref["weights"].items():
+            assert torch.equal(got["weights"][name] == 0, w == 0), name
+            torch.testing.assert_close(got["weights"][name], w, rtol=1e-3, atol=1e-5)
 
 
 def test_sharded_factors_are_kept_by_their_layers_rank_alone(runs):
