@@ -231,6 +231,8 @@ class ComputeSection(_Section):
                                "block's fp32 factor sums alive at a time", json_schema_extra=NOT_WEIGHTS)
     shard_factors: bool = Field(default=False, description="nproc > 1: each K-FAC factor is kept only by the "
                                 "process that solves its layer", json_schema_extra=NOT_WEIGHTS)
+    shard_weights: bool = Field(default=False, description="nproc > 1: the model's decoder weights are sharded over "
+                                "the processes of a shot (FSDP2), each holding a slice", json_schema_extra=NOT_WEIGHTS)
     factor_storage: Literal["fp32", "packed", "bf16"] = Field(
         default="fp32", description="how the finished K-FAC factors are kept (their sums stay fp32): fp32 matrices, "
         "packed (fp32 upper halves: half the memory, exact) or bf16 (half the memory, rounded)",
@@ -409,12 +411,14 @@ class PruneConfig(BaseModel):
             if self.calibration.nsamples < self.compute.nproc:
                 raise ValueError(f"nproc {self.compute.nproc} needs at least one calibration window per process "
                                  f"(nsamples is {self.calibration.nsamples})")
-        if self.compute.shard_factors:
+        for key, what in (("shard_factors", "the factors"), ("shard_weights", "the weights")):
+            if not getattr(self.compute, key):
+                continue
             if self.compute.nproc < 2:
-                raise ValueError("compute.shard_factors spreads the factors over the processes of a shot: it needs "
+                raise ValueError(f"compute.{key} spreads {what} over the processes of a shot: it needs "
                                  "compute.nproc of 2 or more")
             if self.method.structure == "coupled":
-                raise ValueError("compute.shard_factors needs per-layer solves: coupled structures are solved by one "
+                raise ValueError(f"compute.{key} needs per-layer solves: coupled structures are solved by one "
                                  "process")
         f = self.finetune
         if f.active and f.holdout > 0 and self.calibration.nsamples <= f.holdout_min:

@@ -26,7 +26,10 @@ import torch
 from surgeon_core.evaluate import perplexity
 from surgeon_core.finetune import (FinetuneOptions, TeacherTargets, finetune, mask_violations, pruning_masks,
                                    teacher_targets, validation_split)
+from surgeon_core.adapters import adapter_for
+from surgeon_core.curvature import factor_memory, passes_to_fit
 from surgeon_core.methods import DTYPES, PruneOptions
+from surgeon_core.placement import shard_weights
 from surgeon_core.schedule import Step
 from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, ShotReport, model_size, run_step
 
@@ -100,14 +103,14 @@ def finetune_summary(row: dict) -> dict:
             "val_loss_best": val.get(best) if best is not None else None}
 
 
-def load_for_pruning(source: str, cfg: PruneConfig):
-    """The model (in ``compute.model_dtype``, on the compute device) and tokenizer of a folder or a random
-    architecture, with the recipe's thread count."""
-    dtype = DTYPES[cfg.compute.model_dtype]
+def load_for_pruning(source: str, cfg: PruneConfig, device: str | None = None):
+    """The model (in ``compute.model_dtype``, on ``device`` or the compute device) and tokenizer of a folder or a
+    random architecture, with the recipe's thread count."""
+    dtype, device = DTYPES[cfg.compute.model_dtype], device or cfg.compute.device
     if source.startswith(RANDOM):
-        model, tok = random_model(source, device=cfg.compute.device, dtype=dtype, seed=cfg.method.seed), None
+        model, tok = random_model(source, device=device, dtype=dtype, seed=cfg.method.seed), None
     else:
-        model, tok, _ = load_model(source, dtype=dtype, device=cfg.compute.device)
+        model, tok, _ = load_model(source, dtype=dtype, device=device)
     torch_threads(cfg.compute.threads)
     if next(model.parameters()).device.type == "cpu":
         keep_freed_memory()  # reuse the batches' large buffers instead of page-faulting them in again
@@ -118,9 +121,6 @@ def check_factor_memory(cfg: PruneConfig, model, device_bytes: int, log: logging
     """The K-FAC factors' bytes per GPU (surgeon_core.curvature.factor_memory) under the recipe's compute keys,
     logged; a :class:`SurgeonError` before any work when their peak alone exceeds what ``device_bytes`` leaves beside
     the weights, naming the settings that would fit. None for methods without K-FAC factors."""
-    from surgeon_core.adapters import adapter_for
-    from surgeon_core.curvature import factor_memory, passes_to_fit
-
     opts = cfg.options()
     if opts.layerwise or opts.spec.curvature == "none":
         return None
@@ -520,11 +520,21 @@ def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Ste
     in_group = dist.is_available() and dist.is_initialized()
     if cfg.compute.nproc > 1 and not in_group:
         return launcher.launch_shot(cfg, source_dir, calib_path, step, ckpt_dir, progress=progress)
-    model, tok = load_for_pruning(source_dir, cfg)
+    sharded = in_group and cfg.compute.shard_weights
+    if sharded:  # whole on the CPU, then each rank keeps its slices on the compute device
+        model, tok = load_for_pruning(source_dir, cfg, device="cpu")
+        shard_weights(model, adapter_for(model))
+    else:
+        model, tok = load_for_pruning(source_dir, cfg)
     report = Runner(cfg, model, load_windows(calib_path), progress=progress, log=log).prune(step)
     state = {"step": step.to_dict(), "config_hash": cfg.config_hash(), "report": report}
+    weights = None
+    if sharded:  # the whole weights, gathered onto rank 0's CPU (a collective: every rank takes part)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not in_group or dist.get_rank() == 0:
-        save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)})
+        save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)}, state_dict=weights)
     return report
 
 

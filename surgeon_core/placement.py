@@ -29,7 +29,7 @@ from .curvature import KFACFactors
 from .subproblem import LayerProblem, augmented
 
 __all__ = ["Placement", "owners", "cost_stub", "share_costs", "park_device", "move_layer", "restore_working_weight",
-           "sharded_weights", "gather_owned", "scatter_back"]
+           "shard_weights", "sharded_weights", "gather_owned", "scatter_back"]
 
 PARKED = ("W", "A_inv", "G_inv")  # what waits, per layer, between the cost and the update phase
 
@@ -123,6 +123,18 @@ def move_layer(layer: LayerProblem, device: torch.device, moved: dict) -> None:
             layer.A_inv = moved["dst"]
         else:
             setattr(layer, attr, t.to(device))
+
+
+def shard_weights(model: nn.Module, adapter: ArchitectureAdapter) -> None:
+    """Shard every decoder layer, and the module holding them (embeddings, final norm), with FSDP2 over the default
+    process group; the vocabulary head stays whole on every rank (the loss reads its weight directly)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .adapters import get_submodule
+
+    for layer in get_submodule(model, adapter.layers):
+        fully_shard(layer)
+    fully_shard(get_submodule(model, adapter.layers.rpartition(".")[0]))
 
 
 def sharded_weights(linears: dict[str, nn.Linear]) -> bool:

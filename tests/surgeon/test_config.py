@@ -142,6 +142,8 @@ def test_unquoted_n_m_in_yaml_is_the_structure(tmp_path):
     ("compute.shard_factors=true", "compute.shard_factors spreads the factors over the processes of a shot: it "
                                    "needs compute.nproc of 2 or more"),
     ("compute.factor_passes=0", "invalid recipe value for 'compute.factor_passes'"),
+    ("compute.shard_weights=true", "compute.shard_weights spreads the weights over the processes of a shot: it "
+                                   "needs compute.nproc of 2 or more"),
     ("compute.factor_storage=fp16", "invalid recipe value for 'compute.factor_storage'"),
 ])
 def test_bad_values_are_refused_at_load(override, message):
@@ -252,8 +254,11 @@ def test_factor_memory_keys_reach_the_shot():
     assert (opts.shard_factors, opts.factor_passes, opts.factor_storage) == (True, 4, "packed")
     plain = load_recipe(None, model="some/model").options()
     assert (plain.shard_factors, plain.factor_passes, plain.factor_storage) == (False, 1, "fp32")
-    with pytest.raises(SurgeonError, match="coupled structures are solved by one process"):
-        load_recipe(None, ["nproc=2", "shard_factors=true", "structure=coupled"], model="some/model")
+    two = cfg_of("nproc=2").config_hash()
+    assert cfg_of("nproc=2", "shard_weights=true", "shard_factors=true").config_hash() == two
+    for key in ("shard_factors", "shard_weights"):
+        with pytest.raises(SurgeonError, match="coupled structures are solved by one process"):
+            load_recipe(None, ["nproc=2", f"{key}=true", "structure=coupled"], model="some/model")
 
 
 def test_every_shipped_recipe_validates():

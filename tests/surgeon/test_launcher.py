@@ -20,10 +20,12 @@ def _masks(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("factors", [[], ["compute.shard_factors=true", "compute.factor_passes=2",
-                                           "compute.factor_storage=packed"]], ids=["replicated", "sharded"])
+                                           "compute.factor_storage=packed"], ["compute.shard_weights=true"]],
+                         ids=["replicated", "sharded factors", "sharded weights"])
 def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path, factors):
     """prune_step_dir with compute.nproc=2 launches torchrun (gloo, surgeon.shot_worker); its checkpoint has one
-    process's masks, with the factors replicated or sharded (packed, in layer-block passes)."""
+    process's masks, with the factors replicated or sharded (packed, in layer-block passes), or the weights sharded
+    (FSDP2; the checkpoint gathers them whole)."""
     import numpy as np
 
     from surgeon.config import load_recipe
