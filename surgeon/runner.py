@@ -150,8 +150,8 @@ class Runner:
         self.calibration, self.evaluation = calibration, evaluation
         self.options = cfg.options()
         self.progress, self.log = progress, log or _log
-        device = next(model.parameters()).device
-        if device.type == "cuda":
+        device = next(model.parameters()).device if model is not None else None
+        if device is not None and device.type == "cuda":
             check_factor_memory(cfg, model, torch.cuda.get_device_properties(device).total_memory, self.log)
         self.teacher: TeacherTargets | None = None
         self._split: tuple[torch.Tensor, torch.Tensor | None] | None = None
