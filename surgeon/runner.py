@@ -129,7 +129,7 @@ def check_factor_memory(cfg: PruneConfig, model, device_bytes: int, log: logging
     plan = factor_memory(model, adapter, passes=c.factor_passes, storage=c.factor_storage, **spread)
     (log or _log).info("K-FAC factors per GPU: at most %.1f GB during the curvature pass, %.1f GB kept after it",
                        plan["peak"] / 1e9, plan["stored"] / 1e9)
-    budget = device_bytes - sum(p.numel() * p.element_size() for p in model.parameters())
+    budget = device_bytes - sum(_local(p).numel() * p.element_size() for p in model.parameters())
     if plan["peak"] <= budget:
         return plan
     fits = passes_to_fit(model, adapter, budget, storage="packed", **spread)
@@ -139,6 +139,11 @@ def check_factor_memory(cfg: PruneConfig, model, device_bytes: int, log: logging
               "(compute.nproc with compute.shard_factors=true)")
     raise SurgeonError(f"the K-FAC factors need {plan['peak'] / 1e9:.1f} GB per GPU during the curvature pass, more "
                        f"than the {budget / 1e9:.1f} GB the GPU leaves beside the weights; {advice}")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds (its slice of an FSDP-sharded one)."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class Runner:
