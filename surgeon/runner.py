@@ -155,13 +155,15 @@ class Runner:
         self.calibration, self.evaluation = calibration, evaluation
         self.options = cfg.options()
         self.progress, self.log = progress, log or _log
-        device = next(model.parameters()).device if model is not None else None
-        if device is not None and device.type == "cuda":
-            check_factor_memory(cfg, model, torch.cuda.get_device_properties(device).total_memory, self.log)
+        self._memory_checked = False
         self.teacher: TeacherTargets | None = None
         self._split: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def prune(self, step: Step) -> dict:
+        device = next(self.model.parameters()).device
+        if device.type == "cuda" and not self._memory_checked:  # before the first shot's work
+            check_factor_memory(self.cfg, self.model, torch.cuda.get_device_properties(device).total_memory, self.log)
+            self._memory_checked = True
         try:
             rep = shot_with_fallback(self.model, self.calibration, self.options, step, progress=self.progress,
                                      log=self.log)

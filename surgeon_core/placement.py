@@ -24,7 +24,7 @@ except ImportError:  # a torch build without torch.distributed: nothing is ever 
     DTensor = ()
 
 from . import distributed
-from .adapters import ArchitectureAdapter
+from .adapters import ArchitectureAdapter, get_submodule
 from .curvature import KFACFactors
 from .subproblem import LayerProblem, augmented
 
@@ -129,8 +129,6 @@ def shard_weights(model: nn.Module, adapter: ArchitectureAdapter) -> None:
     """Shard every decoder layer, and the module holding them (embeddings, final norm), with FSDP2 over the default
     process group; the vocabulary head stays whole on every rank (the loss reads its weight directly)."""
     from torch.distributed.fsdp import fully_shard
-
-    from .adapters import get_submodule
 
     for layer in get_submodule(model, adapter.layers):
         fully_shard(layer)
