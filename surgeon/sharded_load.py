@@ -1,0 +1,127 @@
+"""A model folder loaded straight into FSDP2 shards: each process of a sharded-weights shot reads only its own slices
+of the decoder weights from the safetensors files, so no process ever holds the whole model.
+
+The model is built with empty (meta) parameters and real buffers (rotary tables), its decoder layers and body are
+sharded as :func:`surgeon_core.placement.shard_weights` shards them, the shards are allocated on the compute device,
+and every shard is filled from ``safe_open(...).get_slice``. Parameters left whole (the vocabulary head) are read
+whole. Without an initialised process group there is nothing to shard: use :func:`surgeon.models.load_model`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+
+from surgeon_core.adapters import adapter_for
+from surgeon_core.placement import shard_weights
+
+from .errors import SurgeonError
+
+__all__ = ["load_sharded", "can_load_sharded", "shard_rows"]
+
+
+def can_load_sharded(folder: str | Path) -> bool:
+    """Whether ``folder`` is a plain Hugging Face folder of safetensors weights (not GGUF, not a materialized model)."""
+    from .models import MATERIALIZED_PREFIX, _raw_model_type
+
+    folder = Path(folder)
+    model_type = _raw_model_type(folder / "config.json") if (folder / "config.json").is_file() else None
+    return (model_type is not None and not model_type.startswith(MATERIALIZED_PREFIX)
+            and bool(_weight_index(folder)))
+
+
+def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, length)`` of ``rank``'s rows when ``rows`` are split as FSDP2 splits dimension 0 (``torch.chunk``:
+    ceil(rows / world) each, the last ranks possibly with fewer or none)."""
+    per = -(-rows // world)
+    start = min(rank * per, rows)
+    return start, min(per, rows - start)
+
+
+def _weight_index(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or the shards listed in the index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return {}
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _empty_model(folder: Path, dtype: torch.dtype):
+    """The folder's architecture with parameters on the meta device and buffers (rotary tables) real, on the CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model
+
+
+def _source_key(name: str, index: dict[str, Path], model) -> str:
+    """The files' name for parameter ``name``; a tied vocabulary head, saved once, reads the input embeddings."""
+    if name in index:
+        return name
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if head is not None and getattr(text, "tie_word_embeddings", False) and names.get(id(head.weight)) == name:
+        return names[id(embed.weight)]
+    raise SurgeonError(f"the weight files hold no tensor '{name}' (their names differ from the architecture's)")
+
+
+def _fill(model, folder: Path, dtype: torch.dtype) -> None:
+    """Every parameter from the files: a DTensor shard reads its own rows, a whole parameter the whole tensor."""
+    index = _weight_index(folder)
+    handles: dict[Path, object] = {}
+    try:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            key = _source_key(name, index, model)
+            f = handles.get(index[key]) or handles.setdefault(index[key], safe_open(index[key], framework="pt"))
+            view = f.get_slice(key)
+            if tuple(view.get_shape()) != tuple(p.shape):
+                raise SurgeonError(f"{key}: shape {tuple(view.get_shape())} in the files, {tuple(p.shape)} in the "
+                                   "architecture")
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if isinstance(p, DTensor) and p.placements[0].is_shard():
+                start, rows = shard_rows(p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank())
+                part = view[start:start + rows]
+            else:
+                part = view[:]
+            with torch.no_grad():
+                local.copy_(part.to(dtype))
+    finally:
+        handles.clear()
+
+
+def load_sharded(folder: str | Path, *, dtype: torch.dtype, device: str | torch.device):
+    """``(model, tokenizer)`` of a safetensors model folder with its decoder layers and body sharded over the running
+    process group (FSDP2), each process reading only its slices; the vocabulary head is whole on every process."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise SurgeonError("load_sharded needs an initialised process group (the processes of one shot)")
+    if not can_load_sharded(folder):
+        raise SurgeonError(f"{folder} is not a safetensors model folder that can be read in slices")
+    model = _empty_model(folder, dtype)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    shard_weights(model, adapter_for(model))
+    model.to_empty(device=device)
+    for name, value in buffers.items():  # to_empty leaves the buffers uninitialised
+        model.get_buffer(name).copy_(value)
+    _fill(model, folder, dtype)
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise SurgeonError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from exc
+    return model, tok

@@ -1,0 +1,100 @@
+"""surgeon.sharded_load: 2 gloo processes each read only their FSDP2 slices of a saved model's decoder weights, and the
+sharded model is the whole one (same parameters gathered, same buffers, same logits) for a plain, a tied-embedding
+and a biased family."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tiny_models import tiny_windows
+
+pytestmark = [pytest.mark.distributed, pytest.mark.integration]
+
+WORLD = 2
+FAMILIES = ("llama", "gemma3", "opt")
+
+
+def _check(folder: str) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from surgeon.models import load_model
+    from surgeon.sharded_load import load_sharded
+
+    model, tok = load_sharded(folder, dtype=torch.float32, device="cpu")
+    whole, _, _ = load_model(folder)
+    ref, bufs = dict(whole.named_parameters(remove_duplicate=False)), dict(whole.named_buffers())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    local = sum(p.to_local().numel() for p in params.values() if isinstance(p, DTensor))
+    sharded = sum(p.numel() for p in params.values() if isinstance(p, DTensor))
+    ids = tiny_windows(2, 12)
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - whole(input_ids=ids).logits).abs().max().item()
+    return {"equal": all(torch.equal(p.full_tensor() if isinstance(p, DTensor) else p, ref[n])
+                         for n, p in params.items()),
+            "buffers": all(torch.equal(b, bufs[n]) for n, b in model.named_buffers()),
+            "names": sorted(params) == sorted(ref), "local": local, "sharded": sharded, "logit_diff": diff,
+            "decoder_sharded": all(isinstance(p, DTensor) for n, p in params.items() if ".layers." in n),
+            "tokenizer": tok is not None}
+
+
+def _worker(rank: int, store: str, root: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        out = {family: _check(os.path.join(root, family)) for family in FAMILIES}
+        torch.save(out, os.path.join(root, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    from tiny_io import save_tiny
+
+    root = tmp_path_factory.mktemp("sharded_load")
+    for family in FAMILIES:
+        save_tiny(root / family, family)
+    mp.spawn(_worker, args=(str(root / "store"), str(root)), nprocs=WORLD, join=True)
+    return [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_rank_holds_its_slices_of_the_whole_model(ranks, family):
+    for out in (r[family] for r in ranks):
+        assert out["names"] and out["equal"] and out["buffers"] and out["tokenizer"] and out["decoder_sharded"]
+        assert out["logit_diff"] == 0.0
+    assert sum(r[family]["local"] for r in ranks) == ranks[0][family]["sharded"]  # the slices cover each weight once
+    assert all(r[family]["local"] <= ranks[0][family]["sharded"] // WORLD + 1024 for r in ranks)
+
+
+@pytest.mark.parametrize("rows,world", [(10, 2), (10, 3), (7, 4), (2, 4), (0, 2), (48, 2)])
+def test_shard_rows_follow_torch_chunk(rows, world):
+    from surgeon.sharded_load import shard_rows
+
+    chunks = torch.arange(rows).chunk(world)
+    for rank in range(world):
+        start, n = shard_rows(rows, world, rank)
+        expected = chunks[rank].tolist() if rank < len(chunks) else []
+        assert list(range(start, start + n)) == expected
+
+
+def test_folders_that_cannot_be_read_in_slices(tmp_path):
+    from surgeon.errors import SurgeonError
+    from surgeon.sharded_load import can_load_sharded, load_sharded
+    from tiny_io import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    assert can_load_sharded(folder)
+    assert not can_load_sharded(tmp_path / "missing")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "model.gguf").write_bytes(b"GGUF")
+    assert not can_load_sharded(tmp_path / "gguf")
+    with pytest.raises(SurgeonError, match="needs an initialised process group"):
+        load_sharded(folder, dtype=torch.float32, device="cpu")
