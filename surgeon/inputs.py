@@ -25,7 +25,7 @@ from .models import load_model, model_content_hash, save_model
 from .outputs import check_output
 from .utils import atomic_write, cache_dir, sha256_bytes, sha256_file
 
-__all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_model", "prepare_model", "validate_model", "build_calibration", "build_eval",
+__all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_config", "random_model", "prepare_model", "validate_model", "build_calibration", "build_eval",
            "load_windows", "preflight"]
 
 
@@ -64,11 +64,18 @@ def _random_arch(ref: str) -> dict:
     return RANDOM_ARCHS[arch]
 
 
+def random_config(ref: str):
+    """The Llama configuration of a ``random:ARCH`` model."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(max_position_embeddings=4096, **_random_arch(ref))
+
+
 def random_model(ref: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
     """A Llama-architecture model with random weights (``random:llama-2-7b``), built on ``device`` directly."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(max_position_embeddings=4096, **_random_arch(ref))
+    config = random_config(ref)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)

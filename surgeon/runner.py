@@ -39,7 +39,7 @@ from .errors import SurgeonError
 from .inputs import RANDOM, DataRef, ModelRef, load_windows, preflight, random_model
 from .models import load_model, save_model
 from .outputs import check_output, holds_export, manifest_files, output_lock
-from .sharded_load import can_load_sharded, load_sharded
+from .sharded_load import can_load_sharded, load_sharded, random_sharded
 from .utils import atomic_write, keep_freed_memory, torch_threads
 
 __all__ = ["Runner", "run", "check_factor_memory", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir",
@@ -532,7 +532,11 @@ def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Ste
     if sharded and can_load_sharded(source_dir):  # each rank reads only its slices of the files
         model, tok = load_sharded(source_dir, dtype=DTYPES[cfg.compute.model_dtype], device=cfg.compute.device)
         torch_threads(cfg.compute.threads)
-    elif sharded:  # a random architecture: whole on the CPU, then each rank keeps its slices on the compute device
+    elif sharded and source_dir.startswith(RANDOM):  # each rank draws only its slices
+        model, tok = random_sharded(source_dir, dtype=DTYPES[cfg.compute.model_dtype], device=cfg.compute.device,
+                                    seed=cfg.method.seed), None
+        torch_threads(cfg.compute.threads)
+    elif sharded:  # whole on the CPU, then each rank keeps its slices on the compute device
         model, tok = load_for_pruning(source_dir, cfg, device="cpu")
         shard_weights(model, adapter_for(model))
     else:

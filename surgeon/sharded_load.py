@@ -4,7 +4,9 @@ of the decoder weights from the safetensors files, so no process ever holds the 
 The model is built with empty (meta) parameters and real buffers (rotary tables), its decoder layers and body are
 sharded as :func:`surgeon_core.placement.shard_weights` shards them, the shards are allocated on the compute device,
 and every shard is filled from ``safe_open(...).get_slice``. Parameters left whole (the vocabulary head) are read
-whole. Without an initialised process group there is nothing to shard: use :func:`surgeon.models.load_model`.
+whole. A ``random:ARCH`` model is drawn the same way, each rank drawing its own slices (:func:`random_sharded`), so
+no process ever builds the whole model. Without an initialised process group there is nothing to shard: use
+:func:`surgeon.models.load_model`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from surgeon_core.placement import shard_weights
 
 from .errors import SurgeonError
 
-__all__ = ["load_sharded", "can_load_sharded", "shard_rows"]
+__all__ = ["load_sharded", "random_sharded", "can_load_sharded", "shard_rows"]
 
 
 def can_load_sharded(folder: str | Path) -> bool:
@@ -54,15 +56,27 @@ def _weight_index(folder: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def _empty_model(folder: Path, dtype: torch.dtype):
-    """The folder's architecture with parameters on the meta device and buffers (rotary tables) real, on the CPU."""
+def _sharded_empty(config, dtype: torch.dtype, device):
+    """``config``'s architecture sharded over the running process group, each rank's slices allocated (not
+    initialised) on ``device``; the buffers (rotary tables) are computed as usual."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device, buffers real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
-    return model
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    shard_weights(model, adapter_for(model))
+    model.to_empty(device=device)
+    for name, value in buffers.items():  # to_empty leaves the buffers uninitialised
+        model.get_buffer(name).copy_(value)
+    return model.eval()
+
+
+def _in_group() -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise SurgeonError("sharded weights need an initialised process group (the processes of one shot)")
 
 
 def _source_key(name: str, index: dict[str, Path], model) -> str:
@@ -104,24 +118,44 @@ def _fill(model, folder: Path, dtype: torch.dtype) -> None:
 def load_sharded(folder: str | Path, *, dtype: torch.dtype, device: str | torch.device):
     """``(model, tokenizer)`` of a safetensors model folder with its decoder layers and body sharded over the running
     process group (FSDP2), each process reading only its slices; the vocabulary head is whole on every process."""
-    import torch.distributed as dist
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
-    if not (dist.is_available() and dist.is_initialized()):
-        raise SurgeonError("load_sharded needs an initialised process group (the processes of one shot)")
+    _in_group()
     if not can_load_sharded(folder):
         raise SurgeonError(f"{folder} is not a safetensors model folder that can be read in slices")
-    model = _empty_model(folder, dtype)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    shard_weights(model, adapter_for(model))
-    model.to_empty(device=device)
-    for name, value in buffers.items():  # to_empty leaves the buffers uninitialised
-        model.get_buffer(name).copy_(value)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    model = _sharded_empty(config, dtype, device)
     _fill(model, folder, dtype)
-    model.eval()
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return model, None  # a checkpoint of a random architecture has no tokenizer
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as exc:
         raise SurgeonError(f"cannot load the tokenizer from {folder}: {str(exc).splitlines()[0]}") from exc
     return model, tok
+
+
+@torch.no_grad()
+def random_sharded(ref: str, *, dtype: torch.dtype, device: str | torch.device, seed: int = 0):
+    """A ``random:ARCH`` model sharded over the running process group, each rank drawing only its slices: weights
+    normal with the configuration's ``initializer_range`` (Llama's initialisation), norms 1. The draw depends on the
+    seed, the parameter and the rank, so it differs from :func:`surgeon.inputs.random_model`'s whole-model draw."""
+    from .inputs import random_config
+
+    _in_group()
+    config = random_config(ref)
+    model = _sharded_empty(config, dtype, device)
+    rank = torch.distributed.get_rank()
+    for i, (name, p) in enumerate(model.named_parameters(remove_duplicate=False)):
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if local.dim() == 1:  # RMSNorm weights
+            local.fill_(1.0)
+            continue
+        g = torch.Generator(device=local.device).manual_seed(seed * 1_000_003 + i * 1_009 + rank)
+        local.copy_(torch.randn(local.shape, generator=g, device=local.device, dtype=torch.float32)
+                    .mul_(config.initializer_range))
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if config.tie_word_embeddings and head.weight is not embed.weight:  # sharding separated the tied pair
+        head.weight.copy_(embed.weight.full_tensor() if isinstance(embed.weight, DTensor) else embed.weight)
+    return model

@@ -92,3 +92,22 @@ def test_evaluation_on_sharded_weights_gives_one_process_perplexity(tmp_path):
     assert two["windows"] == one["windows"] == 5 and two["tokens"] == one["tokens"]
     assert two["ppl"] == pytest.approx(one["ppl"], rel=1e-6)
     assert ("eval", 3, 3) in seen  # rank 0's share, reported through the launcher
+
+
+def test_a_random_architecture_shot_on_sharded_weights(tmp_path):
+    """A random:ARCH model with compute.shard_weights is drawn in slices by each process (never whole) and pruned."""
+    import numpy as np
+
+    from safetensors import safe_open
+
+    from surgeon.config import load_recipe
+    from surgeon.runner import prune_step_dir
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, tiny_windows(2, 16).numpy().astype(np.int32))
+    cfg = load_recipe(None, ["compute.nproc=2", "compute.shard_weights=true"], model="random:smollm2-135m",
+                      nsamples=2, seqlen=16, shots=1, target_size=0.95, threads=1)
+    report = prune_step_dir(cfg, cfg.model, str(calib), cfg.plan()[0], str(tmp_path / "ckpt"))
+    assert abs(report["achieved_size"] - 0.95) < 1e-3
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", framework="pt") as f:
+        assert f.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [1536, 576]

@@ -1,6 +1,6 @@
 """surgeon.sharded_load: 2 gloo processes each read only their FSDP2 slices of a saved model's decoder weights, and the
 sharded model is the whole one (same parameters gathered, same buffers, same logits) for a plain, a tied-embedding
-and a biased family."""
+and a biased family; a random architecture is drawn in slices."""
 
 from __future__ import annotations
 
@@ -40,6 +40,25 @@ def _check(folder: str) -> dict:
             "tokenizer": tok is not None}
 
 
+def _random() -> dict:
+    """random:smollm2-135m drawn in slices, twice with one seed and once with another."""
+    from torch.distributed.tensor import DTensor
+
+    from surgeon.sharded_load import random_sharded
+
+    draws = [random_sharded("random:smollm2-135m", dtype=torch.float32, device="cpu", seed=s) for s in (0, 0, 1)]
+    model = draws[0]
+    up = [m.model.layers[3].mlp.up_proj.weight.to_local() for m in draws]
+    decoder = [p for n, p in model.named_parameters() if ".layers." in n]
+    out = {"up": up[0].clone(), "same_seed": torch.equal(up[0], up[1]), "other_seed": not torch.equal(up[0], up[2]),
+           "std": float(up[0].std()), "sharded": all(isinstance(p, DTensor) for p in decoder),
+           "norms": all(torch.all(p.to_local() == 1).item() for n, p in model.named_parameters() if "norm" in n),
+           "tied": torch.equal(model.lm_head.weight, model.model.embed_tokens.weight.full_tensor())}
+    with torch.no_grad():  # (after the checks: the forward leaves the root module's parameters unsharded)
+        out["finite"] = bool(torch.isfinite(model(input_ids=tiny_windows(1, 8)).logits).all())
+    return out
+
+
 def _worker(rank: int, store: str, root: str) -> None:
     import torch.distributed as dist
 
@@ -47,6 +66,7 @@ def _worker(rank: int, store: str, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         out = {family: _check(os.path.join(root, family)) for family in FAMILIES}
+        out["random"] = _random()
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -96,5 +116,14 @@ def test_folders_that_cannot_be_read_in_slices(tmp_path):
     (tmp_path / "gguf").mkdir()
     (tmp_path / "gguf" / "model.gguf").write_bytes(b"GGUF")
     assert not can_load_sharded(tmp_path / "gguf")
-    with pytest.raises(SurgeonError, match="needs an initialised process group"):
+    with pytest.raises(SurgeonError, match="need an initialised process group"):
         load_sharded(folder, dtype=torch.float32, device="cpu")
+
+
+def test_a_random_architecture_is_drawn_in_slices(ranks):
+    """Each rank draws its own slices (the two ranks' slices differ), reproducibly from the seed, with Llama's
+    initialisation (std 0.02, norms 1) and the tied head equal to the whole embedding."""
+    for out in (r["random"] for r in ranks):
+        assert out["same_seed"] and out["other_seed"] and out["sharded"] and out["norms"] and out["tied"]
+        assert out["finite"] and out["std"] == pytest.approx(0.02, rel=0.02)
+    assert not torch.equal(ranks[0]["random"]["up"], ranks[1]["random"]["up"])
