@@ -33,7 +33,7 @@ GROUPS: dict[str, str] = {
     "finetune-domains": "Fine-tuning in and out of domain (Python-docs calibration; WikiText-2, The Devil's Dictionary, "
                         "stdlib docstrings)",
     "speed": "Materialized models: size and speed against the dense model",
-    "shot": "One shot of the Llama-2-7B architecture (random weights)",
+    "shot": "One shot of a Llama-2 architecture (7B, 13B, 70B; random weights)",
     "smoke": "CI smoke run",
     "gemma3": "Gemma-3-270M, weights 4-bit (Q4_K_M) GGUF de-quantized; G1 (CPU: 8 × 256 calibration tokens, 8 × 256 "
               "WikiText-2 evaluation tokens) and P (GPU: 128 × 2048, the whole WikiText-2 test)",
