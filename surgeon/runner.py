@@ -39,7 +39,7 @@ from .errors import SurgeonError
 from .inputs import RANDOM, DataRef, ModelRef, load_windows, preflight, random_model
 from .models import load_model, save_model
 from .outputs import check_output, holds_export, manifest_files, output_lock
-from .sharded_load import can_load_sharded, load_sharded, random_sharded
+from .sharded_load import can_load_sharded, load_sharded, random_sharded, save_sharded
 from .utils import atomic_write, keep_freed_memory, torch_threads
 
 __all__ = ["Runner", "run", "check_factor_memory", "zeroshot", "prune_step_dir", "finetune_step_dir", "evaluate_dir",
@@ -543,13 +543,11 @@ def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Ste
         model, tok = load_for_pruning(source_dir, cfg)
     report = Runner(cfg, model, load_windows(calib_path), progress=progress, log=log).prune(step)
     state = {"step": step.to_dict(), "config_hash": cfg.config_hash(), "report": report}
-    weights = None
-    if sharded:  # the whole weights, gathered onto rank 0's CPU (a collective: every rank takes part)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not in_group or dist.get_rank() == 0:
-        save_model(model, tok, ckpt_dir, extra_files={"state.json": json.dumps(state, indent=1)}, state_dict=weights)
+    extra = {"state.json": json.dumps(state, indent=1)}
+    if sharded:  # every rank writes its slices; they are joined into whole tensors file by file
+        save_sharded(model, tok, ckpt_dir, extra_files=extra)
+    elif not in_group or dist.get_rank() == 0:
+        save_model(model, tok, ckpt_dir, extra_files=extra)
     return report
 
 

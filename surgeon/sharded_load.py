@@ -1,17 +1,21 @@
-"""A model folder loaded straight into FSDP2 shards: each process of a sharded-weights shot reads only its own slices
+"""Sharded weights in and out of Hugging Face folders. A model folder loaded straight into FSDP2 shards: each process of a sharded-weights shot reads only its own slices
 of the decoder weights from the safetensors files, so no process ever holds the whole model.
 
 The model is built with empty (meta) parameters and real buffers (rotary tables), its decoder layers and body are
 sharded as :func:`surgeon_core.placement.shard_weights` shards them, the shards are allocated on the compute device,
 and every shard is filled from ``safe_open(...).get_slice``. Parameters left whole (the vocabulary head) are read
 whole. A ``random:ARCH`` model is drawn the same way, each rank drawing its own slices (:func:`random_sharded`), so
-no process ever builds the whole model. Without an initialised process group there is nothing to shard: use
-:func:`surgeon.models.load_model`.
+no process ever builds the whole model. :func:`save_sharded` writes such a model back as a Hugging Face folder
+with torch.distributed.checkpoint's Hugging Face writer: every rank writes its slices, which are then joined into
+whole tensors, file by file, so no process gathers the whole model in memory. Without an initialised process group
+there is nothing to shard: use :func:`surgeon.models.load_model` and :func:`surgeon.models.save_model`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,7 +27,7 @@ from surgeon_core.placement import shard_weights
 
 from .errors import SurgeonError
 
-__all__ = ["load_sharded", "random_sharded", "can_load_sharded", "shard_rows"]
+__all__ = ["load_sharded", "random_sharded", "save_sharded", "can_load_sharded", "shard_rows", "file_of_tensors"]
 
 
 def can_load_sharded(folder: str | Path) -> bool:
@@ -159,3 +163,53 @@ def random_sharded(ref: str, *, dtype: torch.dtype, device: str | torch.device, 
     if config.tie_word_embeddings and head.weight is not embed.weight:  # sharding separated the tied pair
         head.weight.copy_(embed.weight.full_tensor() if isinstance(embed.weight, DTensor) else embed.weight)
     return model
+
+
+def file_of_tensors(sizes: dict[str, int], files: int) -> dict[str, int]:
+    """Tensor name -> file index (1..files): names in order, each file holding about the same number of bytes."""
+    total, out, acc = sum(sizes.values()) or 1, {}, 0
+    for name, size in sizes.items():
+        out[name] = min(files, 1 + acc * files // total)
+        acc += size
+    return out
+
+
+def save_sharded(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a model with FSDP2-sharded weights as a Hugging Face folder (``model-0000i-of-0000N.safetensors`` and
+    their index, one file per process), atomically, from every rank of the running process group at once. Rank 0
+    writes the configuration, the tokenizer and ``extra_files`` and renames the finished folder into place."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from surgeon_core import distributed
+
+    from .models import _make_serializable
+    from .utils import atomic_dir, atomic_write
+
+    _in_group()
+    dp = distributed.resolve()
+    out_dir = Path(out_dir).expanduser().resolve()
+    state = get_model_state_dict(model)
+    sizes = {k: v.numel() * v.element_size() for k, v in sorted(state.items())}
+    mapping = file_of_tensors(sizes, dp.world_size if dp else 1)
+    main = dist.get_rank() == 0
+    with contextlib.ExitStack() as stack:  # rank 0's temporary folder, renamed into place when all is written
+        tmp = stack.enter_context(atomic_dir(out_dir)) if main else None
+        tmp = Path(distributed.broadcast_object(str(tmp), dp) if dp else tmp)
+        save(state, storage_writer=HuggingFaceStorageWriter(
+            str(tmp), fqn_to_index_mapping=mapping, save_distributed=True, enable_consolidation=True,
+            thread_count_consolidation=len(set(mapping.values()))))
+        dist.barrier()
+        if main:
+            shutil.rmtree(tmp / "sharded", ignore_errors=True)  # the per-rank slices, now joined
+            _make_serializable(model)
+            model.config.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, data in (extra_files or {}).items():
+                atomic_write(tmp / name, data)
+    dist.barrier()  # the folder is in place before any rank goes on
+    return out_dir

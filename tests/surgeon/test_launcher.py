@@ -3,6 +3,7 @@ one process's masks; nproc errors are one line."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -14,9 +15,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.integration]
 
 
 def _masks(folder) -> dict[str, torch.Tensor]:
+    """The zero masks of the decoder weights in a checkpoint (one file, or the files of its index)."""
     from safetensors.torch import load_file
 
-    return {k: v == 0 for k, v in load_file(folder / "model.safetensors").items() if "layers" in k}
+    return {k: v == 0 for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items() if "layers" in k}
 
 
 @pytest.mark.parametrize("factors", [[], ["compute.shard_factors=true", "compute.factor_passes=2",
@@ -49,6 +51,13 @@ def test_nproc_shot_runs_under_torchrun_with_the_same_masks(tmp_path, factors):
     assert {p for p, _, _ in seen} >= {"curvature", "costs", "update"}  # rank 0's progress reached the caller
     m1, m2 = _masks(tmp_path / "one"), _masks(tmp_path / "two")
     assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1)
+    if "compute.shard_weights=true" in factors:  # every rank wrote its slices: two files, loadable as one model
+        from surgeon.models import load_model
+
+        assert len(list((tmp_path / "two").glob("model-0000?-of-00002.safetensors"))) == 2
+        assert not (tmp_path / "two" / "sharded").exists() and (tmp_path / "two" / "state.json").is_file()
+        loaded, _, _ = load_model(tmp_path / "two")
+        assert all(torch.equal(p == 0, m1[n]) for n, p in loaded.named_parameters() if n in m1)
 
 
 def test_nproc_errors_are_one_line(tmp_path, capsys):
@@ -109,5 +118,6 @@ def test_a_random_architecture_shot_on_sharded_weights(tmp_path):
                       nsamples=2, seqlen=16, shots=1, target_size=0.95, threads=1)
     report = prune_step_dir(cfg, cfg.model, str(calib), cfg.plan()[0], str(tmp_path / "ckpt"))
     assert abs(report["achieved_size"] - 0.95) < 1e-3
-    with safe_open(tmp_path / "ckpt" / "model.safetensors", framework="pt") as f:
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(tmp_path / "ckpt" / index["model.layers.0.mlp.up_proj.weight"], framework="pt") as f:
         assert f.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [1536, 576]

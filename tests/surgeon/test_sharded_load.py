@@ -127,3 +127,15 @@ def test_a_random_architecture_is_drawn_in_slices(ranks):
         assert out["same_seed"] and out["other_seed"] and out["sharded"] and out["norms"] and out["tied"]
         assert out["finite"] and out["std"] == pytest.approx(0.02, rel=0.02)
     assert not torch.equal(ranks[0]["random"]["up"], ranks[1]["random"]["up"])
+
+
+@pytest.mark.parametrize("sizes,files,expected", [
+    ({"a": 10, "b": 10, "c": 10, "d": 10}, 2, {"a": 1, "b": 1, "c": 2, "d": 2}),
+    ({"a": 100, "b": 1, "c": 1}, 2, {"a": 1, "b": 2, "c": 2}),
+    ({"a": 5, "b": 5}, 1, {"a": 1, "b": 1}),
+    ({"a": 1, "b": 1}, 4, {"a": 1, "b": 3}),  # more files than tensors: some files stay unused
+])
+def test_tensors_are_spread_over_files_by_bytes(sizes, files, expected):
+    from surgeon.sharded_load import file_of_tensors
+
+    assert file_of_tensors(sizes, files) == expected
