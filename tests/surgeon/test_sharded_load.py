@@ -4,11 +4,13 @@ and a biased family; a random architecture is drawn in slices."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
 import torch
 
+from gloo_ranks import run_ranks
 from tiny_models import tiny_windows
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
@@ -59,30 +61,20 @@ def _random() -> dict:
     return out
 
 
-def _worker(rank: int, store: str, root: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        out = {family: _check(os.path.join(root, family)) for family in FAMILIES}
-        out["random"] = _random()
-        torch.save(out, os.path.join(root, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_results(root: str) -> dict:
+    out = {family: _check(os.path.join(root, family)) for family in FAMILIES}
+    out["random"] = _random()
+    return out
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     from tiny_io import save_tiny
 
     root = tmp_path_factory.mktemp("sharded_load")
     for family in FAMILIES:
         save_tiny(root / family, family)
-    mp.spawn(_worker, args=(str(root / "store"), str(root)), nprocs=WORLD, join=True)
-    return [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks(functools.partial(_rank_results, str(root)), root, WORLD)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,11 +8,10 @@ tests/surgeon/test_launcher.py.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from gloo_ranks import run_ranks
 from tiny_models import tiny_model, tiny_windows
 
 pytestmark = [pytest.mark.distributed, pytest.mark.integration]
@@ -99,28 +98,17 @@ def _fsdp_factors() -> dict:
     return _factors(_fsdp_model(), tiny_windows(6, 24), batch_size=2)
 
 
-def _worker(rank: int, store: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        out = _cases()
-        out["fsdp"] = _fsdp_factors()
-        for structure in FSDP_SHOTS:
-            out[f"fsdp {structure}"] = _fsdp_shot(structure)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _rank_results() -> dict:
+    out = _cases()
+    out["fsdp"] = _fsdp_factors()
+    for structure in FSDP_SHOTS:
+        out[f"fsdp {structure}"] = _fsdp_shot(structure)
+    return out
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_ranks(_rank_results, tmp_path_factory.mktemp("dist"), WORLD)
     torch.set_num_threads(1)
     return _cases(), ranks
 
