@@ -14,7 +14,8 @@ Memory: ``checkpoint_layers=True`` recomputes each decoder layer's activations i
 keeping them (``torch.utils.checkpoint``, non-reentrant); the hooks skip the recomputation, so the factors are the
 same as without it. ``passes`` > 1 repeats the pass over the windows once per contiguous block of decoder layers
 (balanced by factor size, :func:`layer_blocks`), collecting only that block's sums, which are reduced, normalised and
-stored before the next block starts: the same factors, with one block's fp32 sums alive at a time. ``owners``
+stored before the next block starts: the same factors, with one block's fp32 sums alive at a time (with
+``storage="packed"`` those sums are packed too wherever the Gram is one matmul, as on GPUs). ``owners``
 (data-parallel; factor key -> rank) sums each factor onto its owner alone instead of onto every rank, which returns
 only the factors it owns. ``storage``: how the finished factors are kept (sums and division stay fp32): "fp32"
 matrices, "packed" (fp32 upper parts, :func:`pack_symmetric`: about half the memory, exact) or "bf16" (half the
@@ -47,6 +48,8 @@ __all__ = [
     "passes_to_fit",
     "pack_symmetric",
     "unpack_symmetric",
+    "packed_size",
+    "complete_sum_",
     "layer_blocks",
     "NonFiniteCurvatureError",
     "RoundedCurvatureError",
@@ -92,15 +95,15 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 _MIN_GRAM_BLOCK = 192
 
 
-def _upper_gram_blocks(x: torch.Tensor, dtype: torch.dtype | None) -> int:
-    """How many column blocks the Gram of ``x`` (N, D) is split into (1 = one full matmul).
+def _gram_blocks(device: torch.device, dtype: torch.dtype | None, D: int) -> int:
+    """How many column blocks the Gram of a (N, D) input on ``device`` is split into (1 = one full matmul).
 
     Only for the fp32 Gram on the CPU: xᵀx is symmetric, so only the blocks on and above the diagonal are
     multiplied. CUDA keeps its one matmul (its bf16 path writes an fp32 result that cannot accumulate in
-    place)."""
-    if x.device.type != "cpu" or (dtype is not None and dtype != torch.float32):
+    place). A sum whose Gram is one matmul can be kept packed (``packed`` accumulation)."""
+    if device.type != "cpu" or (dtype is not None and dtype != torch.float32):
         return 1
-    return max(1, min(4, x.shape[1] // _MIN_GRAM_BLOCK))
+    return max(1, min(4, D // _MIN_GRAM_BLOCK))
 
 
 def _add_upper_gram_(acc: torch.Tensor, x: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -122,33 +125,58 @@ def symmetrize_upper_(M: torch.Tensor) -> torch.Tensor:
     return M
 
 
-def _accumulate(S: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype | None, upper_only: bool) -> torch.Tensor:
-    blocks = _upper_gram_blocks(x, dtype) if upper_only else 1
+def _accumulate(S: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype | None, upper_only: bool,
+                packed: bool = False) -> torch.Tensor:
+    blocks = _gram_blocks(x.device, dtype, x.shape[1]) if upper_only else 1
     if blocks > 1:
         if S is None:
             S = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
         return _add_upper_gram_(S, x, blocks)
     G = _gram(x, dtype)
+    if packed:  # the sum kept packed: the same additions, entry by entry, on about half the entries
+        G = pack_symmetric(G)
     return G if S is None else S.add_(G)
 
 
 def accumulate_input_factor(A: torch.Tensor | None, inp: torch.Tensor, *, bias: bool,
-                            dtype: torch.dtype | None = None, upper_only: bool = False) -> torch.Tensor:
+                            dtype: torch.dtype | None = None, upper_only: bool = False,
+                            packed: bool = False) -> torch.Tensor:
     """A += Σ_tokens a aᵀ (unnormalised); with ``bias`` the input is augmented with a 1 (bias column last).
 
     ``upper_only``: only the upper triangle (diagonal included) of the sum is exact; the caller completes it with
-    :func:`symmetrize_upper_` once all tokens are in (fewer products on the CPU)."""
+    :func:`complete_sum_` once all tokens are in (fewer products on the CPU). ``packed`` (with ``upper_only``):
+    where the Gram is one matmul (CUDA, or bf16 factor matmuls), the sum is kept as :func:`pack_symmetric` packs
+    it, about half the memory; elsewhere it stays a matrix."""
     a = _flatten(inp)  # (N, C)
     if bias:
         a = torch.cat([a, torch.ones(a.shape[0], 1, device=a.device, dtype=a.dtype)], dim=1)  # (N, C+1)
-    return _accumulate(A, a, dtype, upper_only)
+    return _accumulate(A, a, dtype, upper_only, packed)
 
 
 def accumulate_output_factor(G: torch.Tensor | None, grad_out: torch.Tensor,
-                             dtype: torch.dtype | None = None, upper_only: bool = False) -> torch.Tensor:
-    """G += Σ_tokens g gᵀ (unnormalised); ``upper_only`` as in :func:`accumulate_input_factor`."""
+                             dtype: torch.dtype | None = None, upper_only: bool = False,
+                             packed: bool = False) -> torch.Tensor:
+    """G += Σ_tokens g gᵀ (unnormalised); ``upper_only`` and ``packed`` as in :func:`accumulate_input_factor`."""
     g = _flatten(grad_out)  # (N, R)
-    return _accumulate(G, g, dtype, upper_only)
+    return _accumulate(G, g, dtype, upper_only, packed)
+
+
+def complete_sum_(M: torch.Tensor, n: int) -> torch.Tensor:
+    """Finish a sum accumulated with ``upper_only``: a matrix gets its lower triangle from its upper one
+    (:func:`symmetrize_upper_`); a packed sum (``n`` x ``n``) the same within each diagonal block, the only place
+    it keeps entries below the diagonal. Either way the result equals the symmetrized matrix, packed or not."""
+    if M.dim() == 2:
+        return symmetrize_upper_(M)
+    offset = 0
+    for s, e in _pack_blocks(n):
+        symmetrize_upper_(M[offset : offset + e * (e - s)].view(e, e - s)[s:e])
+        offset += e * (e - s)
+    return M
+
+
+def packed_size(n: int) -> int:
+    """Entries of a packed n x n factor (:func:`pack_symmetric`)."""
+    return sum(e * (e - s) for s, e in _pack_blocks(n))
 
 
 PACK_BLOCK = 256  # column-block width of packed factors: n x n keeps n²/2 + n·PACK_BLOCK/2 entries
@@ -161,7 +189,10 @@ def _pack_blocks(n: int) -> list[tuple[int, int]]:
 
 def pack_symmetric(M: torch.Tensor) -> torch.Tensor:
     """The upper part of a symmetric (n, n) matrix as one flat tensor: for each column block [s, e), rows [0, e)
-    (the diagonal block whole). About half the entries, exactly; :func:`unpack_symmetric` restores M."""
+    (the diagonal block whole). About half the entries, exactly; :func:`unpack_symmetric` restores M. A flat
+    tensor is taken as packed already."""
+    if M.dim() == 1:
+        return M
     return torch.cat([M[:e, s:e].reshape(-1) for s, e in _pack_blocks(M.shape[0])])
 
 
@@ -263,22 +294,23 @@ def factor_memory(model: nn.Module, adapter: ArchitectureAdapter, *, world: int 
     """Bytes of K-FAC factors on the fullest rank of a data-parallel group of ``world`` (works on a meta-device
     model): ``stored``, what it keeps after the curvature pass (its own layers' factors with ``shard``, else all,
     kept as ``storage`` says, see :func:`estimate_kfac`), and ``peak``, the most alive during the pass (the factors
-    kept from earlier layer blocks plus the current block's fp32 sums, which every rank accumulates)."""
+    kept from earlier layer blocks plus the current block's fp32 sums, which every rank accumulates; packed with
+    ``storage="packed"``, as on a GPU, where each Gram is one matmul)."""
     def kept(n: int) -> int:  # bytes of one stored n x n factor
         if storage == "packed":
-            return 4 * sum(e * (e - s) for s, e in _pack_blocks(n))
+            return 4 * packed_size(n)
         return (2 if storage == "bf16" else 4) * n * n
 
-    entries, stored_bytes = [], []
+    sum_bytes, stored_bytes = [], []
     for layer in get_submodule(model, adapter.layers):
         sides = [get_submodule(layer, g[0]).in_features + int(get_submodule(layer, g[0]).bias is not None)
                  for g in adapter.input_groups] + [get_submodule(layer, name).out_features for name in adapter.linears]
-        entries.append(sum(n * n for n in sides))
+        sum_bytes.append(sum(4 * (packed_size(n) if storage == "packed" else n * n) for n in sides))
         stored_bytes.append(sum(kept(n) for n in sides))
     blocks = layer_blocks(model, adapter, passes)
     stored, peak = [0] * world, [0] * world
     for block in blocks:
-        sums = 4 * sum(entries[i] for i in block)
+        sums = sum(sum_bytes[i] for i in block)
         for r in range(world):
             peak[r] = max(peak[r], stored[r] + sums)
             stored[r] += sum(stored_bytes[i] for i in block if not shard or i % world == r)
@@ -320,7 +352,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                  collect_G: bool = True, device: torch.device | None = None,
                  gram_dtype: torch.dtype | None = None,
                  placement: dict[str, torch.device] | None = None,
-                 layers=None) -> Iterator[KFACFactors]:
+                 layers=None, packed: bool = False) -> Iterator[KFACFactors]:
     """Register the hooks that accumulate A (forward) and G (output-gradient) sums; always removes them.
 
     The yielded factors hold *sums*, complete (symmetric) once the block exits; inside it only their upper
@@ -328,6 +360,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
     ``gram_dtype``: see :func:`_gram`.
     ``placement`` (from :func:`spread_devices`) overrides ``device`` per factor key.
     ``layers``: the decoder-layer indices whose factors are collected (default: all).
+    ``packed``: sums kept packed where the Gram is one matmul (:func:`accumulate_input_factor`).
     """
     stats = KFACFactors()
     handles = []
@@ -342,7 +375,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                 x = inputs[0].detach()
                 dev = where(group_key)
                 stats.A[group_key] = accumulate_input_factor(A, x.to(dev) if dev else x, bias=bias,
-                                                             dtype=gram_dtype, upper_only=True)
+                                                             dtype=gram_dtype, upper_only=True, packed=packed)
             return None
         return hook
 
@@ -353,7 +386,7 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                     g = grad.detach()
                     dev = where(name)
                     stats.G[name] = accumulate_output_factor(stats.G.get(name), g.to(dev) if dev else g,
-                                                             gram_dtype, upper_only=True)
+                                                             gram_dtype, upper_only=True, packed=packed)
                 output.register_hook(grad_hook)
             return None
         return hook
@@ -369,8 +402,9 @@ def capture_kfac(model: nn.Module, adapter: ArchitectureAdapter, *, collect_A: b
                 stats.g_sizes[name] = linear.out_features
                 handles.append(linear.register_forward_hook(on_linear_forward(name)))
         yield stats
-        for M in (*stats.A.values(), *stats.G.values()):  # the hooks summed upper triangles only
-            symmetrize_upper_(M)
+        for sums, sides in ((stats.A, stats.a_sizes), (stats.G, stats.g_sizes)):  # the hooks summed upper parts only
+            for key, M in sums.items():
+                complete_sum_(M, sides[key])
     finally:
         for h in handles:
             h.remove()
@@ -467,7 +501,8 @@ def estimate_kfac(
     windows = windows[mine]
     k = fisher_samples if fisher == "sampled" else 1
     blocks = layer_blocks(model, adapter, passes) if passes > 1 else [None]
-    capture = dict(collect_G=collect_gradients, device=factor_device, gram_dtype=gram_dtype, placement=placement)
+    capture = dict(collect_G=collect_gradients, device=factor_device, gram_dtype=gram_dtype, placement=placement,
+                   packed=storage == "packed")
     calibrate = dict(device=device, batch_size=batch_size, fisher=fisher, k=k, seed=seed, first_window=mine.start,
                      autocast_dtype=autocast_dtype, collect_gradients=collect_gradients)
     factors = KFACFactors()
@@ -484,7 +519,8 @@ def estimate_kfac(
             _take_weight_grads(stats, grad_params, windows.shape[0] * L, factor_device, keep=b == 0)
             tokens = windows.shape[0] * L
             if dp is not None:
-                tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners)
+                tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners,
+                                       packed=storage == "packed", gram_dtype=gram_dtype)
                 seconds["allreduce"] += stats.seconds["allreduce"]
             _finish(stats, tokens, k, storage)
             factors.merge(stats)
@@ -620,13 +656,16 @@ def _window_generator(seed: int, index: int) -> torch.Generator:
 
 
 def _reduce_stats(stats: KFACFactors, tokens: int, dp: distributed.DataParallel, device: torch.device,
-                  collect_gradients: bool, owners: dict[str, int] | None) -> int:
+                  collect_gradients: bool, owners: dict[str, int] | None, packed: bool,
+                  gram_dtype: torch.dtype | None) -> int:
     """SUM this rank's factor sums over the ranks: onto every rank, or with ``owners`` onto each factor's owner
-    alone (the others drop it); the mean weight gradients, if any, onto every rank. Returns the total token count."""
+    alone (the others drop it); the mean weight gradients, if any, onto every rank. ``packed``: the sums whose Gram
+    is one matmul are packed (the same keys on every rank). Returns the total token count."""
     t0 = time.perf_counter()
     sizes = [(stats.A, stats.a_sizes)] + ([(stats.G, stats.g_sizes)] if collect_gradients else [])
     for sums, side in sizes:
-        shapes = {key: (d, d) for key, d in side.items()}
+        shapes = {key: (packed_size(d),) if packed and _gram_blocks(device, gram_dtype, d) == 1 else (d, d)
+                  for key, d in side.items()}
         reduced = (distributed.all_reduce_sums(sums, shapes, dp, device=device) if owners is None else
                    distributed.reduce_sums(sums, shapes, dp, device=device, owners=owners))
         sums.clear()

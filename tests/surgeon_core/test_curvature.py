@@ -18,10 +18,12 @@ def _batches(D: int, n: int = 3) -> list[torch.Tensor]:
 
 
 def test_gram_is_split_only_where_it_pays():
-    assert curvature._upper_gram_blocks(torch.empty(8, 383), None) == 1
-    assert curvature._upper_gram_blocks(torch.empty(8, 384), None) == 2
-    assert curvature._upper_gram_blocks(torch.empty(8, 1536), torch.float32) == 4
-    assert curvature._upper_gram_blocks(torch.empty(8, 1536), torch.bfloat16) == 1  # the bf16 path is unchanged
+    cpu = torch.device("cpu")
+    assert curvature._gram_blocks(cpu, None, 383) == 1
+    assert curvature._gram_blocks(cpu, None, 384) == 2
+    assert curvature._gram_blocks(cpu, torch.float32, 1536) == 4
+    assert curvature._gram_blocks(cpu, torch.bfloat16, 1536) == 1  # the bf16 path is unchanged
+    assert curvature._gram_blocks(torch.device("cuda"), None, 1536) == 1
 
 
 @pytest.mark.parametrize("D", [100, 384, 577, 1000])
@@ -64,7 +66,7 @@ def test_estimated_factors_are_symmetric_and_match_one_full_matmul(monkeypatch):
     model, windows = tiny_model("llama", intermediate_size=400), tiny_windows(4, 16)
     adapter = adapter_for(model)
     split = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
-    monkeypatch.setattr(curvature, "_upper_gram_blocks", lambda x, dtype: 1)
+    monkeypatch.setattr(curvature, "_gram_blocks", lambda device, dtype, D: 1)
     whole = estimate_kfac(model, windows, adapter=adapter, batch_size=2)
     assert split.A.keys() == whole.A.keys() and split.G.keys() == whole.G.keys()
     sides = {M.shape[0] for M in [*split.A.values(), *split.G.values()]}
