@@ -488,9 +488,8 @@ def estimate_kfac(
     (one matmul per linear, the same as accumulating it in the hooks). It needs the true labels (empirical Fisher).
 
     ``checkpoint_layers`` trades a second forward pass per decoder layer for not keeping its activations during
-    the backward pass (for batches whose activations would not fit); the factors are unchanged.
-
-    ``passes``, ``owners`` (factor key -> rank) and ``storage``: see the module's "Memory" paragraph.
+    the backward pass (for batches whose activations would not fit); the factors are unchanged. ``passes``,
+    ``owners`` (factor key -> rank) and ``storage``: see the module's "Memory" paragraph.
     """
     _check_arguments(fisher, collect_weight_grads, collect_gradients, passes, storage)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -501,12 +500,13 @@ def estimate_kfac(
     windows = windows[mine]
     k = fisher_samples if fisher == "sampled" else 1
     blocks = layer_blocks(model, adapter, passes) if passes > 1 else [None]
+    packed = storage == "packed"
     capture = dict(collect_G=collect_gradients, device=factor_device, gram_dtype=gram_dtype, placement=placement,
-                   packed=storage == "packed")
+                   packed=packed)
     calibrate = dict(device=device, batch_size=batch_size, fisher=fisher, k=k, seed=seed, first_window=mine.start,
                      autocast_dtype=autocast_dtype, collect_gradients=collect_gradients)
     factors = KFACFactors()
-    seconds = {"curvature": 0.0, "allreduce": 0.0}
+    seconds = {"curvature": 0.0, **({"allreduce": 0.0} if dp is not None else {})}
     with _calibration_mode(model, adapter, collect_weight_grads) as grad_params:
         for b, block in enumerate(blocks):
             t0 = time.perf_counter()
@@ -519,15 +519,12 @@ def estimate_kfac(
             _take_weight_grads(stats, grad_params, windows.shape[0] * L, factor_device, keep=b == 0)
             tokens = windows.shape[0] * L
             if dp is not None:
-                tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners,
-                                       packed=storage == "packed", gram_dtype=gram_dtype)
+                tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners, packed, gram_dtype)
                 seconds["allreduce"] += stats.seconds["allreduce"]
             _finish(stats, tokens, k, storage)
             factors.merge(stats)
             del stats
             seconds["curvature"] += time.perf_counter() - t0
-    if dp is None:
-        del seconds["allreduce"]
     factors.seconds.update(seconds)
     return factors
 
