@@ -121,3 +121,16 @@ def test_a_random_architecture_shot_on_sharded_weights(tmp_path):
     index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())["weight_map"]
     with safe_open(tmp_path / "ckpt" / index["model.layers.0.mlp.up_proj.weight"], framework="pt") as f:
         assert f.get_slice("model.layers.0.mlp.up_proj.weight").get_shape() == [1536, 576]
+
+
+def test_a_failed_sharded_evaluation_is_one_error(tmp_path):
+    from surgeon.config import load_recipe
+    from surgeon.errors import SurgeonError
+    from surgeon.runner import evaluate_dir
+    from tiny_io import save_tiny
+
+    model = save_tiny(tmp_path / "tiny")
+    cfg = load_recipe(None, ["compute.nproc=2", "compute.shard_weights=true"], model=str(model), nsamples=4,
+                      seqlen=16, threads=1)
+    with pytest.raises(SurgeonError, match="sharded evaluation over 2 processes failed"):
+        evaluate_dir(str(model), str(tmp_path / "missing.npy"), cfg)
