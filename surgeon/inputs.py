@@ -25,8 +25,8 @@ from .models import load_model, model_content_hash, save_model
 from .outputs import check_output
 from .utils import atomic_write, cache_dir, sha256_bytes, sha256_file
 
-__all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_config", "random_model", "prepare_model", "validate_model", "build_calibration", "build_eval",
-           "load_windows", "preflight"]
+__all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_config", "random_model", "prepare_model", "validate_model",
+           "build_calibration", "build_eval", "load_windows", "preflight"]
 
 
 @dataclass(frozen=True)

@@ -402,19 +402,18 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
 # --------------------------------------------------------------------------------------------------- saving
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, *, extra_files: dict[str, bytes | str] | None = None,
-               overwrite: bool = True, finalize=None, state_dict: dict | None = None) -> Path:
+               overwrite: bool = True, finalize=None) -> Path:
     """Write ``model`` (safetensors), ``tokenizer`` and ``extra_files`` to a Hugging Face folder, atomically.
 
     Everything is written to a temporary folder next to ``out_dir`` which is renamed into place at the end, so
     an interrupted save never leaves a folder that looks complete. ``finalize(tmp_folder)`` runs last, before the
-    rename (e.g. to write a manifest of the finished files). ``state_dict``: the weights to write instead of the
-    model's own (e.g. gathered whole from a sharded model). Returns the final path.
+    rename (e.g. to write a manifest of the finished files). Returns the final path.
     """
     out_dir = Path(out_dir).expanduser()
     _make_serializable(model)
     try:
         with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             for name, data in (extra_files or {}).items():

@@ -29,7 +29,7 @@ from surgeon_core.finetune import (FinetuneOptions, TeacherTargets, finetune, ma
 from surgeon_core.adapters import adapter_for
 from surgeon_core.curvature import factor_memory, passes_to_fit
 from surgeon_core.methods import DTYPES, PruneOptions
-from surgeon_core.placement import shard_weights
+from surgeon_core.placement import local_part, shard_weights
 from surgeon_core.schedule import Step
 from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, ShotReport, model_size, run_step
 
@@ -130,7 +130,7 @@ def check_factor_memory(cfg: PruneConfig, model, device_bytes: int, log: logging
     plan = factor_memory(model, adapter, passes=c.factor_passes, storage=c.factor_storage, **spread)
     (log or _log).info("K-FAC factors per GPU: at most %.1f GB during the curvature pass, %.1f GB kept after it",
                        plan["peak"] / 1e9, plan["stored"] / 1e9)
-    budget = device_bytes - sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    budget = device_bytes - sum(local_part(p).numel() * p.element_size() for p in model.parameters())
     if plan["peak"] <= budget:
         return plan
     fits = passes_to_fit(model, adapter, budget, storage="packed", **spread)
@@ -140,11 +140,6 @@ def check_factor_memory(cfg: PruneConfig, model, device_bytes: int, log: logging
               "(compute.nproc with compute.shard_factors=true)")
     raise SurgeonError(f"the K-FAC factors need {plan['peak'] / 1e9:.1f} GB per GPU during the curvature pass, more "
                        f"than the {budget / 1e9:.1f} GB the GPU leaves beside the weights; {advice}")
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The part of a parameter this process holds (its slice of an FSDP-sharded one)."""
-    return p.to_local() if hasattr(p, "to_local") else p
 
 
 class Runner:
@@ -518,6 +513,22 @@ def _device_name(device: str) -> str:
 
 
 # ------------------------------------------------------------------------------ one phase, folder to folder (flow)
+def _load_sharded_for_pruning(source: str, cfg: PruneConfig):
+    """:func:`load_for_pruning` with the decoder weights sharded over the running process group: each rank reads
+    (a safetensors folder) or draws (a random architecture) only its slices; anything else is loaded whole on the
+    CPU and then sharded."""
+    dtype, device = DTYPES[cfg.compute.model_dtype], cfg.compute.device
+    if can_load_sharded(source):
+        model, tok = load_sharded(source, dtype=dtype, device=device)
+    elif source.startswith(RANDOM):
+        model, tok = random_sharded(source, dtype=dtype, device=device, seed=cfg.method.seed), None
+    else:
+        model, tok = load_for_pruning(source, cfg, device="cpu")
+        shard_weights(model, adapter_for(model))
+    torch_threads(cfg.compute.threads)
+    return model, tok
+
+
 def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, ckpt_dir: str,
                    progress: Progress | None = None, log: logging.Logger | None = None) -> dict:
     """Load ``source_dir`` (the model or the previous step's checkpoint), prune ``step`` and write an HF-loadable
@@ -529,18 +540,7 @@ def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Ste
     if cfg.compute.nproc > 1 and not in_group:
         return launcher.launch_shot(cfg, source_dir, calib_path, step, ckpt_dir, progress=progress)
     sharded = in_group and cfg.compute.shard_weights
-    if sharded and can_load_sharded(source_dir):  # each rank reads only its slices of the files
-        model, tok = load_sharded(source_dir, dtype=DTYPES[cfg.compute.model_dtype], device=cfg.compute.device)
-        torch_threads(cfg.compute.threads)
-    elif sharded and source_dir.startswith(RANDOM):  # each rank draws only its slices
-        model, tok = random_sharded(source_dir, dtype=DTYPES[cfg.compute.model_dtype], device=cfg.compute.device,
-                                    seed=cfg.method.seed), None
-        torch_threads(cfg.compute.threads)
-    elif sharded:  # whole on the CPU, then each rank keeps its slices on the compute device
-        model, tok = load_for_pruning(source_dir, cfg, device="cpu")
-        shard_weights(model, adapter_for(model))
-    else:
-        model, tok = load_for_pruning(source_dir, cfg)
+    model, tok = _load_sharded_for_pruning(source_dir, cfg) if sharded else load_for_pruning(source_dir, cfg)
     report = Runner(cfg, model, load_windows(calib_path), progress=progress, log=log).prune(step)
     state = {"step": step.to_dict(), "config_hash": cfg.config_hash(), "report": report}
     extra = {"state.json": json.dumps(state, indent=1)}
@@ -583,9 +583,8 @@ def evaluate_dir(model_dir: str, eval_path: str, cfg: PruneConfig, progress: Pro
         return launcher.launch_eval(cfg, model_dir, eval_path, progress=progress)
     if sharded:
         model, _ = load_sharded(model_dir, dtype=torch.float32, device=cfg.compute.device)
-        torch_threads(cfg.compute.threads)
-        return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()
-    model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.compute.device)
+    else:
+        model, _, _ = load_model(model_dir, dtype=torch.float32, device=cfg.compute.device)
     torch_threads(cfg.compute.threads)
     return Runner(cfg, model, None, load_windows(eval_path), progress=progress).evaluate()
 

@@ -1,5 +1,5 @@
-"""Sharded weights in and out of Hugging Face folders. A model folder loaded straight into FSDP2 shards: each process of a sharded-weights shot reads only its own slices
-of the decoder weights from the safetensors files, so no process ever holds the whole model.
+"""Sharded weights in and out of Hugging Face folders: each process of a sharded-weights shot reads only its own
+slices of the decoder weights from the safetensors files, so no process ever holds the whole model.
 
 The model is built with empty (meta) parameters and real buffers (rotary tables), its decoder layers and body are
 sharded as :func:`surgeon_core.placement.shard_weights` shards them, the shards are allocated on the compute device,
@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
 from surgeon_core.adapters import adapter_for
-from surgeon_core.placement import shard_weights
+from surgeon_core.placement import local_part, shard_rows, shard_weights
 
 from .errors import SurgeonError
 
@@ -38,14 +38,6 @@ def can_load_sharded(folder: str | Path) -> bool:
     model_type = _raw_model_type(folder / "config.json") if (folder / "config.json").is_file() else None
     return (model_type is not None and not model_type.startswith(MATERIALIZED_PREFIX)
             and bool(_weight_index(folder)))
-
-
-def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
-    """``(start, length)`` of ``rank``'s rows when ``rows`` are split as FSDP2 splits dimension 0 (``torch.chunk``:
-    ceil(rows / world) each, the last ranks possibly with fewer or none)."""
-    per = -(-rows // world)
-    start = min(rank * per, rows)
-    return start, min(per, rows - start)
 
 
 def _weight_index(folder: Path) -> dict[str, Path]:
@@ -98,25 +90,23 @@ def _source_key(name: str, index: dict[str, Path], model) -> str:
 def _fill(model, folder: Path, dtype: torch.dtype) -> None:
     """Every parameter from the files: a DTensor shard reads its own rows, a whole parameter the whole tensor."""
     index = _weight_index(folder)
-    handles: dict[Path, object] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, object] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             key = _source_key(name, index, model)
-            f = handles.get(index[key]) or handles.setdefault(index[key], safe_open(index[key], framework="pt"))
-            view = f.get_slice(key)
+            if index[key] not in handles:
+                handles[index[key]] = stack.enter_context(safe_open(index[key], framework="pt"))
+            view = handles[index[key]].get_slice(key)
             if tuple(view.get_shape()) != tuple(p.shape):
                 raise SurgeonError(f"{key}: shape {tuple(view.get_shape())} in the files, {tuple(p.shape)} in the "
                                    "architecture")
-            local = p.to_local() if isinstance(p, DTensor) else p
             if isinstance(p, DTensor) and p.placements[0].is_shard():
                 start, rows = shard_rows(p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank())
                 part = view[start:start + rows]
             else:
                 part = view[:]
             with torch.no_grad():
-                local.copy_(part.to(dtype))
-    finally:
-        handles.clear()
+                local_part(p).copy_(part.to(dtype))
 
 
 def load_sharded(folder: str | Path, *, dtype: torch.dtype, device: str | torch.device):
@@ -152,7 +142,7 @@ def random_sharded(ref: str, *, dtype: torch.dtype, device: str | torch.device, 
     model = _sharded_empty(config, dtype, device)
     rank = torch.distributed.get_rank()
     for i, (name, p) in enumerate(model.named_parameters(remove_duplicate=False)):
-        local = p.to_local() if isinstance(p, DTensor) else p
+        local = local_part(p)
         if local.dim() == 1:  # RMSNorm weights
             local.fill_(1.0)
             continue

@@ -95,6 +95,11 @@ def _gram(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 _MIN_GRAM_BLOCK = 192
 
 
+def _sum_is_packed(packed: bool, device: torch.device, dtype: torch.dtype | None, D: int) -> bool:
+    """Whether a factor sum of side ``D`` is kept packed: asked for, and its Gram is one matmul."""
+    return packed and _gram_blocks(device, dtype, D) == 1
+
+
 def _gram_blocks(device: torch.device, dtype: torch.dtype | None, D: int) -> int:
     """How many column blocks the Gram of a (N, D) input on ``device`` is split into (1 = one full matmul).
 
@@ -133,7 +138,7 @@ def _accumulate(S: torch.Tensor | None, x: torch.Tensor, dtype: torch.dtype | No
             S = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
         return _add_upper_gram_(S, x, blocks)
     G = _gram(x, dtype)
-    if packed:  # the sum kept packed: the same additions, entry by entry, on about half the entries
+    if _sum_is_packed(packed, x.device, dtype, x.shape[1]):  # the same additions, entry by entry, on half the entries
         G = pack_symmetric(G)
     return G if S is None else S.add_(G)
 
@@ -516,8 +521,8 @@ def estimate_kfac(
                 _calibration_pass(model, windows, stats, **calibrate,
                                   progress=(lambda i, total, b=b: progress(b * total + i, len(blocks) * total))
                                   if progress else None)
-            _take_weight_grads(stats, grad_params, windows.shape[0] * L, factor_device, keep=b == 0)
             tokens = windows.shape[0] * L
+            _take_weight_grads(stats, grad_params, tokens, factor_device, keep=b == 0)
             if dp is not None:
                 tokens = _reduce_stats(stats, tokens, dp, factor_device, collect_gradients, owners, packed, gram_dtype)
                 seconds["allreduce"] += stats.seconds["allreduce"]
@@ -661,7 +666,7 @@ def _reduce_stats(stats: KFACFactors, tokens: int, dp: distributed.DataParallel,
     t0 = time.perf_counter()
     sizes = [(stats.A, stats.a_sizes)] + ([(stats.G, stats.g_sizes)] if collect_gradients else [])
     for sums, side in sizes:
-        shapes = {key: (packed_size(d),) if packed and _gram_blocks(device, gram_dtype, d) == 1 else (d, d)
+        shapes = {key: (packed_size(d),) if _sum_is_packed(packed, device, gram_dtype, d) else (d, d)
                   for key, d in side.items()}
         reduced = (distributed.all_reduce_sums(sums, shapes, dp, device=device) if owners is None else
                    distributed.reduce_sums(sums, shapes, dp, device=device, owners=owners))

@@ -29,7 +29,7 @@ from .curvature import KFACFactors
 from .subproblem import LayerProblem, augmented
 
 __all__ = ["Placement", "owners", "cost_stub", "share_costs", "park_device", "move_layer", "restore_working_weight",
-           "shard_weights", "sharded_weights", "gather_owned", "scatter_back"]
+           "shard_weights", "sharded_weights", "gather_owned", "scatter_back", "shard_rows", "local_part"]
 
 PARKED = ("W", "A_inv", "G_inv")  # what waits, per layer, between the cost and the update phase
 
@@ -178,15 +178,27 @@ def scatter_back(linears: dict[str, nn.Linear], owners: dict[str, int], rank: in
     return time.perf_counter() - t0
 
 
+def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, length)`` of ``rank``'s rows when ``rows`` are split as FSDP2 splits a dimension (``torch.chunk``:
+    ceil(rows / world) each, the last ranks possibly with fewer or none)."""
+    per = -(-rows // world)
+    start = min(rank * per, rows)
+    return start, min(per, rows - start)
+
+
+def local_part(p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter this process holds: its slice of an FSDP-sharded one, else the whole tensor."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def _local_slice(whole: torch.Tensor, sharded: DTensor) -> torch.Tensor:
     """This rank's part of ``whole`` under ``sharded``'s placement (FSDP: ``torch.chunk`` along one dimension)."""
     (placement,) = sharded.placements
     if not placement.is_shard():
         return whole
     mesh = sharded.device_mesh
-    chunks = whole.chunk(mesh.size(), dim=placement.dim)
-    i = mesh.get_local_rank()
-    part = chunks[i] if i < len(chunks) else whole.narrow(placement.dim, 0, 0)
+    start, n = shard_rows(whole.shape[placement.dim], mesh.size(), mesh.get_local_rank())
+    part = whole.narrow(placement.dim, start, n)
     if part.shape != sharded.to_local().shape:
         raise ValueError(f"unexpected shard layout: {tuple(part.shape)} vs {tuple(sharded.to_local().shape)}")
     return part
