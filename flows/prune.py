@@ -79,6 +79,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         model = steps.load_model(cfg)
         calibration = steps.build_calibration(cfg, model)
         eval_data = steps.build_eval(cfg, model)
+        ft_data = steps.build_finetune(cfg, model) or calibration
         weights = steps.Weights(model.path, model.content_hash)
         dense = evaluate(cfg, weights, eval_data) if eval_data else None
         tracking.log_shot(run.run_id, 0, evaluation=dense)
@@ -91,7 +92,7 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
             out, cached = _cached_checkpoint(prune_shot, cfg, weights, calibration, step, model.content_hash)
             weights = out["weights"]
             if step.finetune_steps:  # mask-preserving fine-tuning: between shots, and longer after the last
-                ft, _ = _cached_checkpoint(finetune, cfg, weights, calibration, step)
+                ft, _ = _cached_checkpoint(finetune, cfg, weights, ft_data, step)
                 weights = ft["weights"]
                 tracking.log_finetune(run.run_id, step.shot, ft["report"],
                                       first_step=sum(len(r["losses"]) for r in ft_reports))
@@ -113,7 +114,8 @@ def prune_flow(config: PruneConfig | dict | str, overrides: list[str] | None = N
         summary = {
             "model": cfg.model, "model_name": name, "source_model_hash": model.content_hash,
             "config_hash": cfg.config_hash(), "calibration_id": calibration.data_id,
-            "eval_data_id": eval_data.data_id if eval_data else None, "method": m.name,
+            "eval_data_id": eval_data.data_id if eval_data else None,
+            "finetune_data_id": ft_data.data_id if ft_data is not calibration else None, "method": m.name,
             "structure": m.structure, "target_size": cfg.final_target, "shots": len(plan),
             "achieved_size": reports[-1]["achieved_size"], "dense_ppl": dense_ppl, "ppl": final_ppl,
             "ppl_ratio": final_ppl / dense_ppl if final_ppl and dense_ppl else None,

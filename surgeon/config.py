@@ -274,8 +274,13 @@ class FinetuneSection(_Section):
                                                               "warmup, per fine-tuning run: constant, or cosine or "
                                                               "linear decay to 0")
     warmup: int = Field(default=0, description="linear warmup steps at the start of every fine-tuning run")
-    batch_size: int = Field(default=1, description="calibration windows per step")
-    holdout: float = Field(default=0.1, description="fraction of calibration windows held out for validation "
+    batch_size: int = Field(default=1, description="training windows per step")
+    data: str | None = Field(default=None, description="text to fine-tune and validate on, cut into "
+                             "non-overlapping windows of calibration.seqlen tokens (None: the calibration windows)",
+                             json_schema_extra=added_later(None))
+    windows: int | None = Field(default=None, description="with data: its first N windows only (None: all the text "
+                                "holds)", json_schema_extra=added_later(None))
+    holdout: float = Field(default=0.1, description="fraction of the fine-tuning windows held out for validation "
                            "(sharing no tokens with the training windows); the best weights on them are kept, the "
                            "pre-fine-tuning ones if none is better (0: no validation)")
     holdout_min: int = Field(default=2, description="with holdout: at least this many validation windows")
@@ -293,6 +298,11 @@ class FinetuneSection(_Section):
     _nn = field_validator("steps", "final_steps", "warmup", "validate_every", "patience")(
         classmethod(lambda cls, v: _non_negative(v)))
     _bs = field_validator("batch_size", "holdout_min", "kd_topk")(classmethod(lambda cls, v: _positive(v)))
+
+    @field_validator("windows")
+    @classmethod
+    def _windows(cls, v: int | None) -> int | None:
+        return v if v is None else _positive(v)
 
     @field_validator("kd_weight")
     @classmethod
@@ -422,7 +432,9 @@ class PruneConfig(BaseModel):
                 raise ValueError(f"compute.{key} needs per-layer solves: coupled structures are solved by one "
                                  "process")
         f = self.finetune
-        if f.active and f.holdout > 0 and self.calibration.nsamples <= f.holdout_min:
+        if f.windows is not None and f.data is None:
+            raise ValueError("finetune.windows limits the windows of finetune.data: set finetune.data too")
+        if f.active and f.holdout > 0 and f.data is None and self.calibration.nsamples <= f.holdout_min:
             raise ValueError(f"fine-tuning with validation needs more than finetune.holdout_min = {f.holdout_min} "
                              f"calibration windows (nsamples is {self.calibration.nsamples}); set finetune.holdout=0 "
                              "to fine-tune without validation")

@@ -26,7 +26,7 @@ from .outputs import check_output
 from .utils import atomic_write, cache_dir, sha256_bytes, sha256_file
 
 __all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_config", "random_model", "prepare_model", "validate_model",
-           "build_calibration", "build_eval", "load_windows", "preflight"]
+           "build_calibration", "build_eval", "build_finetune", "load_windows", "preflight"]
 
 
 @dataclass(frozen=True)
@@ -216,15 +216,39 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
     return _save_windows(windows, did, "eval")
 
 
+def build_finetune(cfg: PruneConfig, model_path: str) -> DataRef | None:
+    """The windows of ``finetune.data``: its text cut into non-overlapping windows of ``calibration.seqlen`` tokens
+    (the first ``finetune.windows`` of them); None when fine-tuning is off or uses the calibration windows."""
+    f, seqlen = cfg.finetune, cfg.calibration.seqlen
+    if f.data is None or not f.active:
+        return None
+    ids = load_ids(f.data, _tokenizer(model_path), join=None,
+                   max_tokens=f.windows * seqlen if f.windows else None)
+    windows = eval_windows(ids, seqlen, f.windows)
+    if windows.shape[1] != seqlen:  # ready-made (n, L) windows from a .npy file
+        raise SurgeonError(f"finetune.data {f.data} holds windows of {windows.shape[1]} tokens, not "
+                           f"calibration.seqlen = {seqlen}")
+    if f.windows and windows.shape[0] < f.windows:
+        raise SurgeonError(f"finetune.data {f.data} holds {windows.shape[0]} windows of {seqlen} tokens, fewer "
+                           f"than finetune.windows = {f.windows}")
+    if f.holdout > 0 and windows.shape[0] <= f.holdout_min:
+        raise SurgeonError(f"finetune.data {f.data} holds {windows.shape[0]} windows of {seqlen} tokens: "
+                           f"validation needs more than finetune.holdout_min = {f.holdout_min}; give more text, "
+                           "or set finetune.holdout=0")
+    _check_embedding(windows, _model_config(model_path), f.data)
+    return _save_windows(windows, data_id(windows, source=f.data), "finetune")
+
+
 def load_windows(path: str) -> torch.Tensor:
     return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
 
 
-def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None]:
+def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None, DataRef | None]:
     """Every check that can fail on the user's input, before any pruning: the output folder (policy of
-    :func:`surgeon.outputs.check_output`), the model (:func:`validate_model`), calibration and evaluation data
-    (found, long enough, ``seqlen`` within the model's context). Raises :class:`SurgeonError`; writes nothing
-    but the caches (converted models, token ids). Returns what it resolved."""
+    :func:`surgeon.outputs.check_output`), the model (:func:`validate_model`), calibration, evaluation and
+    fine-tuning data (found, long enough, ``seqlen`` within the model's context). Raises :class:`SurgeonError`;
+    writes nothing but the caches (converted models, token ids). Returns what it resolved: the model and the
+    calibration, evaluation and fine-tuning windows (None where there are none)."""
     out = cfg.output
     if out.path:
         check_output(out.path, config_hash=cfg.config_hash(), overwrite=out.overwrite, sources=[cfg.model])
@@ -232,4 +256,4 @@ def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None]:
     if out.path:
         check_output(out.path, config_hash=cfg.config_hash(), source_model=src.content_hash,
                      overwrite=out.overwrite, sources=[cfg.model, src.path])
-    return src, build_calibration(cfg, src.path), build_eval(cfg, src.path)
+    return src, build_calibration(cfg, src.path), build_eval(cfg, src.path), build_finetune(cfg, src.path)

@@ -94,14 +94,15 @@ def finetune_options(cfg: PruneConfig, steps: int, shot: int) -> FinetuneOptions
 
 
 def finetune_summary(row: dict) -> dict:
-    """What a step's fine-tuning chose: steps run, the kept step (0: the weights from before it) and the
-    validation loss before fine-tuning and at the kept step."""
+    """What a step's fine-tuning chose: steps run, the kept step (0: the weights from before it), the validation
+    loss before fine-tuning and at the kept step, and how many windows it trained and validated on."""
     val = dict((int(s), v) for s, v in row.get("validation") or [])
     best = row.get("best_step")
     return {"shot": row.get("shot"), "loss": row.get("loss"), "steps": row.get("steps"),
             "planned_steps": row.get("planned_steps"), "best_step": best, "stopped_early": row.get("stopped_early"),
             "kept_pre_finetune": row.get("kept_pre_finetune"), "val_loss_before": val.get(0),
-            "val_loss_best": val.get(best) if best is not None else None}
+            "val_loss_best": val.get(best) if best is not None else None,
+            "train_windows": row.get("train_windows"), "validation_windows": row.get("validation_windows")}
 
 
 def load_for_pruning(source: str, cfg: PruneConfig, device: str | None = None):
@@ -146,9 +147,12 @@ class Runner:
     """The phases of a step on one in-memory model: :meth:`prune`, :meth:`finetune`, :meth:`evaluate`."""
 
     def __init__(self, cfg: PruneConfig, model, calibration: torch.Tensor | None, evaluation: torch.Tensor | None = None,
-                 *, progress: Progress | None = None, log: logging.Logger | None = None):
+                 *, finetune_windows: torch.Tensor | None = None, progress: Progress | None = None,
+                 log: logging.Logger | None = None):
         self.cfg, self.model = cfg, model
         self.calibration, self.evaluation = calibration, evaluation
+        # fine-tuning trains and validates on finetune.data's windows when given, else on the calibration windows
+        self.finetune_windows = finetune_windows if finetune_windows is not None else calibration
         self.options = cfg.options()
         self.progress, self.log = progress, log or _log
         self._memory_checked = False
@@ -173,22 +177,22 @@ class Runner:
         return {**rep.to_dict(), **peak_memory(self.cfg.compute.device)}
 
     def validation_split(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(training, validation or None) calibration windows of fine-tuning: ``finetune.holdout`` of them, at least
+        """(training, validation or None) windows of fine-tuning: ``finetune.holdout`` of them, at least
         ``holdout_min``, whole groups of overlapping windows at a time, so the validation windows share no tokens
         with the training windows (:func:`surgeon_core.finetune.validation_split`). The same split for every shot."""
         if self._split is None:
-            f, windows = self.cfg.finetune, self.calibration
+            f, windows = self.cfg.finetune, self.finetune_windows
             if f.holdout <= 0:
                 self._split = (windows, None)
             else:
                 n = windows.shape[0]
                 n_val = min(n - 1, max(f.holdout_min, round(f.holdout * n)))
                 if n_val < 1:
-                    raise SurgeonError(f"finetune.holdout {f.holdout} of {n} calibration windows leaves no window "
+                    raise SurgeonError(f"finetune.holdout {f.holdout} of {n} fine-tuning windows leaves no window "
                                        "to train or to validate on")
                 train, val = validation_split(windows, n_val)
                 if len(val) < min(f.holdout_min, n_val):
-                    raise SurgeonError(f"only {len(val)} of {n} calibration windows share no tokens with the others "
+                    raise SurgeonError(f"only {len(val)} of {n} fine-tuning windows share no tokens with the others "
                                        f"(finetune.holdout_min is {f.holdout_min}): draw more windows from a longer "
                                        "text, or set finetune.holdout=0")
                 self._split = (windows[train], windows[val])
@@ -281,11 +285,13 @@ def zeroshot(cfg: PruneConfig, model, tokenizer, log: logging.Logger | None = No
 
 
 # ------------------------------------------------------------------------------------------- one process, one loop
-def _signature(cfg: PruneConfig, inputs: tuple[ModelRef, DataRef, DataRef | None],
+def _signature(cfg: PruneConfig, inputs: tuple[ModelRef, DataRef, DataRef | None, DataRef | None],
                also: dict[str, DataRef] | None = None) -> dict:
-    src, calib, evald = inputs
+    src, calib, evald, ft = inputs
     out = {"config_hash": cfg.config_hash(), "model": src.content_hash, "calibration": calib.data_id,
            "eval": evald.data_id if evald else None, "eval_batch_size": cfg.eval.batch_size}
+    if ft is not None:
+        out["finetune_data"] = ft.data_id
     if also:
         out["eval_also"] = {name: ref.data_id for name, ref in also.items()}
     return out
@@ -379,11 +385,11 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     log.info("resolving %s and tokenizing the calibration%s data", cfg.model,
              " and evaluation" if cfg.eval.data else "")
     inputs = preflight(cfg)
-    src, calib, evald = inputs
+    src, calib, evald, ft = inputs
     log.info("loading %s on %s", src.path, cfg.compute.device)
     model, tok = load_for_pruning(src.path, cfg)
     runner = Runner(cfg, model, load_windows(calib.path), load_windows(evald.path) if evald else None,
-                    progress=progress, log=log)
+                    finetune_windows=load_windows(ft.path) if ft else None, progress=progress, log=log)
     folder = Path(checkpoint) if checkpoint else None
     also_refs = _eval_also(cfg, src.path)
     also = {name: load_windows(ref.path) for name, ref in also_refs.items()}
@@ -398,6 +404,8 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
         result = {"config": cfg.model_dump(), "config_hash": cfg.config_hash(), "source_model_hash": src.content_hash,
                   "source_path": src.path, "calibration_id": calib.data_id, "eval_id": evald.data_id if evald else None,
                   "device": _device_name(cfg.compute.device), "steps": [], "prune_seconds": 0.0}
+        if ft is not None:
+            result["finetune_data_id"] = ft.data_id
         result.update(_dense_evaluations(runner, also, log))
         if cfg.eval.zeroshot_tasks:
             result["dense_zeroshot"] = zeroshot(cfg, model, tok, log)
@@ -551,12 +559,13 @@ def prune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Ste
     return report
 
 
-def finetune_step_dir(cfg: PruneConfig, source_dir: str, calib_path: str, step: Step, ckpt_dir: str,
+def finetune_step_dir(cfg: PruneConfig, source_dir: str, windows_path: str, step: Step, ckpt_dir: str,
                       log: logging.Logger | None = None, dense_dir: str | None = None) -> dict:
-    """Load a checkpoint, fine-tune it ``step.finetune_steps`` steps on the calibration windows (pruned weights stay
-    exactly 0) and write an HF-loadable checkpoint with ``state.json``, atomically. Returns the report. The kd and
-    mix losses take the teacher from ``dense_dir`` (default: the recipe's model, resolved as the run resolves it)."""
-    runner = Runner(cfg, None, load_windows(calib_path), log=log)
+    """Load a checkpoint, fine-tune it ``step.finetune_steps`` steps on the windows at ``windows_path`` (those of
+    ``finetune.data``, or the calibration windows; pruned weights stay exactly 0) and write an HF-loadable checkpoint
+    with ``state.json``, atomically. Returns the report. The kd and mix losses take the teacher from ``dense_dir``
+    (default: the recipe's model, resolved as the run resolves it)."""
+    runner = Runner(cfg, None, None, finetune_windows=load_windows(windows_path), log=log)
     if cfg.finetune.loss != "ce":
         from .inputs import prepare_model
 

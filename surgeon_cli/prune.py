@@ -202,7 +202,7 @@ def prune_cmd(
         raise SurgeonError(f"--json {json_out} is inside the output folder {cfg.output.path}, which is replaced "
                            "as a whole; write it elsewhere")
     check_model_ref(cfg.model)
-    for ref in (cfg.calibration.data, cfg.eval.data):
+    for ref in (cfg.calibration.data, cfg.eval.data, cfg.finetune.data):
         if ref is not None:
             check_data_ref(ref)
     check_nproc(cfg)

@@ -50,7 +50,7 @@ from surgeon_core.schedule import Step
 
 from . import tracking
 
-__all__ = ["Weights", "cache_root", "load_model", "build_calibration", "build_eval", "prune_shot",
+__all__ = ["Weights", "cache_root", "load_model", "build_calibration", "build_eval", "build_finetune", "prune_shot",
            "finetune", "evaluate", "zeroshot", "zeroshot_key", "export", "structure_report", "report_key",
            "materialize", "register"]
 
@@ -166,9 +166,9 @@ def shot_key(cfg: PruneConfig, source: Weights, calibration: DataRef, step: Step
     return _key("shot", model_hash, source.key, calibration.data_id, cfg.config_hash(), step.shot)
 
 
-def finetune_key(cfg: PruneConfig, weights: Weights, calibration: DataRef, step: Step) -> str:
+def finetune_key(cfg: PruneConfig, weights: Weights, data: DataRef, step: Step) -> str:
     """The pruned weights' key, the data, the step and the fine-tuning settings (in the config hash)."""
-    return _key("finetune", weights.key, calibration.data_id, step.finetune_steps, step.shot, cfg.config_hash())
+    return _key("finetune", weights.key, data.data_id, step.finetune_steps, step.shot, cfg.config_hash())
 
 
 def zeroshot_key(config: PruneConfig, weights: Weights) -> str:
@@ -200,6 +200,16 @@ def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
     return inputs.build_eval(config, model.path)
 
 
+@task(name="build-finetune-data", cache_policy=NO_CACHE, **IO_RETRIES)
+def build_finetune(config: PruneConfig, model: ModelRef) -> DataRef | None:
+    """The windows of ``finetune.data`` (None: fine-tuning, if any, uses the calibration windows)."""
+    data = inputs.build_finetune(config, model.path)
+    if data is not None:
+        get_run_logger().info("fine-tuning data %s: %s windows (id %s)", config.finetune.data, data.shape,
+                              data.data_id[:12])
+    return data
+
+
 _CACHED = dict(cache_policy=NO_CACHE, persist_result=False)  # the product's signed records are the cache
 
 
@@ -224,18 +234,19 @@ def prune_shot(config: PruneConfig, source: Weights, calibration: DataRef, step:
 
 
 @task(name="finetune", **_CACHED)
-def finetune(config: PruneConfig, weights: Weights, calibration: DataRef, step: Step) -> dict:
-    """Mask-preserving fine-tuning after ``step`` for ``step.finetune_steps`` steps on the calibration windows; the
-    checkpoint (written atomically) is the cache entry and the next shot's source."""
+def finetune(config: PruneConfig, weights: Weights, data: DataRef, step: Step) -> dict:
+    """Mask-preserving fine-tuning after ``step`` for ``step.finetune_steps`` steps on ``data``'s windows (those of
+    ``finetune.data``, or the calibration windows); the checkpoint (written atomically) is the cache entry and the
+    next shot's source."""
     shot, steps = step.shot, step.finetune_steps
-    key = finetune_key(config, weights, calibration, step)
+    key = finetune_key(config, weights, data, step)
     ckpt = cache_root() / "finetune" / key
     log = get_run_logger()
 
     def compute() -> dict:
         log.info("fine-tuning after shot %d: %d steps, lr %g, %s (pruned weights stay 0)", shot, steps,
                  config.finetune.lr, config.finetune.train)
-        report = runner.finetune_step_dir(config, weights.path, calibration.path, step, str(ckpt), log=log)
+        report = runner.finetune_step_dir(config, weights.path, data.path, step, str(ckpt), log=log)
         losses = report["losses"]
         log.info("fine-tuning after shot %d: loss %.4f -> %.4f in %.1f s", shot, losses[0], losses[-1],
                  report["seconds"])

@@ -379,9 +379,12 @@ def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_ca
 
     real, ft_calls = steps.runner.finetune_step_dir, []
 
-    def spy(cfg, source_dir, calib_path, step, ckpt_dir, log=None):
+    def spy(cfg, source_dir, windows_path, step, ckpt_dir, log=None):
         ft_calls.append((step.shot, step.finetune_steps))
-        return real(cfg, source_dir, calib_path, step, ckpt_dir, log=log)
+        ft_paths.append(windows_path)
+        return real(cfg, source_dir, windows_path, step, ckpt_dir, log=log)
+
+    ft_paths = []
 
     monkeypatch.setattr(steps.runner, "finetune_step_dir", spy)
     recipe = {**tiny_recipe, "finetune_steps": 2, "final_finetune_steps": 3, "finetune_lr": 1e-3,
@@ -410,6 +413,14 @@ def test_prune_flow_finetunes_between_shots_logs_and_caches(tiny_recipe, shot_ca
     # a rerun to another output comes from the cache: no shot and no fine-tuning is recomputed
     again = prune_flow({**recipe, "output": str(tmp_path / "ft-again")})
     assert ft_calls == [(1, 2), (2, 5)] and shot_calls["shots"] == [1, 2] and again["ppl"] == r["ppl"]
+    assert r["finetune_data_id"] is None and all("calib-" in p for p in ft_paths)
+
+    # finetune.data: fine-tuned on that text's windows (another run: shot 2 starts from other weights)
+    text = tmp_path / "ft-text.txt"
+    text.write_text("".join(f"Garden {i} lies {3 * i + 1} miles down river {i * i}.\n" for i in range(40)))
+    other = prune_flow({**recipe, "finetune_data": str(text), "output": str(tmp_path / "ft-other")})
+    assert ft_calls[2:] == [(1, 2), (2, 5)] and shot_calls["shots"] == [1, 2, 1, 2]
+    assert other["finetune_data_id"] and all("finetune-" in p for p in ft_paths[2:])
 
 
 def test_finetune_cache_key_covers_its_inputs(tiny_recipe):

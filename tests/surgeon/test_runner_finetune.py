@@ -130,3 +130,56 @@ def test_run_distils_from_the_dense_model_once_and_reports_the_chosen_steps(tmp_
                                        Step(shot=1, num_shots=1, target_size=0.7, finetune_steps=2),
                                        str(tmp_path / "ckpt"))
     assert len(seen) == 2 and seen[1][0] == dense_zeros and rep["loss"] == "kd"  # the teacher is the dense model
+
+
+@pytest.mark.heavy
+def test_finetune_data_gives_the_windows_fine_tuning_trains_and_validates_on(tmp_path, monkeypatch):
+    """finetune.data: its text cut into non-overlapping windows of calibration.seqlen (the first finetune.windows),
+    the held-out ones among them; pruning still sees the calibration windows; the data's id is in the result and in
+    the checkpoint's signature (another text is another run)."""
+    import surgeon.runner as runner_mod
+    from surgeon.config import load_recipe
+    from surgeon.errors import SurgeonError
+    from surgeon.inputs import build_finetune, load_windows
+    from tiny_io import tiny_tokenizer
+
+    inputs = run_inputs(tmp_path)
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"Garden {i} lies {3 * i + 1} miles down river {i * i}.\n" for i in range(60)))
+    taught, shot_windows = [], []
+    real_teacher, real_shot = runner_mod.teacher_targets, runner_mod.shot_with_fallback
+    monkeypatch.setattr(runner_mod, "teacher_targets", lambda m, w, **kw: taught.append(w) or real_teacher(m, w, **kw))
+    monkeypatch.setattr(runner_mod, "shot_with_fallback",
+                        lambda m, w, *a, **kw: shot_windows.append(w) or real_shot(m, w, *a, **kw))
+    recipe = tiny_recipe(inputs, finetune={"final_steps": 2, "lr": 1e-3, "data": str(other), "windows": 10,
+                                           "holdout": 0.2})
+    cfg = load_recipe(None, [], extra=recipe)
+    ref = build_finetune(cfg, str(inputs["model"]))
+    windows = load_windows(ref.path)
+    ids = tiny_tokenizer()(other.read_text(), add_special_tokens=False)["input_ids"]
+    assert torch.equal(windows, torch.tensor(ids[:160]).view(10, 16))  # consecutive, no overlap, the first ten
+    ckpt = tmp_path / "ckpt"
+    result = runner_mod.run(cfg, checkpoint=ckpt)
+    assert result["finetune_data_id"] == ref.data_id
+    assert len(taught) == 1 and taught[0].shape == (8, 16)  # ten windows, two held out
+    assert all(torch.equal(t, windows[i]) for i, t in zip(range(8), taught[0]))  # the first eight train
+    assert all(w.shape == (4, 16) for w in shot_windows)  # the shots' curvature: the calibration windows
+    assert result["finetune"][-1]["validation_windows"] == 2
+    with pytest.raises(SurgeonError, match="holds another run"):
+        runner_mod.run(load_recipe(None, ["finetune.windows=9"], extra=recipe), checkpoint=ckpt)
+    with pytest.raises(SurgeonError, match="holds \d+ windows of 16 tokens, fewer than finetune.windows = 10000"):
+        build_finetune(load_recipe(None, ["finetune.windows=10000"], extra=recipe), str(inputs["model"]))
+    assert build_finetune(load_recipe(None, ["finetune.final_steps=0"], extra=recipe), str(inputs["model"])) is None
+
+
+def test_finetune_data_settings_are_checked_in_the_recipe():
+    from surgeon.config import PruneConfig
+
+    with pytest.raises(ValueError, match="finetune.windows limits the windows of finetune.data"):
+        PruneConfig(model="tiny", finetune={"final_steps": 2, "windows": 4})
+    with pytest.raises(ValueError, match="at least 1"):
+        PruneConfig(model="tiny", finetune={"final_steps": 2, "data": "x.txt", "windows": 0})
+    base = PruneConfig(model="tiny", finetune={"final_steps": 2})
+    same = PruneConfig(model="tiny", finetune={"final_steps": 2, "data": None, "windows": None})
+    assert same.config_hash() == base.config_hash()  # added later: earlier recipes keep their hashes
+    assert PruneConfig(model="tiny", finetune={"final_steps": 2, "data": "x.txt"}).config_hash() != base.config_hash()
