@@ -276,10 +276,11 @@ class FinetuneSection(_Section):
     warmup: int = Field(default=0, description="linear warmup steps at the start of every fine-tuning run")
     batch_size: int = Field(default=1, description="training windows per step")
     data: str | None = Field(default=None, description="text to fine-tune and validate on, cut into "
-                             "non-overlapping windows of calibration.seqlen tokens (None: the calibration windows)",
+                             "non-overlapping windows of calibration.seqlen tokens; 'generated': windows sampled from "
+                             "the dense model itself (None: the calibration windows)",
                              json_schema_extra=added_later(None))
     windows: int | None = Field(default=None, description="with data: its first N windows only (None: all the text "
-                                "holds)", json_schema_extra=added_later(None))
+                                "holds; generated: calibration.nsamples)", json_schema_extra=added_later(None))
     holdout: float = Field(default=0.1, description="fraction of the fine-tuning windows held out for validation "
                            "(sharing no tokens with the training windows); the best weights on them are kept, the "
                            "pre-fine-tuning ones if none is better (0: no validation)")
@@ -434,10 +435,10 @@ class PruneConfig(BaseModel):
         f = self.finetune
         if f.windows is not None and f.data is None:
             raise ValueError("finetune.windows limits the windows of finetune.data: set finetune.data too")
-        if f.active and f.holdout > 0 and f.data is None and self.calibration.nsamples <= f.holdout_min:
+        n_windows = (f.windows or self.calibration.nsamples) if f.data == "generated" else self.calibration.nsamples
+        if f.active and f.holdout > 0 and f.data in (None, "generated") and n_windows <= f.holdout_min:
             raise ValueError(f"fine-tuning with validation needs more than finetune.holdout_min = {f.holdout_min} "
-                             f"calibration windows (nsamples is {self.calibration.nsamples}); set finetune.holdout=0 "
-                             "to fine-tune without validation")
+                             f"windows, it has {n_windows}; set finetune.holdout=0 to fine-tune without validation")
         if self.eval.also and not self.eval.data:
             raise ValueError("eval.also needs eval.data (the texts are evaluated where eval.data is)")
         if self.output.materialize is None:  # coupled pruning removes whole units: the smaller model is its point

@@ -5,7 +5,9 @@ Every function takes and returns references (paths, ids), never a model, so Pref
 from __future__ import annotations
 
 import io
+import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import numpy as np
 import torch
 
 from surgeon_core.adapters import adapter_for, prunable_linears
-from surgeon_core.methods import Structure
+from surgeon_core.finetune import sample_windows
+from surgeon_core.methods import DTYPES, Structure
 from transformers import AutoConfig, AutoTokenizer
 
 from .config import PruneConfig
@@ -216,13 +219,21 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
     return _save_windows(windows, did, "eval")
 
 
-def build_finetune(cfg: PruneConfig, model_path: str) -> DataRef | None:
-    """The windows of ``finetune.data``: its text cut into non-overlapping windows of ``calibration.seqlen`` tokens
-    (the first ``finetune.windows`` of them); None when fine-tuning is off or uses the calibration windows."""
+GENERATED = "generated"  # finetune.data: windows sampled from the dense model itself
+
+
+def build_finetune(cfg: PruneConfig, model: ModelRef, calibration: DataRef) -> DataRef | None:
+    """The windows fine-tuning trains and validates on, None when fine-tuning is off or uses the calibration
+    windows. ``finetune.data`` a text: cut into non-overlapping windows of ``calibration.seqlen`` tokens (the first
+    ``finetune.windows``); ``generated``: ``finetune.windows`` windows (default ``calibration.nsamples``) sampled
+    from the dense model (:func:`surgeon_core.finetune.sample_windows`), each starting with the first token of a
+    calibration window, cached per model, count, length and seed."""
     f, seqlen = cfg.finetune, cfg.calibration.seqlen
     if f.data is None or not f.active:
         return None
-    ids = load_ids(f.data, _tokenizer(model_path), join=None,
+    if f.data == GENERATED:
+        return _generated_windows(cfg, model, calibration)
+    ids = load_ids(f.data, _tokenizer(model.path), join=None,
                    max_tokens=f.windows * seqlen if f.windows else None)
     windows = eval_windows(ids, seqlen, f.windows)
     if windows.shape[1] != seqlen:  # ready-made (n, L) windows from a .npy file
@@ -235,8 +246,54 @@ def build_finetune(cfg: PruneConfig, model_path: str) -> DataRef | None:
         raise SurgeonError(f"finetune.data {f.data} holds {windows.shape[0]} windows of {seqlen} tokens: "
                            f"validation needs more than finetune.holdout_min = {f.holdout_min}; give more text, "
                            "or set finetune.holdout=0")
-    _check_embedding(windows, _model_config(model_path), f.data)
+    _check_embedding(windows, _model_config(model.path), f.data)
     return _save_windows(windows, data_id(windows, source=f.data), "finetune")
+
+
+def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef) -> DataRef:
+    """Windows sampled from the dense model, read from the cache when this model, count, length, start tokens and
+    seed made them before (a signed record vouches for the file's bytes)."""
+    f, c = cfg.finetune, cfg.compute
+    n, seqlen, seed = f.windows or cfg.calibration.nsamples, cfg.calibration.seqlen, cfg.method.seed
+    calib = load_windows(calibration.path)
+    starts = calib[torch.arange(n) % calib.shape[0], 0]
+    params = dict(model=model.content_hash, n=n, seqlen=seqlen, seed=seed, starts=calibration.data_id,
+                  model_dtype=c.model_dtype, dtype=c.dtype)
+    key = sha256_bytes(json.dumps(params, sort_keys=True))
+    path = cache_dir("data") / f"{GENERATED}-{key[:20]}.npy"
+    value, _ = read_record(path.with_suffix(".json"), key, check=lambda v: isinstance(v, dict) and "sha256" in v)
+    try:
+        data = path.read_bytes() if value is not None else None
+    except OSError:
+        data = None
+    if data is not None and sha256_bytes(data) == value["sha256"]:
+        windows = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64))
+    else:
+        windows = _sample(cfg, model, starts, seqlen, seed)
+        buf = io.BytesIO()
+        np.save(buf, windows.numpy().astype(np.int32))
+        atomic_write(path, buf.getvalue())
+        write_record(path.with_suffix(".json"), key, {"sha256": sha256_bytes(buf.getvalue()), **params})
+    return DataRef(str(path), data_id(windows, source=GENERATED, seed=seed), tuple(windows.shape))
+
+
+def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int, seed: int) -> torch.Tensor:
+    c = cfg.compute
+    dtype = DTYPES[c.model_dtype]
+    if model.path.startswith(RANDOM):
+        dense = random_model(model.path, device=c.device, dtype=dtype, seed=seed)
+    else:
+        dense, _, _ = load_model(model.path, dtype=dtype, device=c.device)
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        _log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
+                  time.perf_counter() - t0)
+
+    windows = sample_windows(dense, starts, seqlen, batch_size=c.batch_size, seed=seed, device=c.device,
+                             autocast_dtype=torch.bfloat16 if c.dtype == "bf16" else None, progress=progress)
+    del dense
+    return windows
 
 
 def load_windows(path: str) -> torch.Tensor:
@@ -256,4 +313,5 @@ def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None, Data
     if out.path:
         check_output(out.path, config_hash=cfg.config_hash(), source_model=src.content_hash,
                      overwrite=out.overwrite, sources=[cfg.model, src.path])
-    return src, build_calibration(cfg, src.path), build_eval(cfg, src.path), build_finetune(cfg, src.path)
+    calibration = build_calibration(cfg, src.path)
+    return src, calibration, build_eval(cfg, src.path), build_finetune(cfg, src, calibration)

@@ -183,7 +183,7 @@ def prune_cmd(
     as key=value after the options, e.g. `surgeon prune --config R.yaml compute.dtype=bf16 damping_g=0.3
     finetune.lr=1e-4`."""
     from surgeon.config import load_recipe
-    from surgeon.inputs import preflight
+    from surgeon.inputs import GENERATED, preflight
     from surgeon.launcher import check_nproc
 
     json_out = check_output_file(json_out)
@@ -203,7 +203,7 @@ def prune_cmd(
                            "as a whole; write it elsewhere")
     check_model_ref(cfg.model)
     for ref in (cfg.calibration.data, cfg.eval.data, cfg.finetune.data):
-        if ref is not None:
+        if ref is not None and ref != GENERATED:
             check_data_ref(ref)
     check_nproc(cfg)
     set_threads(cfg.compute.threads)

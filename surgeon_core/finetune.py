@@ -44,7 +44,7 @@ from .lm import hidden_states, sequence_nll
 
 __all__ = ["FinetuneOptions", "FinetuneReport", "TeacherTargets", "pruning_masks", "mask_violations",
            "trainable_parameters", "lr_factor", "finetune", "teacher_targets", "distillation_loss",
-           "overlap_groups", "validation_split"]
+           "overlap_groups", "validation_split", "sample_windows"]
 
 TRAIN_SETS = ("linears", "norms", "both")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -181,6 +181,42 @@ def teacher_targets(model: nn.Module, windows: torch.Tensor, *, k: int = 64, bat
             index[i : i + batch.shape[0], s : s + step] = top.to(torch.int32).cpu()
     model.train(was_training)
     return TeacherTargets(logp, index)
+
+
+@torch.no_grad()
+def sample_windows(model: nn.Module, starts: torch.Tensor, seqlen: int, *, batch_size: int = 8, seed: int = 0,
+                   device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """(n, ``seqlen``) windows of text sampled from ``model``'s own next-token distribution, each continuing its
+    start token in ``starts`` (n,): training text for distillation that needs no other corpus. Plain ancestral
+    sampling with the key/value cache: temperature 1, no top-k/top-p truncation, and no stop at an end-of-text token
+    (``generate`` would stop there, or with a minimum length forbid it); batch ``i // batch_size`` draws from a
+    generator seeded ``seed * 1_000_003 + i``, so a seed and a batch size fix the windows."""
+    if starts.dim() != 1 or starts.numel() == 0 or seqlen < 2:
+        raise ValueError("sampling needs a non-empty 1-D tensor of start tokens and seqlen >= 2")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n, out = starts.numel(), []
+    try:
+        for i in range(0, n, batch_size):
+            gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + i)
+            tokens = [starts[i : i + batch_size, None].to(device)]
+            cache: dict = {}
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                while len(tokens) < seqlen:
+                    step = model(input_ids=tokens[-1], use_cache=True, **cache)
+                    # the key/value cache goes back under the name this transformers version gives it
+                    name = "cache" if "cache" in step.keys() else "past_key_values"
+                    cache = {name: step[name]}
+                    probs = torch.softmax(step.logits[:, -1].float(), dim=-1)
+                    tokens.append(torch.multinomial(probs, 1, generator=gen))
+            out.append(torch.cat(tokens, dim=1).cpu())
+            if progress is not None:
+                progress(min(i + batch_size, n), n)
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 def _kd_chunk(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, t_logp: torch.Tensor,

@@ -201,9 +201,9 @@ def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
 
 
 @task(name="build-finetune-data", cache_policy=NO_CACHE, **IO_RETRIES)
-def build_finetune(config: PruneConfig, model: ModelRef) -> DataRef | None:
+def build_finetune(config: PruneConfig, model: ModelRef, calibration: DataRef) -> DataRef | None:
     """The windows of ``finetune.data`` (None: fine-tuning, if any, uses the calibration windows)."""
-    data = inputs.build_finetune(config, model.path)
+    data = inputs.build_finetune(config, model, calibration)
     if data is not None:
         get_run_logger().info("fine-tuning data %s: %s windows (id %s)", config.finetune.data, data.shape,
                               data.data_id[:12])

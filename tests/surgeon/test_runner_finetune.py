@@ -140,7 +140,7 @@ def test_finetune_data_gives_the_windows_fine_tuning_trains_and_validates_on(tmp
     import surgeon.runner as runner_mod
     from surgeon.config import load_recipe
     from surgeon.errors import SurgeonError
-    from surgeon.inputs import build_finetune, load_windows
+    from surgeon.inputs import build_finetune, load_windows, preflight
     from tiny_io import tiny_tokenizer
 
     inputs = run_inputs(tmp_path)
@@ -154,7 +154,7 @@ def test_finetune_data_gives_the_windows_fine_tuning_trains_and_validates_on(tmp
     recipe = tiny_recipe(inputs, finetune={"final_steps": 2, "lr": 1e-3, "data": str(other), "windows": 10,
                                            "holdout": 0.2})
     cfg = load_recipe(None, [], extra=recipe)
-    ref = build_finetune(cfg, str(inputs["model"]))
+    src, calib, _, ref = preflight(cfg)
     windows = load_windows(ref.path)
     ids = tiny_tokenizer()(other.read_text(), add_special_tokens=False)["input_ids"]
     assert torch.equal(windows, torch.tensor(ids[:160]).view(10, 16))  # consecutive, no overlap, the first ten
@@ -168,8 +168,8 @@ def test_finetune_data_gives_the_windows_fine_tuning_trains_and_validates_on(tmp
     with pytest.raises(SurgeonError, match="holds another run"):
         runner_mod.run(load_recipe(None, ["finetune.windows=9"], extra=recipe), checkpoint=ckpt)
     with pytest.raises(SurgeonError, match="holds \d+ windows of 16 tokens, fewer than finetune.windows = 10000"):
-        build_finetune(load_recipe(None, ["finetune.windows=10000"], extra=recipe), str(inputs["model"]))
-    assert build_finetune(load_recipe(None, ["finetune.final_steps=0"], extra=recipe), str(inputs["model"])) is None
+        build_finetune(load_recipe(None, ["finetune.windows=10000"], extra=recipe), src, calib)
+    assert build_finetune(load_recipe(None, ["finetune.final_steps=0"], extra=recipe), src, calib) is None
 
 
 def test_finetune_data_settings_are_checked_in_the_recipe():
@@ -183,3 +183,34 @@ def test_finetune_data_settings_are_checked_in_the_recipe():
     same = PruneConfig(model="tiny", finetune={"final_steps": 2, "data": None, "windows": None})
     assert same.config_hash() == base.config_hash()  # added later: earlier recipes keep their hashes
     assert PruneConfig(model="tiny", finetune={"final_steps": 2, "data": "x.txt"}).config_hash() != base.config_hash()
+
+
+@pytest.mark.heavy
+def test_generated_finetune_data_is_sampled_from_the_dense_model_once(tmp_path, monkeypatch):
+    """finetune.data generated: calibration.nsamples windows sampled from the dense model, each starting with a
+    calibration window's first token; cached (a damaged cache file is sampled again); a whole run distils on them."""
+    import surgeon.inputs as inputs_mod
+    import surgeon.runner as runner_mod
+    from surgeon.config import load_recipe
+    from surgeon.errors import SurgeonError
+
+    inputs = run_inputs(tmp_path)
+    calls = []
+    real = inputs_mod.sample_windows
+    monkeypatch.setattr(inputs_mod, "sample_windows", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    recipe = tiny_recipe(inputs, finetune={"final_steps": 2, "lr": 1e-3, "loss": "kd", "data": "generated"})
+    cfg = load_recipe(None, [], extra=recipe)
+    _, calib, _, ref = inputs_mod.preflight(cfg)
+    windows, calib_windows = inputs_mod.load_windows(ref.path), inputs_mod.load_windows(calib.path)
+    assert windows.shape == (4, 16) and torch.equal(windows[:, 0], calib_windows[:, 0]) and len(calls) == 1
+    assert not torch.equal(windows, calib_windows)
+    assert inputs_mod.preflight(cfg)[3] == ref and len(calls) == 1  # from the cache
+    with open(ref.path, "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\xff\xff\xff\xff")
+    assert inputs_mod.preflight(cfg)[3] == ref and len(calls) == 2  # damaged: sampled again, the same windows
+    result = runner_mod.run(cfg)
+    assert result["finetune_data_id"] == ref.data_id and len(calls) == 2
+    assert result["finetune"][-1]["train_windows"] == 2 and result["finetune"][-1]["validation_windows"] == 2
+    with pytest.raises(SurgeonError, match="more than finetune.holdout_min = 2 windows, it has 2"):
+        load_recipe(None, ["finetune.windows=2"], extra=recipe)

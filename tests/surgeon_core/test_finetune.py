@@ -394,3 +394,28 @@ def test_first_order_option_is_refused_where_it_does_not_apply():
                 dict(structure="coupled")):
         with pytest.raises(ValueError):
             PruneOptions(first_order=True, **bad)
+
+
+def test_sampled_windows_follow_the_models_next_token_distribution():
+    """sample_windows: (n, seqlen) windows that keep their start tokens, fixed by the seed, drawn from the model's
+    own softmax (the empirical next-token frequencies after one start token match it) and continuing past
+    end-of-text tokens."""
+    from surgeon_core.finetune import sample_windows
+
+    model = tiny_model("llama", seed=3)
+    starts = torch.tensor([5, 9, 5])
+    w = sample_windows(model, starts, 12, batch_size=2, seed=1)
+    assert w.shape == (3, 12) and torch.equal(w[:, 0], starts)
+    assert torch.equal(w, sample_windows(model, starts, 12, batch_size=2, seed=1))
+    assert not torch.equal(w, sample_windows(model, starts, 12, batch_size=2, seed=2))
+
+    n = 6000
+    second = sample_windows(model, torch.full((n,), 5), 2, batch_size=n, seed=0)[:, 1]
+    with torch.no_grad():
+        p = torch.softmax(model(input_ids=torch.tensor([[5]])).logits[0, -1].double(), -1)
+    counts = torch.bincount(second, minlength=p.numel()).double()
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())  # Pearson's statistic, chi-square with V - 1 dof
+    dof = p.numel() - 1
+    assert chi2 < dof + 5 * (2 * dof) ** 0.5  # five standard deviations above its mean
+    with pytest.raises(ValueError, match="start tokens"):
+        sample_windows(model, torch.tensor([]), 4)
