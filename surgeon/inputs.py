@@ -284,11 +284,13 @@ def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int
         dense = random_model(model.path, device=c.device, dtype=dtype, seed=seed)
     else:
         dense, _, _ = load_model(model.path, dtype=dtype, device=c.device)
-    t0 = time.perf_counter()
+    t0, logged = time.perf_counter(), [-1]
 
-    def progress(done: int, total: int) -> None:
-        _log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
-                  time.perf_counter() - t0)
+    def progress(done: int, total: int) -> None:  # about every tenth of the windows
+        if done * 10 // total > logged[0]:
+            logged[0] = done * 10 // total
+            _log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
+                      time.perf_counter() - t0)
 
     windows = sample_windows(dense, starts, seqlen, batch_size=c.batch_size, seed=seed, device=c.device,
                              autocast_dtype=torch.bfloat16 if c.dtype == "bf16" else None, progress=progress)
