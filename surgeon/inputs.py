@@ -222,17 +222,17 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
 GENERATED = "generated"  # finetune.data: windows sampled from the dense model itself
 
 
-def build_finetune(cfg: PruneConfig, model: ModelRef, calibration: DataRef) -> DataRef | None:
+def build_finetune(cfg: PruneConfig, model: ModelRef, calibration: DataRef, log=None) -> DataRef | None:
     """The windows fine-tuning trains and validates on, None when fine-tuning is off or uses the calibration
     windows. ``finetune.data`` a text: cut into non-overlapping windows of ``calibration.seqlen`` tokens (the first
     ``finetune.windows``); ``generated``: ``finetune.windows`` windows (default ``calibration.nsamples``) sampled
     from the dense model (:func:`surgeon_core.finetune.sample_windows`), each starting with the first token of a
-    calibration window, cached per model, count, length and seed."""
+    calibration window, cached per model, count, length and seed; ``log`` gets the sampling's progress."""
     f, seqlen = cfg.finetune, cfg.calibration.seqlen
     if f.data is None or not f.active:
         return None
     if f.data == GENERATED:
-        return _generated_windows(cfg, model, calibration)
+        return _generated_windows(cfg, model, calibration, log or _log)
     ids = load_ids(f.data, _tokenizer(model.path), join=None,
                    max_tokens=f.windows * seqlen if f.windows else None)
     windows = eval_windows(ids, seqlen, f.windows)
@@ -250,7 +250,7 @@ def build_finetune(cfg: PruneConfig, model: ModelRef, calibration: DataRef) -> D
     return _save_windows(windows, data_id(windows, source=f.data), "finetune")
 
 
-def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef) -> DataRef:
+def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef, log) -> DataRef:
     """Windows sampled from the dense model, read from the cache when this model, count, length, start tokens and
     seed made them before (a signed record vouches for the file's bytes)."""
     f, c = cfg.finetune, cfg.compute
@@ -269,7 +269,7 @@ def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef) 
     if data is not None and sha256_bytes(data) == value["sha256"]:
         windows = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64))
     else:
-        windows = _sample(cfg, model, starts, seqlen, seed)
+        windows = _sample(cfg, model, starts, seqlen, seed, log)
         buf = io.BytesIO()
         np.save(buf, windows.numpy().astype(np.int32))
         atomic_write(path, buf.getvalue())
@@ -277,7 +277,7 @@ def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef) 
     return DataRef(str(path), data_id(windows, source=GENERATED, seed=seed), tuple(windows.shape))
 
 
-def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int, seed: int) -> torch.Tensor:
+def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int, seed: int, log) -> torch.Tensor:
     c = cfg.compute
     dtype = DTYPES[c.model_dtype]
     if model.path.startswith(RANDOM):
@@ -289,7 +289,7 @@ def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int
     def progress(done: int, total: int) -> None:  # about every tenth of the windows
         if done * 10 // total > logged[0]:
             logged[0] = done * 10 // total
-            _log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
+            log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
                       time.perf_counter() - t0)
 
     windows = sample_windows(dense, starts, seqlen, batch_size=c.batch_size, seed=seed, device=c.device,
@@ -302,12 +302,13 @@ def load_windows(path: str) -> torch.Tensor:
     return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
 
 
-def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None, DataRef | None]:
+def preflight(cfg: PruneConfig, log=None) -> tuple[ModelRef, DataRef, DataRef | None, DataRef | None]:
     """Every check that can fail on the user's input, before any pruning: the output folder (policy of
     :func:`surgeon.outputs.check_output`), the model (:func:`validate_model`), calibration, evaluation and
     fine-tuning data (found, long enough, ``seqlen`` within the model's context). Raises :class:`SurgeonError`;
-    writes nothing but the caches (converted models, token ids). Returns what it resolved: the model and the
-    calibration, evaluation and fine-tuning windows (None where there are none)."""
+    writes nothing but the caches (converted models, token ids, sampled windows; ``log`` gets the sampling's
+    progress). Returns what it resolved: the model and the calibration, evaluation and fine-tuning windows (None
+    where there are none)."""
     out = cfg.output
     if out.path:
         check_output(out.path, config_hash=cfg.config_hash(), overwrite=out.overwrite, sources=[cfg.model])
@@ -316,4 +317,4 @@ def preflight(cfg: PruneConfig) -> tuple[ModelRef, DataRef, DataRef | None, Data
         check_output(out.path, config_hash=cfg.config_hash(), source_model=src.content_hash,
                      overwrite=out.overwrite, sources=[cfg.model, src.path])
     calibration = build_calibration(cfg, src.path)
-    return src, calibration, build_eval(cfg, src.path), build_finetune(cfg, src, calibration)
+    return src, calibration, build_eval(cfg, src.path), build_finetune(cfg, src, calibration, log)

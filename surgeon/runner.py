@@ -384,7 +384,7 @@ def _run(cfg, checkpoint, progress, on_step, stop_after, log) -> dict:
     t_start = time.perf_counter()
     log.info("resolving %s and tokenizing the calibration%s data", cfg.model,
              " and evaluation" if cfg.eval.data else "")
-    inputs = preflight(cfg)
+    inputs = preflight(cfg, log)
     src, calib, evald, ft = inputs
     log.info("loading %s on %s", src.path, cfg.compute.device)
     model, tok = load_for_pruning(src.path, cfg)

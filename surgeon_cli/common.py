@@ -37,6 +37,13 @@ def stage(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+class StageLog:
+    """A logger-like sink for library progress messages (``log.info(fmt, *args)``): each one a :func:`stage` line."""
+
+    def info(self, msg: str, *args) -> None:
+        stage(msg % args if args else msg)
+
+
 def check_output_file(path: Path | None) -> Path | None:
     """Validate an output file path early (before any work), without creating anything."""
     if path is None:

@@ -17,7 +17,7 @@ from typer.core import TyperCommand
 
 from surgeon.errors import SurgeonError
 
-from .common import (DebugOpt, JsonOpt, check_data_ref, check_model_ref, check_output_file,
+from .common import (DebugOpt, JsonOpt, StageLog, check_data_ref, check_model_ref, check_output_file,
                      markdown_table, pipeline_env, print_ui_hint, set_threads, stage, write_json)
 from .outputs import materialize_output, print_materialize
 
@@ -208,7 +208,7 @@ def prune_cmd(
     check_nproc(cfg)
     set_threads(cfg.compute.threads)
     stage("checking the output folder, model and data")
-    preflight(cfg)  # every bad input fails here, in one line, before a flow run starts
+    preflight(cfg, StageLog())  # every bad input fails here, in one line, before a flow run starts
     uri = pipeline_env()
     stage(f"pruning {cfg.model}: {m.name}, {m.structure}, target size {cfg.final_target:g}, {len(cfg.plan())} "
           f"shot(s) (Prefect flow 'prune'; MLflow {uri})")

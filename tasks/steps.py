@@ -203,10 +203,11 @@ def build_eval(config: PruneConfig, model: ModelRef) -> DataRef | None:
 @task(name="build-finetune-data", cache_policy=NO_CACHE, **IO_RETRIES)
 def build_finetune(config: PruneConfig, model: ModelRef, calibration: DataRef) -> DataRef | None:
     """The windows of ``finetune.data`` (None: fine-tuning, if any, uses the calibration windows)."""
-    data = inputs.build_finetune(config, model, calibration)
+    log = get_run_logger()
+    data = inputs.build_finetune(config, model, calibration, log)
     if data is not None:
-        get_run_logger().info("fine-tuning data %s: %s windows (id %s)", config.finetune.data, data.shape,
-                              data.data_id[:12])
+        log.info("fine-tuning data %s: %s windows (id %s)", config.finetune.data, data.shape,
+                 data.data_id[:12])
     return data
 
 
