@@ -258,7 +258,7 @@ def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef, 
     calib = load_windows(calibration.path)
     starts = calib[torch.arange(n) % calib.shape[0], 0]
     params = dict(model=model.content_hash, n=n, seqlen=seqlen, seed=seed, starts=calibration.data_id,
-                  model_dtype=c.model_dtype, dtype=c.dtype)
+                  model_dtype=c.model_dtype, dtype=c.dtype, batch_size=c.batch_size)
     key = sha256_bytes(json.dumps(params, sort_keys=True))
     path = cache_dir("data") / f"{GENERATED}-{key[:20]}.npy"
     value, _ = read_record(path.with_suffix(".json"), key, check=lambda v: isinstance(v, dict) and "sha256" in v)
@@ -292,10 +292,29 @@ def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int
             log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
                       time.perf_counter() - t0)
 
-    windows = sample_windows(dense, starts, seqlen, batch_size=c.batch_size, seed=seed, device=c.device,
+    batch = sampling_batch(dense.config, seqlen, starts.numel(), c.batch_size)
+    log.info("sampling %d fine-tuning windows of %d tokens from the dense model, %d at a time", starts.numel(),
+             seqlen, batch)
+    windows = sample_windows(dense, starts, seqlen, batch_size=batch, seed=seed, device=c.device,
                              autocast_dtype=torch.bfloat16 if c.dtype == "bf16" else None, progress=progress)
     del dense
     return windows
+
+
+SAMPLING_CACHE_BYTES = 4 * 2**30  # key/value cache of the windows sampled together
+
+
+def sampling_batch(config, seqlen: int, n: int, floor: int) -> int:
+    """Windows sampled together: as many as a key/value cache of ``SAMPLING_CACHE_BYTES`` (fp32) holds, at least
+    ``floor`` (compute.batch_size) and at most ``n``. One token a step, a sampling step costs about the same for
+    one window as for many, so the batch sets the speed."""
+    layers, heads = getattr(config, "num_hidden_layers", None), getattr(config, "num_attention_heads", None)
+    if not layers or not heads:
+        return max(1, min(n, floor))
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    per_window = 2 * layers * kv_heads * head_dim * seqlen * 4
+    return max(1, min(n, max(floor, SAMPLING_CACHE_BYTES // per_window)))
 
 
 def load_windows(path: str) -> torch.Tensor:

@@ -214,3 +214,16 @@ def test_generated_finetune_data_is_sampled_from_the_dense_model_once(tmp_path, 
     assert result["finetune"][-1]["train_windows"] == 2 and result["finetune"][-1]["validation_windows"] == 2
     with pytest.raises(SurgeonError, match="more than finetune.holdout_min = 2 windows, it has 2"):
         load_recipe(None, ["finetune.windows=2"], extra=recipe)
+
+
+def test_sampling_batch_fills_a_bounded_key_value_cache():
+    from types import SimpleNamespace
+
+    from surgeon.inputs import SAMPLING_CACHE_BYTES, sampling_batch
+
+    config = SimpleNamespace(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, hidden_size=256)
+    per_window = 2 * 4 * 2 * 32 * 1024 * 4  # keys and values, layers, kv heads, head dim, tokens, fp32
+    assert sampling_batch(config, 1024, 10**6, 1) == SAMPLING_CACHE_BYTES // per_window
+    assert sampling_batch(config, 1024, 50, 1) == 50  # never more than the windows
+    assert sampling_batch(config, 2**20, 50, 3) == 3  # never fewer than compute.batch_size
+    assert sampling_batch(SimpleNamespace(), 1024, 50, 3) == 3  # unknown shapes: compute.batch_size
