@@ -31,7 +31,7 @@ from surgeon_core.schedule import Step, plan
 from .errors import SurgeonError
 
 __all__ = ["PruneConfig", "load_recipe", "build_config", "parse_overrides", "load_yaml", "read_yaml", "ALIASES",
-           "SECTIONS"]
+           "SECTIONS", "GENERATED"]
 
 NOT_WEIGHTS = {"weights": False}  # json_schema_extra of fields that do not change the pruned weights
 
@@ -264,6 +264,9 @@ class ComputeSection(_Section):
         return v
 
 
+GENERATED = "generated"  # finetune.data: windows sampled from the dense model itself
+
+
 class FinetuneSection(_Section):
     steps: int = Field(default=0, description="mask-preserving steps after every shot (0: off)")
     final_steps: int = Field(default=0, description="steps added after the last shot")
@@ -435,8 +438,8 @@ class PruneConfig(BaseModel):
         f = self.finetune
         if f.windows is not None and f.data is None:
             raise ValueError("finetune.windows limits the windows of finetune.data: set finetune.data too")
-        n_windows = (f.windows or self.calibration.nsamples) if f.data == "generated" else self.calibration.nsamples
-        if f.active and f.holdout > 0 and f.data in (None, "generated") and n_windows <= f.holdout_min:
+        n_windows = (f.windows or self.calibration.nsamples) if f.data == GENERATED else self.calibration.nsamples
+        if f.active and f.holdout > 0 and f.data in (None, GENERATED) and n_windows <= f.holdout_min:
             raise ValueError(f"fine-tuning with validation needs more than finetune.holdout_min = {f.holdout_min} "
                              f"windows, it has {n_windows}; set finetune.holdout=0 to fine-tune without validation")
         if self.eval.also and not self.eval.data:

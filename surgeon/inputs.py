@@ -19,7 +19,7 @@ from surgeon_core.finetune import sample_windows
 from surgeon_core.methods import DTYPES, Structure
 from transformers import AutoConfig, AutoTokenizer
 
-from .config import PruneConfig
+from .config import GENERATED, PruneConfig
 from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
 from .errors import SurgeonError
 from .fetch import fetch_model, known_models
@@ -219,9 +219,6 @@ def build_eval(cfg: PruneConfig, model_path: str) -> DataRef | None:
     return _save_windows(windows, did, "eval")
 
 
-GENERATED = "generated"  # finetune.data: windows sampled from the dense model itself
-
-
 def build_finetune(cfg: PruneConfig, model: ModelRef, calibration: DataRef, log=None) -> DataRef | None:
     """The windows fine-tuning trains and validates on, None when fine-tuning is off or uses the calibration
     windows. ``finetune.data`` a text: cut into non-overlapping windows of ``calibration.seqlen`` tokens (the first
@@ -290,7 +287,7 @@ def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int
         if done * 10 // total > logged[0]:
             logged[0] = done * 10 // total
             log.info("sampling fine-tuning windows from the dense model: %d/%d (%.0f s)", done, total,
-                      time.perf_counter() - t0)
+                     time.perf_counter() - t0)
 
     batch = sampling_batch(dense.config, seqlen, starts.numel(), c.batch_size)
     log.info("sampling %d fine-tuning windows of %d tokens from the dense model, %d at a time", starts.numel(),

@@ -182,8 +182,8 @@ def prune_cmd(
     The flags set the config fields people type most; every config field (listed after the options) can be given
     as key=value after the options, e.g. `surgeon prune --config R.yaml compute.dtype=bf16 damping_g=0.3
     finetune.lr=1e-4`."""
-    from surgeon.config import load_recipe
-    from surgeon.inputs import GENERATED, preflight
+    from surgeon.config import GENERATED, load_recipe
+    from surgeon.inputs import preflight
     from surgeon.launcher import check_nproc
 
     json_out = check_output_file(json_out)
