@@ -419,3 +419,20 @@ def test_sampled_windows_follow_the_models_next_token_distribution():
     assert chi2 < dof + 5 * (2 * dof) ** 0.5  # five standard deviations above its mean
     with pytest.raises(ValueError, match="start tokens"):
         sample_windows(model, torch.tensor([]), 4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_swa", "qwen3", "gemma2", "gemma3", "phi3", "opt"])
+def test_sampling_with_the_key_value_cache_sees_what_a_full_forward_sees(family, monkeypatch):
+    """With the draw replaced by the most likely token, the cached sampling loop of every family gives the
+    sequence that full forward passes over each prefix give (positions, masks and sliding windows of the cache)."""
+    from surgeon_core.finetune import sample_windows
+
+    model = tiny_model(family, seed=0)
+    monkeypatch.setattr(torch, "multinomial", lambda probs, n, generator=None: probs.argmax(-1, keepdim=True))
+    w = sample_windows(model, torch.tensor([3, 7]), 20, batch_size=2)
+    expected = torch.tensor([[3], [7]])
+    with torch.no_grad():
+        for _ in range(19):
+            nxt = model(input_ids=expected).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, nxt], dim=1)
+    assert torch.equal(w, expected)
