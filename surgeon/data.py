@@ -60,6 +60,8 @@ __all__ = [
     "load_ids",
     "tokenize",
     "tokenizer_hash",
+    "read_cached_ids",
+    "write_cached_ids",
     "calibration_windows",
     "eval_windows",
     "data_id",
@@ -351,24 +353,29 @@ def tokenize(tokenizer, text: str, *, use_cache: bool = True) -> torch.Tensor:
     key = sha256_bytes(tokenizer_hash(tokenizer) + ":" + sha256_bytes(text))[:40]
     path = cache_dir("tokens") / f"{key}.npy" if use_cache else None
     if path is not None:
-        cached = _cached_ids(path, key)
+        cached = read_cached_ids(path, key)
         if cached is not None:
             return cached
     arr = np.asarray(_encode(tokenizer, text), dtype=np.int64)
     if path is not None:
-        buf = io.BytesIO()
-        small = arr.astype(np.int32) if arr.size and arr.max() < 2**31 else arr
-        np.save(buf, small)
         try:
-            atomic_write(path, buf.getvalue())
-            write_record(path.with_suffix(".json"), key, {"sha256": sha256_bytes(buf.getvalue())})
+            write_cached_ids(path, key, arr)
         except OSError:
             pass
     return torch.from_numpy(arr)
 
 
-def _cached_ids(path: Path, key: str) -> torch.Tensor | None:
-    """The ids of a token cache entry whose signed record vouches for its bytes; else None."""
+def write_cached_ids(path: Path, key: str, ids: np.ndarray, **record) -> None:
+    """Token ids as a cache ``.npy`` (int32 when they fit) with a signed record of ``key`` vouching for its bytes
+    (and holding ``record``), both written atomically; :func:`read_cached_ids` reads it back."""
+    buf = io.BytesIO()
+    np.save(buf, ids.astype(np.int32) if ids.size and ids.max() < 2**31 else ids)
+    atomic_write(path, buf.getvalue())
+    write_record(path.with_suffix(".json"), key, {"sha256": sha256_bytes(buf.getvalue()), **record})
+
+
+def read_cached_ids(path: Path, key: str) -> torch.Tensor | None:
+    """The ids (int64) of a cache entry whose signed record of ``key`` vouches for its bytes; else None."""
     value, _ = read_record(path.with_suffix(".json"), key,
                            check=lambda v: isinstance(v, dict) and isinstance(v.get("sha256"), str))
     try:

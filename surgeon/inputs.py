@@ -20,7 +20,8 @@ from surgeon_core.methods import DTYPES, Structure
 from transformers import AutoConfig, AutoTokenizer
 
 from .config import GENERATED, PruneConfig
-from .data import calibration_windows, check_seqlen, data_id, eval_windows, load_ids
+from .data import (calibration_windows, check_seqlen, data_id, eval_windows, load_ids, read_cached_ids,
+                   write_cached_ids)
 from .errors import SurgeonError
 from .fetch import fetch_model, known_models
 from .integrity import read_record, write_record
@@ -29,7 +30,7 @@ from .outputs import check_output
 from .utils import atomic_write, cache_dir, sha256_bytes, sha256_file
 
 __all__ = ["ModelRef", "DataRef", "RANDOM_ARCHS", "random_config", "random_model", "prepare_model", "validate_model",
-           "build_calibration", "build_eval", "build_finetune", "load_windows", "preflight"]
+           "build_calibration", "build_eval", "build_finetune", "load_source_model", "load_windows", "preflight"]
 
 
 @dataclass(frozen=True)
@@ -258,29 +259,26 @@ def _generated_windows(cfg: PruneConfig, model: ModelRef, calibration: DataRef, 
                   model_dtype=c.model_dtype, dtype=c.dtype, batch_size=c.batch_size)
     key = sha256_bytes(json.dumps(params, sort_keys=True))
     path = cache_dir("data") / f"{GENERATED}-{key[:20]}.npy"
-    value, _ = read_record(path.with_suffix(".json"), key, check=lambda v: isinstance(v, dict) and "sha256" in v)
-    try:
-        data = path.read_bytes() if value is not None else None
-    except OSError:
-        data = None
-    if data is not None and sha256_bytes(data) == value["sha256"]:
-        windows = torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False).astype(np.int64))
-    else:
+    windows = read_cached_ids(path, key)
+    if windows is None:
         windows = _sample(cfg, model, starts, seqlen, seed, log)
-        buf = io.BytesIO()
-        np.save(buf, windows.numpy().astype(np.int32))
-        atomic_write(path, buf.getvalue())
-        write_record(path.with_suffix(".json"), key, {"sha256": sha256_bytes(buf.getvalue()), **params})
+        write_cached_ids(path, key, windows.numpy(), **params)
     return DataRef(str(path), data_id(windows, source=GENERATED, seed=seed), tuple(windows.shape))
+
+
+def load_source_model(source: str, cfg: PruneConfig, device: str | None = None):
+    """(model, tokenizer or None) of a local folder or a ``random:ARCH`` reference, in ``compute.model_dtype`` on
+    ``device`` (default the compute device)."""
+    dtype, device = DTYPES[cfg.compute.model_dtype], device or cfg.compute.device
+    if source.startswith(RANDOM):
+        return random_model(source, device=device, dtype=dtype, seed=cfg.method.seed), None
+    model, tok, _ = load_model(source, dtype=dtype, device=device)
+    return model, tok
 
 
 def _sample(cfg: PruneConfig, model: ModelRef, starts: torch.Tensor, seqlen: int, seed: int, log) -> torch.Tensor:
     c = cfg.compute
-    dtype = DTYPES[c.model_dtype]
-    if model.path.startswith(RANDOM):
-        dense = random_model(model.path, device=c.device, dtype=dtype, seed=seed)
-    else:
-        dense, _, _ = load_model(model.path, dtype=dtype, device=c.device)
+    dense, _ = load_source_model(model.path, cfg)
     t0, logged = time.perf_counter(), [-1]
 
     def progress(done: int, total: int) -> None:  # about every tenth of the windows

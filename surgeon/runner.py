@@ -36,7 +36,7 @@ from surgeon_core.shot import NonFiniteCurvatureError, RoundedCurvatureError, Sh
 from . import launcher
 from .config import PruneConfig
 from .errors import SurgeonError
-from .inputs import RANDOM, DataRef, ModelRef, load_windows, preflight, random_model
+from .inputs import RANDOM, DataRef, ModelRef, load_source_model, load_windows, preflight
 from .models import load_model, save_model
 from .outputs import check_output, holds_export, manifest_files, output_lock
 from .sharded_load import can_load_sharded, load_sharded, random_sharded, save_sharded
@@ -108,11 +108,7 @@ def finetune_summary(row: dict) -> dict:
 def load_for_pruning(source: str, cfg: PruneConfig, device: str | None = None):
     """The model (in ``compute.model_dtype``, on ``device`` or the compute device) and tokenizer of a folder or a
     random architecture, with the recipe's thread count."""
-    dtype, device = DTYPES[cfg.compute.model_dtype], device or cfg.compute.device
-    if source.startswith(RANDOM):
-        model, tok = random_model(source, device=device, dtype=dtype, seed=cfg.method.seed), None
-    else:
-        model, tok, _ = load_model(source, dtype=dtype, device=device)
+    model, tok = load_source_model(source, cfg, device)
     torch_threads(cfg.compute.threads)
     if next(model.parameters()).device.type == "cpu":
         keep_freed_memory()  # reuse the batches' large buffers instead of page-faulting them in again
